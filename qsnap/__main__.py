@@ -1,0 +1,3 @@
+from qsnap.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+# RAM-record parser bindings (stream codec).

@@ -1,0 +1,1 @@
+# Page sink, zero detection and checksum bindings (image side).
