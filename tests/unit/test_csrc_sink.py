@@ -215,3 +215,33 @@ def test_bad_parameters():
         _core.ClusterSink(0, 3 * CS + 1, cluster_size=CS)
     with pytest.raises(ValueError):
         _core.ClusterSink(0, 4 * CS, cluster_size=3 * CS)
+
+
+def test_o_direct_rewrite_and_xbzrle_from_disk(tmp_path):
+    path = tmp_path / "direct"
+    fd0 = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.pwrite(fd0, bytes(CS), 0)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError as e:
+        os.close(fd0)
+        pytest.skip(f"filesystem refuses O_DIRECT: {e}")
+    sink = _core.ClusterSink(fd, 4 * CS, cluster_size=CS, n_slots=1, direct=True,
+                             region_offsets=[0], block_lengths=[4 * CS], path=str(path))
+    page = bytearray(os.urandom(PS))
+    sink.put_page(0x3000, bytes(page))
+    sink.put_page(CS, b"\x01" * PS)           # evicts cluster 0 (aligned whole-cluster write)
+    enc = bytes([0x80, 0x01, 3]) + b"abc"     # zrun 128, 3 new bytes
+    sink.put_batch(recs_from([dict(offset=0x3000, data_pos=0, data_len=len(enc), block=0,
+                                   flags=RAM_SAVE_FLAG_XBZRLE)]), enc)
+    page[128:131] = b"abc"
+    assert sink.page_rewrites == 1
+    sink.put_page(0x3000, None)               # zero over a stored page on disk
+    sink.put_page(0x3000, bytes(page))
+    sink.flush()
+    os.close(fd)
+    hm = sink.host_map()
+    assert content(path, hm, 4 * CS, CS)[0x3000:0x4000] == page
+    assert os.fstat(fd0).st_size % CS == 0
+    os.close(fd0)
+    assert sink.checksums(3, 1)[0] == _core.crc32c(bytes(page))
