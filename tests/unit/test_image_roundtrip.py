@@ -6,9 +6,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from qsnap.errors import ChecksumError, ImageError, StreamError
+from qsnap.errors import ImageError, StreamError
 from qsnap.image import Image, ImageWriter, peek_header
-from qsnap.image import layout, qcow2
 from qsnap.stream.constants import RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO
 
 PAGE_REC_DTYPE = np.dtype([('offset', 'u8'), ('data_pos', 'u8'), ('data_len', 'u4'),
