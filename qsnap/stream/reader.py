@@ -180,7 +180,7 @@ class _Input:
                 self.base += self.pos
                 self.end -= self.pos
                 self.pos = 0
-            elif self.end == cap or cap - self.pos < need:
+            elif self.end == cap or cap - self.pos < need or (self.pos and cap - self.end < cap // 4):
                 n = self.end - self.pos
                 self.mv[0:n] = self.mv[self.pos : self.end]
                 self.base += self.pos

@@ -305,3 +305,22 @@ def test_only_qsnap_errors_on_garbage(pure):
             events(bytes(b), pure)
         except QsnapError:
             pass
+
+
+def test_purepython_env_selects_twin(monkeypatch):
+    from qsnap.stream import _pyreader
+    monkeypatch.setenv("QSNAP_PUREPYTHON", "1")
+    r = StreamReader(io.BytesIO(make()))
+    list(r)
+    assert isinstance(r._parser, _pyreader.PyRamParser)
+    monkeypatch.setenv("QSNAP_PUREPYTHON", "0")
+    r = StreamReader(io.BytesIO(make()))
+    list(r)
+    assert not isinstance(r._parser, _pyreader.PyRamParser)
+
+
+def test_iterate_once():
+    r = StreamReader(io.BytesIO(make()))
+    list(r)
+    with pytest.raises(StreamError):
+        iter(r)
