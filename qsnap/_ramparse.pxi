@@ -1,1 +1,115 @@
 # RAM-record parser bindings (stream codec).
+#
+# RamParser runs csrc/ramparse.c over a buffer with the GIL released and writes
+# qs_page_rec structs into a reusable NumPy array of PAGE_REC_DTYPE.  The C
+# status/error codes become qsnap.errors.StreamError in _raise_ram_error only.
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy
+
+import numpy as _np
+
+from qsnap.errors import StreamError as _StreamError
+from qsnap.stream.events import PAGE_REC_DTYPE
+from qsnap.stream._pyreader import ram_error_message as _ram_error_message
+
+RAM_NEED_MORE = QS_RAM_NEED_MORE
+RAM_EOS = QS_RAM_EOS
+RAM_FULL = QS_RAM_FULL
+RAM_MEMSIZE = QS_RAM_MEMSIZE
+RAM_ERR = QS_RAM_ERR
+
+
+cdef int _raise_ram_error(qs_ram_state *st, blocks, buf) except -1:
+    """The one place a C RAM-parser error becomes an exception (buf: the parsed buffer)."""
+    raise _StreamError(_ram_error_message(st.err_code, st.err_offset, st.err_value, blocks,
+                                          memoryview(buf).cast("B"), st.last_block))
+
+
+cdef class RamParser:
+    """C RAM-record parser with a reusable record array of ``cap`` entries.
+
+    ``parse(buf, base_offset)`` returns ``(status, records, consumed)`` where
+    ``records`` is a view of the first n entries (valid until the next call).
+    """
+
+    cdef qs_ram_state st
+    cdef qs_block *cblocks
+    cdef Py_buffer recbuf
+    cdef bint have_recbuf
+    cdef readonly object records_array
+    cdef readonly Py_ssize_t cap
+    cdef object _blocks
+
+    def __cinit__(self, Py_ssize_t cap=8192, uint32_t page_size=4096):
+        if cap <= 0:
+            raise ValueError("cap must be positive")
+        if page_size < 512 or (page_size & (page_size - 1)) != 0:
+            raise ValueError("page size must be a power of two >= 512")
+        self.cap = cap
+        self.records_array = _np.zeros(cap, PAGE_REC_DTYPE)
+        PyObject_GetBuffer(self.records_array, &self.recbuf, PyBUF_WRITABLE)
+        self.have_recbuf = True
+        self.cblocks = NULL
+        self._blocks = []
+        self.st.blocks = NULL
+        self.st.n_blocks = 0
+        self.st.last_block = -1
+        self.st.page_size = page_size
+        self.st.base_offset = 0
+        self.st.err_code = 0
+
+    def __dealloc__(self):
+        if self.have_recbuf:
+            PyBuffer_Release(&self.recbuf)
+        free(self.cblocks)
+
+    def set_blocks(self, blocks):
+        """Install the block list: a sequence of (idstr bytes, length)."""
+        blocks = [(bytes(n), int(l)) for n, l in blocks]
+        cdef qs_block *nb = <qs_block *>calloc(max(len(blocks), 1), sizeof(qs_block))
+        if nb == NULL:
+            raise MemoryError()
+        cdef Py_ssize_t i
+        cdef bytes name
+        for i, (name, length) in enumerate(blocks):
+            if not 0 < len(name) <= 255:
+                free(nb)
+                raise ValueError("bad idstr length")
+            nb[i].idlen = <uint8_t>len(name)
+            memcpy(nb[i].idstr, <const char *>name, len(name))
+            nb[i].length = length
+        free(self.cblocks)
+        self.cblocks = nb
+        self.st.blocks = nb
+        self.st.n_blocks = <uint32_t>len(blocks)
+        self._blocks = blocks
+
+    property last_block:
+        def __get__(self):
+            return self.st.last_block
+        def __set__(self, int32_t v):
+            self.st.last_block = v
+
+    property page_size:
+        def __get__(self):
+            return self.st.page_size
+
+    def parse(self, buf, uint64_t base_offset=0):
+        cdef Py_buffer view
+        cdef int rc
+        cdef size_t n = 0, consumed = 0
+        cdef size_t cap = <size_t>self.cap
+        cdef qs_page_rec *out = <qs_page_rec *>self.recbuf.buf
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+        try:
+            self.st.base_offset = base_offset
+            with nogil:
+                rc = qs_ram_parse(&self.st, <const uint8_t *>view.buf, <size_t>view.len,
+                                  out, cap, &n, &consumed)
+        finally:
+            PyBuffer_Release(&view)
+        if rc == QS_RAM_ERR:
+            _raise_ram_error(&self.st, self._blocks, buf)
+        return rc, self.records_array[:n], consumed
