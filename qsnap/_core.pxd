@@ -48,6 +48,82 @@ cdef extern from "ramparse.h" nogil:
 
 # --- csrc/zero.h, csrc/crc32c.h, csrc/sink.h (image side) -------------------
 
+cdef extern from "csrc/zero.h" nogil:
+    int qs_is_zero(const void *buf, size_t len)
+
+cdef extern from "csrc/crc32c.h" nogil:
+    uint32_t qs_crc32c(uint32_t crc, const void *buf, size_t len)
+    uint32_t qs_crc32c_sw(uint32_t crc, const void *buf, size_t len)
+    int qs_crc32c_hw_available()
+    void qs_crc32c_pages(const void *buf, size_t n_pages, size_t page_size, uint32_t *out)
+
+cdef extern from "csrc/xbzrle.h" nogil:
+    long qs_xbzrle_decode(const uint8_t *src, size_t slen, uint8_t *dst, size_t dlen)
+
+cdef extern from "csrc/sink.h" nogil:
+    ctypedef struct qs_sink_rec:
+        uint64_t offset
+        uint64_t data_pos
+        uint32_t data_len
+        uint32_t block
+        uint16_t flags
+        uint8_t fill
+
+    enum:
+        QS_SINK_OK
+        QS_SINK_EWRITE
+        QS_SINK_EREAD
+        QS_SINK_ENOMEM
+        QS_SINK_EBADREC
+        QS_SINK_ERANGE
+        QS_SINK_EDATA
+        QS_SINK_EXBZRLE
+        QS_SINK_EUNSUPPORTED
+        QS_SINK_EBLOCK
+        QS_SINK_EINVAL
+
+    ctypedef struct qs_sink_err:
+        int status
+        int errnum
+        uint64_t voff
+        uint64_t host_off
+        uint64_t value
+        uint64_t rec_index
+        uint32_t block
+        uint64_t offset
+
+    ctypedef struct qs_sink_stats:
+        uint64_t pages_zero
+        uint64_t pages_nonzero
+        uint64_t clusters_written
+        uint64_t page_rewrites
+        uint64_t bytes_written
+        uint64_t append_offset
+
+    ctypedef struct qs_sink:
+        pass
+
+    qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
+                         uint32_t page_size, uint32_t n_slots,
+                         uint64_t append_offset, int direct)
+    void qs_sink_free(qs_sink *s)
+    int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
+                           const uint64_t *lengths, uint32_t n)
+    int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
+                    qs_sink_err *err)
+    int qs_sink_put_batch(qs_sink *s, const qs_sink_rec *recs, size_t n,
+                          const uint8_t *data, size_t data_len,
+                          const uint64_t *region_offsets, uint32_t n_blocks,
+                          qs_sink_err *err)
+    int qs_sink_flush(qs_sink *s, qs_sink_err *err)
+    int qs_sink_get(qs_sink *s, uint64_t voff, uint8_t *out, qs_sink_err *err)
+    void qs_sink_get_stats(const qs_sink *s, qs_sink_stats *out)
+    uint64_t qs_sink_n_clusters(const qs_sink *s)
+    uint64_t qs_sink_n_pages(const qs_sink *s)
+    const uint64_t *qs_sink_host_map(const qs_sink *s)
+    const uint8_t *qs_sink_bitmap(const qs_sink *s)
+    const uint32_t *qs_sink_crcs(const qs_sink *s)
+    const uint64_t *qs_sink_block_records(const qs_sink *s)
 
 
 # --- end sink ----------------------------------------------------------------

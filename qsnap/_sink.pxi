@@ -1,1 +1,365 @@
 # Page sink, zero detection and checksum bindings (image side).
+#
+# C status codes from csrc/sink.c become qsnap.errors exceptions in
+# _raise_sink_error() and nowhere else.
+
+import os as _os
+
+import numpy as _np
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from libc.string cimport memcpy
+from libc.errno cimport ENOSPC
+
+from qsnap.errors import IOFailure as _IOFailure, StreamError as _StreamError
+
+# Same layout as qsnap.stream.events.PAGE_REC_DTYPE and qs_sink_rec (sink.h).
+SINK_REC_DTYPE = _np.dtype([('offset', 'u8'), ('data_pos', 'u8'), ('data_len', 'u4'),
+                            ('block', 'u4'), ('flags', 'u2'), ('fill', 'u1'), ('_pad', 'V5')])
+assert SINK_REC_DTYPE.itemsize == sizeof(qs_sink_rec) == 32
+
+
+def is_zero(buf):
+    """True if every byte of ``buf`` (any contiguous buffer) is zero."""
+    cdef Py_buffer view
+    cdef int r
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        with nogil:
+            r = qs_is_zero(view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return bool(r)
+
+
+def crc32c(buf, uint32_t crc=0):
+    """crc32c (Castagnoli) of ``buf``, continuing from ``crc`` (0 to start)."""
+    cdef Py_buffer view
+    cdef uint32_t r
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        with nogil:
+            r = qs_crc32c(crc, view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return r
+
+
+def crc32c_sw(buf, uint32_t crc=0):
+    """The portable (slicing-by-8) crc32c, for comparison with :func:`crc32c`."""
+    cdef Py_buffer view
+    cdef uint32_t r
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        with nogil:
+            r = qs_crc32c_sw(crc, view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return r
+
+
+def crc32c_hw_available():
+    """True if crc32c() uses the SSE4.2 crc32 instruction on this CPU."""
+    return bool(qs_crc32c_hw_available())
+
+
+def page_crcs(buf, size_t page_size=4096):
+    """NumPy uint32 array: the crc32c of each ``page_size`` page of ``buf``."""
+    cdef Py_buffer view
+    if page_size == 0:
+        raise ValueError("page_size must be > 0")
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        if <size_t>view.len % page_size:
+            raise ValueError(f"buffer length {view.len} is not a multiple of the page size {page_size}")
+        n = <size_t>view.len // page_size
+        out = _np.zeros(n, dtype='<u4')
+        _crc_pages_into(view.buf, n, page_size, out)
+    finally:
+        PyBuffer_Release(&view)
+    return out
+
+
+cdef int _crc_pages_into(const void *buf, size_t n, size_t page_size, object out) except -1:
+    cdef uint32_t[::1] o = out
+    if n:
+        with nogil:
+            qs_crc32c_pages(buf, n, page_size, &o[0])
+    return 0
+
+
+cdef str _errtext(int errnum):
+    text = _os.strerror(errnum) if errnum else "I/O error"
+    return text[:1].lower() + text[1:]
+
+
+cdef int _raise_sink_error(qs_sink_err *err, str path, object block_names) except -1:
+    """The one place where sink status codes become exceptions."""
+    st = err.status
+    name = None
+    if block_names is not None and err.block < len(block_names):
+        name = block_names[err.block]
+    where = (f"in block '{name}' page 0x{err.offset:x}" if name is not None
+             else f"at virtual offset 0x{err.voff:x}")
+    if st == QS_SINK_EWRITE:
+        raise _IOFailure(f"{_errtext(err.errnum)} writing {path} at offset 0x{err.host_off:x}")
+    if st == QS_SINK_EREAD:
+        raise _IOFailure(f"{_errtext(err.errnum)} reading {path} at offset 0x{err.host_off:x}")
+    if st == QS_SINK_ENOMEM:
+        raise _IOFailure(f"out of memory in the page sink for {path}")
+    if st == QS_SINK_EBADREC:
+        raise _StreamError(f"unknown RAM record flags 0x{err.value:x} {where}")
+    if st == QS_SINK_EUNSUPPORTED:
+        raise _StreamError(f"unsupported RAM record COMPRESS_PAGE (flags 0x{err.value:x}) {where}; "
+                           "migrate without the compress capability")
+    if st == QS_SINK_EBLOCK:
+        raise _StreamError(f"RAM block index {err.value} out of range "
+                           f"(record {err.rec_index} of the batch)")
+    if st == QS_SINK_ERANGE:
+        if name is not None:
+            raise _StreamError(f"illegal RAM offset 0x{err.value:x} in block '{name}'")
+        raise _StreamError(f"illegal RAM offset 0x{err.value:x} at virtual offset 0x{err.voff:x}")
+    if st == QS_SINK_EDATA:
+        raise _StreamError(f"bad page payload length {err.value} {where}")
+    if st == QS_SINK_EXBZRLE:
+        raise _StreamError(f"malformed XBZRLE encoding at byte {err.value} {where}")
+    raise _StreamError(f"page sink error {st} {where}")
+
+
+cdef class ClusterSink:
+    """Collects RAM pages into whole clusters of an image file (csrc/sink.c).
+
+    ``fd`` is open read-write (with O_DIRECT when ``direct``); data clusters
+    are appended from ``append_offset``. ``region_offsets``/``block_lengths``
+    describe the blocks records refer to; ``block_names`` (idstrs) and
+    ``path`` only make error messages readable.
+    """
+    cdef qs_sink *_s
+    cdef readonly str path
+    cdef readonly object block_names
+    cdef readonly uint64_t virtual_size
+    cdef readonly uint32_t cluster_size
+    cdef readonly uint32_t page_size
+    cdef object _region_offsets
+
+    def __cinit__(self, int fd, uint64_t virtual_size, *, uint32_t cluster_size=1 << 20,
+                  uint32_t page_size=4096, uint32_t n_slots=32, append_offset=None,
+                  bint direct=False, region_offsets=None, block_lengths=None,
+                  block_names=None, str path="<fd>"):
+        cdef uint64_t app = cluster_size if append_offset is None else append_offset
+        self._s = qs_sink_new(fd, virtual_size, cluster_size, page_size, n_slots, app, direct)
+        if self._s == NULL:
+            raise ValueError(f"bad page sink parameters: virtual size 0x{virtual_size:x}, "
+                             f"cluster size {cluster_size}, page size {page_size}, "
+                             f"{n_slots} slots, append offset 0x{app:x}")
+        self.path = path
+        self.block_names = list(block_names) if block_names is not None else None
+        self.virtual_size = virtual_size
+        self.cluster_size = cluster_size
+        self.page_size = page_size
+        self._region_offsets = None
+        if region_offsets is not None:
+            offs = _np.ascontiguousarray(region_offsets, dtype=_np.uint64)
+            if block_lengths is None:
+                raise ValueError("region_offsets needs block_lengths")
+            lens = _np.ascontiguousarray(block_lengths, dtype=_np.uint64)
+            if offs.shape != lens.shape or offs.ndim != 1:
+                raise ValueError("region_offsets and block_lengths differ in shape")
+            self._set_blocks(offs, lens)
+            self._region_offsets = offs
+
+    cdef int _set_blocks(self, object offs, object lens) except -1:
+        cdef const uint64_t[::1] o = offs
+        cdef const uint64_t[::1] l = lens
+        cdef int rc
+        if o.shape[0] == 0:
+            return 0
+        rc = qs_sink_set_blocks(self._s, &o[0], &l[0], <uint32_t>o.shape[0])
+        if rc:
+            raise ValueError("block regions are not cluster aligned or exceed the virtual size")
+        return 0
+
+    def __dealloc__(self):
+        qs_sink_free(self._s)
+        self._s = NULL
+
+    def put_batch(self, records, data, region_offsets=None):
+        """Apply a batch of page records (PAGE_REC_DTYPE array) whose payloads are in ``data``."""
+        cdef Py_buffer rv, dv
+        cdef qs_sink_err err
+        cdef int rc = 0
+        cdef size_t n
+        cdef const uint64_t *offp = NULL
+        cdef const uint64_t[::1] offs
+        cdef uint32_t nb = 0
+        if records.dtype.itemsize != 32 or records.dtype.names != SINK_REC_DTYPE.names:
+            raise TypeError(f"records must have the page-record dtype, not {records.dtype}")
+        records = _np.ascontiguousarray(records)
+        n = records.shape[0]
+        if n == 0:
+            return
+        if region_offsets is not None:
+            offs = _np.ascontiguousarray(region_offsets, dtype=_np.uint64)
+            nb = <uint32_t>offs.shape[0]
+            if nb:
+                offp = &offs[0]
+        elif self._region_offsets is None:
+            raise ValueError("the sink has no block regions; pass region_offsets")
+        err.status = 0
+        PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
+        try:
+            PyObject_GetBuffer(data, &dv, PyBUF_SIMPLE)
+            try:
+                with nogil:
+                    rc = qs_sink_put_batch(self._s, <const qs_sink_rec *>rv.buf, n,
+                                           <const uint8_t *>dv.buf, <size_t>dv.len,
+                                           offp, nb, &err)
+            finally:
+                PyBuffer_Release(&dv)
+        finally:
+            PyBuffer_Release(&rv)
+        if rc:
+            _raise_sink_error(&err, self.path, self.block_names)
+
+    def put_page(self, uint64_t voff, data=None, int fill=0):
+        """Put one page at virtual offset ``voff``: ``data`` (page_size bytes) or None for zero/fill."""
+        cdef Py_buffer v
+        cdef qs_sink_err err
+        cdef int rc
+        err.status = 0
+        err.block = 0xffffffff
+        if data is None:
+            with nogil:
+                rc = qs_sink_put(self._s, voff, NULL, <uint8_t>fill, &err)
+        else:
+            PyObject_GetBuffer(data, &v, PyBUF_SIMPLE)
+            try:
+                if <size_t>v.len != self.page_size:
+                    raise ValueError(f"page of {v.len} bytes, expected {self.page_size}")
+                with nogil:
+                    rc = qs_sink_put(self._s, voff, <const uint8_t *>v.buf, 0, &err)
+            finally:
+                PyBuffer_Release(&v)
+        if rc:
+            _raise_sink_error(&err, self.path, None)
+
+    def get_page(self, uint64_t voff):
+        """Current content of the page at ``voff`` (slot, file or zeros), as bytes."""
+        cdef qs_sink_err err
+        cdef int rc
+        out = bytearray(self.page_size)
+        cdef uint8_t[::1] o = out
+        err.block = 0xffffffff
+        with nogil:
+            rc = qs_sink_get(self._s, voff, &o[0], &err)
+        if rc:
+            _raise_sink_error(&err, self.path, None)
+        return bytes(out)
+
+    def flush(self):
+        """Write every open cluster to the file."""
+        cdef qs_sink_err err
+        cdef int rc
+        err.block = 0xffffffff
+        with nogil:
+            rc = qs_sink_flush(self._s, &err)
+        if rc:
+            _raise_sink_error(&err, self.path, None)
+
+    @property
+    def n_clusters(self):
+        return qs_sink_n_clusters(self._s)
+
+    @property
+    def n_pages(self):
+        return qs_sink_n_pages(self._s)
+
+    def host_map(self):
+        """NumPy uint64 copy: host offset of each virtual cluster (0 = unallocated)."""
+        n = qs_sink_n_clusters(self._s)
+        out = _np.zeros(n, dtype=_np.uint64)
+        cdef uint64_t[::1] o = out
+        if n:
+            memcpy(&o[0], qs_sink_host_map(self._s), <size_t>n * sizeof(uint64_t))
+        return out
+
+    def block_records(self):
+        """NumPy uint64 copy: page records seen per block (ZERO, PAGE, XBZRLE)."""
+        cdef const uint64_t *p = qs_sink_block_records(self._s)
+        if p == NULL or self._region_offsets is None:
+            return _np.zeros(0, dtype=_np.uint64)
+        n = self._region_offsets.shape[0]
+        out = _np.zeros(n, dtype=_np.uint64)
+        cdef uint64_t[::1] o = out
+        if n:
+            memcpy(&o[0], p, <size_t>n * sizeof(uint64_t))
+        return out
+
+    def _page_range(self, first_page, n_pages):
+        total = qs_sink_n_pages(self._s)
+        if n_pages is None:
+            n_pages = total - first_page
+        if first_page < 0 or n_pages < 0 or first_page + n_pages > total:
+            raise ValueError(f"page range {first_page}+{n_pages} outside 0..{total}")
+        return first_page, n_pages
+
+    def nonzero_bitmap(self, first_page=0, n_pages=None):
+        """NumPy uint8 copy of the stored-page bitmap (LSB first) for a page range.
+
+        ``first_page`` must be a multiple of 8; bits past ``n_pages`` are 0."""
+        first_page, n_pages = self._page_range(first_page, n_pages)
+        if first_page % 8:
+            raise ValueError("first_page must be a multiple of 8")
+        nbytes = (n_pages + 7) // 8
+        out = _np.zeros(nbytes, dtype=_np.uint8)
+        cdef uint8_t[::1] o = out
+        if nbytes:
+            memcpy(&o[0], qs_sink_bitmap(self._s) + <size_t>(first_page // 8), <size_t>nbytes)
+            if n_pages % 8:
+                out[-1] &= (1 << (n_pages % 8)) - 1
+        return out
+
+    def checksums(self, first_page=0, n_pages=None):
+        """NumPy little-endian uint32 copy of the page crcs for a page range."""
+        first_page, n_pages = self._page_range(first_page, n_pages)
+        out = _np.zeros(n_pages, dtype='<u4')
+        cdef uint32_t[::1] o = out
+        if n_pages:
+            memcpy(&o[0], qs_sink_crcs(self._s) + <size_t>first_page, <size_t>n_pages * sizeof(uint32_t))
+        return out
+
+    cdef qs_sink_stats _stats(self):
+        cdef qs_sink_stats st
+        qs_sink_get_stats(self._s, &st)
+        return st
+
+    @property
+    def pages_zero(self):
+        return self._stats().pages_zero
+
+    @property
+    def pages_nonzero(self):
+        return self._stats().pages_nonzero
+
+    @property
+    def clusters_written(self):
+        return self._stats().clusters_written
+
+    @property
+    def page_rewrites(self):
+        return self._stats().page_rewrites
+
+    @property
+    def bytes_written(self):
+        return self._stats().bytes_written
+
+    @property
+    def append_offset(self):
+        """Next free host offset; the file length once flushed."""
+        return self._stats().append_offset
+
+    def counters(self):
+        st = self._stats()
+        return {"pages_zero": st.pages_zero, "pages_nonzero": st.pages_nonzero,
+                "clusters_written": st.clusters_written, "page_rewrites": st.page_rewrites,
+                "bytes_written": st.bytes_written}

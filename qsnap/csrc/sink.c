@@ -1,0 +1,460 @@
+/* Page sink: see sink.h. */
+#include "sink.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "crc32c.h"
+#include "xbzrle.h"
+#include "zero.h"
+
+#define NO_SLOT (-1)
+#define IO_ALIGN 4096
+
+struct qs_sink {
+    int fd;
+    int direct;
+    uint64_t virtual_size;
+    uint64_t cluster_size;
+    uint32_t cluster_bits;
+    uint32_t page_size;
+    uint32_t page_bits;
+    uint64_t n_clusters;
+    uint64_t n_pages;
+    uint64_t *host;    /* per cluster: host offset, 0 = unallocated */
+    int32_t *slot_of;  /* per cluster: open slot or NO_SLOT */
+    uint8_t *bitmap;   /* per page: stored (non-zero) bit */
+    uint32_t *crcs;    /* per page */
+
+    uint32_t n_slots;
+    uint8_t *slot_mem;      /* n_slots * cluster_size, IO_ALIGN aligned */
+    uint64_t *slot_cluster; /* cluster in the slot, UINT64_MAX = free */
+    uint64_t *slot_stamp;   /* last use, for LRU */
+    uint64_t clock;
+
+    uint8_t *bounce;  /* one page, IO_ALIGN aligned, for in-place rewrites */
+    uint8_t *scratch; /* one page: fill pages, XBZRLE */
+
+    uint32_t n_blocks;
+    uint64_t *blk_off;
+    uint64_t *blk_len;
+    uint64_t *blk_records;
+
+    qs_sink_stats st;
+};
+
+static int ilog2_exact(uint64_t v)
+{
+    if (v == 0 || (v & (v - 1)))
+        return -1;
+    return __builtin_ctzll(v);
+}
+
+static void *aligned_alloc_zero(size_t size)
+{
+    void *p = NULL;
+    if (posix_memalign(&p, IO_ALIGN, size ? size : IO_ALIGN) != 0)
+        return NULL;
+    memset(p, 0, size);
+    return p;
+}
+
+qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
+                     uint32_t page_size, uint32_t n_slots,
+                     uint64_t append_offset, int direct)
+{
+    int cbits = ilog2_exact(cluster_size), pbits = ilog2_exact(page_size);
+    if (fd < 0 || cbits < 16 || cbits > 21 || pbits < 9 || pbits > cbits ||
+        n_slots == 0 || n_slots > 4096 || virtual_size % cluster_size ||
+        append_offset == 0 || append_offset % cluster_size) {
+        errno = EINVAL;
+        return NULL;
+    }
+    qs_sink *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->fd = fd;
+    s->direct = direct;
+    s->virtual_size = virtual_size;
+    s->cluster_size = cluster_size;
+    s->cluster_bits = (uint32_t)cbits;
+    s->page_size = page_size;
+    s->page_bits = (uint32_t)pbits;
+    s->n_clusters = virtual_size >> cbits;
+    s->n_pages = virtual_size >> pbits;
+    s->n_slots = n_slots;
+    s->st.append_offset = append_offset;
+
+    s->host = calloc(s->n_clusters ? s->n_clusters : 1, sizeof(uint64_t));
+    s->slot_of = malloc((s->n_clusters ? s->n_clusters : 1) * sizeof(int32_t));
+    s->bitmap = calloc((s->n_pages + 7) / 8 + 1, 1);
+    s->crcs = calloc(s->n_pages ? s->n_pages : 1, sizeof(uint32_t));
+    s->slot_mem = aligned_alloc_zero((size_t)n_slots * cluster_size);
+    s->slot_cluster = malloc(n_slots * sizeof(uint64_t));
+    s->slot_stamp = calloc(n_slots, sizeof(uint64_t));
+    s->bounce = aligned_alloc_zero(page_size < IO_ALIGN ? IO_ALIGN : page_size);
+    s->scratch = aligned_alloc_zero(page_size);
+    if (!s->host || !s->slot_of || !s->bitmap || !s->crcs || !s->slot_mem ||
+        !s->slot_cluster || !s->slot_stamp || !s->bounce || !s->scratch) {
+        qs_sink_free(s);
+        errno = ENOMEM;
+        return NULL;
+    }
+    for (uint64_t c = 0; c < s->n_clusters; c++)
+        s->slot_of[c] = NO_SLOT;
+    for (uint32_t i = 0; i < n_slots; i++)
+        s->slot_cluster[i] = UINT64_MAX;
+    return s;
+}
+
+void qs_sink_free(qs_sink *s)
+{
+    if (!s)
+        return;
+    free(s->host);
+    free(s->slot_of);
+    free(s->bitmap);
+    free(s->crcs);
+    free(s->slot_mem);
+    free(s->slot_cluster);
+    free(s->slot_stamp);
+    free(s->bounce);
+    free(s->scratch);
+    free(s->blk_off);
+    free(s->blk_len);
+    free(s->blk_records);
+    free(s);
+}
+
+int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
+                       const uint64_t *lengths, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        if (offsets[i] % s->cluster_size || offsets[i] > s->virtual_size ||
+            lengths[i] > s->virtual_size - offsets[i])
+            return QS_SINK_EINVAL;
+    }
+    uint64_t *o = malloc((n ? n : 1) * sizeof(uint64_t));
+    uint64_t *l = malloc((n ? n : 1) * sizeof(uint64_t));
+    uint64_t *r = calloc(n ? n : 1, sizeof(uint64_t));
+    if (!o || !l || !r) {
+        free(o);
+        free(l);
+        free(r);
+        return QS_SINK_ENOMEM;
+    }
+    if (n) {
+        memcpy(o, offsets, n * sizeof(uint64_t));
+        memcpy(l, lengths, n * sizeof(uint64_t));
+    }
+    free(s->blk_off);
+    free(s->blk_len);
+    free(s->blk_records);
+    s->blk_off = o;
+    s->blk_len = l;
+    s->blk_records = r;
+    s->n_blocks = n;
+    return QS_SINK_OK;
+}
+
+static int fail(qs_sink_err *err, int status, int errnum, uint64_t voff,
+                uint64_t host_off, uint64_t value)
+{
+    if (err) {
+        err->status = status;
+        err->errnum = errnum;
+        err->voff = voff;
+        err->host_off = host_off;
+        err->value = value;
+    }
+    return status;
+}
+
+static int pwrite_full(qs_sink *s, const uint8_t *buf, size_t len, uint64_t off,
+                       uint64_t voff, qs_sink_err *err)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t w = pwrite(s->fd, buf + done, len - done, (off_t)(off + done));
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail(err, QS_SINK_EWRITE, errno, voff, off + done, len);
+        }
+        if (w == 0)
+            return fail(err, QS_SINK_EWRITE, ENOSPC, voff, off + done, len);
+        done += (size_t)w;
+    }
+    s->st.bytes_written += len;
+    return QS_SINK_OK;
+}
+
+static int pread_full(qs_sink *s, uint8_t *buf, size_t len, uint64_t off,
+                      uint64_t voff, qs_sink_err *err)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pread(s->fd, buf + done, len - done, (off_t)(off + done));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail(err, QS_SINK_EREAD, errno, voff, off + done, len);
+        }
+        if (r == 0)
+            return fail(err, QS_SINK_EREAD, EIO, voff, off + done, len);
+        done += (size_t)r;
+    }
+    return QS_SINK_OK;
+}
+
+static inline int bit_get(const uint8_t *bm, uint64_t i)
+{
+    return (bm[i >> 3] >> (i & 7)) & 1;
+}
+
+static inline void bit_set(uint8_t *bm, uint64_t i, int v)
+{
+    if (v)
+        bm[i >> 3] |= (uint8_t)(1u << (i & 7));
+    else
+        bm[i >> 3] &= (uint8_t)~(1u << (i & 7));
+}
+
+static inline uint8_t *slot_ptr(qs_sink *s, int32_t slot)
+{
+    return s->slot_mem + (size_t)slot * s->cluster_size;
+}
+
+/* 1 if some page of cluster c is stored (non-zero). */
+static int cluster_has_data(const qs_sink *s, uint64_t c)
+{
+    uint64_t first = c << (s->cluster_bits - s->page_bits);
+    uint64_t n = (uint64_t)1 << (s->cluster_bits - s->page_bits);
+    for (uint64_t i = 0; i < n; i++)
+        if (bit_get(s->bitmap, first + i))
+            return 1;
+    return 0;
+}
+
+/* Write the cluster open in `slot` (unless it became all zero) and free the slot. */
+static int slot_write_out(qs_sink *s, int32_t slot, qs_sink_err *err)
+{
+    uint64_t c = s->slot_cluster[slot];
+    uint8_t *buf = slot_ptr(s, slot);
+    if (c == UINT64_MAX)
+        return QS_SINK_OK;
+    if (cluster_has_data(s, c)) {
+        uint64_t off = s->st.append_offset;
+        int rc = pwrite_full(s, buf, s->cluster_size, off, c << s->cluster_bits, err);
+        if (rc)
+            return rc;
+        s->host[c] = off;
+        s->st.append_offset += s->cluster_size;
+        s->st.clusters_written++;
+    }
+    memset(buf, 0, s->cluster_size);
+    s->slot_of[c] = NO_SLOT;
+    s->slot_cluster[slot] = UINT64_MAX;
+    return QS_SINK_OK;
+}
+
+static int slot_open(qs_sink *s, uint64_t c, int32_t *out, qs_sink_err *err)
+{
+    int32_t victim = 0;
+    for (uint32_t i = 0; i < s->n_slots; i++) {
+        if (s->slot_cluster[i] == UINT64_MAX) {
+            victim = (int32_t)i;
+            goto found;
+        }
+        if (s->slot_stamp[i] < s->slot_stamp[victim])
+            victim = (int32_t)i;
+    }
+    int rc = slot_write_out(s, victim, err);
+    if (rc)
+        return rc;
+found:
+    s->slot_cluster[victim] = c;
+    s->slot_of[c] = victim;
+    *out = victim;
+    return QS_SINK_OK;
+}
+
+int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
+                qs_sink_err *err)
+{
+    uint32_t ps = s->page_size;
+    if (voff & (ps - 1) || voff >= s->virtual_size)
+        return fail(err, QS_SINK_ERANGE, 0, voff, 0, voff);
+    uint64_t pi = voff >> s->page_bits;
+    uint64_t c = voff >> s->cluster_bits;
+    uint64_t in = voff & (s->cluster_size - 1);
+    int zero;
+
+    if (data) {
+        zero = qs_is_zero(data, ps);
+    } else if (fill) {
+        memset(s->scratch, fill, ps);
+        data = s->scratch;
+        zero = 0;
+    } else {
+        zero = 1;
+    }
+    int was = bit_get(s->bitmap, pi);
+    int32_t slot = s->slot_of[c];
+
+    if (slot != NO_SLOT) {
+        uint8_t *dst = slot_ptr(s, slot) + in;
+        if (zero) {
+            if (was)
+                memset(dst, 0, ps);
+        } else {
+            memcpy(dst, data, ps);
+        }
+        s->slot_stamp[slot] = ++s->clock;
+    } else if (s->host[c]) {
+        if (!zero || was) {
+            if (zero)
+                memset(s->bounce, 0, ps);
+            else
+                memcpy(s->bounce, data, ps);
+            int rc = pwrite_full(s, s->bounce, ps, s->host[c] + in, voff, err);
+            if (rc)
+                return rc;
+            s->st.page_rewrites++;
+        }
+    } else if (!zero) {
+        int rc = slot_open(s, c, &slot, err);
+        if (rc)
+            return rc;
+        memcpy(slot_ptr(s, slot) + in, data, ps);
+        s->slot_stamp[slot] = ++s->clock;
+    }
+
+    if (zero) {
+        bit_set(s->bitmap, pi, 0);
+        s->crcs[pi] = 0;
+        s->st.pages_zero++;
+    } else {
+        bit_set(s->bitmap, pi, 1);
+        s->crcs[pi] = qs_crc32c(0, data, ps);
+        s->st.pages_nonzero++;
+    }
+    return QS_SINK_OK;
+}
+
+int qs_sink_get(qs_sink *s, uint64_t voff, uint8_t *out, qs_sink_err *err)
+{
+    uint32_t ps = s->page_size;
+    if (voff & (ps - 1) || voff >= s->virtual_size)
+        return fail(err, QS_SINK_ERANGE, 0, voff, 0, voff);
+    uint64_t c = voff >> s->cluster_bits;
+    uint64_t in = voff & (s->cluster_size - 1);
+    int32_t slot = s->slot_of[c];
+    if (slot != NO_SLOT) {
+        memcpy(out, slot_ptr(s, slot) + in, ps);
+    } else if (s->host[c] && bit_get(s->bitmap, voff >> s->page_bits)) {
+        int rc = pread_full(s, s->bounce, ps, s->host[c] + in, voff, err);
+        if (rc)
+            return rc;
+        memcpy(out, s->bounce, ps);
+    } else {
+        memset(out, 0, ps);
+    }
+    return QS_SINK_OK;
+}
+
+int qs_sink_put_batch(qs_sink *s, const qs_sink_rec *recs, size_t n,
+                      const uint8_t *data, size_t data_len,
+                      const uint64_t *region_offsets, uint32_t n_blocks,
+                      qs_sink_err *err)
+{
+    const uint64_t *offs = region_offsets ? region_offsets : s->blk_off;
+    uint32_t nb = region_offsets ? n_blocks : s->n_blocks;
+    uint32_t ps = s->page_size;
+    int rc;
+
+    for (size_t i = 0; i < n; i++) {
+        const qs_sink_rec *r = &recs[i];
+        uint16_t type = r->flags & (uint16_t)~QS_RAM_FLAG_CONTINUE;
+        if (err) {
+            err->rec_index = i;
+            err->block = r->block;
+            err->offset = r->offset;
+        }
+        if (type == QS_RAM_FLAG_MULTIFD_FLUSH)
+            continue;
+        if (type == QS_RAM_FLAG_COMPRESS_PAGE)
+            return fail(err, QS_SINK_EUNSUPPORTED, 0, 0, 0, r->flags);
+        if (type != QS_RAM_FLAG_ZERO && type != QS_RAM_FLAG_PAGE &&
+            type != QS_RAM_FLAG_XBZRLE)
+            return fail(err, QS_SINK_EBADREC, 0, 0, 0, r->flags);
+        if (r->block >= nb)
+            return fail(err, QS_SINK_EBLOCK, 0, 0, 0, r->block);
+        uint64_t base = offs[r->block];
+        uint64_t limit = s->virtual_size - (base < s->virtual_size ? base : s->virtual_size);
+        if (s->blk_len && r->block < s->n_blocks && s->blk_len[r->block] < limit)
+            limit = s->blk_len[r->block];
+        if (r->offset & (ps - 1) || r->offset >= limit || limit - r->offset < ps)
+            return fail(err, QS_SINK_ERANGE, 0, base + r->offset, 0, r->offset);
+        uint64_t voff = base + r->offset;
+        const uint8_t *payload = NULL;
+        if (type != QS_RAM_FLAG_ZERO) {
+            if (r->data_pos > data_len || r->data_len > data_len - r->data_pos ||
+                (type == QS_RAM_FLAG_PAGE ? r->data_len != ps : r->data_len > ps))
+                return fail(err, QS_SINK_EDATA, 0, voff, 0, r->data_len);
+            payload = data + r->data_pos;
+        }
+        if (s->blk_records && r->block < s->n_blocks)
+            s->blk_records[r->block]++;
+        if (type == QS_RAM_FLAG_ZERO) {
+            rc = qs_sink_put(s, voff, NULL, r->fill, err);
+        } else if (type == QS_RAM_FLAG_PAGE) {
+            rc = qs_sink_put(s, voff, payload, 0, err);
+        } else {
+            uint8_t *page = s->scratch;
+            rc = qs_sink_get(s, voff, page, err);
+            if (rc)
+                return rc;
+            long d = qs_xbzrle_decode(payload, r->data_len, page, ps);
+            if (d < 0)
+                return fail(err, QS_SINK_EXBZRLE, 0, voff, 0, (uint64_t)(-1 - d));
+            /* put() only uses scratch for fill pages, never for data pages */
+            rc = qs_sink_put(s, voff, page, 0, err);
+        }
+        if (rc)
+            return rc;
+    }
+    return QS_SINK_OK;
+}
+
+int qs_sink_flush(qs_sink *s, qs_sink_err *err)
+{
+    for (;;) {
+        int32_t best = NO_SLOT;
+        for (uint32_t i = 0; i < s->n_slots; i++) {
+            if (s->slot_cluster[i] == UINT64_MAX)
+                continue;
+            if (best == NO_SLOT || s->slot_cluster[i] < s->slot_cluster[best])
+                best = (int32_t)i;
+        }
+        if (best == NO_SLOT)
+            return QS_SINK_OK;
+        int rc = slot_write_out(s, best, err);
+        if (rc)
+            return rc;
+    }
+}
+
+void qs_sink_get_stats(const qs_sink *s, qs_sink_stats *out)
+{
+    *out = s->st;
+}
+
+uint64_t qs_sink_n_clusters(const qs_sink *s) { return s->n_clusters; }
+uint64_t qs_sink_n_pages(const qs_sink *s) { return s->n_pages; }
+const uint64_t *qs_sink_host_map(const qs_sink *s) { return s->host; }
+const uint8_t *qs_sink_bitmap(const qs_sink *s) { return s->bitmap; }
+const uint32_t *qs_sink_crcs(const qs_sink *s) { return s->crcs; }
+const uint64_t *qs_sink_block_records(const qs_sink *s) { return s->blk_records; }

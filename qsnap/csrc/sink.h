@@ -1,0 +1,113 @@
+/* The save hot path: RAM pages -> cluster-sized buffers -> an image file.
+ *
+ * A qs_sink covers a "virtual RAM space" (the block regions of
+ * docs/image-format.md, section 2). It keeps, per virtual cluster, its host
+ * offset in the file (0 = unallocated) and the slot buffer it is open in; per
+ * target page, a "stored" bit (the page is non-zero) and its crc32c.
+ * Clusters are written whole, at the append position, when their slot is
+ * evicted (least recently used) or on qs_sink_flush(); a page that arrives
+ * for a cluster already on disk is rewritten in place.  No Python.h. */
+#ifndef QSNAP_SINK_H
+#define QSNAP_SINK_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* One RAM page record; the same 32-byte layout as qs_page_rec of the stream
+ * parser (csrc/ramparse.h) and PAGE_REC_DTYPE in Python. */
+typedef struct qs_sink_rec {
+    uint64_t offset;   /* page offset inside its block */
+    uint64_t data_pos; /* PAGE/XBZRLE payload position in the data buffer */
+    uint32_t data_len; /* PAGE: target page size; XBZRLE: encoded length */
+    uint32_t block;    /* index into the block list */
+    uint16_t flags;    /* RAM_SAVE_FLAG_* as on the wire, CONTINUE included */
+    uint8_t fill;      /* ZERO fill byte */
+    uint8_t _pad[5];
+} qs_sink_rec;
+
+/* RAM_SAVE_FLAG_* (QEMU migration/ram.c) */
+#define QS_RAM_FLAG_ZERO 0x002
+#define QS_RAM_FLAG_PAGE 0x008
+#define QS_RAM_FLAG_CONTINUE 0x020
+#define QS_RAM_FLAG_XBZRLE 0x040
+#define QS_RAM_FLAG_COMPRESS_PAGE 0x100
+#define QS_RAM_FLAG_MULTIFD_FLUSH 0x200
+
+/* Status codes (negative); errno is saved in qs_sink_err.errnum. */
+enum {
+    QS_SINK_OK = 0,
+    QS_SINK_EWRITE = -1,      /* pwrite failed (errnum); host_off = where */
+    QS_SINK_EREAD = -2,       /* pread failed (errnum); host_off = where */
+    QS_SINK_ENOMEM = -3,
+    QS_SINK_EBADREC = -4,     /* unknown record type; value = flags */
+    QS_SINK_ERANGE = -5,      /* page offset outside its block / the space; value = offset */
+    QS_SINK_EDATA = -6,       /* payload outside the data buffer or of a bad length; value = data_len */
+    QS_SINK_EXBZRLE = -7,     /* malformed XBZRLE encoding; value = byte position in it */
+    QS_SINK_EUNSUPPORTED = -8,/* COMPRESS_PAGE; value = flags */
+    QS_SINK_EBLOCK = -9,      /* block index out of range; value = block */
+    QS_SINK_EINVAL = -10,     /* bad sink parameters */
+};
+
+typedef struct qs_sink_err {
+    int status;
+    int errnum;
+    uint64_t voff;      /* virtual offset of the page concerned */
+    uint64_t host_off;  /* file offset of a failed read/write */
+    uint64_t value;     /* the bad value */
+    uint64_t rec_index; /* index of the record in the batch */
+    uint32_t block;     /* its block */
+    uint64_t offset;    /* its page offset inside the block */
+} qs_sink_err;
+
+typedef struct qs_sink_stats {
+    uint64_t pages_zero;       /* zero pages put (fill 0 or all-zero data) */
+    uint64_t pages_nonzero;    /* non-zero pages put */
+    uint64_t clusters_written; /* whole clusters appended */
+    uint64_t page_rewrites;    /* pages written in place into a cluster already on disk */
+    uint64_t bytes_written;
+    uint64_t append_offset;    /* next free host offset (file length after a flush) */
+} qs_sink_stats;
+
+typedef struct qs_sink qs_sink;
+
+/* fd: open for read and write; direct: the fd has O_DIRECT (all I/O aligned).
+ * virtual_size: multiple of cluster_size. cluster_size: power of two,
+ * 64 KiB .. 2 MiB. page_size: target page size (power of two, 512 ..
+ * cluster_size). append_offset: first host offset for data clusters
+ * (cluster aligned, > 0). Returns NULL with errno set on failure. */
+qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
+                     uint32_t page_size, uint32_t n_slots,
+                     uint64_t append_offset, int direct);
+void qs_sink_free(qs_sink *s);
+
+/* Block regions: offsets[i] (cluster aligned) and lengths[i] (used_length);
+ * records address pages by (block, offset). Copies the arrays. */
+int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
+                       const uint64_t *lengths, uint32_t n);
+
+/* One page at virtual offset voff (page aligned): data (page_size bytes) or
+ * NULL for a ZERO record filled with `fill`. Last write wins. */
+int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
+                qs_sink_err *err);
+
+/* n records whose payloads live in data[0..data_len). region_offsets: NULL
+ * to use those of qs_sink_set_blocks, else n_blocks offsets. */
+int qs_sink_put_batch(qs_sink *s, const qs_sink_rec *recs, size_t n,
+                      const uint8_t *data, size_t data_len,
+                      const uint64_t *region_offsets, uint32_t n_blocks,
+                      qs_sink_err *err);
+
+/* Write every open cluster (in virtual order) and close its slot. */
+int qs_sink_flush(qs_sink *s, qs_sink_err *err);
+
+/* Read the current content of one page (from a slot, the file or zeros). */
+int qs_sink_get(qs_sink *s, uint64_t voff, uint8_t *out, qs_sink_err *err);
+
+void qs_sink_get_stats(const qs_sink *s, qs_sink_stats *out);
+uint64_t qs_sink_n_clusters(const qs_sink *s);
+uint64_t qs_sink_n_pages(const qs_sink *s);
+const uint64_t *qs_sink_host_map(const qs_sink *s);   /* per virtual cluster */
+const uint8_t *qs_sink_bitmap(const qs_sink *s);      /* 1 bit per page, LSB first */
+const uint32_t *qs_sink_crcs(const qs_sink *s);       /* per page */
+const uint64_t *qs_sink_block_records(const qs_sink *s); /* records per block */
+
+#endif
