@@ -235,6 +235,10 @@ cdef class PageEmitter:
         return &self.blocks[i]
 
     @property
+    def page_size(self):
+        return self.em.page_size
+
+    @property
     def bytes_out(self):
         return self.em.bytes_out
 
