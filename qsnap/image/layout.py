@@ -1,0 +1,321 @@
+"""qsnap's layout inside the qcow2 container (docs/image-format.md, sections 1-3):
+block regions, the "qsnap" header extension, the metadata region and the
+strict validation of its JSON document."""
+
+import json
+
+from qsnap.errors import ChecksumError, ImageError
+from qsnap.image.qcow2 import Struct, align_up
+
+FORMAT_VERSION = 1
+QSNAP_EXT_TYPE = 0x51534E50  # "QSNP"
+QSNAP_FLAG_COMPLETE = 1 << 0
+QSNAP_KNOWN_FLAGS = QSNAP_FLAG_COMPLETE
+META_MAGIC = 0x51534D44  # "QSMD"
+BLOB_ALIGN = 4096
+CHECKSUM_NAME = "crc32c"
+
+# qsnap header extension payload (section 1), 40 bytes
+QSNAP_EXT = Struct((
+    ("format_version", "I"),
+    ("flags", "I"),
+    ("meta_offset", "Q"),
+    ("meta_length", "Q"),
+    ("meta_crc32c", "I"),
+    ("reserved", "I"),
+    ("target_page_size", "I"),
+    ("ext_crc32c", "I"),
+))
+assert QSNAP_EXT.size == 40
+
+# Metadata region head (section 3)
+META_HEAD = Struct((("magic", "I"), ("format_version", "I"), ("json_length", "Q")))
+
+
+def _crc32c(buf, crc=0):
+    from qsnap._core import crc32c
+    return crc32c(buf, crc)
+
+
+# --- header extension -----------------------------------------------------------
+
+def pack_qsnap_ext(*, flags, meta_offset, meta_length, meta_crc32c, target_page_size,
+                   format_version=FORMAT_VERSION):
+    fields = {"format_version": format_version, "flags": flags, "meta_offset": meta_offset,
+              "meta_length": meta_length, "meta_crc32c": meta_crc32c, "reserved": 0,
+              "target_page_size": target_page_size, "ext_crc32c": 0}
+    body = QSNAP_EXT.pack(fields)[:36]
+    fields["ext_crc32c"] = _crc32c(body)
+    return QSNAP_EXT.pack(fields)
+
+
+def unpack_qsnap_ext(payload, image_offset):
+    """Unpack and check the qsnap extension (crc, version, flags)."""
+    if len(payload) != QSNAP_EXT.size:
+        raise ImageError(f"qsnap header extension of {len(payload)} bytes, expected "
+                         f"{QSNAP_EXT.size}, at image offset 0x{image_offset:x}")
+    ext = QSNAP_EXT.unpack(payload)
+    crc = _crc32c(payload[:36])
+    if crc != ext["ext_crc32c"]:
+        raise ChecksumError(f"qsnap header extension checksum 0x{ext['ext_crc32c']:08x} does not "
+                            f"match its contents (0x{crc:08x}) at image offset 0x{image_offset:x}")
+    if ext["format_version"] > FORMAT_VERSION:
+        raise ImageError(f"image format version {ext['format_version']} is newer than this qsnap "
+                         f"supports ({FORMAT_VERSION})")
+    if ext["format_version"] != FORMAT_VERSION:
+        raise ImageError(f"unknown image format version {ext['format_version']} "
+                         f"at image offset 0x{image_offset:x}")
+    if ext["flags"] & ~QSNAP_KNOWN_FLAGS:
+        raise ImageError(f"unknown qsnap flags 0x{ext['flags']:x} at image offset 0x{image_offset + 4:x}")
+    return ext
+
+
+# --- regions ----------------------------------------------------------------------
+
+def block_field(b, name, default=None):
+    if isinstance(b, dict):
+        return b.get(name, default)
+    return getattr(b, name, default)
+
+
+def pages_of(length, target_page_size):
+    return (length + target_page_size - 1) // target_page_size
+
+
+def compute_regions(blocks, cluster_size):
+    """(region offsets, meta_offset): blocks laid out in order, each cluster aligned."""
+    offsets = []
+    pos = 0
+    for b in blocks:
+        offsets.append(pos)
+        pos += align_up(int(block_field(b, "length")), cluster_size)
+    return offsets, pos
+
+
+# --- metadata region --------------------------------------------------------------
+
+class Blob:
+    """Placeholder for binary data in the JSON document while it is laid out."""
+
+    def __init__(self, data):
+        self.data = bytes(data)
+
+
+def _collect_blobs(obj, out):
+    if isinstance(obj, Blob):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _collect_blobs(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect_blobs(v, out)
+
+
+def _substitute(obj, refs):
+    if isinstance(obj, Blob):
+        return refs[id(obj)]
+    if isinstance(obj, dict):
+        return {k: _substitute(v, refs) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_substitute(v, refs) for v in obj]
+    return obj
+
+
+def build_meta_region(doc):
+    """Serialise ``doc`` (Blob values inside) into the metadata region bytes."""
+    blobs = []
+    _collect_blobs(doc, blobs)
+    crcs = {id(b): _crc32c(b.data) for b in blobs}
+    start = BLOB_ALIGN
+    while True:
+        refs = {}
+        pos = start
+        for b in blobs:
+            refs[id(b)] = {"offset": pos, "length": len(b.data), "crc32c": crcs[id(b)]}
+            pos = align_up(pos + len(b.data), BLOB_ALIGN)
+        text = json.dumps(_substitute(doc, refs), separators=(",", ":"), sort_keys=False).encode()
+        need = align_up(META_HEAD.size + len(text), BLOB_ALIGN)
+        if need <= start:
+            break
+        start = need
+    out = bytearray(pos if blobs else align_up(META_HEAD.size + len(text), BLOB_ALIGN))
+    out[:META_HEAD.size] = META_HEAD.pack({"magic": META_MAGIC, "format_version": FORMAT_VERSION,
+                                           "json_length": len(text)})
+    out[META_HEAD.size:META_HEAD.size + len(text)] = text
+    for b in blobs:
+        off = refs[id(b)]["offset"]
+        out[off:off + len(b.data)] = b.data
+    return bytes(out)
+
+
+def parse_meta_region(region, meta_offset):
+    """(JSON document, end of the block regions) of a metadata region (crc already checked)."""
+    if len(region) < META_HEAD.size:
+        raise ImageError(f"metadata region of {len(region)} bytes is too short "
+                         f"at image offset 0x{meta_offset:x}")
+    head = META_HEAD.unpack(region)
+    if head["magic"] != META_MAGIC:
+        raise ImageError(f"bad metadata magic 0x{head['magic']:08x} at virtual offset 0x{meta_offset:x}")
+    if head["format_version"] != FORMAT_VERSION:
+        raise ImageError(f"metadata format version {head['format_version']} at virtual offset "
+                         f"0x{meta_offset + 4:x}, expected {FORMAT_VERSION}")
+    if head["json_length"] > len(region) - META_HEAD.size:
+        raise ImageError(f"metadata JSON length {head['json_length']} runs past the region "
+                         f"({len(region)} bytes) at virtual offset 0x{meta_offset + 8:x}")
+    text = bytes(region[META_HEAD.size:META_HEAD.size + head["json_length"]])
+    try:
+        doc = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ImageError(f"bad metadata JSON at virtual offset 0x{meta_offset + 16:x}: {e}") from None
+    regions_end = validate_meta(doc, len(region), META_HEAD.size + head["json_length"])
+    return doc, regions_end
+
+
+def get_blob(region, ref, what):
+    """Bytes of a blob (bounds validated already), checked against its crc32c."""
+    data = bytes(region[ref["offset"]:ref["offset"] + ref["length"]])
+    crc = _crc32c(data)
+    if crc != ref["crc32c"]:
+        raise ChecksumError(f"checksum mismatch in metadata blob {what}: stored 0x{ref['crc32c']:08x}, "
+                            f"computed 0x{crc:08x} (metadata offset 0x{ref['offset']:x})")
+    return data
+
+
+# --- strict JSON validation -------------------------------------------------------
+
+BLOB = "blob"
+UINT = "uint"
+U32 = "u32"
+_MISSING = object()
+
+
+def _bad(path, msg):
+    raise ImageError(f"bad image metadata: {path} {msg}")
+
+
+def _check(value, kind, path, ctx):
+    if isinstance(kind, tuple):  # alternatives, e.g. (str, None)
+        errs = []
+        for k in kind:
+            if k is None and value is None:
+                return
+            if k is None:
+                continue
+            try:
+                _check(value, k, path, ctx)
+                return
+            except ImageError as e:
+                errs.append(str(e))
+        _bad(path, f"has an unexpected value {value!r}")
+    if kind == UINT or kind == U32:
+        if type(value) is not int or value < 0 or value >= (1 << (32 if kind == U32 else 64)):
+            _bad(path, f"must be an unsigned integer, not {value!r}")
+    elif kind is bool:
+        if type(value) is not bool:
+            _bad(path, f"must be true or false, not {value!r}")
+    elif kind is str:
+        if type(value) is not str:
+            _bad(path, f"must be a string, not {value!r}")
+    elif kind is list:
+        if type(value) is not list:
+            _bad(path, f"must be a list, not {type(value).__name__}")
+    elif kind is dict:
+        if type(value) is not dict:
+            _bad(path, f"must be an object, not {type(value).__name__}")
+    elif kind == BLOB:
+        if type(value) is not dict:
+            _bad(path, f"must be a blob reference, not {value!r}")
+        _check_fields(value, BLOB_SCHEMA, path, ctx)
+        off, length = value["offset"], value["length"]
+        if off % BLOB_ALIGN or off < ctx["blob_start"] or off + length > ctx["region_length"]:
+            _bad(path, f"blob at 0x{off:x}+{length} lies outside the metadata region "
+                       f"(0x{ctx['blob_start']:x}..0x{ctx['region_length']:x}) or is unaligned")
+    elif isinstance(kind, dict):
+        if type(value) is not dict:
+            _bad(path, f"must be an object, not {type(value).__name__}")
+        _check_fields(value, kind, path, ctx)
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+
+def _check_fields(obj, schema, path, ctx):
+    for key, kind in schema.items():
+        v = obj.get(key, _MISSING)
+        if v is _MISSING:
+            _bad(f"{path}.{key}", "is missing")
+        _check(v, kind, f"{path}.{key}", ctx)
+
+
+BLOB_SCHEMA = {"offset": UINT, "length": UINT, "crc32c": U32}
+STREAM_SCHEMA = {
+    "header": BLOB, "pre_ram": BLOB, "commands": list, "footers": bool,
+    "ram_section": (dict, None), "ram_end": bool, "switchover_start": bool,
+    "return_path": bool, "postcopy_advise": (list, None), "capabilities": list,
+    "mem_size_total": UINT,
+}
+BLOCK_SCHEMA = {
+    "idstr": str, "length": UINT, "page_size": UINT, "page_size_on_wire": bool,
+    "gpa": (UINT, None), "offset": UINT, "migrated": bool, "nonzero_pages": UINT,
+    "bitmap": BLOB, "checksums": BLOB,
+}
+COUNTS_SCHEMA = {"pages": UINT, "nonzero_pages": UINT, "zero_pages": UINT,
+                 "page_records": UINT, "stream_bytes": UINT}
+TOP_SCHEMA = {
+    "format_version": UINT, "qsnap_version": str, "created": str, "machine": (str, None),
+    "target_page_size": UINT, "cluster_size": UINT, "checksum": str, "stream": STREAM_SCHEMA,
+    "ram_blocks": list, "device_state": BLOB, "counts": COUNTS_SCHEMA,
+}
+
+
+def _pow2(n):
+    return n > 0 and n & (n - 1) == 0
+
+
+def validate_meta(doc, region_length, json_end):
+    """Strict check of the metadata JSON (types, ranges, blob bounds, block layout)."""
+    ctx = {"region_length": region_length, "blob_start": align_up(json_end, BLOB_ALIGN)}
+    _check(doc, TOP_SCHEMA, "meta", ctx)
+    if doc["format_version"] != FORMAT_VERSION:
+        _bad("meta.format_version", f"is {doc['format_version']}, expected {FORMAT_VERSION}")
+    if doc["checksum"] != CHECKSUM_NAME:
+        _bad("meta.checksum", f"is {doc['checksum']!r}, expected {CHECKSUM_NAME!r}")
+    tps = doc["target_page_size"]
+    if not _pow2(tps) or not 512 <= tps <= 65536:
+        _bad("meta.target_page_size", f"{tps} is not a power of two in 512..65536")
+    cs = doc["cluster_size"]
+    if not _pow2(cs) or not (1 << 16) <= cs <= (1 << 21):
+        _bad("meta.cluster_size", f"{cs} is not a power of two in 64 KiB..2 MiB")
+    for i, cmd in enumerate(doc["stream"]["commands"]):
+        if (type(cmd) is not list or len(cmd) != 2 or type(cmd[0]) is not int
+                or type(cmd[1]) is not str):
+            _bad(f"meta.stream.commands[{i}]", f"must be [cmd, hex payload], not {cmd!r}")
+    end = 0
+    for i, b in enumerate(doc["ram_blocks"]):
+        path = f"meta.ram_blocks[{i}]"
+        _check(b, BLOCK_SCHEMA, path, ctx)
+        if not 0 < len(b["idstr"].encode()) <= 255:
+            _bad(f"{path}.idstr", f"{b['idstr']!r} must have 1..255 bytes")
+        if not _pow2(b["page_size"]):
+            _bad(f"{path}.page_size", f"{b['page_size']} is not a power of two")
+        if b["offset"] % cs:
+            _bad(f"{path}.offset", f"0x{b['offset']:x} is not cluster aligned")
+        if b["offset"] < end:
+            _bad(f"{path}.offset", f"0x{b['offset']:x} overlaps the previous block's region "
+                                   f"(ends at 0x{end:x})")
+        end = b["offset"] + align_up(b["length"], cs)
+        n = pages_of(b["length"], tps)
+        if b["bitmap"]["length"] != (n + 7) // 8:
+            _bad(f"{path}.bitmap", f"length {b['bitmap']['length']} does not match {n} pages "
+                                   f"(expected {(n + 7) // 8})")
+        if b["checksums"]["length"] != 4 * n:
+            _bad(f"{path}.checksums", f"length {b['checksums']['length']} does not match {n} pages "
+                                      f"(expected {4 * n})")
+        if b["nonzero_pages"] > n:
+            _bad(f"{path}.nonzero_pages", f"{b['nonzero_pages']} exceeds the block's {n} pages")
+    return end
+
+
+def iso_utc_now():
+    import datetime
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,424 @@
+"""Image: a validated, read-only view of a qsnap image.
+
+Image.open() checks the qcow2 container, the qsnap extension and the metadata
+region before anything is used; every offset read from the file is bounds
+checked. Errors are ImageError / ChecksumError naming the image offset and
+the bad value.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qsnap._core import crc32c, is_zero, page_crcs
+from qsnap.errors import ChecksumError, ImageError, IOFailure
+from qsnap.image import layout, qcow2
+from qsnap.image.layout import pages_of
+from qsnap.image.qcow2 import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
+                               L2E_STD_RESERVED_MASK, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
+                               QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, INCOMPAT_FEATURE_NAMES)
+
+VERIFY_READ = 64 << 20  # bytes per read in verify_all
+
+
+@dataclass
+class BlockInfo:
+    idstr: str
+    length: int
+    page_size: int
+    offset: int
+    nonzero_pages: int
+    migrated: bool
+    page_size_on_wire: bool
+    gpa: object
+    bitmap: np.ndarray = field(repr=False)     # uint8, 1 bit per target page, LSB first
+    checksums: np.ndarray = field(repr=False)  # '<u4' per target page
+
+    def stored(self, page_index):
+        return bool((self.bitmap[page_index >> 3] >> (page_index & 7)) & 1)
+
+
+def _pread(fd, length, offset, path):
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as e:
+        raise IOFailure(f"{os.strerror(e.errno).lower()} reading {path} at offset 0x{offset:x}") from None
+    if len(data) != length:
+        raise ImageError(f"image truncated: {len(data)} of {length} bytes at image offset 0x{offset:x}")
+    return data
+
+
+def _read_header(fd, path, file_size):
+    """Parse and check the qcow2 header and the qsnap extension. Returns (hdr, ext, ext_off)."""
+    head = _pread(fd, min(file_size, 4096), 0, path) if file_size else b""
+    if len(head) < qcow2.HEADER.size:
+        raise ImageError(f"not a qsnap image: {path} is too short for a qcow2 header ({file_size} bytes)")
+    hdr = qcow2.HEADER.unpack(head)
+    if hdr["magic"] != QCOW_MAGIC:
+        raise ImageError(f"not a qsnap image: bad qcow2 magic 0x{hdr['magic']:08x} at image offset 0x0")
+    if hdr["version"] != 3:
+        raise ImageError(f"unsupported qcow2 version {hdr['version']} at image offset 0x4 (qsnap needs 3)")
+    cb = hdr["cluster_bits"]
+    if not 16 <= cb <= 21:
+        raise ImageError(f"cluster_bits {cb} outside 16..21 at image offset 0x14")
+    cs = 1 << cb
+    if hdr["header_length"] < qcow2.HEADER_LENGTH_V3 or hdr["header_length"] % 8 \
+            or hdr["header_length"] > min(cs, len(head)):
+        raise ImageError(f"bad header_length {hdr['header_length']} at image offset 0x64")
+    inc = hdr["incompatible_features"]
+    if inc:
+        names = [INCOMPAT_FEATURE_NAMES.get(b, f"unknown bit {b}") for b in range(64) if inc >> b & 1]
+        raise ImageError(f"unsupported incompatible features 0x{inc:x} ({', '.join(names)}) "
+                         f"at image offset 0x48")
+    if hdr["backing_file_offset"] or hdr["backing_file_size"]:
+        raise ImageError(f"unexpected backing file at image offset 0x{hdr['backing_file_offset']:x}")
+    if hdr["crypt_method"]:
+        raise ImageError(f"encrypted image (crypt_method {hdr['crypt_method']}) at image offset 0x20")
+    if hdr["nb_snapshots"] or hdr["snapshots_offset"]:
+        raise ImageError(f"unexpected internal snapshots ({hdr['nb_snapshots']}) at image offset 0x3c")
+    if hdr["refcount_order"] != qcow2.REFCOUNT_ORDER:
+        raise ImageError(f"refcount_order {hdr['refcount_order']} at image offset 0x60, expected 4")
+    try:
+        exts = qcow2.unpack_extensions(head, hdr["header_length"], min(cs, len(head)))
+    except ValueError as e:
+        raise ImageError(str(e)) from None
+    found = [(p, off) for t, p, off in exts if t == layout.QSNAP_EXT_TYPE]
+    if not found:
+        raise ImageError(f"not a qsnap image: {path} is a qcow2 file without the qsnap header extension")
+    if len(found) > 1:
+        raise ImageError(f"duplicate qsnap header extension at image offset 0x{found[1][1]:x}")
+    payload, ext_off = found[0]
+    ext = layout.unpack_qsnap_ext(payload, ext_off + 8)
+    return hdr, ext, ext_off + 8
+
+
+def peek_header(path):
+    """Cheap check: {'qsnap': bool, 'complete': bool, 'format_version', 'error'}; no exception
+    for foreign or damaged files (only for files that cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise IOFailure(f"{os.strerror(e.errno).lower()} opening {path}") from None
+    try:
+        size = os.fstat(fd).st_size
+        hdr, ext, _ = _read_header(fd, path, size)
+        return {"qsnap": True, "complete": bool(ext["flags"] & layout.QSNAP_FLAG_COMPLETE),
+                "format_version": ext["format_version"], "virtual_size": hdr["size"],
+                "cluster_size": 1 << hdr["cluster_bits"], "file_bytes": size, "error": None}
+    except ImageError as e:
+        return {"qsnap": False, "complete": False, "format_version": None, "error": str(e)}
+    finally:
+        os.close(fd)
+
+
+class Image:
+    """A qsnap image opened for reading. Use Image.open(path)."""
+
+    def __init__(self, path, fd):
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def open(cls, path):
+        path = os.fspath(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise IOFailure(f"{os.strerror(e.errno).lower()} opening {path}") from None
+        img = cls(path, fd)
+        try:
+            img._load()
+        except BaseException:
+            img.close()
+            raise
+        return img
+
+    def close(self):
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # --- validation ------------------------------------------------------------------
+
+    def _load(self):
+        fd, path = self._fd, self.path
+        self.file_bytes = size = os.fstat(fd).st_size
+        hdr, ext, ext_off = _read_header(fd, path, size)
+        self.header = hdr
+        self.ext = ext
+        cb = hdr["cluster_bits"]
+        self.cluster_bits = cb
+        self.cluster_size = cs = 1 << cb
+        if not ext["flags"] & layout.QSNAP_FLAG_COMPLETE:
+            raise ImageError("incomplete image (the save did not finish)")
+        if size % cs:
+            raise ImageError(f"file length 0x{size:x} is not a multiple of the cluster size {cs}")
+        meta_clusters = {0}  # host clusters holding qcow2 metadata
+
+        def check_table(what, off, nbytes, at):
+            if off % cs or off == 0 or off + nbytes > size:
+                raise ImageError(f"{what} offset 0x{off:x} (at image offset 0x{at:x}) is "
+                                 f"unaligned or outside the file (0x{size:x} bytes)")
+            for c in range(off // cs, (off + max(nbytes, 1) + cs - 1) // cs):
+                if c in meta_clusters:
+                    raise ImageError(f"{what} at 0x{off:x} overlaps other metadata "
+                                     f"(at image offset 0x{at:x})")
+                meta_clusters.add(c)
+
+        vsize = hdr["size"]
+        if vsize % cs:
+            raise ImageError(f"virtual size 0x{vsize:x} at image offset 0x18 is not cluster aligned")
+        l1_size = hdr["l1_size"]
+        if l1_size < qcow2.l1_size_for(vsize, cb) or l1_size > (1 << 25):
+            raise ImageError(f"L1 size {l1_size} at image offset 0x24 does not match virtual size 0x{vsize:x}")
+        check_table("L1 table", hdr["l1_table_offset"], l1_size * 8, 0x28)
+        rt_off, rt_clusters = hdr["refcount_table_offset"], hdr["refcount_table_clusters"]
+        check_table("refcount table", rt_off, rt_clusters * cs, 0x30)
+        rt = np.frombuffer(_pread(fd, rt_clusters * cs, rt_off, path), dtype=">u8").astype(np.uint64)
+        for i in np.flatnonzero(rt):
+            check_table("refcount block", int(rt[i]) & REFT_OFFSET_MASK, cs, rt_off + 8 * int(i))
+
+        l1 = np.frombuffer(_pread(fd, l1_size * 8, hdr["l1_table_offset"], path),
+                           dtype=">u8").astype(np.uint64)
+        l2_entries = cs // 8
+        n_clusters = vsize // cs
+        host = np.zeros(l1_size * l2_entries, dtype=np.uint64)
+        for i in np.flatnonzero(l1):
+            i = int(i)
+            at = hdr["l1_table_offset"] + 8 * i
+            e = int(l1[i])
+            if e & L1E_RESERVED_MASK:
+                raise ImageError(f"L1 entry 0x{e:016x} has reserved bits set at image offset 0x{at:x}")
+            l2_off = e & L1E_OFFSET_MASK
+            check_table("L2 table", l2_off, cs, at)
+            l2 = np.frombuffer(_pread(fd, cs, l2_off, path), dtype=">u8").astype(np.uint64)
+            bad = np.flatnonzero(l2 & np.uint64(QCOW_OFLAG_COMPRESSED))
+            if len(bad):
+                raise ImageError(f"compressed L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
+                                 f"0x{l2_off + 8 * int(bad[0]):x}")
+            bad = np.flatnonzero(l2 & np.uint64(L2E_STD_RESERVED_MASK | QCOW_OFLAG_ZERO))
+            if len(bad):
+                raise ImageError(f"L2 entry 0x{int(l2[bad[0]]):016x} has reserved or zero-flag bits "
+                                 f"at image offset 0x{l2_off + 8 * int(bad[0]):x}")
+            offs = l2 & np.uint64(L2E_OFFSET_MASK)
+            bad = np.flatnonzero((l2 != 0) & ((offs == 0) | (offs % np.uint64(cs) != 0)
+                                              | (offs > np.uint64(size - cs))))
+            if len(bad):
+                raise ImageError(f"L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
+                                 f"0x{l2_off + 8 * int(bad[0]):x} points outside the file "
+                                 f"(0x{size:x} bytes) or is unaligned")
+            host[i * l2_entries:(i + 1) * l2_entries] = offs
+        if np.count_nonzero(host[n_clusters:]):
+            v = int(np.flatnonzero(host[n_clusters:])[0]) + n_clusters
+            raise ImageError(f"cluster mapped past the virtual size at virtual offset 0x{v * cs:x}")
+        host = host[:n_clusters].copy()
+        mapped = np.flatnonzero(host)
+        offs = host[mapped]
+        order = np.argsort(offs, kind="stable")
+        srt = offs[order]
+        dup = np.flatnonzero(srt[1:] == srt[:-1])
+        if len(dup):
+            h = int(srt[dup[0]])
+            v1, v2 = int(mapped[order[dup[0]]]), int(mapped[order[dup[0] + 1]])
+            raise ImageError(f"host cluster 0x{h:x} is mapped twice (virtual offsets 0x{v1 * cs:x} "
+                             f"and 0x{v2 * cs:x})")
+        meta_arr = np.array(sorted(meta_clusters), dtype=np.uint64) * np.uint64(cs)
+        clash = np.flatnonzero(np.isin(offs, meta_arr))
+        if len(clash):
+            v = int(mapped[clash[0]])
+            raise ImageError(f"data cluster at image offset 0x{int(offs[clash[0]]):x} (virtual "
+                             f"offset 0x{v * cs:x}) overlaps qcow2 metadata")
+        self._host = host
+        self.virtual_size = vsize
+
+        # metadata region
+        mo, ml = ext["meta_offset"], ext["meta_length"]
+        if mo % cs or ml < layout.META_HEAD.size or mo + ml > vsize:
+            raise ImageError(f"metadata region 0x{mo:x}+0x{ml:x} (header extension at image offset "
+                             f"0x{ext_off:x}) lies outside the virtual size 0x{vsize:x}")
+        region = self._read_virtual(mo, ml)
+        crc = crc32c(region)
+        if crc != ext["meta_crc32c"]:
+            raise ChecksumError(f"metadata region checksum mismatch: stored 0x{ext['meta_crc32c']:08x}, "
+                                f"computed 0x{crc:08x} (metadata at virtual offset 0x{mo:x}, "
+                                f"image offset 0x{self.host_offset(mo):x})")
+        doc, regions_end = layout.parse_meta_region(region, mo)
+        if doc["cluster_size"] != cs:
+            raise ImageError(f"metadata cluster_size {doc['cluster_size']} differs from the header's {cs}")
+        if doc["target_page_size"] != ext["target_page_size"]:
+            raise ImageError(f"metadata target_page_size {doc['target_page_size']} differs from the "
+                             f"header extension's {ext['target_page_size']}")
+        if regions_end > mo:
+            raise ImageError(f"RAM block regions end at 0x{regions_end:x}, past the metadata region "
+                             f"at 0x{mo:x}")
+        self.meta = doc
+        self.target_page_size = tps = doc["target_page_size"]
+        self.meta_offset = mo
+        self.meta_length = ml
+        self._region = region
+        blocks = []
+        for i, b in enumerate(doc["ram_blocks"]):
+            bitmap = np.frombuffer(layout.get_blob(region, b["bitmap"], f"ram_blocks[{i}].bitmap"),
+                                   dtype=np.uint8)
+            crcs = np.frombuffer(layout.get_blob(region, b["checksums"], f"ram_blocks[{i}].checksums"),
+                                 dtype="<u4")
+            n = pages_of(b["length"], tps)
+            nz = int(np.unpackbits(bitmap, bitorder="little")[:n].sum())
+            if nz != b["nonzero_pages"]:
+                raise ImageError(f"block '{b['idstr']}': nonzero_pages {b['nonzero_pages']} but the "
+                                 f"bitmap has {nz} pages")
+            blocks.append(BlockInfo(b["idstr"], b["length"], b["page_size"], b["offset"],
+                                    b["nonzero_pages"], b["migrated"], b["page_size_on_wire"],
+                                    b["gpa"], bitmap, crcs))
+        self.blocks = blocks
+        self.header_bytes = layout.get_blob(region, doc["stream"]["header"], "stream.header")
+        self.pre_ram = layout.get_blob(region, doc["stream"]["pre_ram"], "stream.pre_ram")
+        self.device_state = layout.get_blob(region, doc["device_state"], "device_state")
+        self.stream_info = doc["stream"]
+
+    # --- access ------------------------------------------------------------------
+
+    def host_offset(self, voff):
+        """Host offset of the byte at virtual offset ``voff`` (0 = unallocated)."""
+        if not 0 <= voff < self.virtual_size:
+            raise ImageError(f"virtual offset 0x{voff:x} outside the image (0x{self.virtual_size:x})")
+        h = int(self._host[voff >> self.cluster_bits])
+        return h + (voff & (self.cluster_size - 1)) if h else 0
+
+    def _read_virtual(self, voff, length):
+        out = bytearray(length)
+        cs = self.cluster_size
+        pos = 0
+        while pos < length:
+            v = voff + pos
+            n = min(length - pos, cs - (v & (cs - 1)))
+            h = int(self._host[v >> self.cluster_bits])
+            if h:
+                out[pos:pos + n] = _pread(self._fd, n, h + (v & (cs - 1)), self.path)
+            pos += n
+        return bytes(out)
+
+    def data_clusters(self):
+        """(host_offset, virtual_offset) uint64 pairs of the RAM data clusters, by host offset."""
+        n_ram = self.meta_offset >> self.cluster_bits
+        v = np.flatnonzero(self._host[:n_ram])
+        pairs = np.empty((len(v), 2), dtype=np.uint64)
+        pairs[:, 0] = self._host[v]
+        pairs[:, 1] = v.astype(np.uint64) << np.uint64(self.cluster_bits)
+        return pairs[np.argsort(pairs[:, 0], kind="stable")]
+
+    def block_index(self, idstr):
+        for i, b in enumerate(self.blocks):
+            if b.idstr == idstr:
+                return i
+        raise ImageError(f"no RAM block '{idstr}' in {self.path}")
+
+    def read_page(self, block_index, offset):
+        """The target page at ``offset`` of a block, checked against its crc32c."""
+        b = self.blocks[block_index]
+        tps = self.target_page_size
+        if offset % tps or not 0 <= offset < b.length:
+            raise ImageError(f"page offset 0x{offset:x} outside block '{b.idstr}' (length 0x{b.length:x})")
+        p = offset // tps
+        if not b.stored(p):
+            return bytes(tps)
+        voff = b.offset + offset
+        h = self.host_offset(voff)
+        if not h:
+            raise ImageError(f"stored page 0x{offset:x} of block '{b.idstr}' has no data cluster "
+                             f"(virtual offset 0x{voff:x})")
+        data = _pread(self._fd, tps, h, self.path)
+        crc = crc32c(data)
+        if crc != int(b.checksums[p]):
+            raise ChecksumError(f"checksum mismatch in block '{b.idstr}' page 0x{offset:x} "
+                                f"(image offset 0x{h:x})")
+        return data
+
+    def verify_all(self, progress=None):
+        """Check every stored page against its crc (data clusters read in host order).
+
+        Returns a list of problem strings (empty when the image is intact)."""
+        problems = []
+        cs, tps, cb = self.cluster_size, self.target_page_size, self.cluster_bits
+        ppc = cs // tps
+        # virtual cluster -> (block, first page index in block)
+        owner = {}
+        for bi, b in enumerate(self.blocks):
+            for c in range(b.offset >> cb, (b.offset + b.length + cs - 1) >> cb):
+                owner[c] = bi
+        pairs = self.data_clusters()
+        total = len(pairs)
+        i = 0
+        done = 0
+        while i < total:
+            j = i + 1
+            while (j < total and (j - i) * cs < VERIFY_READ
+                   and int(pairs[j, 0]) == int(pairs[j - 1, 0]) + cs):
+                j += 1
+            buf = _pread(self._fd, (j - i) * cs, int(pairs[i, 0]), self.path)
+            crcs = page_crcs(buf, tps)
+            for k in range(i, j):
+                vc = int(pairs[k, 1]) >> cb
+                bi = owner.get(vc)
+                if bi is None:
+                    problems.append(f"data cluster at image offset 0x{int(pairs[k, 0]):x} maps virtual "
+                                    f"offset 0x{int(pairs[k, 1]):x}, outside every block")
+                    continue
+                b = self.blocks[bi]
+                first = (int(pairs[k, 1]) - b.offset) // tps
+                n = min(ppc, pages_of(b.length, tps) - first)
+                bits = np.unpackbits(b.bitmap[first // 8:(first + n + 7) // 8],
+                                     bitorder="little")[:n].astype(bool)
+                got = crcs[(k - i) * ppc:(k - i) * ppc + n]
+                bad = np.flatnonzero(bits & (got != b.checksums[first:first + n]))
+                for p in bad:
+                    po = (first + int(p)) * tps
+                    problems.append(f"checksum mismatch in block '{b.idstr}' page 0x{po:x} "
+                                    f"(image offset 0x{int(pairs[k, 0]) + int(p) * tps:x})")
+                for p in np.flatnonzero(~bits):
+                    lo = (k - i) * cs + int(p) * tps
+                    if not is_zero(memoryview(buf)[lo:lo + tps]):
+                        po = (first + int(p)) * tps
+                        problems.append(f"page 0x{po:x} of block '{b.idstr}' is not marked stored "
+                                        f"but is not zero (image offset 0x{int(pairs[k, 0]) + int(p) * tps:x})")
+            done += j - i
+            if progress is not None:
+                progress(done, total)
+            i = j
+        return problems
+
+    def info(self):
+        """A summary for `qsnap info` (JSON-serialisable)."""
+        m = self.meta
+        return {
+            "path": self.path,
+            "format_version": self.ext["format_version"],
+            "complete": bool(self.ext["flags"] & layout.QSNAP_FLAG_COMPLETE),
+            "page_size": self.target_page_size,
+            "cluster_size": self.cluster_size,
+            "machine": m["machine"],
+            "qsnap_version": m["qsnap_version"],
+            "created": m["created"],
+            "checksum": m["checksum"],
+            "device_state_bytes": len(self.device_state),
+            "file_bytes": self.file_bytes,
+            "virtual_size": self.virtual_size,
+            "ram_blocks": [{"idstr": b.idstr, "length": b.length, "page_size": b.page_size,
+                            "offset": b.offset, "nonzero_pages": b.nonzero_pages,
+                            "migrated": b.migrated} for b in self.blocks],
+            "counts": dict(m["counts"]),
+        }

@@ -1,0 +1,322 @@
+"""ImageWriter: writes a qsnap image crash-safely (docs/image-format.md, section 4).
+
+Pages go through a ClusterSink (C) into a temporary file beside the target;
+finish() appends the metadata region and the qcow2 tables, sets COMPLETE in
+the header as the very last write and renames the file over the target.
+"""
+
+import errno
+import os
+import time
+import warnings
+
+import numpy as np
+
+import qsnap
+from qsnap._core import ClusterSink
+from qsnap.errors import IOFailure, UsageError
+from qsnap.image import layout, qcow2
+from qsnap.image.layout import Blob, block_field, pages_of
+
+DEFAULT_CLUSTER_SIZE = 1 << 20
+
+
+def _io_error(e, what, path, offset=None):
+    text = os.strerror(e.errno) if e.errno else str(e)
+    text = text[:1].lower() + text[1:]
+    where = f" at offset 0x{offset:x}" if offset is not None else ""
+    return IOFailure(f"{text} {what} {path}{where}")
+
+
+class ImageWriter:
+    """Write one qsnap image at ``path``.
+
+    Usage::
+
+        with ImageWriter(path) as w:
+            w.start(blocks)
+            w.sink.put_batch(records, data)     # any number of times
+            summary = w.finish(header_bytes=..., device_state=..., ...)
+
+    An exception inside the ``with`` (or abort()) removes the temporary file;
+    the file at ``path`` is replaced only by a successful finish().
+    """
+
+    def __init__(self, path, *, cluster_size=DEFAULT_CLUSTER_SIZE, cache="writeback",
+                 target_page_size=4096, n_slots=32):
+        if cluster_size & (cluster_size - 1) or not (1 << 16) <= cluster_size <= (1 << 21):
+            raise UsageError(f"cluster size {cluster_size} is not a power of two in 64 KiB..2 MiB")
+        if target_page_size & (target_page_size - 1) or not 512 <= target_page_size <= 65536:
+            raise UsageError(f"target page size {target_page_size} is not a power of two in 512..65536")
+        if cache not in ("writeback", "none"):
+            raise UsageError(f"cache mode {cache!r} is not 'writeback' or 'none'")
+        self.path = os.fspath(path)
+        self.cluster_size = cluster_size
+        self.cluster_bits = cluster_size.bit_length() - 1
+        self.target_page_size = target_page_size
+        self.cache = cache
+        self.n_slots = n_slots
+        self.sink = None
+        self.blocks = None
+        self.region_offsets = None
+        self.meta_offset = None
+        self.direct = False
+        self._fd = -1         # buffered fd: header, metadata, tables
+        self._dfd = -1        # the sink's fd (O_DIRECT with cache='none')
+        self._done = False
+        self._t0 = time.monotonic()
+        d, name = os.path.split(os.path.abspath(self.path))
+        self.dir = d
+        self.tmp_path = None
+        try:
+            for _ in range(100):
+                cand = os.path.join(d, f".{name}.qsnap-{os.urandom(4).hex()[:6]}")
+                try:
+                    self._fd = os.open(cand, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                except FileExistsError:
+                    continue
+                self.tmp_path = cand
+                break
+            else:
+                raise IOFailure(f"cannot create a temporary file beside {self.path}")
+        except OSError as e:
+            raise _io_error(e, "creating a temporary file beside", self.path) from None
+        try:
+            self._dfd = self._open_sink_fd()
+            self._write_header(complete=False, size=0, l1_size=0, l1_offset=0, reftable_offset=0,
+                               reftable_clusters=0, meta_offset=0, meta_length=0, meta_crc=0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open_sink_fd(self):
+        if self.cache != "none":
+            return self._fd
+        try:
+            fd = os.open(self.tmp_path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise _io_error(e, "opening", self.tmp_path) from None
+            warnings.warn(f"the filesystem of {self.dir} refuses O_DIRECT; "
+                          "writing through the page cache", RuntimeWarning, stacklevel=3)
+            return self._fd
+        self.direct = True
+        return fd
+
+    # --- low-level writes -------------------------------------------------------
+
+    def _pwrite(self, buf, offset):
+        view = memoryview(buf)
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], offset + done)
+        except OSError as e:
+            raise _io_error(e, "writing", self.tmp_path, offset + done) from None
+
+    def _sync(self):
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise _io_error(e, "syncing", self.tmp_path) from None
+
+    def _write_header(self, *, complete, size, l1_size, l1_offset, reftable_offset,
+                      reftable_clusters, meta_offset, meta_length, meta_crc):
+        hdr = qcow2.make_header(cluster_bits=self.cluster_bits, size=size, l1_size=l1_size,
+                                l1_table_offset=l1_offset, refcount_table_offset=reftable_offset,
+                                refcount_table_clusters=reftable_clusters)
+        ext = layout.pack_qsnap_ext(flags=layout.QSNAP_FLAG_COMPLETE if complete else 0,
+                                    meta_offset=meta_offset, meta_length=meta_length,
+                                    meta_crc32c=meta_crc, target_page_size=self.target_page_size)
+        self._pwrite(qcow2.pack_header_cluster(hdr, [(layout.QSNAP_EXT_TYPE, ext)],
+                                               self.cluster_size), 0)
+
+    # --- the save -----------------------------------------------------------------
+
+    def start(self, blocks):
+        """Lay out the block regions and create the sink.
+
+        ``blocks``: objects or dicts with ``idstr``, ``length``, ``page_size``
+        (optionally ``page_size_on_wire``, ``gpa``), in MEM_SIZE order."""
+        if self.sink is not None:
+            raise RuntimeError("start() called twice")
+        self.blocks = []
+        for b in blocks:
+            idstr = block_field(b, "idstr")
+            if isinstance(idstr, bytes):
+                idstr = idstr.decode("utf-8", "replace")
+            self.blocks.append({
+                "idstr": idstr,
+                "length": int(block_field(b, "length")),
+                "page_size": int(block_field(b, "page_size", self.target_page_size) or self.target_page_size),
+                "page_size_on_wire": bool(block_field(b, "page_size_on_wire", False)),
+                "gpa": block_field(b, "gpa", None),
+            })
+        offsets, self.meta_offset = layout.compute_regions(self.blocks, self.cluster_size)
+        self.region_offsets = np.array(offsets, dtype=np.uint64)
+        lengths = np.array([b["length"] for b in self.blocks], dtype=np.uint64)
+        self.sink = ClusterSink(self._dfd, self.meta_offset, cluster_size=self.cluster_size,
+                                page_size=self.target_page_size, n_slots=self.n_slots,
+                                append_offset=self.cluster_size, direct=self.direct,
+                                region_offsets=self.region_offsets, block_lengths=lengths,
+                                block_names=[b["idstr"] for b in self.blocks], path=self.tmp_path)
+        return self.region_offsets
+
+    def finish(self, *, header_bytes=b"", pre_ram=b"", device_state=b"", stream_info=None,
+               commands=(), counts=None, machine=None, created=None):
+        """Write metadata and tables, mark the image COMPLETE, rename it over ``path``."""
+        if self.sink is None:
+            raise RuntimeError("finish() before start()")
+        try:
+            return self._finish(header_bytes, pre_ram, device_state, stream_info or {},
+                                commands, counts or {}, machine, created)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self, header_bytes, pre_ram, device_state, stream_info, commands, counts,
+                machine, created):
+        sink, cs, tps = self.sink, self.cluster_size, self.target_page_size
+        sink.flush()
+        records = sink.block_records()
+        ram_blocks = []
+        total_nonzero = 0
+        for i, b in enumerate(self.blocks):
+            first = int(self.region_offsets[i]) // tps
+            n = pages_of(b["length"], tps)
+            bitmap = sink.nonzero_bitmap(first, n)
+            crcs = sink.checksums(first, n)
+            nz = int(np.unpackbits(bitmap, bitorder="little").sum())
+            total_nonzero += nz
+            ram_blocks.append({
+                **b,
+                "offset": int(self.region_offsets[i]),
+                "migrated": bool(records[i]) if len(records) else False,
+                "nonzero_pages": nz,
+                "bitmap": Blob(bitmap.tobytes()),
+                "checksums": Blob(crcs.astype("<u4").tobytes()),
+            })
+        stream = {
+            "header": Blob(header_bytes), "pre_ram": Blob(pre_ram),
+            "commands": [[int(c), p.hex() if isinstance(p, (bytes, bytearray, memoryview)) else str(p)]
+                         for c, p in commands],
+            "footers": True, "ram_section": None, "ram_end": True, "switchover_start": False,
+            "return_path": False, "postcopy_advise": None, "capabilities": [],
+            "mem_size_total": sum(b["length"] for b in self.blocks),
+        }
+        stream.update({k: v for k, v in stream_info.items() if k not in ("header", "pre_ram", "commands")})
+        n_records = int(records.sum()) if len(records) else 0
+        full_counts = {"pages": n_records, "nonzero_pages": total_nonzero,
+                       "zero_pages": n_records - min(n_records, total_nonzero),
+                       "page_records": n_records, "stream_bytes": 0}
+        full_counts.update(counts)
+        doc = {
+            "format_version": layout.FORMAT_VERSION,
+            "qsnap_version": qsnap.__version__,
+            "created": created or layout.iso_utc_now(),
+            "machine": machine,
+            "target_page_size": tps,
+            "cluster_size": cs,
+            "checksum": layout.CHECKSUM_NAME,
+            "stream": stream,
+            "ram_blocks": ram_blocks,
+            "device_state": Blob(device_state),
+            "counts": full_counts,
+        }
+        region = layout.build_meta_region(doc)
+        meta_length = len(region)
+        meta_crc = layout._crc32c(region)
+        meta_clusters = qcow2.size_to_clusters(meta_length, cs)
+        virtual_size = self.meta_offset + meta_clusters * cs
+
+        # metadata clusters, appended after the data clusters
+        pos = sink.append_offset
+        host_map = np.zeros(virtual_size // cs, dtype=np.uint64)
+        host_map[:sink.n_clusters] = sink.host_map()
+        padded = region + bytes(meta_clusters * cs - meta_length)
+        self._pwrite(padded, pos)
+        first_meta = self.meta_offset // cs
+        host_map[first_meta:first_meta + meta_clusters] = \
+            pos + np.arange(meta_clusters, dtype=np.uint64) * np.uint64(cs)
+        pos += meta_clusters * cs
+
+        # L2 tables, L1, refcount blocks and table
+        l1_indices, l2 = qcow2.build_l2_tables(host_map, self.cluster_bits)
+        l1_size = qcow2.l1_size_for(virtual_size, self.cluster_bits)
+        tl = qcow2.plan_tables(pos, len(l1_indices), l1_size, cs)
+        self._pwrite(l2.tobytes(), tl.l2_offset)
+        self._pwrite(qcow2.build_l1_table(l1_size, l1_indices, tl.l2_offset, cs, tl.l1_clusters),
+                     tl.l1_offset)
+        refblocks, reftable = qcow2.build_refcounts(tl)
+        self._pwrite(refblocks, tl.refblock_offset)
+        self._pwrite(reftable, tl.reftable_offset)
+        self._sync()
+
+        self._write_header(complete=True, size=virtual_size, l1_size=l1_size,
+                           l1_offset=tl.l1_offset, reftable_offset=tl.reftable_offset,
+                           reftable_clusters=tl.reftable_clusters, meta_offset=self.meta_offset,
+                           meta_length=meta_length, meta_crc=meta_crc)
+        self._sync()
+        self._close_fds()
+        try:
+            os.rename(self.tmp_path, self.path)
+        except OSError as e:
+            raise _io_error(e, "renaming the image to", self.path) from None
+        self._done = True
+        self._fsync_dir()
+        c = sink.counters()
+        return {
+            "path": self.path,
+            "file_bytes": tl.end,
+            "virtual_size": virtual_size,
+            "cluster_size": cs,
+            "data_clusters": int(np.count_nonzero(host_map[:sink.n_clusters])),
+            "meta_offset": self.meta_offset,
+            "meta_length": meta_length,
+            "nonzero_pages": total_nonzero,
+            "blocks": len(self.blocks),
+            "direct_io": self.direct,
+            "seconds": time.monotonic() - self._t0,
+            **c,
+        }
+
+    def _fsync_dir(self):
+        try:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            os.fsync(dfd)
+        except OSError:
+            pass
+        finally:
+            os.close(dfd)
+
+    def _close_fds(self):
+        if self._dfd >= 0 and self._dfd != self._fd:
+            os.close(self._dfd)
+        self._dfd = -1
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+    def abort(self):
+        """Discard the temporary file; the file at ``path`` is left as it was."""
+        self.sink = None if self._done else self.sink
+        self._close_fds()
+        if not self._done and self.tmp_path is not None:
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
+            self.tmp_path = None
+
+    close = abort
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self._done:
+            self.abort()
+        return False
