@@ -1,0 +1,195 @@
+"""The save engine: migration stream on stdin -> qsnap image.
+
+Runs behind ``migrate "exec:qsnap save IMG"``.  Data flows one way: the
+StreamReader parses stdin into events, RAM pages go in batches to the image's
+ClusterSink (C, GIL released), everything needed to regenerate the stream is
+kept for the metadata region, and the image appears at IMG only once it is
+complete and durable.  stdout carries nothing but return-path replies (PONG,
+SHUT), because QEMU reads the child's stdout as the return path.
+"""
+import os
+import struct
+import sys
+import time
+
+from qsnap.errors import IOFailure, QsnapError, StreamError
+from qsnap.image.writer import ImageWriter
+from qsnap.stream import constants as C
+from qsnap.stream import events as ev
+from qsnap.stream.reader import StreamReader
+
+# Commands a savable (precopy or background-snapshot) stream may carry.
+_PREFIX_COMMANDS = {
+    C.MIG_CMD_OPEN_RETURN_PATH,
+    C.MIG_CMD_PING,
+    C.MIG_CMD_POSTCOPY_ADVISE,
+    C.MIG_CMD_ENABLE_COLO,
+}
+
+
+class ReturnPath:
+    """The source's return path: our stdout, written only when the stream opened it."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.open = False
+
+    def send(self, msg_type, payload):
+        if not self.open:
+            return
+        data = struct.pack(">HH", msg_type, len(payload)) + payload
+        try:
+            while data:
+                n = os.write(self.fd, data)
+                data = data[n:]
+        except OSError as e:
+            raise IOFailure(f"cannot write to the return path (stdout): {e.strerror}") from None
+
+    def pong(self, value):
+        self.send(C.MIG_RP_MSG_PONG, struct.pack(">I", value))
+
+    def shut(self, error):
+        self.send(C.MIG_RP_MSG_SHUT, struct.pack(">I", 1 if error else 0))
+
+
+class _StreamFacts:
+    """What the image must remember of the stream besides pages and device state."""
+
+    def __init__(self):
+        self.header = b""
+        self.configuration = None
+        self.pre_ram = bytearray()
+        self.commands = []
+        self.ram_section = None
+        self.ram_end = False
+        self.switchover_start = False
+        self.postcopy_advise = None
+        self.mem_size = None
+        self.device_state = None
+        self.vmdescription = None
+        self.stream_bytes = 0
+
+    def stream_info(self, reader):
+        conf = self.configuration
+        return {
+            "footers": bool(reader.uses_footers),
+            "ram_section": self.ram_section,
+            "ram_end": self.ram_end,
+            "switchover_start": self.switchover_start,
+            "return_path": any(c == C.MIG_CMD_OPEN_RETURN_PATH for c, _ in self.commands),
+            "postcopy_advise": self.postcopy_advise,
+            "capabilities": list(conf.capabilities) if conf else [],
+            "mem_size_total": self.mem_size.total,
+        }
+
+
+def save(path, *, in_fd=0, out_fd=1, cache="writeback", cluster_size=1 << 20, quiet=False,
+         log=sys.stderr):
+    """Save the migration stream read from ``in_fd`` as the image ``path``.
+
+    Returns a summary dict.  Raises a QsnapError (and leaves nothing at ``path``
+    and an earlier file there intact) on any failure.
+    """
+    t0 = time.monotonic()
+    rp = ReturnPath(out_fd)
+    facts = _StreamFacts()
+    src = os.fdopen(in_fd, "rb", buffering=0, closefd=False)
+    reader = StreamReader(src, stop_at_logical_end=True)
+    try:
+        with ImageWriter(path, cluster_size=cluster_size, cache=cache) as img:
+            _consume(reader, img, facts, rp)
+            summary = img.finish(
+                header_bytes=facts.header,
+                pre_ram=bytes(facts.pre_ram),
+                device_state=facts.device_state,
+                stream_info=facts.stream_info(reader),
+                commands=facts.commands,
+                machine=facts.configuration.machine if facts.configuration else None,
+                stream_bytes=reader.offset,
+            )
+    except QsnapError:
+        rp.shut(error=True)
+        raise
+    # The image is durable and in place: only now may the source report success.
+    rp.shut(error=False)
+    elapsed = time.monotonic() - t0
+    summary["seconds"] = elapsed
+    if not quiet:
+        mb = reader.offset / 1e6
+        log.write(
+            f"qsnap: saved {path}: {summary.get('nonzero_pages', 0)} of "
+            f"{summary.get('pages', 0)} pages stored, {summary.get('file_bytes', 0) / 1e6:.1f} MB "
+            f"from a {mb:.1f} MB stream in {elapsed:.2f} s ({mb / max(elapsed, 1e-9):.0f} MB/s)\n"
+        )
+        log.flush()
+    return summary
+
+
+def _consume(reader, img, facts, rp):
+    sink = None
+    region_offsets = None
+    ram_id = None
+    for e in reader:
+        if isinstance(e, ev.PageBatch):
+            sink.put_batch(e.records, e.data, region_offsets)
+        elif isinstance(e, ev.Eos):
+            pass
+        elif isinstance(e, ev.SectionFooter):
+            pass
+        elif isinstance(e, ev.SectionHeader):
+            if e.type == C.QEMU_VM_SECTION_START:
+                if e.idstr != "ram":
+                    raise StreamError(f"unsupported iterable section '{e.idstr}' at stream offset 0x{e.offset:x}")
+                if ram_id is not None:
+                    raise StreamError(f"second RAM SECTION_START at stream offset 0x{e.offset:x}")
+                ram_id = e.section_id
+                facts.ram_section = {"section_id": e.section_id, "instance_id": e.instance_id,
+                                     "version_id": e.version_id}
+            elif e.type == C.QEMU_VM_SECTION_END:
+                facts.ram_end = True
+        elif isinstance(e, ev.MemSize):
+            if facts.mem_size is not None:
+                raise StreamError(f"second RAM block list at stream offset 0x{e.offset:x}")
+            facts.mem_size = e
+            img.start(e.blocks)
+            sink = img.sink
+            region_offsets = img.region_offsets
+        elif isinstance(e, ev.Command):
+            _command(e, facts, rp, ram_started=ram_id is not None)
+        elif isinstance(e, ev.FileHeader):
+            facts.header = struct.pack(">II", C.QEMU_VM_FILE_MAGIC, e.version)
+        elif isinstance(e, ev.Configuration):
+            facts.configuration = e
+            facts.header += e.raw
+        elif isinstance(e, ev.PreRamSection):
+            facts.pre_ram += e.raw
+        elif isinstance(e, ev.DeviceState):
+            facts.device_state = e.data
+            facts.vmdescription = e.vmdescription
+        elif isinstance(e, ev.EndOfStream):
+            break
+    if facts.mem_size is None:
+        raise StreamError("stream has no RAM block list (no RAM SECTION_START)")
+    if facts.device_state is None:
+        raise StreamError(f"stream ended without device state at stream offset 0x{reader.offset:x}")
+
+
+def _command(e, facts, rp, ram_started):
+    cmd = e.cmd
+    if cmd == C.MIG_CMD_OPEN_RETURN_PATH:
+        rp.open = True
+    elif cmd == C.MIG_CMD_PING:
+        rp.pong(struct.unpack(">I", e.payload)[0])
+    elif cmd == C.MIG_CMD_POSTCOPY_ADVISE:
+        if len(e.payload) == 16:
+            facts.postcopy_advise = list(struct.unpack(">QQ", e.payload))
+    elif cmd == C.MIG_CMD_SWITCHOVER_START and ram_started:
+        facts.switchover_start = True
+    elif cmd not in _PREFIX_COMMANDS:
+        name = C.MIG_CMD_NAMES.get(cmd, f"0x{cmd:x}")
+        raise StreamError(
+            f"command {name} at stream offset 0x{e.offset:x} cannot be saved "
+            "(postcopy switch-over or recovery; save a precopy or background-snapshot stream)"
+        )
+    if not ram_started:
+        facts.commands.append((cmd, e.payload.hex()))
