@@ -187,9 +187,12 @@ def load(image_path, out_fd=1, *, cache="none", quiet=False, log=sys.stderr,
     if isinstance(image_path, (str, bytes, os.PathLike)):
         from qsnap.image.reader import Image
 
-        img = Image.open(image_path)
-    else:
-        img = image_path
+        with Image.open(image_path) as img:
+            return _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads)
+    return _load(image_path, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads)
+
+
+def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads):
     info = img.stream_info
     blocks = list(img.blocks)
     page_size = img.target_page_size
