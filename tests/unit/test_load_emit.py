@@ -278,3 +278,14 @@ def test_send_clusters_reads_in_host_order_and_frames_sections(tmp_path, out):
     assert sorted(seen) == stored
     # clusters come in host order: cluster at host slot 0 (k=1) first
     assert seen[0] // ppc == 1
+
+
+def test_large_raw_bytes_keep_their_order(out):
+    em = _core.PageEmitter(out.fileno(), PAGE)
+    big = bytes(range(256)) * 4096                # 1 MiB: written directly, after the queue
+    em.bytes(b"abc")
+    em.bytes(big)
+    em.bytes(b"xyz")
+    em.flush()
+    assert read_all(out) == b"abc" + big + b"xyz"
+    assert em.bytes_out == len(big) + 6

@@ -222,3 +222,32 @@ def test_o_direct_fallback_note_on_tmpfs(saved, tmp_path):
         check_restored(out, synth, state)
     finally:
         os.unlink(ip)
+
+
+def test_o_direct_refused_falls_back_with_one_note(saved, tmp_path, monkeypatch):
+    import qsnap.load as L
+
+    monkeypatch.setattr(L, "_direct_read_works", lambda fd: False)
+    _, ip, synth, state = saved["precopy-stopped"]
+    log = io.StringIO()
+    out = tmp_path / "o"
+    with open(out, "wb") as f:
+        stats = load(ip, out_fd=f.fileno(), cache="none", log=log, quiet=True)
+    assert not stats["direct_io"]
+    assert log.getvalue().count("refuses O_DIRECT") == 1
+    check_restored(out, synth, state)
+
+
+def test_cli_load_epipe_is_a_one_line_error(saved):
+    import subprocess
+    import sys
+
+    _, ip, _, _ = saved["background"]
+    p = subprocess.Popen([sys.executable, "-m", "qsnap", "load", str(ip)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.read(100)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=30) != 0
+    assert err.startswith("qsnap: error: ") and "EPIPE" in err
+    assert "Traceback" not in err
