@@ -1,0 +1,1 @@
+"""The QEMU migration-stream codec: StreamReader (events.py), StreamWriter, synth."""

@@ -180,7 +180,7 @@ class _Input:
                 self.base += self.pos
                 self.end -= self.pos
                 self.pos = 0
-            elif self.end == cap or cap - self.pos < need:
+            elif self.end == cap or cap - self.pos < need or (self.pos and cap - self.end < cap // 4):
                 n = self.end - self.pos
                 self.mv[0:n] = self.mv[self.pos : self.end]
                 self.base += self.pos
@@ -252,16 +252,18 @@ class _Input:
         self.pos = self.end
         chunk = bytearray(1 << 20)
         cm = memoryview(chunk)
-        while not self.eof:
+        while True:
+            if total > limit:
+                raise StreamError(
+                    "%s at stream offset 0x%x is larger than the limit of %d bytes" % (what, start, limit)
+                )
+            if self.eof:
+                break
             r = self._raw_read(cm)
             if r == 0:
                 self.eof = True
                 break
             total += r
-            if total > limit:
-                raise StreamError(
-                    "%s at stream offset 0x%x is larger than the limit of %d bytes" % (what, start, limit)
-                )
             parts.append(bytes(cm[:r]))
         data = b"".join(parts)
         self.base = start + total - self.pos
