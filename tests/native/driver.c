@@ -1,0 +1,210 @@
+/* Native test driver for qsnap/csrc, built with -fsanitize=address,undefined
+ * by test_native.py. Exits 0 when every check passes. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "crc32c.h"
+#include "sink.h"
+#include "xbzrle.h"
+#include "zero.h"
+
+static int failures;
+#define CHECK(c)                                                              \
+    do {                                                                      \
+        if (!(c)) {                                                           \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c); \
+            failures++;                                                       \
+        }                                                                     \
+    } while (0)
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static uint64_t rnd(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+static void test_crc(void)
+{
+    CHECK(qs_crc32c(0, "123456789", 9) == 0xe3069283u);
+    CHECK(qs_crc32c_sw(0, "123456789", 9) == 0xe3069283u);
+    CHECK(qs_crc32c(qs_crc32c(0, "1234", 4), "56789", 5) == 0xe3069283u);
+    CHECK(qs_crc32c(0, NULL, 0) == 0);
+    for (size_t n = 0; n < 30000; n += (n < 1024 ? 1 : 997)) {
+        /* exact-size heap buffer: any overread is an ASan error */
+        unsigned char *b = malloc(n ? n : 1);
+        for (size_t i = 0; i < n; i++)
+            b[i] = (unsigned char)rnd();
+        for (size_t a = 0; a < 8 && a <= n; a++)
+            CHECK(qs_crc32c(7, b + a, n - a) == qs_crc32c_sw(7, b + a, n - a));
+        free(b);
+    }
+    unsigned char *pages = malloc(3 * 4096);
+    uint32_t out[3];
+    for (int i = 0; i < 3 * 4096; i++)
+        pages[i] = (unsigned char)rnd();
+    qs_crc32c_pages(pages, 3, 4096, out);
+    for (int i = 0; i < 3; i++)
+        CHECK(out[i] == qs_crc32c_sw(0, pages + i * 4096, 4096));
+    free(pages);
+}
+
+static void test_zero(void)
+{
+    for (size_t n = 0; n <= 4097; n++) {
+        for (size_t a = 0; a < 3; a++) {
+            unsigned char *b = calloc(1, n + a ? n + a : 1);
+            CHECK(qs_is_zero(b + a, n));
+            if (n) {
+                size_t pos[3] = {0, n / 2, n - 1};
+                for (int k = 0; k < 3; k++) {
+                    b[a + pos[k]] = 0x10;
+                    CHECK(!qs_is_zero(b + a, n));
+                    b[a + pos[k]] = 0;
+                }
+            }
+            free(b);
+        }
+    }
+}
+
+static void test_xbzrle(void)
+{
+    uint8_t page[4096];
+    memset(page, 0xaa, sizeof(page));
+    const uint8_t ok[] = {4, 2, 'h', 'i', 1, 1, '!'};
+    CHECK(qs_xbzrle_decode(ok, sizeof(ok), page, sizeof(page)) == 8);
+    CHECK(page[4] == 'h' && page[5] == 'i' && page[6] == 0xaa && page[7] == '!');
+    const uint8_t zero_nz[] = {0, 0};
+    CHECK(qs_xbzrle_decode(zero_nz, 2, page, sizeof(page)) < 0);
+    const uint8_t overflow[] = {0xff, 0x1f, 2, 1, 2};   /* zrun 4095 + 2 > 4096 */
+    CHECK(qs_xbzrle_decode(overflow, sizeof(overflow), page, sizeof(page)) < 0);
+    /* random garbage never crashes or overreads */
+    for (int it = 0; it < 20000; it++) {
+        size_t n = rnd() % 64;
+        uint8_t *src = malloc(n ? n : 1);
+        for (size_t i = 0; i < n; i++)
+            src[i] = (uint8_t)(rnd() % 4 == 0 ? rnd() : rnd() % 8);
+        long r = qs_xbzrle_decode(src, n, page, sizeof(page));
+        CHECK(r <= 4096);
+        free(src);
+    }
+}
+
+static void test_sink(void)
+{
+    char path[] = "/tmp/qsnap-native-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    unlink(path);
+    const uint32_t cs = 1 << 16, ps = 4096;
+    const uint64_t vsize = 16 * (uint64_t)cs;
+    uint8_t *hdr = calloc(1, cs);
+    CHECK(pwrite(fd, hdr, cs, 0) == (ssize_t)cs);
+    free(hdr);
+    qs_sink *s = qs_sink_new(fd, vsize, cs, ps, 2, cs, 0);
+    CHECK(s != NULL);
+    uint64_t offs[2] = {0, 8 * (uint64_t)cs}, lens[2] = {8 * (uint64_t)cs, 3 * (uint64_t)cs};
+    CHECK(qs_sink_set_blocks(s, offs, lens, 2) == 0);
+    uint8_t *model = calloc(1, vsize);
+    uint8_t *data = malloc(64 * ps);
+    qs_sink_rec recs[64];
+    qs_sink_err err;
+    for (int round = 0; round < 200; round++) {
+        size_t n = 1 + rnd() % 64;
+        memset(recs, 0, sizeof(recs));
+        for (size_t i = 0; i < n; i++) {
+            uint32_t b = (uint32_t)(rnd() % 2);
+            uint64_t np = lens[b] / ps;
+            uint64_t off = (rnd() % np) * ps;
+            recs[i].block = b;
+            recs[i].offset = off;
+            uint8_t *m = model + offs[b] + off;
+            int kind = (int)(rnd() % 4);
+            if (kind == 0) {
+                recs[i].flags = QS_RAM_FLAG_ZERO;
+                memset(m, 0, ps);
+            } else if (kind == 1) {
+                recs[i].flags = QS_RAM_FLAG_ZERO | QS_RAM_FLAG_CONTINUE;
+                recs[i].fill = 0x5c;
+                memset(m, 0x5c, ps);
+            } else {
+                recs[i].flags = QS_RAM_FLAG_PAGE;
+                recs[i].data_pos = i * ps;
+                recs[i].data_len = ps;
+                uint8_t *d = data + i * ps;
+                memset(d, 0, ps);
+                d[rnd() % ps] = (uint8_t)(1 + rnd() % 255);
+                if (kind == 3)
+                    memset(d, 0, ps); /* an all-zero PAGE */
+                memcpy(m, d, ps);
+            }
+        }
+        /* data buffer of exactly n pages */
+        uint8_t *exact = malloc(n * ps);
+        memcpy(exact, data, n * ps);
+        CHECK(qs_sink_put_batch(s, recs, n, exact, n * ps, NULL, 0, &err) == 0);
+        free(exact);
+    }
+    /* bad records */
+    qs_sink_rec bad = {0};
+    bad.flags = QS_RAM_FLAG_PAGE;
+    bad.data_pos = 1;
+    bad.data_len = ps;
+    uint8_t *one = malloc(ps);
+    memset(one, 1, ps);
+    CHECK(qs_sink_put_batch(s, &bad, 1, one, ps, NULL, 0, &err) == QS_SINK_EDATA);
+    bad.data_pos = 0;
+    bad.offset = lens[0];
+    CHECK(qs_sink_put_batch(s, &bad, 1, one, ps, NULL, 0, &err) == QS_SINK_ERANGE);
+    bad.offset = 0;
+    bad.block = 5;
+    CHECK(qs_sink_put_batch(s, &bad, 1, one, ps, NULL, 0, &err) == QS_SINK_EBLOCK);
+    bad.block = 0;
+    bad.flags = QS_RAM_FLAG_COMPRESS_PAGE;
+    CHECK(qs_sink_put_batch(s, &bad, 1, one, ps, NULL, 0, &err) == QS_SINK_EUNSUPPORTED);
+    free(one);
+
+    CHECK(qs_sink_flush(s, &err) == 0);
+    const uint64_t *host = qs_sink_host_map(s);
+    uint8_t *buf = malloc(cs);
+    for (uint64_t c = 0; c < vsize / cs; c++) {
+        if (host[c]) {
+            CHECK(pread(fd, buf, cs, (off_t)host[c]) == (ssize_t)cs);
+        } else {
+            memset(buf, 0, cs);
+        }
+        CHECK(memcmp(buf, model + c * cs, cs) == 0);
+    }
+    qs_sink_stats st;
+    qs_sink_get_stats(s, &st);
+    CHECK(st.append_offset == (uint64_t)lseek(fd, 0, SEEK_END));
+    CHECK(st.append_offset % cs == 0);
+    free(buf);
+    free(model);
+    free(data);
+    qs_sink_free(s);
+    close(fd);
+    CHECK(qs_sink_new(-1, vsize, cs, ps, 2, cs, 0) == NULL);
+    CHECK(qs_sink_new(0, vsize, 3 * cs, ps, 2, cs, 0) == NULL);
+}
+
+int main(void)
+{
+    test_crc();
+    test_zero();
+    test_xbzrle();
+    test_sink();
+    if (failures) {
+        fprintf(stderr, "%d checks failed\n", failures);
+        return 1;
+    }
+    printf("native csrc tests passed\n");
+    return 0;
+}

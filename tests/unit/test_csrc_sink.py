@@ -1,0 +1,246 @@
+import os
+import random
+
+import numpy as np
+import pytest
+
+from qsnap import _core
+from qsnap.errors import IOFailure, StreamError
+from qsnap.stream.constants import (RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE,
+                                    RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
+                                    RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO)
+
+PAGE_REC_DTYPE = np.dtype([('offset', 'u8'), ('data_pos', 'u8'), ('data_len', 'u4'),
+                           ('block', 'u4'), ('flags', 'u2'), ('fill', 'u1'), ('_pad', 'V5')])
+PS = 4096
+CS = 1 << 16
+
+
+def test_dtype_matches_c():
+    assert _core.SINK_REC_DTYPE == PAGE_REC_DTYPE
+    assert PAGE_REC_DTYPE.itemsize == 32
+
+
+def content(path, host_map, vsize, cs):
+    """The virtual content from the file and the host map (a qcow2 reader's view)."""
+    out = bytearray(vsize)
+    with open(path, "rb") as f:
+        for c, h in enumerate(host_map):
+            if h:
+                f.seek(int(h))
+                out[c * cs:(c + 1) * cs] = f.read(cs)
+    return out
+
+
+def make_sink(tmp_path, vsize, cs=CS, n_slots=32, **kw):
+    path = tmp_path / "img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.pwrite(fd, bytes(cs), 0)
+    sink = _core.ClusterSink(fd, vsize, cluster_size=cs, n_slots=n_slots, path=str(path), **kw)
+    return path, fd, sink
+
+
+@pytest.mark.parametrize("n_slots", [1, 3, 32])
+def test_random_pages_against_model(tmp_path, n_slots):
+    rnd = random.Random(n_slots)
+    vsize = 24 * CS
+    npages = vsize // PS
+    path, fd, sink = make_sink(tmp_path, vsize, n_slots=n_slots)
+    model = bytearray(vsize)
+    hot = [rnd.randrange(npages) for _ in range(40)]
+    for step in range(3000):
+        p = rnd.choice(hot) if rnd.random() < 0.5 else rnd.randrange(npages)
+        r = rnd.random()
+        if r < 0.3:
+            sink.put_page(p * PS, None)
+            model[p * PS:(p + 1) * PS] = bytes(PS)
+        elif r < 0.35:
+            sink.put_page(p * PS, bytes(PS))   # all-zero data is a zero page
+            model[p * PS:(p + 1) * PS] = bytes(PS)
+        elif r < 0.4:
+            sink.put_page(p * PS, None, fill=0x33)
+            model[p * PS:(p + 1) * PS] = b"\x33" * PS
+        else:
+            page = bytearray(PS)
+            page[rnd.randrange(PS)] = rnd.randrange(1, 256)
+            page[:8] = rnd.getrandbits(64).to_bytes(8, "little")
+            sink.put_page(p * PS, bytes(page))
+            model[p * PS:(p + 1) * PS] = page
+        if step % 500 == 0:
+            assert sink.get_page(p * PS) == bytes(model[p * PS:(p + 1) * PS])
+    sink.flush()
+    hm = sink.host_map()
+    size = os.fstat(fd).st_size
+    os.close(fd)
+    assert size % CS == 0
+    assert size == sink.append_offset
+    assert sink.clusters_written == np.count_nonzero(hm)
+    # whole clusters, each mapped once, none over cluster 0
+    assert len(set(hm[hm != 0].tolist())) == np.count_nonzero(hm)
+    assert all(h % CS == 0 and h >= CS for h in hm[hm != 0].tolist())
+    assert content(path, hm, vsize, CS) == model
+    bm = np.unpackbits(sink.nonzero_bitmap(), bitorder="little")[:npages]
+    crcs = sink.checksums()
+    for p in range(npages):
+        page = bytes(model[p * PS:(p + 1) * PS])
+        assert bm[p] == (page != bytes(PS)), p
+        if bm[p]:
+            assert crcs[p] == _core.crc32c(page)
+    # clusters with no non-zero page anywhere stay unallocated
+    for c in range(vsize // CS):
+        if model[c * CS:(c + 1) * CS] == bytes(CS) and hm[c] == 0:
+            continue
+        if hm[c] == 0:
+            pytest.fail(f"cluster {c} has data but is unallocated")
+    if n_slots == 1:
+        assert sink.page_rewrites > 0
+
+
+def test_overwrite_on_disk_nonzero_zero_nonzero(tmp_path):
+    vsize = 4 * CS
+    path, fd, sink = make_sink(tmp_path, vsize, n_slots=1)
+    a, b = b"\x01" * PS, b"\x02" * PS
+    sink.put_page(0, a)
+    sink.put_page(CS, b)            # evicts cluster 0 to disk
+    assert sink.clusters_written == 1
+    w0 = sink.bytes_written
+    sink.put_page(PS, None)          # zero over a zero page on disk: no write
+    assert sink.bytes_written == w0
+    sink.put_page(0, None)           # zero over a non-zero page on disk: rewrite with zeros
+    assert sink.page_rewrites == 1
+    assert sink.get_page(0) == bytes(PS)
+    sink.put_page(0, b)
+    assert sink.page_rewrites == 2
+    sink.flush()
+    hm = sink.host_map()
+    data = content(path, hm, vsize, CS)
+    os.close(fd)
+    assert data[:PS] == b and data[CS:CS + PS] == b
+    assert sink.pages_zero == 2 and sink.pages_nonzero == 3
+
+
+def test_cluster_zeroed_in_slot_is_not_allocated(tmp_path):
+    path, fd, sink = make_sink(tmp_path, 2 * CS)
+    sink.put_page(PS, b"\x07" * PS)
+    sink.put_page(PS, None)
+    sink.flush()
+    assert np.count_nonzero(sink.host_map()) == 0 and sink.clusters_written == 0
+    os.close(fd)
+
+
+def recs_from(items):
+    r = np.zeros(len(items), dtype=PAGE_REC_DTYPE)
+    for i, it in enumerate(items):
+        for k, v in it.items():
+            r[i][k] = v
+    return r
+
+
+def batch_sink(tmp_path, n_slots=4):
+    path, fd, sink = make_sink(tmp_path, 4 * CS, n_slots=n_slots,
+                               region_offsets=[0, 2 * CS], block_lengths=[2 * CS, CS],
+                               block_names=["pc.ram", "vga"])
+    return path, fd, sink
+
+
+def test_put_batch_types_and_counts(tmp_path):
+    path, fd, sink = batch_sink(tmp_path)
+    data = os.urandom(2 * PS)
+    # XBZRLE over page 0x1000 of block 0: bytes 10..13 new, rest unchanged
+    enc = bytes([10, 4]) + b"WXYZ"
+    recs = recs_from([
+        dict(offset=0x1000, data_pos=0, data_len=PS, block=0, flags=RAM_SAVE_FLAG_PAGE),
+        dict(offset=0x2000, data_pos=PS, data_len=PS, block=1,
+             flags=RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE),
+        dict(offset=0x3000, block=0, flags=RAM_SAVE_FLAG_ZERO, fill=0),
+        dict(flags=RAM_SAVE_FLAG_MULTIFD_FLUSH),
+        dict(offset=0x1000, data_pos=2 * PS, data_len=len(enc), block=0, flags=RAM_SAVE_FLAG_XBZRLE),
+        dict(offset=0x4000, data_pos=2 * PS, data_len=len(enc), block=0, flags=RAM_SAVE_FLAG_XBZRLE),
+    ])
+    sink.put_batch(recs, memoryview(data + enc))
+    assert list(sink.block_records()) == [4, 1]
+    expect = bytearray(data[:PS])
+    expect[10:14] = b"WXYZ"
+    assert sink.get_page(0x1000) == bytes(expect)
+    z = bytearray(PS)
+    z[10:14] = b"WXYZ"
+    assert sink.get_page(0x4000) == bytes(z)
+    assert sink.get_page(2 * CS + 0x2000) == data[PS:]
+    sink.flush()
+    os.close(fd)
+
+
+@pytest.mark.parametrize("rec,data,msg", [
+    (dict(offset=0, block=0, flags=0x800), b"", "unknown RAM record flags 0x800 in block 'pc.ram' page 0x0"),
+    (dict(offset=0, block=0, flags=RAM_SAVE_FLAG_COMPRESS_PAGE, data_len=5), b"x" * 5, "COMPRESS_PAGE"),
+    (dict(offset=0, block=7, flags=RAM_SAVE_FLAG_ZERO), b"", "block index 7"),
+    (dict(offset=CS, block=1, flags=RAM_SAVE_FLAG_ZERO), b"", "illegal RAM offset 0x10000 in block 'vga'"),
+    (dict(offset=0x10, block=0, flags=RAM_SAVE_FLAG_ZERO), b"", "illegal RAM offset 0x10"),
+    (dict(offset=0, block=0, flags=RAM_SAVE_FLAG_PAGE, data_pos=1, data_len=PS), bytes(PS), "payload"),
+    (dict(offset=0, block=0, flags=RAM_SAVE_FLAG_PAGE, data_pos=0, data_len=100), bytes(PS), "payload"),
+    (dict(offset=0, block=0, flags=RAM_SAVE_FLAG_XBZRLE, data_len=2), bytes([0, 0]), "XBZRLE"),
+    (dict(offset=0, block=0, flags=RAM_SAVE_FLAG_XBZRLE, data_len=3), bytes([0xff, 0x7f, 1]), "XBZRLE"),
+])
+def test_put_batch_bad_records(tmp_path, rec, data, msg):
+    path, fd, sink = batch_sink(tmp_path)
+    with pytest.raises(StreamError, match=msg):
+        sink.put_batch(recs_from([rec]), data)
+    os.close(fd)
+
+
+def test_write_error_is_iofailure(tmp_path):
+    fd = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o644)
+    sink = _core.ClusterSink(fd, 2 * CS, cluster_size=CS, n_slots=1, path="ro-image")
+    sink.put_page(0, b"\x01" * PS)
+    with pytest.raises(IOFailure, match=r"bad file descriptor writing ro-image at offset 0x10000"):
+        sink.put_page(CS, b"\x01" * PS)
+    os.close(fd)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_enospc_message():
+    fd = os.open("/dev/full", os.O_RDWR)
+    try:
+        sink = _core.ClusterSink(fd, 2 * CS, cluster_size=CS, n_slots=1, path="/dev/full")
+        sink.put_page(0, b"\x01" * PS)
+        with pytest.raises(IOFailure, match=r"no space left on device writing /dev/full at offset 0x10000"):
+            sink.flush()
+    finally:
+        os.close(fd)
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError):
+        _core.ClusterSink(0, 3 * CS + 1, cluster_size=CS)
+    with pytest.raises(ValueError):
+        _core.ClusterSink(0, 4 * CS, cluster_size=3 * CS)
+
+
+def test_o_direct_rewrite_and_xbzrle_from_disk(tmp_path):
+    path = tmp_path / "direct"
+    fd0 = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.pwrite(fd0, bytes(CS), 0)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError as e:
+        os.close(fd0)
+        pytest.skip(f"filesystem refuses O_DIRECT: {e}")
+    sink = _core.ClusterSink(fd, 4 * CS, cluster_size=CS, n_slots=1, direct=True,
+                             region_offsets=[0], block_lengths=[4 * CS], path=str(path))
+    page = bytearray(os.urandom(PS))
+    sink.put_page(0x3000, bytes(page))
+    sink.put_page(CS, b"\x01" * PS)           # evicts cluster 0 (aligned whole-cluster write)
+    enc = bytes([0x80, 0x01, 3]) + b"abc"     # zrun 128, 3 new bytes
+    sink.put_batch(recs_from([dict(offset=0x3000, data_pos=0, data_len=len(enc), block=0,
+                                   flags=RAM_SAVE_FLAG_XBZRLE)]), enc)
+    page[128:131] = b"abc"
+    assert sink.page_rewrites == 1
+    sink.put_page(0x3000, None)               # zero over a stored page on disk
+    sink.put_page(0x3000, bytes(page))
+    sink.flush()
+    os.close(fd)
+    hm = sink.host_map()
+    assert content(path, hm, 4 * CS, CS)[0x3000:0x4000] == page
+    assert os.fstat(fd0).st_size % CS == 0
+    os.close(fd0)
+    assert sink.checksums(3, 1)[0] == _core.crc32c(bytes(page))
