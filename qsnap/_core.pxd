@@ -127,3 +127,95 @@ cdef extern from "csrc/sink.h" nogil:
 
 
 # --- end sink ----------------------------------------------------------------
+
+
+# --- csrc/aio.h, csrc/emit.h (load side) ---------------------------------------
+
+cdef extern from "aio.h" nogil:
+    enum:
+        QS_AIO_OK
+        QS_AIO_END
+        QS_AIO_EINVAL
+        QS_AIO_ENOMEM
+        QS_AIO_ETHREAD
+        QS_AIO_EIO
+        QS_AIO_ESHORT
+        QS_AIO_ECANCELED
+        QS_AIO_ESTATE
+
+    ctypedef struct qs_extent:
+        uint64_t offset
+        uint64_t length
+
+    ctypedef struct qs_aio_err:
+        int code
+        int sys_errno
+        uint64_t offset
+        uint64_t value
+
+    ctypedef struct qs_aio_chunk:
+        const uint8_t *data
+        uint64_t offset
+        size_t length
+        size_t first_extent
+        size_t n_extents
+
+    ctypedef struct qs_aio:
+        pass
+
+    int qs_aio_open(qs_aio **out, int fd, const qs_extent *extents, size_t n_extents,
+                    size_t buf_size, unsigned n_bufs, unsigned n_threads, qs_aio_err *err)
+    int qs_aio_next(qs_aio *a, qs_aio_chunk *chunk, qs_aio_err *err)
+    int qs_aio_release(qs_aio *a, qs_aio_err *err)
+    void qs_aio_cancel(qs_aio *a)
+    void qs_aio_close(qs_aio *a)
+    size_t qs_aio_n_reads(const qs_aio *a)
+
+cdef extern from "emit.h" nogil:
+    enum:
+        QS_EMIT_OK
+        QS_EMIT_ECRC
+        QS_EMIT_EPIPE
+        QS_EMIT_EIO
+        QS_EMIT_EINVAL
+        QS_EMIT_ENOMEM
+
+    ctypedef struct qs_emit_err:
+        int code
+        int sys_errno
+        uint32_t block
+        uint64_t offset
+        uint64_t value
+        uint32_t expected
+        uint32_t actual
+
+    ctypedef struct qs_emit_block:
+        uint32_t index
+        uint8_t idlen
+        const uint8_t *idstr
+        uint64_t region
+        uint64_t length
+        uint64_t n_pages
+        const uint8_t *bitmap
+        const uint32_t *crcs
+
+    ctypedef struct qs_emit:
+        int fd
+        uint32_t page_size
+        int64_t last_block
+        uint64_t bytes_out
+        uint64_t pages
+        uint64_t zero_pages
+        uint64_t writes
+
+    int qs_emit_init(qs_emit *e, int fd, uint32_t page_size, qs_emit_err *err)
+    void qs_emit_free(qs_emit *e)
+    int qs_emit_bytes(qs_emit *e, const void *buf, size_t len, qs_emit_err *err)
+    int qs_emit_cluster(qs_emit *e, const qs_emit_block *b, uint64_t voff,
+                        const uint8_t *data, size_t len, qs_emit_err *err)
+    int qs_emit_zero_range(qs_emit *e, const qs_emit_block *b, uint64_t first, uint64_t end,
+                           qs_emit_err *err)
+    int qs_emit_flush(qs_emit *e, qs_emit_err *err)
+    int qs_emit_write_all(qs_emit *e, const void *buf, size_t len, qs_emit_err *err)
+
+# --- end aio/emit --------------------------------------------------------------

@@ -1,0 +1,400 @@
+# Read-ahead ring and RAM record emission bindings (load side).
+#
+# AioRing wraps csrc/aio.c (ordered pread read-ahead with worker threads);
+# PageEmitter wraps csrc/emit.c (PAGE/ZERO records written with writev) and
+# drives the ring over an image's data clusters with the GIL released per
+# buffer.  C status codes become qsnap.errors exceptions in _aio_error and
+# _emit_error only.
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdlib cimport calloc as _calloc, free as _free
+
+import os as _os
+
+import numpy as _lnp
+
+from qsnap.errors import ChecksumError as _ChecksumError
+from qsnap.errors import ImageError as _ImageError
+from qsnap.errors import IOFailure as _IOFailure
+
+AIO_DEFAULT_BUF_SIZE = 1 << 20
+AIO_DEFAULT_BUFS = 8
+AIO_DEFAULT_THREADS = 4
+
+
+def _strerror(int e):
+    return _os.strerror(e) if e else "error"
+
+
+cdef object _aio_error(const qs_aio_err *e):
+    """The one place a C read-ahead error becomes an exception (returned, not raised)."""
+    if e.code == QS_AIO_ESHORT:
+        return _ImageError(f"image file truncated: {e.value} bytes missing at image offset 0x{e.offset:x}")
+    if e.code == QS_AIO_EIO:
+        return _IOFailure(f"cannot read the image: {_strerror(e.sys_errno)} at image offset 0x{e.offset:x}")
+    if e.code == QS_AIO_ECANCELED:
+        return _IOFailure(f"image read-ahead cancelled at image offset 0x{e.offset:x}")
+    if e.code == QS_AIO_ENOMEM:
+        return MemoryError(f"cannot allocate read-ahead buffers ({e.value} bytes)")
+    if e.code == QS_AIO_ETHREAD:
+        return _IOFailure(f"cannot start read-ahead threads: {_strerror(e.sys_errno)}")
+    if e.code == QS_AIO_ESTATE:
+        return RuntimeError(f"read-ahead ring misused at read {e.value}")
+    return ValueError(f"bad read-ahead parameter {e.value} (extent at 0x{e.offset:x})")
+
+
+cdef class AioRing:
+    """Ordered read-ahead over ``extents`` (rows of (offset, length)) of ``fd``.
+
+    ``next()`` returns ``(offset, first_extent, n_extents, data)`` of the next
+    read in order (``data`` is a copy) or None at the end; ``release()`` gives
+    its buffer back.  Iterating does both.  ``close()`` cancels and joins.
+    """
+
+    cdef qs_aio *ring
+    cdef bint holding
+
+    def __cinit__(self, int fd, extents, size_t buf_size=AIO_DEFAULT_BUF_SIZE,
+                  unsigned n_bufs=AIO_DEFAULT_BUFS, unsigned n_threads=AIO_DEFAULT_THREADS):
+        self.ring = NULL
+        self.holding = False
+        arr = _lnp.ascontiguousarray(_lnp.asarray(extents, dtype=_lnp.uint64).reshape(-1, 2))
+        cdef const uint64_t[:, ::1] v = arr
+        cdef size_t n = arr.shape[0]
+        cdef const qs_extent *ext = <const qs_extent *>&v[0, 0] if n else NULL
+        cdef qs_aio_err err
+        cdef int rc
+        with nogil:
+            rc = qs_aio_open(&self.ring, fd, ext, n, buf_size, n_bufs, n_threads, &err)
+        if rc != QS_AIO_OK:
+            raise _aio_error(&err)
+
+    def __dealloc__(self):
+        if self.ring != NULL:
+            with nogil:
+                qs_aio_close(self.ring)
+            self.ring = NULL
+
+    cdef int _check(self) except -1:
+        if self.ring == NULL:
+            raise ValueError("read-ahead ring is closed")
+        return 0
+
+    @property
+    def n_reads(self):
+        self._check()
+        return qs_aio_n_reads(self.ring)
+
+    def next(self):
+        self._check()
+        cdef qs_aio_chunk c
+        cdef qs_aio_err err
+        cdef int rc
+        with nogil:
+            rc = qs_aio_next(self.ring, &c, &err)
+        if rc == QS_AIO_END:
+            return None
+        if rc != QS_AIO_OK:
+            raise _aio_error(&err)
+        self.holding = True
+        return (c.offset, c.first_extent, c.n_extents,
+                PyBytes_FromStringAndSize(<const char *>c.data, c.length))
+
+    def release(self):
+        self._check()
+        cdef qs_aio_err err
+        if qs_aio_release(self.ring, &err) != QS_AIO_OK:
+            raise _aio_error(&err)
+        self.holding = False
+
+    def __iter__(self):
+        while True:
+            item = self.next()
+            if item is None:
+                return
+            self.release()
+            yield item
+
+    def cancel(self):
+        if self.ring != NULL:
+            with nogil:
+                qs_aio_cancel(self.ring)
+
+    def close(self):
+        if self.ring != NULL:
+            with nogil:
+                qs_aio_close(self.ring)
+            self.ring = NULL
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+cdef class PageEmitter:
+    """PAGE/ZERO record writer to ``fd`` for the RAM blocks given to ``set_blocks``.
+
+    Blocks are ``(idstr, region_offset, length, bitmap, checksums)``; the
+    CONTINUE state is shared by every call, across sections.
+    """
+
+    cdef qs_emit em
+    cdef bint live
+    cdef qs_emit_block *blocks
+    cdef Py_ssize_t n_blocks
+    cdef list _keep
+    cdef readonly list names
+
+    def __cinit__(self, int fd, uint32_t page_size=4096):
+        cdef qs_emit_err err
+        self.live = False
+        self.blocks = NULL
+        self.n_blocks = 0
+        self._keep = []
+        self.names = []
+        if qs_emit_init(&self.em, fd, page_size, &err) != QS_EMIT_OK:
+            qs_emit_free(&self.em)
+            raise self._error(&err)
+        self.live = True
+
+    def __dealloc__(self):
+        if self.live:
+            qs_emit_free(&self.em)
+        _free(self.blocks)
+
+    cdef object _error(self, const qs_emit_err *e):
+        """The one place a C emitter error becomes an exception (returned, not raised)."""
+        if e.code == QS_EMIT_ECRC:
+            name = self.names[e.block] if e.block < len(self.names) else f"#{e.block}"
+            return _ChecksumError(
+                f"page checksum mismatch (stored 0x{e.expected:08x}, computed 0x{e.actual:08x}) "
+                f"in block '{name}' page 0x{e.offset:x}")
+        if e.code == QS_EMIT_EPIPE:
+            return _IOFailure(f"the stream reader closed the pipe (EPIPE) after {e.value} bytes")
+        if e.code == QS_EMIT_EIO:
+            return _IOFailure(f"cannot write the stream: {_strerror(e.sys_errno)} after {e.value} bytes")
+        if e.code == QS_EMIT_ENOMEM:
+            return MemoryError("cannot allocate the record arena")
+        return ValueError(f"bad emitter argument 0x{e.offset:x} (value 0x{e.value:x})")
+
+    def set_blocks(self, blocks):
+        cdef Py_ssize_t i, n = len(blocks)
+        cdef uint64_t ps = self.em.page_size
+        cdef qs_emit_block *cb = <qs_emit_block *>_calloc(n if n else 1, sizeof(qs_emit_block))
+        cdef const uint8_t[::1] bm
+        cdef const uint32_t[::1] cs
+        cdef const uint8_t[::1] ids
+        if cb == NULL:
+            raise MemoryError()
+        keep = []
+        names = []
+        try:
+            for i in range(n):
+                idstr, region, length, bitmap, checksums = blocks[i]
+                raw = idstr.encode() if isinstance(idstr, str) else bytes(idstr)
+                if not 1 <= len(raw) <= 255:
+                    raise ValueError(f"block idstr length {len(raw)} not in 1..255")
+                npages = (length + ps - 1) // ps
+                bitmap = _lnp.ascontiguousarray(bitmap, dtype=_lnp.uint8)
+                checksums = _lnp.ascontiguousarray(checksums, dtype=_lnp.uint32)
+                if bitmap.shape[0] * 8 < npages or checksums.shape[0] < npages:
+                    raise ValueError(f"bitmap/checksums of block '{raw.decode(errors='replace')}' "
+                                     f"too short for {npages} pages")
+                if region % ps:
+                    raise ValueError(f"block region 0x{region:x} not page aligned")
+                keep += [raw, bitmap, checksums]
+                names.append(raw.decode(errors="replace"))
+                ids = raw
+                cb[i].index = <uint32_t>i
+                cb[i].idlen = <uint8_t>len(raw)
+                cb[i].idstr = &ids[0]
+                cb[i].region = region
+                cb[i].length = length
+                cb[i].n_pages = npages
+                if npages:
+                    bm = bitmap
+                    cs = checksums
+                    cb[i].bitmap = &bm[0]
+                    cb[i].crcs = &cs[0]
+        except BaseException:
+            _free(cb)
+            raise
+        _free(self.blocks)
+        self.blocks = cb
+        self.n_blocks = n
+        self._keep = keep
+        self.names = names
+        self.em.last_block = -1
+
+    cdef const qs_emit_block *_block(self, Py_ssize_t i) except NULL:
+        if not 0 <= i < self.n_blocks:
+            raise IndexError(f"block index {i} out of range")
+        return &self.blocks[i]
+
+    @property
+    def page_size(self):
+        return self.em.page_size
+
+    @property
+    def bytes_out(self):
+        return self.em.bytes_out
+
+    @property
+    def pages(self):
+        return self.em.pages
+
+    @property
+    def zero_pages(self):
+        return self.em.zero_pages
+
+    @property
+    def writes(self):
+        return self.em.writes
+
+    @property
+    def last_block(self):
+        return self.em.last_block
+
+    @last_block.setter
+    def last_block(self, int64_t value):
+        self.em.last_block = value
+
+    def bytes(self, data):
+        """Queue raw stream bytes (written with the next flush)."""
+        cdef const uint8_t[::1] v = memoryview(data).cast("B")
+        cdef qs_emit_err err
+        cdef int rc
+        cdef size_t n = v.shape[0]
+        if n == 0:
+            return
+        with nogil:
+            rc = qs_emit_bytes(&self.em, &v[0], n, &err)
+        if rc != QS_EMIT_OK:
+            raise self._error(&err)
+
+    def flush(self):
+        cdef qs_emit_err err
+        cdef int rc
+        with nogil:
+            rc = qs_emit_flush(&self.em, &err)
+        if rc != QS_EMIT_OK:
+            raise self._error(&err)
+
+    def cluster(self, Py_ssize_t block, uint64_t voff, data):
+        """Check and write PAGE records for the stored pages of one cluster."""
+        cdef const qs_emit_block *b = self._block(block)
+        cdef const uint8_t[::1] v = memoryview(data).cast("B")
+        cdef qs_emit_err err
+        cdef int rc
+        cdef size_t n = v.shape[0]
+        if n == 0:
+            return
+        with nogil:
+            rc = qs_emit_cluster(&self.em, b, voff, &v[0], n, &err)
+        if rc != QS_EMIT_OK:
+            raise self._error(&err)
+
+    def zero_range(self, Py_ssize_t block, uint64_t first=0, end=None):
+        """Queue ZERO records for the unstored pages in [first, end) of a block."""
+        cdef const qs_emit_block *b = self._block(block)
+        cdef uint64_t stop = b.n_pages if end is None else end
+        cdef qs_emit_err err
+        cdef int rc
+        with nogil:
+            rc = qs_emit_zero_range(&self.em, b, first, stop, &err)
+        if rc != QS_EMIT_OK:
+            raise self._error(&err)
+
+    def send_clusters(self, int fd, host_offsets, virtual_offsets, block_index,
+                      size_t cluster_size, bytes part_start, bytes part_end,
+                      uint64_t part_bytes=64 << 20, size_t buf_size=AIO_DEFAULT_BUF_SIZE,
+                      unsigned n_bufs=AIO_DEFAULT_BUFS, unsigned n_threads=AIO_DEFAULT_THREADS):
+        """PAGE records for the clusters at ``host_offsets`` of ``fd``, read in that order.
+
+        Cluster k holds virtual offset ``virtual_offsets[k]`` of block
+        ``block_index[k]``.  Records are framed as sections: ``part_start``
+        before the first record, ``part_end`` once ``part_bytes`` of page data
+        went out (and after the last).  Returns the number of sections.
+        """
+        host = _lnp.ascontiguousarray(host_offsets, dtype=_lnp.uint64)
+        virt = _lnp.ascontiguousarray(virtual_offsets, dtype=_lnp.uint64)
+        blk = _lnp.ascontiguousarray(block_index, dtype=_lnp.uint32)
+        cdef Py_ssize_t n = host.shape[0]
+        if virt.shape[0] != n or blk.shape[0] != n:
+            raise ValueError("host_offsets, virtual_offsets and block_index differ in length")
+        if n == 0:
+            return 0
+        if blk.max() >= self.n_blocks:
+            raise ValueError(f"block index {blk.max()} out of range")
+        ext = _lnp.empty((n, 2), dtype=_lnp.uint64)
+        ext[:, 0] = host
+        ext[:, 1] = cluster_size
+        cdef const uint64_t[::1] vv = virt
+        cdef const uint32_t[::1] bv = blk
+        cdef const uint64_t[:, ::1] ev = ext
+        cdef const uint64_t *vp = &vv[0]
+        cdef const uint32_t *bp = &bv[0]
+        cdef const uint8_t *ps_ptr = part_start
+        cdef const uint8_t *pe_ptr = part_end
+        cdef size_t ps_len = len(part_start), pe_len = len(part_end)
+        cdef uint64_t page_size = self.em.page_size
+        cdef qs_aio *ring = NULL
+        cdef qs_aio_err aerr
+        cdef qs_emit_err eerr
+        cdef qs_aio_chunk c
+        cdef int arc = QS_AIO_OK, erc = QS_EMIT_OK
+        cdef size_t j, k, pos
+        cdef uint64_t before, acc = 0
+        cdef bint part_open = False
+        cdef Py_ssize_t parts = 0
+        with nogil:
+            arc = qs_aio_open(&ring, fd, <const qs_extent *>&ev[0, 0], n, buf_size, n_bufs,
+                              n_threads, &aerr)
+        if arc != QS_AIO_OK:
+            raise _aio_error(&aerr)
+        try:
+            while True:
+                with nogil:
+                    arc = qs_aio_next(ring, &c, &aerr)
+                    if arc == QS_AIO_OK:
+                        pos = 0
+                        for j in range(c.n_extents):
+                            k = c.first_extent + j
+                            if not part_open:
+                                erc = qs_emit_bytes(&self.em, ps_ptr, ps_len, &eerr)
+                                if erc != QS_EMIT_OK:
+                                    break
+                                part_open = True
+                            before = self.em.pages
+                            erc = qs_emit_cluster(&self.em, &self.blocks[bp[k]], vp[k],
+                                                  c.data + pos, cluster_size, &eerr)
+                            if erc != QS_EMIT_OK:
+                                break
+                            pos += cluster_size
+                            acc += (self.em.pages - before) * page_size
+                            if acc >= part_bytes:
+                                erc = qs_emit_bytes(&self.em, pe_ptr, pe_len, &eerr)
+                                if erc != QS_EMIT_OK:
+                                    break
+                                part_open = False
+                                parts += 1
+                                acc = 0
+                        qs_aio_release(ring, NULL)
+                if arc == QS_AIO_END:
+                    break
+                if arc != QS_AIO_OK:
+                    raise _aio_error(&aerr)
+                if erc != QS_EMIT_OK:
+                    raise self._error(&eerr)
+                PyErr_CheckSignals()
+            if part_open:
+                self.bytes(part_end)
+                parts += 1
+            self.flush()
+        finally:
+            with nogil:
+                qs_aio_close(ring)
+        return parts

@@ -1,0 +1,281 @@
+/* RAM record emission: see emit.h. */
+#include "emit.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "crc32c.h"
+
+static int set_err(qs_emit_err *err, int code, int sys_errno, uint64_t offset, uint64_t value)
+{
+    if (err) {
+        memset(err, 0, sizeof(*err));
+        err->code = code;
+        err->sys_errno = sys_errno;
+        err->offset = offset;
+        err->value = value;
+    }
+    return code;
+}
+
+static inline void put_be64(uint8_t *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (uint8_t)v;
+        v >>= 8;
+    }
+}
+
+static inline int page_stored(const uint8_t *bitmap, uint64_t i)
+{
+    return (bitmap[i >> 3] >> (i & 7)) & 1;
+}
+
+int qs_emit_init(qs_emit *e, int fd, uint32_t page_size, qs_emit_err *err)
+{
+    memset(e, 0, sizeof(*e));
+    e->fd = fd;
+    e->last_block = -1;
+    if (fd < 0)
+        return set_err(err, QS_EMIT_EINVAL, 0, 0, (uint64_t)(int64_t)fd);
+    if (page_size < 512 || (page_size & (page_size - 1)))
+        return set_err(err, QS_EMIT_EINVAL, 0, 0, page_size);
+    e->page_size = page_size;
+    e->iov = malloc(QS_EMIT_IOV_MAX * sizeof(struct iovec));
+    e->arena = malloc(QS_EMIT_ARENA);
+    if (!e->iov || !e->arena) {
+        qs_emit_free(e);
+        return set_err(err, QS_EMIT_ENOMEM, ENOMEM, 0, QS_EMIT_ARENA);
+    }
+    return QS_EMIT_OK;
+}
+
+void qs_emit_free(qs_emit *e)
+{
+    free(e->iov);
+    free(e->arena);
+    e->iov = NULL;
+    e->arena = NULL;
+    e->n_iov = 0;
+    e->arena_len = 0;
+}
+
+/* Wait until fd is writable (non-blocking output). */
+static int wait_writable(qs_emit *e, qs_emit_err *err)
+{
+    struct pollfd p = {.fd = e->fd, .events = POLLOUT, .revents = 0};
+    for (;;) {
+        int r = poll(&p, 1, -1);
+        if (r >= 0)
+            return QS_EMIT_OK;
+        if (errno != EINTR)
+            return set_err(err, QS_EMIT_EIO, errno, 0, e->bytes_out);
+    }
+}
+
+static int write_error(qs_emit *e, int sys_errno, qs_emit_err *err)
+{
+    if (sys_errno == EPIPE)
+        return set_err(err, QS_EMIT_EPIPE, EPIPE, 0, e->bytes_out);
+    return set_err(err, QS_EMIT_EIO, sys_errno, 0, e->bytes_out);
+}
+
+int qs_emit_flush(qs_emit *e, qs_emit_err *err)
+{
+    struct iovec *v = e->iov;
+    unsigned n = e->n_iov;
+    int rc = QS_EMIT_OK;
+    while (n) {
+        ssize_t w = writev(e->fd, v, (int)n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                rc = wait_writable(e, err);
+                if (rc)
+                    break;
+                continue;
+            }
+            rc = write_error(e, errno, err);
+            break;
+        }
+        e->bytes_out += (uint64_t)w;
+        e->writes++;
+        size_t left = (size_t)w;
+        while (n && left >= v->iov_len) {
+            left -= v->iov_len;
+            v++;
+            n--;
+        }
+        if (n && left) {
+            v->iov_base = (uint8_t *)v->iov_base + left;
+            v->iov_len -= left;
+        }
+    }
+    e->n_iov = 0;
+    e->arena_len = 0;
+    return rc;
+}
+
+int qs_emit_write_all(qs_emit *e, const void *buf, size_t len, qs_emit_err *err)
+{
+    const uint8_t *p = buf;
+    while (len) {
+        ssize_t w = write(e->fd, p, len);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                int rc = wait_writable(e, err);
+                if (rc)
+                    return rc;
+                continue;
+            }
+            return write_error(e, errno, err);
+        }
+        e->bytes_out += (uint64_t)w;
+        e->writes++;
+        p += w;
+        len -= (size_t)w;
+    }
+    return QS_EMIT_OK;
+}
+
+/* Room for n arena bytes and `iovs` more iovecs, flushing if needed. */
+static int reserve(qs_emit *e, size_t n, unsigned iovs, qs_emit_err *err)
+{
+    if (e->arena_len + n > QS_EMIT_ARENA || e->n_iov + iovs > QS_EMIT_IOV_MAX)
+        return qs_emit_flush(e, err);
+    return QS_EMIT_OK;
+}
+
+/* Account n bytes just written at arena + arena_len as an iovec. */
+static void commit(qs_emit *e, size_t n)
+{
+    uint8_t *p = e->arena + e->arena_len;
+    struct iovec *last = e->n_iov ? &e->iov[e->n_iov - 1] : NULL;
+    if (last && (uint8_t *)last->iov_base + last->iov_len == p) {
+        last->iov_len += n;
+    } else {
+        e->iov[e->n_iov].iov_base = p;
+        e->iov[e->n_iov].iov_len = n;
+        e->n_iov++;
+    }
+    e->arena_len += n;
+}
+
+int qs_emit_bytes(qs_emit *e, const void *buf, size_t len, qs_emit_err *err)
+{
+    int rc;
+    if (len == 0)
+        return QS_EMIT_OK;
+    if (len > QS_EMIT_ARENA / 2) {
+        rc = qs_emit_flush(e, err);
+        return rc ? rc : qs_emit_write_all(e, buf, len, err);
+    }
+    rc = reserve(e, len, 1, err);
+    if (rc)
+        return rc;
+    memcpy(e->arena + e->arena_len, buf, len);
+    commit(e, len);
+    return QS_EMIT_OK;
+}
+
+/* Write a record header for page `page` of b at the arena's end. */
+static size_t put_header(qs_emit *e, const qs_emit_block *b, uint64_t page, uint64_t flag)
+{
+    uint8_t *p = e->arena + e->arena_len;
+    int cont = e->last_block == (int64_t)b->index;
+    put_be64(p, page * e->page_size | flag | (cont ? QS_RAM_SAVE_FLAG_CONTINUE : 0));
+    if (cont)
+        return 8;
+    p[8] = b->idlen;
+    memcpy(p + 9, b->idstr, b->idlen);
+    e->last_block = b->index;
+    return 9 + (size_t)b->idlen;
+}
+
+static int check_cluster_args(const qs_emit *e, const qs_emit_block *b, uint64_t voff,
+                              size_t len, qs_emit_err *err)
+{
+    uint64_t ps = e->page_size;
+    if (b->idlen == 0)
+        return set_err(err, QS_EMIT_EINVAL, 0, b->index, 0);
+    if (voff < b->region || (voff - b->region) % ps)
+        return set_err(err, QS_EMIT_EINVAL, 0, voff, b->region);
+    if (len % ps)
+        return set_err(err, QS_EMIT_EINVAL, 0, voff, len);
+    return QS_EMIT_OK;
+}
+
+int qs_emit_cluster(qs_emit *e, const qs_emit_block *b, uint64_t voff,
+                    const uint8_t *data, size_t len, qs_emit_err *err)
+{
+    const uint64_t ps = e->page_size;
+    int rc = check_cluster_args(e, b, voff, len, err);
+    if (rc)
+        return rc;
+    uint64_t p0 = (voff - b->region) / ps;
+    if (p0 >= b->n_pages)
+        return QS_EMIT_OK;
+    uint64_t p1 = p0 + len / ps;
+    if (p1 > b->n_pages)
+        p1 = b->n_pages;
+
+    /* 1. every stored page's checksum, before anything of this cluster goes out */
+    for (uint64_t i = p0; i < p1; i++) {
+        if (!page_stored(b->bitmap, i))
+            continue;
+        uint32_t c = qs_crc32c(0, data + (i - p0) * ps, ps);
+        if (c != b->crcs[i]) {
+            set_err(err, QS_EMIT_ECRC, 0, i * ps, 0);
+            err->block = b->index;
+            err->expected = b->crcs[i];
+            err->actual = c;
+            return QS_EMIT_ECRC;
+        }
+    }
+
+    /* 2. header in the arena + data in place, per stored page */
+    for (uint64_t i = p0; i < p1; i++) {
+        if (!page_stored(b->bitmap, i))
+            continue;
+        rc = reserve(e, 9 + 255, 2, err);
+        if (rc)
+            return rc;
+        commit(e, put_header(e, b, i, QS_RAM_SAVE_FLAG_PAGE));
+        e->iov[e->n_iov].iov_base = (void *)(data + (i - p0) * ps);
+        e->iov[e->n_iov].iov_len = ps;
+        e->n_iov++;
+        e->pages++;
+    }
+    return qs_emit_flush(e, err);
+}
+
+int qs_emit_zero_range(qs_emit *e, const qs_emit_block *b, uint64_t first, uint64_t end,
+                       qs_emit_err *err)
+{
+    if (b->idlen == 0)
+        return set_err(err, QS_EMIT_EINVAL, 0, b->index, 0);
+    if (end > b->n_pages)
+        end = b->n_pages;
+    for (uint64_t i = first; i < end; i++) {
+        if ((i & 7) == 0 && i + 8 <= end && b->bitmap[i >> 3] == 0xff) {
+            i += 7;
+            continue;
+        }
+        if (page_stored(b->bitmap, i))
+            continue;
+        int rc = reserve(e, 10 + 255, 1, err);
+        if (rc)
+            return rc;
+        size_t n = put_header(e, b, i, QS_RAM_SAVE_FLAG_ZERO);
+        e->arena[e->arena_len + n] = 0; /* fill byte */
+        commit(e, n + 1);
+        e->zero_pages++;
+    }
+    return QS_EMIT_OK;
+}

@@ -1,0 +1,105 @@
+/*
+ * RAM record emission for `qsnap load`: QEMU RAM page records built as an
+ * iovec list and written with writev().
+ *
+ * Record layout (migration/ram.c, ram_save_page / save_zero_page):
+ *   be64 (offset | RAM_SAVE_FLAG_PAGE [| RAM_SAVE_FLAG_CONTINUE])
+ *   [u8 len, idstr]            only when CONTINUE is not set
+ *   TARGET_PAGE_SIZE bytes     PAGE: the data;  ZERO: one fill byte 0
+ *
+ * Headers go into a side arena owned by qs_emit; page data is referenced
+ * where it lies (the read-ahead buffer), never copied.  The CONTINUE state
+ * (block of the previous record) is kept in qs_emit across calls and
+ * sections, as QEMU's destination keeps last_recv_block.
+ *
+ * No Python.h; callable without the GIL.
+ */
+#ifndef QSNAP_EMIT_H
+#define QSNAP_EMIT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+/* migration/ram.c */
+#define QS_RAM_SAVE_FLAG_ZERO 0x002
+#define QS_RAM_SAVE_FLAG_PAGE 0x008
+#define QS_RAM_SAVE_FLAG_EOS 0x010
+#define QS_RAM_SAVE_FLAG_CONTINUE 0x020
+
+#define QS_EMIT_OK 0
+#define QS_EMIT_ECRC -1      /* stored page fails its checksum (block, offset, expected, actual) */
+#define QS_EMIT_EPIPE -2     /* the reader closed the output */
+#define QS_EMIT_EIO -3       /* write failed (sys_errno) */
+#define QS_EMIT_EINVAL -4    /* bad arguments (offset, value) */
+#define QS_EMIT_ENOMEM -5
+
+#define QS_EMIT_ARENA (256 * 1024)
+#define QS_EMIT_IOV_MAX 1024
+
+typedef struct qs_emit_err {
+    int code;
+    int sys_errno;
+    uint32_t block;          /* block index (ECRC) */
+    uint64_t offset;         /* page offset in the block (ECRC), argument (EINVAL) */
+    uint64_t value;          /* bytes written so far (EPIPE/EIO), bad value (EINVAL) */
+    uint32_t expected;       /* stored crc32c (ECRC) */
+    uint32_t actual;         /* computed crc32c (ECRC) */
+} qs_emit_err;
+
+/* One RAM block of the image as the emitter sees it. */
+typedef struct qs_emit_block {
+    uint32_t index;          /* identity for CONTINUE tracking */
+    uint8_t idlen;           /* 1..255 */
+    const uint8_t *idstr;
+    uint64_t region;         /* virtual offset of page 0 in the image */
+    uint64_t length;         /* used_length in bytes */
+    uint64_t n_pages;        /* ceil(length / page_size) */
+    const uint8_t *bitmap;   /* 1 bit per target page, LSB first; 1 = stored */
+    const uint32_t *crcs;    /* crc32c per target page (native endian) */
+} qs_emit_block;
+
+typedef struct qs_emit {
+    int fd;
+    uint32_t page_size;
+    int64_t last_block;      /* index of the block of the previous record, -1 = none */
+    uint64_t bytes_out;      /* bytes written to fd */
+    uint64_t pages;          /* PAGE records built */
+    uint64_t zero_pages;     /* ZERO records built */
+    uint64_t writes;         /* writev/write calls */
+    struct iovec *iov;
+    unsigned n_iov;
+    uint8_t *arena;
+    size_t arena_len;
+} qs_emit;
+
+int qs_emit_init(qs_emit *e, int fd, uint32_t page_size, qs_emit_err *err);
+void qs_emit_free(qs_emit *e);
+
+/* Queue raw bytes (section headers, EOS, footers) to go before what follows.
+ * Copied into the arena (or written at once when larger than the arena). */
+int qs_emit_bytes(qs_emit *e, const void *buf, size_t len, qs_emit_err *err);
+
+/*
+ * Emit PAGE records for the stored pages of one cluster of block b.
+ * data holds `len` bytes of the image's virtual disk starting at virtual
+ * offset voff (page aligned, inside b's region).  First every stored page's
+ * crc32c is checked; on a mismatch nothing of this cluster is written and
+ * QS_EMIT_ECRC names the first bad page.  Then the records (and anything
+ * queued before) are written; on return no pointer into data is kept.
+ */
+int qs_emit_cluster(qs_emit *e, const qs_emit_block *b, uint64_t voff,
+                    const uint8_t *data, size_t len, qs_emit_err *err);
+
+/* Emit ZERO records (fill 0) for the pages in [first, end) of b whose bitmap
+ * bit is 0.  Records are queued; call qs_emit_flush() to write them. */
+int qs_emit_zero_range(qs_emit *e, const qs_emit_block *b, uint64_t first, uint64_t end,
+                       qs_emit_err *err);
+
+/* Write everything queued: partial writes, EINTR, EAGAIN (poll) handled. */
+int qs_emit_flush(qs_emit *e, qs_emit_err *err);
+
+/* Write a buffer completely (no queueing), with the same handling. */
+int qs_emit_write_all(qs_emit *e, const void *buf, size_t len, qs_emit_err *err);
+
+#endif
