@@ -470,3 +470,46 @@ class LinuxGuest(Qemu):
                 raise QemuError(f"no tick >= {n} after {timeout}s; console:\n"
                                 f"{self.console()[-3000:]}")
             time.sleep(0.1)
+
+
+# -- capturing streams -------------------------------------------------------
+
+CAPTURE_KINDS = ("background", "precopy-live", "precopy-stopped")
+QEVM_MAGIC = b"QEVM"
+QEVM_VERSION = 3
+
+
+class CaptureUnsupported(QemuError):
+    """The host cannot do this kind of capture (e.g. no userfaultfd write-protect)."""
+
+
+def capture_stream(vm: Qemu, path, kind: str = "background", timeout: float = 120.0) -> dict:
+    """Migrate ``vm`` into ``path`` with ``exec:cat > path``; return the final query-migrate.
+
+    kind: 'background' (background-snapshot; the VM keeps running),
+    'precopy-live' (plain precopy of the running VM) or 'precopy-stopped'
+    (``stop`` first). No return path is used, so ``cat`` is a complete sink.
+    """
+    if kind not in CAPTURE_KINDS:
+        raise ValueError(f"kind must be one of {CAPTURE_KINDS}")
+    path = Path(path)
+    # no rate limit: 7.2's default max-bandwidth is 32 MiB/s
+    vm.set_parameters(max_bandwidth=16 << 30)
+    if kind == "background":
+        try:
+            vm.set_capabilities(background_snapshot=True)
+        except QemuError as e:
+            if "not supported" in str(e):
+                raise CaptureUnsupported(str(e)) from None
+            raise
+    elif kind == "precopy-stopped":
+        vm.stop()
+    vm.migrate(f"exec:cat > {path}")
+    return vm.wait_migration(timeout=timeout)
+
+
+def stream_header(path) -> tuple:
+    """(magic, version) of a migration stream file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return head[:4], int.from_bytes(head[4:8], "big")
