@@ -483,18 +483,20 @@ class CaptureUnsupported(QemuError):
     """The host cannot do this kind of capture (e.g. no userfaultfd write-protect)."""
 
 
-def capture_stream(vm: Qemu, path, kind: str = "background", timeout: float = 120.0) -> dict:
+def capture_stream(vm: Qemu, path, kind: str = "background", timeout: float = 120.0,
+                   max_bandwidth: Optional[int] = None) -> dict:
     """Migrate ``vm`` into ``path`` with ``exec:cat > path``; return the final query-migrate.
 
     kind: 'background' (background-snapshot; the VM keeps running),
     'precopy-live' (plain precopy of the running VM) or 'precopy-stopped'
     (``stop`` first). No return path is used, so ``cat`` is a complete sink.
+    max_bandwidth (bytes/s): None for no limit (7.2's default is 32 MiB/s);
+    a limit stretches a live capture so the guest dirties RAM meanwhile.
     """
     if kind not in CAPTURE_KINDS:
         raise ValueError(f"kind must be one of {CAPTURE_KINDS}")
     path = Path(path)
-    # no rate limit: 7.2's default max-bandwidth is 32 MiB/s
-    vm.set_parameters(max_bandwidth=16 << 30)
+    vm.set_parameters(max_bandwidth=max_bandwidth or 16 << 30)
     if kind == "background":
         try:
             vm.set_capabilities(background_snapshot=True)
