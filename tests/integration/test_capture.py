@@ -21,6 +21,8 @@ from .qemu import (CAPTURE_KINDS, QEVM_MAGIC, QEVM_VERSION, BlobGuest, CaptureUn
 MEMORY = "32M"
 LAYOUT = [(16 << 20, 1 << 20), ((20 << 20) + 0x123, 0x2345), (30 << 20, 0x10000)]
 SEED = 7
+PAGE_SIZE = 4096
+RAM_SAVE_FLAG_ZERO = 0x02  # migration/ram.c
 
 
 def restore(path, memory, **kw) -> Qemu:
@@ -199,14 +201,18 @@ def rebuild_ram(path, idstr: str = "pc.ram", size: int = None) -> bytearray:
         for ev in reader.StreamReader(f):
             if type(ev).__name__ != "PageBatch":
                 continue
-            for block, offset, _flags, payload in ev.iter_pages():
+            for block, offset, flags, payload in ev.iter_pages():
                 if block != idstr:
                     continue
                 seen += 1
-                n = len(payload) if payload is not None else 4096
-                if offset + n > len(ram):
-                    ram.extend(bytes(offset + n - len(ram)))
-                ram[offset:offset + n] = payload if payload is not None else bytes(n)
+                if payload is None:  # ZERO
+                    payload = bytes(PAGE_SIZE)
+                elif flags & RAM_SAVE_FLAG_ZERO:  # ZERO with a fill byte
+                    payload = payload * PAGE_SIZE
+                assert len(payload) == PAGE_SIZE, f"{flags=:#x} {len(payload)=}"
+                if offset + PAGE_SIZE > len(ram):
+                    ram.extend(bytes(offset + PAGE_SIZE - len(ram)))
+                ram[offset:offset + PAGE_SIZE] = payload
     assert seen, f"no {idstr} pages in {path}"
     return ram
 
