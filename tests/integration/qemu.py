@@ -287,7 +287,7 @@ class Qemu:
         try:
             return self._loop.run(self._client.execute(cmd, a or None), self.qmp_timeout)
         except ExecuteError as e:
-            raise QemuError(f"QMP {cmd} {a}: {e.error.desc if e.error else e}") from None
+            raise QemuError(f"QMP {cmd} {a}: {e}") from None
         except concurrent.futures.TimeoutError:
             raise QemuError(f"QMP {cmd} timed out after {self.qmp_timeout}s") from None
         except Exception as e:
