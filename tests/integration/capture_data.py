@@ -12,7 +12,6 @@ Regenerate the expected bytes with ``guests.make_blobs(dir, DATA_LAYOUT, DATA_SE
 import gzip
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from . import guests
@@ -30,7 +29,7 @@ def capture(out_gz: Path = DATA_FILE) -> dict:
         blobs = guests.make_blobs(td, DATA_LAYOUT, DATA_SEED)
         raw = td / "bg72-blob.stream"
         with BlobGuest(memory=DATA_MEMORY, blobs=blobs) as vm:
-            time.sleep(1)
+            vm.wait_bios_done()
             vm.verify_blobs()
             cmdline = vm.command_line()
             accel = vm.accelerator()

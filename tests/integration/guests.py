@@ -32,21 +32,29 @@ from typing import List, Sequence, Tuple
 KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.1\.0-\d+)-amd64$")
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 
-# Blob addresses. Measured with pmemsave on a booted, blob-less guest (QEMU
-# 7.2 / SeaBIOS 1.16, pc-i440fx-7.2, -nodefaults; RAM starts zeroed), SeaBIOS
-# writes to pc.ram only:
+# Blob addresses. Measured with pmemsave on blob-less guests after SeaBIOS
+# halted (QEMU 7.2 / SeaBIOS 1.16, pc-i440fx-7.2, -nodefaults, 24M..1G, KVM
+# and TCG alike; RAM starts zeroed), SeaBIOS writes to pc.ram only:
 #   * below 1 MiB: 0x0-0x1000, 0x6000-0x7000, 0x9f000-0xa0000 (EBDA) and the
 #     shadowed ROM area 0xc0000-0x100000;
-#   * the last 128 KiB of RAM: [top-0x20000, top-0x1e000);
+#   * [top-0x20000, top-0x1e000) (top = end of RAM below 4 GiB);
 #   * its relocated "high" zone: [top-0x5e000, top-0x40000) for RAM <= 32 MiB,
-#     but [top-16MiB-0x1e000, top-16MiB) for larger guests (48M..512M checked).
-# So blobs go in [16 MiB, blob_safe_end(mem)). test_blobs_survive_boot checks it.
+#     but [top-16MiB-0x1e000, top-16MiB) for larger guests.
+# So blobs go in [16 MiB, blob_safe_end(mem)). test_blobs_survive_boot checks
+# both the blobs and that nothing else is written (seabios_areas).
 BLOB_MIN_ADDR = 16 << 20
 
 
 def blob_safe_end(mem_bytes: int) -> int:
     """End of the RAM range that SeaBIOS leaves alone (see above)."""
     return mem_bytes - (1 << 20) if mem_bytes <= (32 << 20) else mem_bytes - (17 << 20)
+
+
+def seabios_areas(mem_bytes: int):
+    """[(start, end)] of pc.ram that SeaBIOS may write, for RAM < 3.5 GiB."""
+    top = mem_bytes
+    high = top - 0x40000 if top <= (32 << 20) else top - (16 << 20)
+    return [(0, 0x100000), (high - 0x1e000, high), (top - 0x20000, top - 0x1e000)]
 
 
 class GuestUnavailable(RuntimeError):

@@ -428,6 +428,18 @@ class Qemu:
 class BlobGuest(Qemu):
     """A guest with no OS: SeaBIOS halts, ``blobs`` sit at known addresses."""
 
+    def wait_bios_done(self, timeout: float = 60.0):
+        """Wait until SeaBIOS has given up booting and sits in HLT.
+
+        Under KVM SeaBIOS busy-waits for ~4 s (device probe timeouts) before
+        it halts; under TCG it halts within ~0.1 s.
+        """
+        deadline = time.monotonic() + timeout
+        while "HLT=1" not in self.hmp("info registers"):
+            if time.monotonic() > deadline:
+                raise QemuError(f"SeaBIOS did not halt within {timeout}s")
+            time.sleep(0.05)
+
     def verify_blobs(self, blobs=None):
         """Raise AssertionError unless every blob is byte-exact in guest RAM."""
         for b in blobs if blobs is not None else self.blobs:
