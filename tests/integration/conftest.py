@@ -39,7 +39,7 @@ def _check_qemu():
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if HERE in Path(str(item.fspath)).parents:
+        if HERE in Path(item.path).parents:
             item.add_marker(pytest.mark.qemu)
 
 
