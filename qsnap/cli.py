@@ -120,26 +120,29 @@ def _cmd_load(args):
 
 
 def _cmd_info(args):
-    from qsnap.image.reader import describe
+    from qsnap.image.inspect import describe
 
     info = describe(args.image)
     if args.output == "json":
         print(json.dumps(info, indent=2))
     else:
-        from qsnap.image.reader import format_info
+        from qsnap.image.inspect import format_info
 
         print(format_info(info))
     return 0
 
 
 def _cmd_check(args):
-    from qsnap.image.reader import check_image
+    from qsnap.errors import ImageError
+    from qsnap.image.inspect import CHECK_NOT_CHECKED, check_image
 
     report = check_image(args.image, progress=sys.stderr.isatty())
+    if report["exit_code"] == CHECK_NOT_CHECKED and args.output == "human":
+        raise ImageError(f"cannot check {args.image}: {report['problems'][0]}")
     if args.output == "json":
         print(json.dumps(report, indent=2))
     else:
-        from qsnap.image.reader import format_check
+        from qsnap.image.inspect import format_check
 
         print(format_check(report))
     return report["exit_code"]

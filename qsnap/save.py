@@ -105,7 +105,7 @@ def save(path, *, in_fd=0, out_fd=1, cache="writeback", cluster_size=1 << 20, qu
                 stream_info=facts.stream_info(reader),
                 commands=facts.commands,
                 machine=facts.configuration.machine if facts.configuration else None,
-                stream_bytes=reader.offset,
+                counts={"stream_bytes": reader.offset},
             )
     except QsnapError:
         rp.shut(error=True)
@@ -127,11 +127,10 @@ def save(path, *, in_fd=0, out_fd=1, cache="writeback", cluster_size=1 << 20, qu
 
 def _consume(reader, img, facts, rp):
     sink = None
-    region_offsets = None
     ram_id = None
     for e in reader:
         if isinstance(e, ev.PageBatch):
-            sink.put_batch(e.records, e.data, region_offsets)
+            sink.put_batch(e.records, e.data)
         elif isinstance(e, ev.Eos):
             pass
         elif isinstance(e, ev.SectionFooter):
@@ -151,9 +150,10 @@ def _consume(reader, img, facts, rp):
             if facts.mem_size is not None:
                 raise StreamError(f"second RAM block list at stream offset 0x{e.offset:x}")
             facts.mem_size = e
-            img.start(e.blocks)
+            img.start([{"idstr": b.idstr, "length": b.length,
+                        "page_size": b.page_size, "page_size_on_wire": b.page_size is not None,
+                        "gpa": b.gpa} for b in e.blocks])
             sink = img.sink
-            region_offsets = img.region_offsets
         elif isinstance(e, ev.Command):
             _command(e, facts, rp, ram_started=ram_id is not None)
         elif isinstance(e, ev.FileHeader):

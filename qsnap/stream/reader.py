@@ -36,6 +36,7 @@ from .constants import (
     MIG_CMD_LEN,
     MIG_CMD_MAX,
     MIG_CMD_NAMES,
+    MIG_CMD_OPEN_RETURN_PATH,
     MIG_CMD_PACKAGED,
     MIG_CMD_POSTCOPY_ADVISE,
     MIG_CMD_POSTCOPY_RAM_DISCARD,
@@ -244,8 +245,12 @@ class _Input:
         self.base += got - have  # bytes read around the buffer
         return bytes(out)
 
-    def read_rest(self, limit, what):
-        """Everything up to end of input (at most ``limit`` bytes)."""
+    def read_rest(self, limit, what, until=None):
+        """Everything up to end of input (at most ``limit`` bytes).
+
+        ``until(parts)`` may end the read early: it is asked after each read
+        and returns True when the bytes so far are complete.
+        """
         start = self.offset
         parts = [bytes(self.mv[self.pos : self.end])]
         total = len(parts[0])
@@ -257,7 +262,7 @@ class _Input:
                 raise StreamError(
                     "%s at stream offset 0x%x is larger than the limit of %d bytes" % (what, start, limit)
                 )
-            if self.eof:
+            if self.eof or (until is not None and until(parts)):
                 break
             r = self._raw_read(cm)
             if r == 0:
@@ -286,15 +291,21 @@ class StreamReader:
     next unread byte), ``blocks`` (list of RamBlock from MEM_SIZE, or None),
     ``uses_footers`` (None until known), ``configuration`` (Configuration or
     None), ``commands`` (list of Command seen on the outer stream).
+
+    ``stop_at_logical_end``: when the stream opened a return path, its source
+    keeps the pipe open until it gets SHUT, so the stream ends at the
+    VMDESCRIPTION that completes the device state rather than at end of input.
     """
 
-    def __init__(self, src, *, buffer_size=8 << 20, max_batch=8192, max_device_state=256 << 20, pure=None):
+    def __init__(self, src, *, buffer_size=8 << 20, max_batch=8192, max_device_state=256 << 20, pure=None,
+                 stop_at_logical_end=False):
         if max_batch <= 0 or buffer_size <= 0:
             raise ValueError("buffer_size and max_batch must be positive")
         self._in = _Input(src, buffer_size)
         self._pure = _use_pure(pure)
         self._max_batch = max_batch
         self.max_device_state = max_device_state
+        self.stop_at_logical_end = stop_at_logical_end
         self.page_size = TARGET_PAGE_SIZE_DEFAULT
         self.blocks = None
         self.uses_footers = None
@@ -706,9 +717,25 @@ class StreamReader:
     def _tail(self):
         inp = self._in
         off = inp.offset
-        data = inp.read_rest(self.max_device_state, "device state")
+        until = None
+        if self.stop_at_logical_end and any(
+            c.cmd == MIG_CMD_OPEN_RETURN_PATH for c in self.commands
+        ):
+            until = lambda parts: self._tail_complete(parts, off)  # noqa: E731
+        data = inp.read_rest(self.max_device_state, "device state", until)
         eof_pos, vmdesc = self._check_tail(data, off)
         return DeviceState(off, data, vmdesc, eof_pos)
+
+    def _tail_complete(self, parts, off):
+        """With a return path open the source keeps the pipe open until SHUT:
+        the stream ends at the VMDESCRIPTION, not at end of input."""
+        if not parts or not parts[-1].endswith(b"}"):
+            return False
+        try:
+            _, vmdesc = self._check_tail(b"".join(parts), off)
+        except StreamError:
+            return False
+        return vmdesc is not None
 
     def _check_tail(self, data, off):
         n = len(data)

@@ -8,6 +8,7 @@ without keeping a map of all pages.
 """
 from __future__ import annotations
 
+import io
 import json
 import struct
 from dataclasses import dataclass, field
@@ -91,6 +92,24 @@ class SynthResult:
     zero_payload_pages: int = 0
     blocks: List[RamBlock] = field(default_factory=list)
     _params: tuple = ()
+    device_state: bytes = b""
+
+    @property
+    def pages(self):
+        """Target pages in all blocks."""
+        return sum(b.length // self._gen.ps for b in self.blocks)
+
+    @property
+    def nonzero_pages(self):
+        """Pages whose final content is not all zero."""
+        g = self._gen
+        n = 0
+        for bi, b in enumerate(self.blocks):
+            pages = b.length // g.ps
+            for c in range(0, pages, 1 << 20):
+                idx = np.arange(c, min(pages, c + (1 << 20)), dtype=np.uint64)
+                n += int(np.count_nonzero(g.final_state(bi, idx) >= 0))
+        return n
 
     @property
     def page_counts(self):
@@ -292,6 +311,8 @@ def synth_stream(out, *, blocks=DEFAULT_BLOCKS, zero_share=0.5, data="random", m
     flush()
 
     # device state: FULL sections, EOF, VMDESCRIPTION
+    tail = io.BytesIO()
+    tw = StreamWriter(tail, page_size=ps, footers=footers)
     rng = np.random.default_rng(seed + 1)
     desc = []
     sid = 0
@@ -300,12 +321,14 @@ def synth_stream(out, *, blocks=DEFAULT_BLOCKS, zero_share=0.5, data="random", m
             sid += 1
         payload = rng.integers(0, 256, size, dtype=np.uint8)
         payload[payload == 0x7E] = 0x7F
-        w.section_full(sid, name, inst, ver, payload.tobytes())
+        tw.section_full(sid, name, inst, ver, payload.tobytes())
         desc.append({"name": name, "instance_id": inst, "vmsd_name": name, "version": ver,
                      "fields": [{"name": "data", "type": "buffer", "size": size}]})
         sid += 1
-    w.eof()
+    tw.eof()
     if vmdescription:
-        w.vmdescription(json.dumps({"page_size": ps, "devices": desc}, separators=(",", ":")).encode())
+        tw.vmdescription(json.dumps({"page_size": ps, "devices": desc}, separators=(",", ":")).encode())
+    res.device_state = tail.getvalue()
+    w.raw(res.device_state)
     res.total = w.bytes_written
     return res
