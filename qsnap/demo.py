@@ -43,11 +43,12 @@ def run_demo(size=256 << 20, workdir=None, keep=False, seed=1):
     blocks = [(name, size if name == "pc.ram" else length) for name, length in DEFAULT_BLOCKS]
     try:
         _say(f"qsnap demo: synthetic pc-i440fx-7.2 guest with {size >> 20} MiB of RAM, "
-             f"half of its pages zero, in {workdir}")
+             f"half of it zero in 1 MiB runs, in {workdir}")
 
         t = time.monotonic()
         with open(stream_path, "wb") as f:
-            synth = synth_stream(f, blocks=blocks, zero_share=0.5, mode="background", seed=seed)
+            synth = synth_stream(f, blocks=blocks, zero_share=0.5, zero_run=256, mode="background",
+                                 seed=seed)
         stream_bytes = os.path.getsize(stream_path)
         _say(f"  1. synthesised a background-snapshot stream: {stream_bytes / 1e6:.1f} MB, "
              f"{synth.pages} pages ({synth.nonzero_pages} non-zero) in {time.monotonic() - t:.2f} s")

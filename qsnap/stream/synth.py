@@ -135,8 +135,10 @@ class SynthResult:
 
 
 class _Gen:
-    def __init__(self, blocks, ps, seed, zero_share, data, mode, passes, dirty_share, rezero_share, zero_page_share):
+    def __init__(self, blocks, ps, seed, zero_share, data, mode, passes, dirty_share, rezero_share, zero_page_share,
+                 zero_run=1):
         self.blocks = blocks
+        self.zero_run = max(1, int(zero_run))
         self.ps = ps
         self.seed = seed
         self.zero_share = zero_share
@@ -153,7 +155,7 @@ class _Gen:
 
     # per-page decisions (vectorised over page indices)
     def zero0(self, bi, idx):
-        return _unit(_mix(self.seed, 1, bi, idx)) < self.zero_share
+        return _unit(_mix(self.seed, 1, bi, idx // np.uint64(self.zero_run))) < self.zero_share
 
     def dirty(self, bi, idx, k):
         return _unit(_mix(self.seed, 2, bi, idx, k)) < self.dirty_share
@@ -192,7 +194,7 @@ class _Gen:
 def synth_stream(out, *, blocks=DEFAULT_BLOCKS, zero_share=0.5, data="random", mode="background", passes=3,
                  dirty_share=0.05, rezero_share=0.2, zero_page_share=0.0, seed=0, machine="pc-i440fx-7.2",
                  footers=True, section_id=2, return_path=False, page_size=4096, part_pages=4096,
-                 vmdescription=True) -> SynthResult:
+                 vmdescription=True, zero_run=1) -> SynthResult:
     """Write a synthetic stream to ``out``; see the module docstring.
 
     ``mode``: 'background' (START, PARTs sending each page once, some out of
@@ -200,6 +202,8 @@ def synth_stream(out, *, blocks=DEFAULT_BLOCKS, zero_share=0.5, data="random", m
     pages re-sent, ``rezero_share`` of them as ZERO; last pass in END) or
     'precopy-stopped' (one pass in PARTs, END with EOS only).
     ``zero_page_share``: share of zero pages sent as all-zero PAGE records.
+    ``zero_run``: pages are zero or not in aligned runs of this many pages, as
+    real guests keep free memory in large ranges (1 = each page on its own).
     """
     if mode not in ("background", "precopy-live", "precopy-stopped"):
         raise UsageError("unknown synth mode %r" % mode)
@@ -210,7 +214,8 @@ def synth_stream(out, *, blocks=DEFAULT_BLOCKS, zero_share=0.5, data="random", m
     for b in rblocks:
         if b.length % ps:
             raise UsageError("block %r length is not page aligned" % b.idstr)
-    g = _Gen(rblocks, ps, seed, zero_share, data, mode, passes, dirty_share, rezero_share, zero_page_share)
+    g = _Gen(rblocks, ps, seed, zero_share, data, mode, passes, dirty_share, rezero_share, zero_page_share,
+             zero_run)
     w = StreamWriter(out, page_size=ps, footers=footers)
     res = SynthResult(blocks=rblocks)
     res._gen = g
