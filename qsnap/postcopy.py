@@ -50,6 +50,8 @@ ZERO_GROUP = 1 << 14             # host pages per ZERO group
 POSTCOPY_PIPE_SIZE = 256 << 10   # a requested page never waits behind more than this
 PING_VALUES = (1, 2, 3, 4)
 WATCHDOG_SECONDS = 0.5
+EARLY_BYTES = 1 << 20            # per block, always sent before LISTEN
+_DEBUG = bool(os.environ.get("QSNAP_PC_DEBUG"))
 
 _RP_FIXED_LEN = {
     C.MIG_RP_MSG_SHUT: 4,
@@ -180,6 +182,8 @@ class ReturnPath(threading.Thread):
             pos += 4 + ln
             self._offset += 4 + ln
             self.messages += 1
+            if _DEBUG:
+                os.write(2, f"rp {typ} {ln} {bytes(buf[pos - ln:pos]).hex()} t={time.monotonic():.3f}\n".encode())
             self._handle(typ, name, ln, payload, off)
         return pos
 
@@ -495,6 +499,17 @@ class _Postcopy:
                                    - self.cum[bi][hp * t])
                         huge_pre.append((bi, int(hp)))
             self._cluster_pass(fd, host[keep], virt[keep], bidx[keep], serve=False)
+            # Legacy low memory and the small ROM blocks always go before LISTEN:
+            # QEMU's listen thread can block on a fault there (pc.ram 0xc0000 while
+            # the main thread loads the PAM state), and a faulted listen thread
+            # cannot read the page it waits for.  QEMU's own source sends them
+            # in its first precopy pass (it walks RAM upwards).
+            for bi in migrated:
+                hps = self.host_sizes[bi]
+                n = -(-min(EARLY_BYTES, blocks[bi].length) // hps)
+                if n:
+                    self._part()
+                    self._send_host_pages(bi, 0, n)
             for bi, hp in huge_pre:
                 self._part()
                 self._send_host_pages(bi, hp, hp + 1)
