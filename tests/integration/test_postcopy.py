@@ -114,7 +114,7 @@ def test_blob_postcopy_matches_cat(blob_saved, tmp_path, pct):
         assert_same_ram(a, b, tmp_path)
         assert b.status() in ("paused", "prelaunch")
     s = json.loads(stats.read_text())
-    assert (s["pages_precopy"] > 256 + 64 + 32 + 2) == (pct > 0)
+    assert (s["pages_precopy"] > 1000) == (pct > 0)  # < 1 MiB per block at 0
     assert s["shut"] == 0
 
 
