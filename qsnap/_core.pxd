@@ -219,3 +219,9 @@ cdef extern from "emit.h" nogil:
     int qs_emit_write_all(qs_emit *e, const void *buf, size_t len, qs_emit_err *err)
 
 # --- end aio/emit --------------------------------------------------------------
+
+# --- postcopy ---
+
+cdef extern from "emit.h" nogil:
+    int qs_emit_page_range(qs_emit *e, const qs_emit_block *b, uint64_t p0, uint64_t p1,
+                           const uint8_t *data, qs_emit_err *err)

@@ -8,3 +8,4 @@ codes from C become qsnap.errors exceptions here and nowhere else.
 include "_ramparse.pxi"
 include "_sink.pxi"
 include "_load.pxi"
+include "_postcopy.pxi"

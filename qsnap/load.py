@@ -78,11 +78,13 @@ class _Framing:
         return bytes([C.QEMU_VM_SECTION_END]) + _be32(self.section_id) + self.section_close
 
 
-def mem_size_record(blocks, info):
+def mem_size_record(blocks, info, host_page_size=None):
     """MEM_SIZE record + block list of the RAM SECTION_START (ram.c ram_save_setup).
 
     Precopy has no POSTCOPY_ADVISE, so no block carries a page-size field; the
     GPA field is present iff x-ignore-shared is on (migration-stream.md 3.2).
+    With ``host_page_size`` (postcopy) a block whose page size differs from it
+    carries its be64 page size, before the GPA.
     """
     total = sum(b.length for b in blocks)
     declared = info.get("mem_size_total")
@@ -92,6 +94,8 @@ def mem_size_record(blocks, info):
     out = [_be64(total | C.RAM_SAVE_FLAG_MEM_SIZE)]
     for b in blocks:
         out.append(_counted(b.idstr) + _be64(b.length))
+        if host_page_size is not None and b.page_size != host_page_size:
+            out.append(_be64(b.page_size))
         if ignore_shared:
             if b.gpa is None:
                 raise ImageError(f"block '{b.idstr}' has no GPA but x-ignore-shared is on")

@@ -279,3 +279,45 @@ int qs_emit_zero_range(qs_emit *e, const qs_emit_block *b, uint64_t first, uint6
     }
     return QS_EMIT_OK;
 }
+
+int qs_emit_page_range(qs_emit *e, const qs_emit_block *b, uint64_t p0, uint64_t p1,
+                       const uint8_t *data, qs_emit_err *err)
+{
+    const uint64_t ps = e->page_size;
+    if (b->idlen == 0)
+        return set_err(err, QS_EMIT_EINVAL, 0, b->index, 0);
+    if (p1 > b->n_pages || p0 > p1)
+        return set_err(err, QS_EMIT_EINVAL, 0, p0 * ps, p1);
+    for (uint64_t i = p0; i < p1; i++) {
+        if (!page_stored(b->bitmap, i))
+            continue;
+        if (!data)
+            return set_err(err, QS_EMIT_EINVAL, 0, i * ps, 0);
+        uint32_t c = qs_crc32c(0, data + (i - p0) * ps, ps);
+        if (c != b->crcs[i]) {
+            set_err(err, QS_EMIT_ECRC, 0, i * ps, 0);
+            err->block = b->index;
+            err->expected = b->crcs[i];
+            err->actual = c;
+            return QS_EMIT_ECRC;
+        }
+    }
+    for (uint64_t i = p0; i < p1; i++) {
+        int rc = reserve(e, 10 + 255, 2, err);
+        if (rc)
+            return rc;
+        if (page_stored(b->bitmap, i)) {
+            commit(e, put_header(e, b, i, QS_RAM_SAVE_FLAG_PAGE));
+            e->iov[e->n_iov].iov_base = (void *)(data + (i - p0) * ps);
+            e->iov[e->n_iov].iov_len = ps;
+            e->n_iov++;
+            e->pages++;
+        } else {
+            size_t n = put_header(e, b, i, QS_RAM_SAVE_FLAG_ZERO);
+            e->arena[e->arena_len + n] = 0;
+            commit(e, n + 1);
+            e->zero_pages++;
+        }
+    }
+    return QS_EMIT_OK;
+}

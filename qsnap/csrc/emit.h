@@ -96,6 +96,18 @@ int qs_emit_cluster(qs_emit *e, const qs_emit_block *b, uint64_t voff,
 int qs_emit_zero_range(qs_emit *e, const qs_emit_block *b, uint64_t first, uint64_t end,
                        qs_emit_err *err);
 
+/*
+ * Queue records for EVERY target page in [p0, p1) of b: PAGE for stored pages
+ * (data of page i at data + (i - p0) * page_size), ZERO (fill 0) for the
+ * others.  Every stored page's crc32c is checked first; on a mismatch nothing
+ * is queued and QS_EMIT_ECRC names the first bad page.  data may be NULL only
+ * when no page of the range is stored (else QS_EMIT_EINVAL).  data must stay
+ * valid until the next qs_emit_flush() (records may be flushed earlier).
+ * Used by postcopy, where a host page is delivered whole, zero pages included.
+ */
+int qs_emit_page_range(qs_emit *e, const qs_emit_block *b, uint64_t p0, uint64_t p1,
+                       const uint8_t *data, qs_emit_err *err);
+
 /* Write everything queued: partial writes, EINTR, EAGAIN (poll) handled. */
 int qs_emit_flush(qs_emit *e, qs_emit_err *err);
 
