@@ -333,10 +333,13 @@ class Qemu:
         except concurrent.futures.TimeoutError:
             raise QemuError(f"QMP {cmd} timed out after {self.qmp_timeout}s") from None
         except Exception as e:
-            if not self.is_running():
-                raise QemuError(f"QEMU exited ({self.proc.returncode}) during {cmd}:\n"
-                                f"{self.log_tail()}") from e
-            raise
+            # QMP may see the socket close a moment before the process is gone
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                raise e from None
+            raise QemuError(f"QEMU exited ({self.proc.returncode}) during {cmd}:\n"
+                            f"{self.log_tail()}") from e
 
     def hmp(self, command_line: str) -> str:
         return self.qmp("human-monitor-command", {"command-line": command_line})
