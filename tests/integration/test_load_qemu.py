@@ -7,6 +7,7 @@ hold byte-identical RAM.
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,8 @@ def save(vm, img, kind, raw=None, max_bandwidth=None, timeout=180):
         vm.set_capabilities(background_snapshot=True)
     elif kind == "precopy-stopped":
         vm.stop()
+    elif kind == "precopy-xbzrle":
+        vm.set_capabilities(xbzrle=True)
     cmd = qsnap_cmd("save", img)
     if raw is not None:
         cmd = f"tee {raw} | {cmd}"
@@ -142,26 +145,27 @@ def test_corrupted_image(blob_image, tmp_path):
 def _reference(tmp_path, raw, img, make_dst):
     """Load RAW (cat) and IMG (qsnap load) into two paused destinations; compare RAM.
 
-    Returns the qsnap-restored destination, still running (caller shuts it down)."""
+    Returns (qsnap-restored destination, reference destination), both still
+    running; the caller shuts them down."""
     ref = make_dst(name="dst-cat")
+    dst = None
     try:
         restore(ref, f"exec:cat {raw}")
         ref_ram = ref.ram_dump(tmp_path / "ref.ram").read_bytes()
-    finally:
-        ref.shutdown()
-    dst = make_dst(name="dst-qsnap")
-    try:
+        dst = make_dst(name="dst-qsnap")
         restore(dst, load_uri(img))
-        assert dst.status() == "paused"
+        assert dst.status() == ref.status() == "paused"
         ram = dst.ram_dump(tmp_path / "qsnap.ram").read_bytes()
         assert len(ram) == len(ref_ram) == dst.memory
         if ram != ref_ram:
             compare_ram(ram, ref_ram, "RAM restored by qsnap vs by QEMU from the raw stream")
             pytest.fail("RAM differs in [0xa0000, 0x100000) only")
     except BaseException:
-        dst.shutdown()
+        for vm in (dst, ref):
+            if vm is not None:
+                vm.shutdown()
         raise
-    return dst
+    return dst, ref
 
 
 def test_reference_stopped_blob_guest(qemu_bin, tmp_path):
@@ -172,21 +176,28 @@ def test_reference_stopped_blob_guest(qemu_bin, tmp_path):
         save(vm, img, "precopy-stopped", raw=raw)
     finally:
         vm.shutdown()
-    dst = _reference(tmp_path, raw, img, lambda **kw: destination(memory=MEMORY, **kw))
+    dst, ref = _reference(tmp_path, raw, img, lambda **kw: destination(memory=MEMORY, **kw))
     try:
         BlobGuest.verify_blobs(dst, blobs)
     finally:
         dst.shutdown()
+        ref.shutdown()
 
 
-LINUX_KINDS = ("background", "precopy-live")
+# precopy-xbzrle: a live precopy with the xbzrle capability, so pages resent
+# after the first pass arrive as XBZRLE deltas against the earlier copy.
+# The background snapshot comes last: in one of our runs both live precopies
+# taken after a background snapshot of the same TCG guest did not resume (the
+# guest panicked, identically from QEMU's own stream), see test_reference_linux.
+LINUX_KINDS = ("precopy-live", "precopy-xbzrle", "background")
+PANIC_RE = r"Kernel panic|BUG:|Oops"
 
 
 @pytest.fixture(scope="module")
 def linux_saves(linux_guest_files, tmp_path_factory):
-    """One boot of the live guest saved twice through tee | qsnap save.
+    """One boot of the live guest saved once per kind through tee | qsnap save.
 
-    {kind: (raw, img, tick before, tick after)}"""
+    {kind: (raw, img, tick before, tick after, query-migrate)}"""
     d = tmp_path_factory.mktemp("linux-load")
     out = {}
     with LinuxGuest(*linux_guest_files, env=qsnap_env()) as vm:
@@ -194,26 +205,49 @@ def linux_saves(linux_guest_files, tmp_path_factory):
             vm.wait_ticks(vm.ticks() + 2, timeout=120)
             before = vm.ticks()
             raw, img = d / f"{kind}.stream", d / f"{kind}.qsnap"
-            save(vm, img, kind, raw=raw, max_bandwidth=32 * MIB)
-            out[kind] = (raw, img, before, vm.ticks())
+            info = save(vm, img, kind, raw=raw, max_bandwidth=32 * MIB)
+            out[kind] = (raw, img, before, vm.ticks(), info)
             if kind == "background":
                 vm.set_capabilities(background_snapshot=False)
+            else:
+                if kind == "precopy-xbzrle":
+                    vm.set_capabilities(xbzrle=False)
+                vm.cont()  # a precopy leaves the source paused (postmigrate)
     return out
+
+
+def _keeps_ticking(vm, before, after):
+    """cont; the guest resumes at the saved counter and prints two more ticks."""
+    vm.cont()
+    first = vm.wait_ticks(0, timeout=60)
+    assert first >= before
+    vm.wait_ticks(max(first, after) + 2, timeout=60)
+    assert not re.search(PANIC_RE, vm.console()), vm.console()[-3000:]
+    assert vm.status() == "running"
 
 
 @pytest.mark.parametrize("kind", LINUX_KINDS)
 def test_reference_linux(linux_saves, linux_guest_files, tmp_path, kind):
     """Same RAM as QEMU's own restore; after cont the guest keeps ticking."""
-    raw, img, before, after = linux_saves[kind]
-    dst = _reference(tmp_path, raw, img,
-                     lambda **kw: destination(LinuxGuest, kernel=linux_guest_files[0],
-                                              initrd=linux_guest_files[1], **kw))
+    raw, img, before, after, mig = linux_saves[kind]
+    assert mig["status"] == "completed"
+    if kind == "precopy-xbzrle":
+        assert mig["xbzrle-cache"]["pages"] > 0, mig
+    dst, ref = _reference(tmp_path, raw, img,
+                          lambda **kw: destination(LinuxGuest, kernel=linux_guest_files[0],
+                                                   initrd=linux_guest_files[1], **kw))
     try:
         assert dst.ticks() == -1
-        dst.cont()
-        first = dst.wait_ticks(0, timeout=60)
-        assert first >= before
-        dst.wait_ticks(max(first, after) + 2, timeout=60)
-        assert dst.status() == "running"
+        try:
+            _keeps_ticking(dst, before, after)
+        except (AssertionError, QemuError) as e:
+            # RAM is identical to QEMU's own restore: does that one resume?
+            try:
+                _keeps_ticking(ref, before, after)
+            except (AssertionError, QemuError):
+                pytest.skip(f"QEMU's own restore of this {kind} stream does not resume "
+                            f"either (a capture problem, not qsnap's): {str(e)[-300:]}")
+            raise
     finally:
         dst.shutdown()
+        ref.shutdown()
