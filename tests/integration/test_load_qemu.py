@@ -7,6 +7,7 @@ hold byte-identical RAM.
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def blob_guest(blobs, memory=MEMORY):
     return vm
 
 
-def save(vm, img, kind, raw=None, max_bandwidth=None, timeout=180):
+def save(vm, img, kind, raw=None, max_bandwidth=None, timeout=180, opts=()):
     """exec:qsnap save IMG (or exec:tee RAW | qsnap save IMG); wait until the image is there."""
     vm.set_parameters(max_bandwidth=max_bandwidth or 16 << 30)
     if kind == "background":
@@ -42,7 +43,7 @@ def save(vm, img, kind, raw=None, max_bandwidth=None, timeout=180):
         vm.stop()
     elif kind == "precopy-xbzrle":
         vm.set_capabilities(xbzrle=True)
-    cmd = qsnap_cmd("save", img)
+    cmd = qsnap_cmd("save", *opts, img)
     if raw is not None:
         cmd = f"tee {raw} | {cmd}"
     vm.migrate(f"exec:{cmd}")
@@ -177,6 +178,48 @@ def test_reference_stopped_blob_guest(qemu_bin, tmp_path):
     finally:
         vm.shutdown()
     dst, ref = _reference(tmp_path, raw, img, lambda **kw: destination(memory=MEMORY, **kw))
+    try:
+        BlobGuest.verify_blobs(dst, blobs)
+    finally:
+        dst.shutdown()
+        ref.shutdown()
+
+
+VARIANTS = {
+    # background snapshot of a KVM guest (userfaultfd write-protect under KVM)
+    "kvm-background": dict(accel="kvm", kind="background", machine="pc-i440fx-7.2", args=(),
+                           opts=()),
+    # q35 with VGA (vga.vram, vga.rom blocks) and NICs (option ROM blocks, more
+    # device state); O_DIRECT writes; 64 KiB clusters
+    "q35-devices-stopped": dict(
+        accel="tcg", kind="precopy-stopped", machine="pc-q35-7.2",
+        args=("-device", "VGA", "-device", "virtio-balloon",
+              "-netdev", "user,id=n0", "-device", "e1000,netdev=n0",
+              "-netdev", "user,id=n1", "-device", "virtio-net-pci,netdev=n1"),
+        opts=("--cache=none", "--cluster-size=64K")),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_reference_variants(qemu_bin, tmp_path, variant):
+    v = VARIANTS[variant]
+    if v["accel"] == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no usable /dev/kvm")
+    memory = "128M"
+    blobs = guests.make_blobs(tmp_path / "blobs", [(16 * MIB, 8 * MIB), (40 * MIB + 0x10, 0x2000)],
+                              SEED + 2)
+    raw, img = tmp_path / "raw.stream", tmp_path / "vm.qsnap"
+    common = dict(memory=memory, machine=v["machine"], accel=v["accel"], args=v["args"])
+    vm = BlobGuest(blobs=blobs, env=qsnap_env(), **common).start()
+    try:
+        assert vm.accelerator() == v["accel"]
+        vm.wait_bios_done()
+        save(vm, img, v["kind"], raw=raw, opts=v["opts"])
+    finally:
+        vm.shutdown()
+    assert qsnap_info(img)["cluster_size"] == (64 << 10 if "--cluster-size=64K" in v["opts"]
+                                               else 1 << 20)
+    dst, ref = _reference(tmp_path, raw, img, lambda **kw: destination(**common, **kw))
     try:
         BlobGuest.verify_blobs(dst, blobs)
     finally:

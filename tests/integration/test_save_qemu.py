@@ -360,6 +360,26 @@ def test_sigkill_during_save(qemu_bin, small_blobs, tmp_path):
     assert r.returncode != 0 and len(error_lines(r.stderr)) == 1
 
 
+def test_cancel_during_save(qemu_bin, small_blobs, tmp_path):
+    """migrate_cancel mid-save: QEMU closes the pipe, qsnap reports the truncation, no image."""
+    img = tmp_path / "vm.qsnap"
+    vm = blob_guest(small_blobs, memory=SMALL_MEMORY)
+    try:
+        start_save(vm, img, "precopy-live", max_bandwidth=8 * MIB)
+        wait_for(lambda: vm.query_migrate().get("ram", {}).get("transferred", 0) > 4 * MIB, 10,
+                 "4 MiB sent to qsnap")
+        vm.qmp("migrate_cancel")
+        vm.wait_migration(statuses=("cancelled",), timeout=30)
+        wait_save_done(vm)
+        assert vm.status() == "running"
+        log = vm.log_tail(20000)
+    finally:
+        vm.shutdown()
+    errs = error_lines(log)
+    assert len(errs) == 1 and "truncated stream" in errs[0], log
+    assert not img.exists() and not temp_leftovers(img)
+
+
 class _tmpfs:
     def __init__(self, path, size):
         self.path, self.size = Path(path), size
