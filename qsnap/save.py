@@ -107,6 +107,8 @@ def save(path, *, in_fd=0, out_fd=1, cache="writeback", cluster_size=1 << 20, qu
                 machine=facts.configuration.machine if facts.configuration else None,
                 counts={"stream_bytes": reader.offset},
             )
+            tps = img.target_page_size
+            summary.setdefault("pages", sum(-(-b.length // tps) for b in facts.mem_size.blocks))
     except QsnapError:
         rp.shut(error=True)
         raise

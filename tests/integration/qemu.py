@@ -122,7 +122,8 @@ class Qemu:
                  paused: bool = False, incoming: bool = False, blobs: Iterable = (),
                  kernel=None, initrd=None, append: Optional[str] = None,
                  no_reboot: bool = False, args: Sequence[str] = (), name: str = "vm",
-                 qmp_timeout: float = 60.0, binary: Optional[str] = None):
+                 qmp_timeout: float = 60.0, binary: Optional[str] = None,
+                 env: Optional[dict] = None):
         self.memory = parse_size(memory)
         self.machine = machine
         if accel is None:
@@ -139,6 +140,7 @@ class Qemu:
         self.name = name
         self.qmp_timeout = qmp_timeout
         self.binary = binary or qemu_binary() or QEMU_BINARY
+        self.env = env
         self.tmpdir: Optional[Path] = None
         self.proc: Optional[subprocess.Popen] = None
         self._loop: Optional[_Loop] = None
@@ -196,7 +198,7 @@ class Qemu:
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
                                              stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+                                             start_new_session=True, env=self.env)
             self._loop = _Loop()
             self._connect()
         except BaseException:
@@ -268,6 +270,46 @@ class Qemu:
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def descendants(self) -> list:
+        """[(pid, argv)] of QEMU's live descendant processes (exec: migration commands)."""
+        if not self.is_running():
+            return []
+        parent = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if fields[0] != b"Z":
+                parent[int(d)] = int(fields[1])
+        out, todo = [], [self.proc.pid]
+        while todo:
+            p = todo.pop()
+            for c, pp in parent.items():
+                if pp == p:
+                    todo.append(c)
+                    try:
+                        with open(f"/proc/{c}/cmdline", "rb") as f:
+                            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+                    except OSError:
+                        continue
+                    out.append((c, argv))
+        return out
+
+    def wait_no_descendants(self, timeout: float = 60.0):
+        """Wait until QEMU's exec: commands have exited (QEMU reports 'completed'
+        before it closes the channel and reaps the command)."""
+        deadline = time.monotonic() + timeout
+        while self.descendants():
+            if time.monotonic() > deadline:
+                raise QemuError(f"exec: commands still running after {timeout}s: "
+                                f"{self.descendants()}")
+            time.sleep(0.05)
+
     def log_tail(self, n: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n:]
@@ -291,10 +333,13 @@ class Qemu:
         except concurrent.futures.TimeoutError:
             raise QemuError(f"QMP {cmd} timed out after {self.qmp_timeout}s") from None
         except Exception as e:
-            if not self.is_running():
-                raise QemuError(f"QEMU exited ({self.proc.returncode}) during {cmd}:\n"
-                                f"{self.log_tail()}") from e
-            raise
+            # QMP may see the socket close a moment before the process is gone
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                raise e from None
+            raise QemuError(f"QEMU exited ({self.proc.returncode}) during {cmd}:\n"
+                            f"{self.log_tail()}") from e
 
     def hmp(self, command_line: str) -> str:
         return self.qmp("human-monitor-command", {"command-line": command_line})

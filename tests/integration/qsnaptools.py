@@ -1,0 +1,143 @@
+"""Running qsnap behind real QEMU: exec: command lines, environment, image checks.
+
+QEMU runs ``exec:`` URIs with ``/bin/sh -c``; the commands here run qsnap as
+``<this python> -m qsnap`` with PYTHONPATH pointing at this checkout, so the
+tests exercise the tree under test, not an installed copy.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .qemu import PAGE_SIZE, QemuError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def qsnap_env() -> dict:
+    """Environment for QEMU (and so for its exec: children) that finds this qsnap."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def qsnap_cmd(*args) -> str:
+    """Shell command line running qsnap with ``args`` (for exec: URIs)."""
+    return " ".join([shlex.quote(sys.executable), "-m", "qsnap"] + [shlex.quote(str(a)) for a in args])
+
+
+def run_qsnap(*args, stdin=None, check=False, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qsnap", *map(str, args)], stdin=stdin,
+                          capture_output=True, env=qsnap_env(), timeout=timeout, check=check)
+
+
+def qsnap_info(img) -> dict:
+    r = run_qsnap("info", "--output=json", img, check=True)
+    return json.loads(r.stdout)
+
+
+def error_lines(stderr) -> list:
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+    return [ln for ln in text.splitlines() if ln.startswith("qsnap: error:")]
+
+
+def wait_save_done(vm, timeout=120.0):
+    """After QEMU reported 'completed': wait until the exec: command exited.
+
+    Without a return path QEMU marks the migration completed as soon as it has
+    written the stream, then closes the pipe and waits for the command; the
+    image appears only when qsnap has finished.
+    """
+    vm.wait_no_descendants(timeout)
+
+
+def qemu_img_check(img):
+    r = subprocess.run(["qemu-img", "check", "--output=json", str(img)], capture_output=True, text=True)
+    assert r.returncode == 0, f"qemu-img check {img}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    rep = json.loads(r.stdout)
+    for key in ("corruptions", "leaks", "check-errors"):
+        assert rep.get(key, 0) == 0, f"qemu-img check {img}: {key}={rep.get(key)}: {rep}"
+    return rep
+
+
+def qemu_img_raw(img, raw):
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(img), str(raw)], check=True,
+                   capture_output=True)
+    return Path(raw)
+
+
+def qemu_img_map(img) -> list:
+    r = subprocess.run(["qemu-img", "map", "--output=json", str(img)], check=True,
+                       capture_output=True, text=True)
+    return json.loads(r.stdout)
+
+
+def host_offset(img, voff) -> int:
+    """Host file offset of virtual offset ``voff`` (which must be allocated)."""
+    for ext in qemu_img_map(img):
+        if ext["start"] <= voff < ext["start"] + ext["length"] and ext.get("data"):
+            return ext["offset"] + voff - ext["start"]
+    raise AssertionError(f"virtual offset {voff:#x} of {img} is not allocated")
+
+
+def nonzero_pages(raw_path, start, length) -> int:
+    """Number of non-zero target pages in ``[start, start+length)`` of a raw file."""
+    n = 0
+    step = 64 << 20
+    with open(raw_path, "rb") as f:
+        for off in range(start, start + length, step):
+            f.seek(off)
+            buf = f.read(min(step, start + length - off))
+            buf += bytes(-len(buf) % PAGE_SIZE)
+            a = np.frombuffer(buf, np.uint64).reshape(-1, PAGE_SIZE // 8)
+            n += int(np.count_nonzero(a.any(axis=1)))
+    return n
+
+
+def check_blobs_in_raw(raw_path, block_offset, blobs):
+    with open(raw_path, "rb") as f:
+        for b in blobs:
+            f.seek(block_offset + b.addr)
+            got = f.read(len(b.data))
+            if got != b.data:
+                bad = next((i for i in range(min(len(got), len(b.data))) if got[i] != b.data[i]), len(got))
+                raise AssertionError(f"blob at {b.addr:#x} differs in the image at +{bad:#x}")
+
+
+def block(info, idstr="pc.ram") -> dict:
+    for b in info["ram_blocks"]:
+        if b["idstr"] == idstr:
+            return b
+    raise AssertionError(f"no block {idstr!r} in {[b['idstr'] for b in info['ram_blocks']]}")
+
+
+def temp_leftovers(img) -> list:
+    img = Path(img)
+    return sorted(img.parent.glob(f".{img.name}.qsnap-*"))
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise QemuError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def compare_ram(a: bytes, b: bytes, what="RAM"):
+    """Assert two pc.ram dumps are identical outside the VGA/ROM window."""
+    assert len(a) == len(b), f"{what}: sizes {len(a)} != {len(b)}"
+    mem = len(a)
+    for lo, hi in ((0, 0xa0000), (0x100000, mem)):
+        if a[lo:hi] != b[lo:hi]:
+            bad = next(i for i in range(lo, hi, PAGE_SIZE) if a[i:i + PAGE_SIZE] != b[i:i + PAGE_SIZE])
+            raise AssertionError(f"{what} differs at page {bad:#x}")
