@@ -61,13 +61,7 @@ cdef extern from "csrc/xbzrle.h" nogil:
     long qs_xbzrle_decode(const uint8_t *src, size_t slen, uint8_t *dst, size_t dlen)
 
 cdef extern from "csrc/sink.h" nogil:
-    ctypedef struct qs_sink_rec:
-        uint64_t offset
-        uint64_t data_pos
-        uint32_t data_len
-        uint32_t block
-        uint16_t flags
-        uint8_t fill
+    ctypedef qs_page_rec qs_sink_rec
 
     enum:
         QS_SINK_OK

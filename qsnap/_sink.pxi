@@ -13,9 +13,8 @@ from libc.errno cimport ENOSPC
 
 from qsnap.errors import IOFailure as _IOFailure, StreamError as _StreamError
 
-# Same layout as qsnap.stream.events.PAGE_REC_DTYPE and qs_sink_rec (sink.h).
-SINK_REC_DTYPE = _np.dtype([('offset', 'u8'), ('data_pos', 'u8'), ('data_len', 'u4'),
-                            ('block', 'u4'), ('flags', 'u2'), ('fill', 'u1'), ('_pad', 'V5')])
+# The sink takes the parser's records as they are (qs_sink_rec is qs_page_rec).
+SINK_REC_DTYPE = PAGE_REC_DTYPE
 assert SINK_REC_DTYPE.itemsize == sizeof(qs_sink_rec) == 32
 
 

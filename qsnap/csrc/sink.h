@@ -12,17 +12,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* One RAM page record; the same 32-byte layout as qs_page_rec of the stream
- * parser (csrc/ramparse.h) and PAGE_REC_DTYPE in Python. */
-typedef struct qs_sink_rec {
-    uint64_t offset;   /* page offset inside its block */
-    uint64_t data_pos; /* PAGE/XBZRLE payload position in the data buffer */
-    uint32_t data_len; /* PAGE: target page size; XBZRLE: encoded length */
-    uint32_t block;    /* index into the block list */
-    uint16_t flags;    /* RAM_SAVE_FLAG_* as on the wire, CONTINUE included */
-    uint8_t fill;      /* ZERO fill byte */
-    uint8_t _pad[5];
-} qs_sink_rec;
+#include "ramparse.h"
+
+/* The sink consumes the stream parser's page records as they are. */
+typedef qs_page_rec qs_sink_rec;
 
 /* RAM_SAVE_FLAG_* (QEMU migration/ram.c) */
 #define QS_RAM_FLAG_ZERO 0x002
