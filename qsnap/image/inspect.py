@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from qsnap.errors import ImageError, IOFailure, QsnapError
-from qsnap.image import qcow2
+from qsnap.image import layout, qcow2
 from qsnap.image.qcow2 import L1E_OFFSET_MASK, L2E_OFFSET_MASK, REFT_OFFSET_MASK, REFCOUNT_ORDER
 from qsnap.image.reader import Image, _pread, _read_header, peek_header
 
@@ -124,8 +124,9 @@ def format_info(info):
 class _Walk:
     """Structure walk of one image: problems (corruption), leaks, reference counts."""
 
-    def __init__(self, fd, path, size, hdr):
+    def __init__(self, fd, path, size, hdr, ext_end):
         self.fd, self.path, self.size, self.hdr = fd, path, size, hdr
+        self.ext_end = ext_end  # end of the header extensions (after the end marker)
         self.cb = hdr["cluster_bits"]
         self.cs = 1 << self.cb
         self.n = (size + self.cs - 1) // self.cs     # host clusters in the file
@@ -157,22 +158,32 @@ class _Walk:
         if self.size % cs:
             self.error(f"file length 0x{self.size:x} is not a multiple of the cluster size {cs}")
         self.ref("header", 0, cs, 0)
+        for name, at in (("compatible_features", 0x50), ("autoclear_features", 0x58)):
+            if hdr[name]:
+                self.error(f"{name} 0x{hdr[name]:x} at image offset 0x{at:x} (qsnap writes 0)")
+        if hdr["header_length"] != qcow2.HEADER_LENGTH_V3:
+            self.error(f"header_length {hdr['header_length']} at image offset 0x64 (qsnap writes 104)")
+        self._zero_tail("header cluster", self.ext_end, cs)
         vsize = hdr["size"]
         if vsize % cs:
             self.error(f"virtual size 0x{vsize:x} at image offset 0x18 is not cluster aligned")
         l1_size, l1_off = hdr["l1_size"], hdr["l1_table_offset"]
         l2_entries = cs // 8
         n_virt = vsize // cs
-        if l1_size < qcow2.l1_size_for(vsize, self.cb) or l1_size > (1 << 25):
+        if l1_size != qcow2.l1_size_for(vsize, self.cb):
             self.error(f"L1 size {l1_size} at image offset 0x24 does not match virtual size 0x{vsize:x}")
         elif self.ref("L1 table", l1_off, l1_size * 8, 0x28):
             l1 = np.frombuffer(_pread(fd, l1_size * 8, l1_off, path), ">u8").astype(np.uint64)
+            self._zero_tail("L1 table", l1_off + l1_size * 8, qcow2.align_up(l1_off + l1_size * 8, cs))
             for i in np.flatnonzero(l1).tolist():
                 e, at = int(l1[i]), l1_off + 8 * i
                 if e & qcow2.L1E_RESERVED_MASK:
                     self.error(f"L1 entry 0x{e:016x} has reserved bits set at image offset 0x{at:x}")
                     continue
                 l2_off = e & L1E_OFFSET_MASK
+                if not e & qcow2.QCOW_OFLAG_COPIED:
+                    self.error(f"L1 entry 0x{e:016x} at image offset 0x{at:x} lacks OFLAG_COPIED "
+                               "(its refcount is 1)")
                 if not self.ref("L2 table", l2_off, cs, at):
                     continue
                 self._l2(l2_off, i * l2_entries, n_virt)
@@ -203,6 +214,16 @@ class _Walk:
                                   f"refcount={int(counts[j])} reference=0")
         self._compare(stored)
 
+    def _zero_tail(self, what, start, end):
+        """Unused bytes [start, end) of a qsnap-written cluster must be zero."""
+        if start >= end or end > self.size:
+            return
+        buf = _pread(self.fd, end - start, start, self.path)
+        nz = np.flatnonzero(np.frombuffer(buf, np.uint8))
+        if len(nz):
+            self.error(f"non-zero byte in the unused part of the {what} at image offset "
+                       f"0x{start + int(nz[0]):x}")
+
     def _l2(self, l2_off, first_virt, n_virt):
         cs = self.cs
         l2 = np.frombuffer(_pread(self.fd, cs, l2_off, self.path), ">u8").astype(np.uint64)
@@ -214,6 +235,9 @@ class _Walk:
             if e & (qcow2.L2E_STD_RESERVED_MASK | qcow2.QCOW_OFLAG_ZERO):
                 self.error(f"L2 entry 0x{e:016x} has reserved or zero-flag bits at image offset 0x{at:x}")
                 continue
+            if not e & qcow2.QCOW_OFLAG_COPIED:
+                self.error(f"L2 entry 0x{e:016x} at image offset 0x{at:x} lacks OFLAG_COPIED "
+                           "(its refcount is 1)")
             if first_virt + j >= n_virt:
                 self.error(f"L2 entry at image offset 0x{at:x} maps virtual offset "
                            f"0x{(first_virt + j) * cs:x}, past the virtual size")
@@ -237,18 +261,25 @@ class _Walk:
         self.n_leaks = len(high)
 
 
+def _foreign(fd, path, size):
+    """Why the file is not a qsnap image at all (wrong magic, no qsnap extension), or None."""
+    head = _pread(fd, min(size, 4096), 0, path) if size else b""
+    if len(head) < qcow2.HEADER.size:
+        return f"not a qsnap image: {path} is too short for a qcow2 header ({size} bytes)"
+    hdr = qcow2.HEADER.unpack(head)
+    if hdr["magic"] != qcow2.QCOW_MAGIC:
+        return f"not a qsnap image: bad qcow2 magic 0x{hdr['magic']:08x} at image offset 0x0"
+    if layout.QSNAP_EXT_TYPE.to_bytes(4, "big") not in head[qcow2.HEADER.size:]:
+        return f"not a qsnap image: {path} is a qcow2 file without the qsnap header extension"
+    return None
+
+
 def check_image(path, progress=False):
     """Verify structure, refcounts and every checksum; the report's exit_code is
     `qsnap check`'s status (0 clean, 1 not checked, 2 corrupt, 3 leaks only)."""
     path = os.fspath(path)
     report = {"path": path, "checked": False, "exit_code": CHECK_OK, "problems": [],
               "corruptions": 0, "leaks": 0, "leaked_clusters": [], "checksum_errors": 0}
-    peek = peek_header(path)
-    if not peek["qsnap"] or not peek["complete"]:
-        why = peek["error"] or "incomplete image (the save did not finish)"
-        report.update(exit_code=CHECK_NOT_CHECKED, problems=[why])
-        return report
-    report["checked"] = True
     errors, leaks = [], []
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -256,8 +287,22 @@ def check_image(path, progress=False):
         raise IOFailure(f"{os.strerror(e.errno).lower()} opening {path}") from None
     try:
         size = os.fstat(fd).st_size
-        hdr, _ext, _ = _read_header(fd, path, size)
-        w = _Walk(fd, path, size, hdr)
+        foreign = _foreign(fd, path, size)
+        if foreign:
+            report.update(exit_code=CHECK_NOT_CHECKED, problems=[foreign])
+            return report
+        try:
+            hdr, ext, ext_off = _read_header(fd, path, size)
+        except ImageError as e:  # a qsnap image whose header is damaged
+            report.update(checked=True, exit_code=CHECK_CORRUPT, problems=[str(e)], corruptions=1)
+            return report
+        if not ext["flags"] & layout.QSNAP_FLAG_COMPLETE:
+            report.update(exit_code=CHECK_NOT_CHECKED,
+                          problems=["incomplete image (the save did not finish)"])
+            return report
+        report["checked"] = True
+        ext_end = ext_off + qcow2.align_up(layout.QSNAP_EXT.size, 8) + qcow2.EXT_HEADER.size
+        w = _Walk(fd, path, size, hdr, ext_end)
         try:
             w.run()
         except ImageError as e:  # e.g. a table that is cut short
@@ -279,6 +324,11 @@ def check_image(path, progress=False):
             bad = img.verify_all(progress=show)
             if show:
                 sys.stderr.write("\n")
+            end = img.meta_offset + img.meta_length
+            tail = qcow2.align_up(end, img.cluster_size) - end
+            h = img.host_offset(end - 1) + 1
+            if tail and h > 1 and any(_pread(img._fd, tail, h, path)):
+                bad.append(f"non-zero bytes after the metadata region at image offset 0x{h:x}")
             report["checksum_errors"] = len(bad)
             errors += bad
             report["stored_pages"] = sum(b.nonzero_pages for b in img.blocks)

@@ -410,6 +410,11 @@ class Image:
                     po = (first + int(p)) * tps
                     problems.append(f"checksum mismatch in block '{b.idstr}' page 0x{po:x} "
                                     f"(image offset 0x{int(pairs[k, 0]) + int(p) * tps:x})")
+                if n < ppc:  # the cluster's end past the block: written as zeros
+                    lo = (k - i) * cs + n * tps
+                    if not is_zero(memoryview(buf)[lo:(k - i + 1) * cs]):
+                        problems.append(f"non-zero bytes past the end of block '{b.idstr}' in the data "
+                                        f"cluster at image offset 0x{int(pairs[k, 0]):x}")
                 for p in np.flatnonzero(~bits):
                     lo = (k - i) * cs + int(p) * tps
                     if not is_zero(memoryview(buf)[lo:lo + tps]):
