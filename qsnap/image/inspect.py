@@ -134,6 +134,7 @@ class _Walk:
         self.errors = []
         self.leaks = []
         self.data_clusters = 0
+        self.n_beyond = 0   # non-zero refcounts of clusters past the end of the file
 
     def error(self, msg):
         self.errors.append(msg)
@@ -163,7 +164,7 @@ class _Walk:
                 self.error(f"{name} 0x{hdr[name]:x} at image offset 0x{at:x} (qsnap writes 0)")
         if hdr["header_length"] != qcow2.HEADER_LENGTH_V3:
             self.error(f"header_length {hdr['header_length']} at image offset 0x64 (qsnap writes 104)")
-        self._zero_tail("header cluster", self.ext_end, cs)
+        self._zero_tail("header cluster", self.ext_end - 8, cs)  # end marker (all zero) and padding
         vsize = hdr["size"]
         if vsize % cs:
             self.error(f"virtual size 0x{vsize:x} at image offset 0x18 is not cluster aligned")
@@ -209,6 +210,7 @@ class _Walk:
                 k = min(per_block, self.n - first)
                 stored[first:first + k] = counts[:k]
                 beyond = np.flatnonzero(counts[k:]) + k
+            self.n_beyond += len(beyond)
             for j in beyond[:MAX_LISTED].tolist():
                 self.leaks.append(f"leaked cluster {first + j} (past the end of the file) "
                                   f"refcount={int(counts[j])} reference=0")
@@ -258,7 +260,7 @@ class _Walk:
         for c in high[:MAX_LISTED].tolist():
             self.leaks.append(f"leaked cluster 0x{c * self.cs:x} refcount={int(stored[c])} "
                               f"reference={int(refs[c])}")
-        self.n_leaks = len(high)
+        self.n_leaks = len(high) + self.n_beyond
 
 
 def _foreign(fd, path, size):
