@@ -300,6 +300,17 @@ class Image:
                                     b["nonzero_pages"], b["migrated"], b["page_size_on_wire"],
                                     b["gpa"], bitmap, crcs))
         self.blocks = blocks
+        # every data cluster below the metadata region belongs to a block's region
+        cb = self.cluster_bits
+        starts = np.array([b.offset >> cb for b in blocks], dtype=np.uint64)
+        ends = np.array([(b.offset + b.length + cs - 1) >> cb for b in blocks], dtype=np.uint64)
+        ram = self._mapped_virt[self._mapped_virt < np.uint64(mo >> cb)]
+        k = np.searchsorted(starts, ram, side="right").astype(np.int64) - 1
+        outside = (k < 0) | (ram >= ends[np.maximum(k, 0)] if len(ends) else True)
+        if np.any(outside):
+            v = int(ram[np.flatnonzero(outside)[0]])
+            raise ImageError(f"data cluster at image offset 0x{self._cluster_host(v):x} maps virtual "
+                             f"offset 0x{v << cb:x}, outside every RAM block")
         self.header_bytes = layout.get_blob(region, doc["stream"]["header"], "stream.header")
         self.pre_ram = layout.get_blob(region, doc["stream"]["pre_ram"], "stream.pre_ram")
         self.device_state = layout.get_blob(region, doc["device_state"], "device_state")

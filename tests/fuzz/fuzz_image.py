@@ -20,11 +20,10 @@ import seeds
 
 import atheris
 
-with atheris.instrument_imports():
-    from qsnap.errors import QsnapError
-    from qsnap.image import inspect
-    from qsnap.image.reader import Image, peek_header
-    from qsnap.load import load
+from qsnap.errors import QsnapError  # noqa: E402
+from qsnap.image import inspect  # noqa: E402
+from qsnap.image.reader import Image, peek_header  # noqa: E402
+from qsnap.load import load  # noqa: E402
 
 STRUCTS = ("header", "extension", "l1", "l2", "reftable", "refblock", "meta_head", "meta_json",
            "blobs", "data")
@@ -178,6 +177,7 @@ def main(argv=None):
         argv.append("-max_len=512")
     if not any(a.startswith("-timeout=") for a in argv):
         argv.append("-timeout=30")
+    atheris.instrument_all()  # seeds.py imported the image modules before any hook could
     atheris.Setup(argv, TestOneInput)
     try:
         atheris.Fuzz()
