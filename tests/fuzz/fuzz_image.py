@@ -20,10 +20,11 @@ import seeds
 
 import atheris
 
-from qsnap.errors import QsnapError  # noqa: E402
-from qsnap.image import inspect  # noqa: E402
-from qsnap.image.reader import Image, peek_header  # noqa: E402
-from qsnap.load import load  # noqa: E402
+with atheris.instrument_imports(include=["qsnap"]):
+    from qsnap.errors import QsnapError
+    from qsnap.image import inspect
+    from qsnap.image.reader import Image, peek_header
+    from qsnap.load import load
 
 STRUCTS = ("header", "extension", "l1", "l2", "reftable", "refblock", "meta_head", "meta_json",
            "blobs", "data")
@@ -177,7 +178,6 @@ def main(argv=None):
         argv.append("-max_len=512")
     if not any(a.startswith("-timeout=") for a in argv):
         argv.append("-timeout=30")
-    atheris.instrument_all()  # seeds.py imported the image modules before any hook could
     atheris.Setup(argv, TestOneInput)
     try:
         atheris.Fuzz()

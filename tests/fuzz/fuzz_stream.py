@@ -15,7 +15,7 @@ import seeds  # noqa: F401  (puts the checkout on sys.path)
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["qsnap"]):
     from qsnap.errors import QsnapError
     from qsnap.stream.events import DeviceState, PageBatch
     from qsnap.stream.reader import StreamReader
@@ -53,24 +53,11 @@ def TestOneInput(data):
         raise AssertionError(f"C parser and pure twin disagree: {c} vs {py}")
 
 
-def _seed_corpus():
-    d = seeds.cache_dir() / "corpus-stream"
-    if not d.exists():
-        d.mkdir(parents=True)
-        for p in seeds.stream_paths():
-            data = seeds.load_stream(p)
-            (d / p.name.split(".")[0]).write_bytes(data)
-            # short heads reach the early structures quickly
-            for n in (64, 512, 4096, 65536):
-                (d / f"{p.name.split('.')[0]}-head{n}").write_bytes(data[:n])
-    return d
-
-
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
     seeds.limit_memory()
     if not any(not a.startswith("-") for a in argv[1:]):
-        argv.append(str(_seed_corpus()))
+        argv.append(str(seeds.stream_corpus()))
     if not any(a.startswith("-max_len=") for a in argv):
         argv.append("-max_len=2000000")
     if not any(a.startswith("-timeout=") for a in argv):

@@ -20,7 +20,6 @@ REPO = HERE.parents[1]
 if str(REPO) not in sys.path:  # run from a checkout (python tests/fuzz/fuzz_*.py)
     sys.path.insert(0, str(REPO))
 
-from qsnap.image import layout, qcow2  # noqa: E402
 
 FIXTURES_DIR = (REPO / ".." / "shared" / "fixtures").resolve()
 BLOB_STREAM = REPO / "tests" / "data" / "bg72-blob.stream.gz"
@@ -83,6 +82,8 @@ def seed_images(names=("pc72", "bg72", "is72"), blob=True, cluster_size=1 << 16,
 def image_map(buf):
     """Where each structure of a (valid) image lies: {name: [(offset, length)]} in host
     offsets, plus 'meta_host' (host offset of the metadata region) and facts."""
+    from qsnap.image import layout, qcow2
+
     hdr = qcow2.HEADER.unpack(buf)
     cs = 1 << hdr["cluster_bits"]
     ext_off = qcow2.HEADER_LENGTH_V3 + 8
@@ -184,6 +185,8 @@ def fix_crcs(buf, facts, blobs=False):
 
 def set_json(buf, facts, doc):
     """Write ``doc`` as the metadata JSON if it fits before the first blob; False if not."""
+    from qsnap.image import layout
+
     text = json.dumps(doc, separators=(",", ":")).encode()
     mh = facts["meta_host"]
     room = facts["blob_start"] - 16
@@ -201,3 +204,19 @@ def limit_memory():
 
     mb = int(os.environ.get("QSNAP_FUZZ_AS_MB", "3072"))
     resource.setrlimit(resource.RLIMIT_AS, (mb << 20, mb << 20))
+
+
+def stream_corpus():
+    """A seed corpus directory of real streams and their heads (made once)."""
+    d = cache_dir() / "corpus-stream"
+    if not d.exists():
+        tmp = cache_dir() / ".corpus-stream.new"
+        tmp.mkdir(parents=True, exist_ok=True)
+        for p in stream_paths():
+            data = load_stream(p)
+            name = p.name.split(".")[0]
+            (tmp / name).write_bytes(data)
+            for n in (64, 512, 4096, 65536):  # short heads reach the early structures quickly
+                (tmp / f"{name}-head{n}").write_bytes(data[:n])
+        os.replace(tmp, d)
+    return d
