@@ -59,6 +59,8 @@ class _Framing:
 
     def __init__(self, info):
         rs = info["ram_section"]
+        if rs is None:
+            raise ImageError("the image records no RAM section (meta.stream.ram_section is null)")
         self.section_id = rs["section_id"]
         self.instance_id = rs.get("instance_id", 0)
         self.version_id = rs.get("version_id", C.RAM_SECTION_VERSION)

@@ -250,7 +250,8 @@ def _check_fields(obj, schema, path, ctx):
 BLOB_SCHEMA = {"offset": UINT, "length": UINT, "crc32c": U32}
 STREAM_SCHEMA = {
     "header": BLOB, "pre_ram": BLOB, "commands": list, "footers": bool,
-    "ram_section": (dict, None), "ram_end": bool, "switchover_start": bool,
+    "ram_section": ({"section_id": U32, "instance_id": U32, "version_id": U32}, None),
+    "ram_end": bool, "switchover_start": bool,
     "return_path": bool, "postcopy_advise": (list, None), "capabilities": list,
     "mem_size_total": UINT,
 }
@@ -290,6 +291,11 @@ def validate_meta(doc, region_length, json_end):
         if (type(cmd) is not list or len(cmd) != 2 or type(cmd[0]) is not int
                 or type(cmd[1]) is not str):
             _bad(f"meta.stream.commands[{i}]", f"must be [cmd, hex payload], not {cmd!r}")
+    pa = doc["stream"]["postcopy_advise"]
+    if pa is not None and (len(pa) != 2 or any(type(v) is not int or not 0 <= v < 1 << 64 for v in pa)):
+        _bad("meta.stream.postcopy_advise", f"must be [page-size summary, target page size], not {pa!r}")
+    if any(type(c) is not str for c in doc["stream"]["capabilities"]):
+        _bad("meta.stream.capabilities", "must be a list of strings")
     end = 0
     for i, b in enumerate(doc["ram_blocks"]):
         path = f"meta.ram_blocks[{i}]"

@@ -196,7 +196,10 @@ class Image:
                            dtype=">u8").astype(np.uint64)
         l2_entries = cs // 8
         n_clusters = vsize // cs
-        host = np.zeros(l1_size * l2_entries, dtype=np.uint64)
+        # Sparse map: only the L2 tables present in the file are kept (each one a distinct
+        # host cluster), so memory is bounded by the file size whatever l1_size says.
+        l2_tables = {}
+        virt_parts, host_parts = [], []
         for i in np.flatnonzero(l1):
             i = int(i)
             at = hdr["l1_table_offset"] + 8 * i
@@ -221,13 +224,18 @@ class Image:
                 raise ImageError(f"L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
                                  f"0x{l2_off + 8 * int(bad[0]):x} points outside the file "
                                  f"(0x{size:x} bytes) or is unaligned")
-            host[i * l2_entries:(i + 1) * l2_entries] = offs
-        if np.count_nonzero(host[n_clusters:]):
-            v = int(np.flatnonzero(host[n_clusters:])[0]) + n_clusters
-            raise ImageError(f"cluster mapped past the virtual size at virtual offset 0x{v * cs:x}")
-        host = host[:n_clusters].copy()
-        mapped = np.flatnonzero(host)
-        offs = host[mapped]
+            used = np.flatnonzero(offs)
+            if not len(used):
+                continue
+            first = i * l2_entries
+            if first + int(used[-1]) >= n_clusters:
+                v = first + int(used[used >= n_clusters - first][0])
+                raise ImageError(f"cluster mapped past the virtual size at virtual offset 0x{v * cs:x}")
+            l2_tables[i] = offs
+            virt_parts.append(used.astype(np.uint64) + np.uint64(first))
+            host_parts.append(offs[used])
+        mapped = np.concatenate(virt_parts) if virt_parts else np.zeros(0, np.uint64)
+        offs = np.concatenate(host_parts) if host_parts else np.zeros(0, np.uint64)
         order = np.argsort(offs, kind="stable")
         srt = offs[order]
         dup = np.flatnonzero(srt[1:] == srt[:-1])
@@ -242,7 +250,11 @@ class Image:
             v = int(mapped[clash[0]])
             raise ImageError(f"data cluster at image offset 0x{int(offs[clash[0]]):x} (virtual "
                              f"offset 0x{v * cs:x}) overlaps qcow2 metadata")
-        self._host = host
+        self._l2_tables = l2_tables
+        self._l2_bits = cb - 3
+        self._mapped_virt = mapped      # virtual cluster index of every mapped cluster
+        self._mapped_host = offs        # its host offset
+        self.meta_clusters = meta_clusters
         self.virtual_size = vsize
 
         # metadata region
@@ -250,6 +262,9 @@ class Image:
         if mo % cs or ml < layout.META_HEAD.size or mo + ml > vsize:
             raise ImageError(f"metadata region 0x{mo:x}+0x{ml:x} (header extension at image offset "
                              f"0x{ext_off:x}) lies outside the virtual size 0x{vsize:x}")
+        if ml > size:  # stored in the file: never allocate more than the file holds
+            raise ImageError(f"metadata length 0x{ml:x} at image offset 0x{ext_off + 16:x} exceeds "
+                             f"the file size 0x{size:x}")
         region = self._read_virtual(mo, ml)
         crc = crc32c(region)
         if crc != ext["meta_crc32c"]:
@@ -285,6 +300,17 @@ class Image:
                                     b["nonzero_pages"], b["migrated"], b["page_size_on_wire"],
                                     b["gpa"], bitmap, crcs))
         self.blocks = blocks
+        # every data cluster below the metadata region belongs to a block's region
+        cb = self.cluster_bits
+        starts = np.array([b.offset >> cb for b in blocks], dtype=np.uint64)
+        ends = np.array([(b.offset + b.length + cs - 1) >> cb for b in blocks], dtype=np.uint64)
+        ram = self._mapped_virt[self._mapped_virt < np.uint64(mo >> cb)]
+        k = np.searchsorted(starts, ram, side="right").astype(np.int64) - 1
+        outside = (k < 0) | (ram >= ends[np.maximum(k, 0)] if len(ends) else True)
+        if np.any(outside):
+            v = int(ram[np.flatnonzero(outside)[0]])
+            raise ImageError(f"data cluster at image offset 0x{self._cluster_host(v):x} maps virtual "
+                             f"offset 0x{v << cb:x}, outside every RAM block")
         self.header_bytes = layout.get_blob(region, doc["stream"]["header"], "stream.header")
         self.pre_ram = layout.get_blob(region, doc["stream"]["pre_ram"], "stream.pre_ram")
         self.device_state = layout.get_blob(region, doc["device_state"], "device_state")
@@ -296,8 +322,12 @@ class Image:
         """Host offset of the byte at virtual offset ``voff`` (0 = unallocated)."""
         if not 0 <= voff < self.virtual_size:
             raise ImageError(f"virtual offset 0x{voff:x} outside the image (0x{self.virtual_size:x})")
-        h = int(self._host[voff >> self.cluster_bits])
+        h = self._cluster_host(voff >> self.cluster_bits)
         return h + (voff & (self.cluster_size - 1)) if h else 0
+
+    def _cluster_host(self, vc):
+        t = self._l2_tables.get(vc >> self._l2_bits)
+        return 0 if t is None else int(t[vc & ((1 << self._l2_bits) - 1)])
 
     def _read_virtual(self, voff, length):
         out = bytearray(length)
@@ -306,7 +336,7 @@ class Image:
         while pos < length:
             v = voff + pos
             n = min(length - pos, cs - (v & (cs - 1)))
-            h = int(self._host[v >> self.cluster_bits])
+            h = self._cluster_host(v >> self.cluster_bits)
             if h:
                 out[pos:pos + n] = _pread(self._fd, n, h + (v & (cs - 1)), self.path)
             pos += n
@@ -315,10 +345,10 @@ class Image:
     def data_clusters(self):
         """(host_offset, virtual_offset) uint64 pairs of the RAM data clusters, by host offset."""
         n_ram = self.meta_offset >> self.cluster_bits
-        v = np.flatnonzero(self._host[:n_ram])
-        pairs = np.empty((len(v), 2), dtype=np.uint64)
-        pairs[:, 0] = self._host[v]
-        pairs[:, 1] = v.astype(np.uint64) << np.uint64(self.cluster_bits)
+        sel = self._mapped_virt < np.uint64(n_ram)
+        pairs = np.empty((int(np.count_nonzero(sel)), 2), dtype=np.uint64)
+        pairs[:, 0] = self._mapped_host[sel]
+        pairs[:, 1] = self._mapped_virt[sel] << np.uint64(self.cluster_bits)
         return pairs[np.argsort(pairs[:, 0], kind="stable")]
 
     def block_index(self, idstr):
@@ -355,11 +385,13 @@ class Image:
         problems = []
         cs, tps, cb = self.cluster_size, self.target_page_size, self.cluster_bits
         ppc = cs // tps
-        # virtual cluster -> (block, first page index in block)
-        owner = {}
-        for bi, b in enumerate(self.blocks):
-            for c in range(b.offset >> cb, (b.offset + b.length + cs - 1) >> cb):
-                owner[c] = bi
+        # virtual cluster -> block: regions are sorted and disjoint (validate_meta)
+        starts = np.array([b.offset >> cb for b in self.blocks], dtype=np.uint64)
+        ends = np.array([(b.offset + b.length + cs - 1) >> cb for b in self.blocks], dtype=np.uint64)
+
+        def owner(vc):
+            k = int(np.searchsorted(starts, np.uint64(vc), side="right")) - 1
+            return k if k >= 0 and vc < int(ends[k]) else None
         pairs = self.data_clusters()
         total = len(pairs)
         i = 0
@@ -373,7 +405,7 @@ class Image:
             crcs = page_crcs(buf, tps)
             for k in range(i, j):
                 vc = int(pairs[k, 1]) >> cb
-                bi = owner.get(vc)
+                bi = owner(vc)
                 if bi is None:
                     problems.append(f"data cluster at image offset 0x{int(pairs[k, 0]):x} maps virtual "
                                     f"offset 0x{int(pairs[k, 1]):x}, outside every block")
@@ -389,6 +421,11 @@ class Image:
                     po = (first + int(p)) * tps
                     problems.append(f"checksum mismatch in block '{b.idstr}' page 0x{po:x} "
                                     f"(image offset 0x{int(pairs[k, 0]) + int(p) * tps:x})")
+                if n < ppc:  # the cluster's end past the block: written as zeros
+                    lo = (k - i) * cs + n * tps
+                    if not is_zero(memoryview(buf)[lo:(k - i + 1) * cs]):
+                        problems.append(f"non-zero bytes past the end of block '{b.idstr}' in the data "
+                                        f"cluster at image offset 0x{int(pairs[k, 0]):x}")
                 for p in np.flatnonzero(~bits):
                     lo = (k - i) * cs + int(p) * tps
                     if not is_zero(memoryview(buf)[lo:lo + tps]):

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "crc32c.h"
+#include "ramparse.h"
 #include "sink.h"
 #include "xbzrle.h"
 #include "zero.h"
@@ -195,8 +196,94 @@ static void test_sink(void)
     CHECK(qs_sink_new(0, vsize, 3 * cs, ps, 2, cs, 0) == NULL);
 }
 
+/* Parse ``len`` bytes copied into an exact-size heap buffer (any overread is an
+ * ASan error); the parser must return a status and stay inside the buffer. */
+static int parse_exact(qs_ram_state *st, const uint8_t *src, size_t len, size_t *consumed)
+{
+    uint8_t *b = malloc(len ? len : 1);
+    qs_page_rec out[16];
+    size_t n = 0;
+    memcpy(b, src, len);
+    int rc = qs_ram_parse(st, b, len, out, 16, &n, consumed);
+    CHECK(*consumed <= len);
+    CHECK(n <= 16);
+    for (size_t i = 0; i < n; i++)
+        CHECK(out[i].data_pos + out[i].data_len <= len);
+    free(b);
+    return rc;
+}
+
+static void put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (56 - 8 * i));
+}
+
+static void test_ramparse(void)
+{
+    static qs_block blocks[2];
+    memset(blocks, 0, sizeof(blocks));
+    blocks[0].idlen = 6;
+    memcpy(blocks[0].idstr, "pc.ram", 6);
+    blocks[0].length = 1 << 20;
+    blocks[1].idlen = 7;
+    memcpy(blocks[1].idstr, "pc.bios", 7);
+    blocks[1].length = 1 << 18;
+    const uint32_t ps = 4096;
+    uint8_t rec[3 * 4096 + 256];
+    size_t len = 0;
+    /* PAGE with idstr, ZERO with CONTINUE, XBZRLE, COMPRESS_PAGE, PAGE in block 1, EOS */
+    put64(rec + len, 0x3000 | 0x008); len += 8;
+    rec[len++] = 6; memcpy(rec + len, "pc.ram", 6); len += 6;
+    memset(rec + len, 0xab, ps); len += ps;
+    put64(rec + len, 0x4000 | 0x002 | 0x020); len += 8;
+    rec[len++] = 0x5a;
+    put64(rec + len, 0x5000 | 0x040 | 0x020); len += 8;
+    rec[len++] = 1; rec[len++] = 0; rec[len++] = 4;
+    memcpy(rec + len, "\x00\x01\x02\x03", 4); len += 4;
+    put64(rec + len, 0x6000 | 0x100 | 0x020); len += 8;
+    rec[len++] = 0; rec[len++] = 0; rec[len++] = 0; rec[len++] = 5;
+    memcpy(rec + len, "zzzzz", 5); len += 5;
+    put64(rec + len, 0x1000 | 0x008); len += 8;
+    rec[len++] = 7; memcpy(rec + len, "pc.bios", 7); len += 7;
+    memset(rec + len, 0xcd, ps); len += ps;
+    put64(rec + len, 0x010); len += 8;
+
+    qs_ram_state st;
+    size_t consumed;
+    memset(&st, 0, sizeof(st));
+    st.blocks = blocks; st.n_blocks = 2; st.last_block = -1; st.page_size = ps;
+    CHECK(parse_exact(&st, rec, len, &consumed) == QS_RAM_EOS && consumed == len);
+    /* every truncation: NEED_MORE (never an error, never past the end) */
+    for (size_t k = 0; k < len; k++) {
+        memset(&st, 0, sizeof(st));
+        st.blocks = blocks; st.n_blocks = 2; st.last_block = -1; st.page_size = ps;
+        CHECK(parse_exact(&st, rec, k, &consumed) == QS_RAM_NEED_MORE);
+    }
+    /* random byte and bit mutations, random lengths, no block list */
+    uint8_t *m = malloc(len);
+    for (int it = 0; it < 20000; it++) {
+        memcpy(m, rec, len);
+        for (int j = 0, nm = 1 + (int)(rnd() % 4); j < nm; j++) {
+            size_t at = rnd() % len;
+            if (rnd() & 1)
+                m[at] ^= (uint8_t)(1u << (rnd() % 8));
+            else
+                m[at] = (uint8_t)rnd();
+        }
+        memset(&st, 0, sizeof(st));
+        st.blocks = blocks; st.n_blocks = (it % 7) ? 2 : 0;
+        st.last_block = (it % 5) ? -1 : 7; /* stale index past the list */
+        st.page_size = (it % 3) ? ps : 512;
+        int rc = parse_exact(&st, m, rnd() % (len + 1), &consumed);
+        CHECK(rc >= QS_RAM_ERR && rc <= QS_RAM_MEMSIZE);
+    }
+    free(m);
+}
+
 int main(void)
 {
+    test_ramparse();
     test_crc();
     test_zero();
     test_xbzrle();

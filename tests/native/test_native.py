@@ -15,7 +15,7 @@ def test_csrc_under_asan_ubsan(tmp_path):
     if gcc is None:
         pytest.skip("gcc is not installed")
     sources = sorted(str(p) for p in CSRC.glob("*.c")
-                     if p.stem in ("zero", "crc32c", "sink", "xbzrle"))
+                     if p.stem in ("zero", "crc32c", "sink", "xbzrle", "ramparse"))
     exe = tmp_path / "csrc_driver"
     cmd = [gcc, "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-O1", "-g",
            "-std=gnu11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}",
