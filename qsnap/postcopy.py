@@ -376,15 +376,15 @@ class _Postcopy:
         parts = []
         while v < end:
             n = min(end - v, cs - (v & (cs - 1)))
-            h = int(img._host[v >> img.cluster_bits])
+            h = img.host_offset(v)
             if h:
                 try:
-                    d = os.pread(self.req_fd, n, h + (v & (cs - 1)))
+                    d = os.pread(self.req_fd, n, h)
                 except OSError as e:
                     raise IOFailure(f"cannot read the image: {e.strerror} at image offset "
-                                    f"0x{h + (v & (cs - 1)):x}") from None
+                                    f"0x{h:x}") from None
                 if len(d) != n:
-                    raise ImageError(f"image file truncated at image offset 0x{h + (v & (cs - 1)):x}")
+                    raise ImageError(f"image file truncated at image offset 0x{h:x}")
                 parts.append(d)
             else:
                 parts.append(bytes(n))
