@@ -209,6 +209,7 @@ class Qemu:
     def _connect(self, timeout=30.0):
         from qemu.qmp import QMPClient
         self._client = QMPClient(self.name)
+        self._event_log = []
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -317,6 +318,21 @@ class Qemu:
             return ""
 
     # -- QMP -------------------------------------------------------------
+    def events(self, name: Optional[str] = None) -> list:
+        """QMP events received so far (all, or those called ``name``), oldest first."""
+        if self._client is None:
+            raise QemuError("QEMU is not running")
+
+        async def drain():
+            return self._client.events.clear()
+
+        self._event_log.extend(self._loop.run(drain(), 5))
+        return [e for e in self._event_log if name is None or e["event"] == name]
+
+    def migration_statuses(self) -> list:
+        """Statuses announced by MIGRATION events (needs the ``events`` capability)."""
+        return [e["data"]["status"] for e in self.events("MIGRATION")]
+
     def qmp(self, cmd: str, arguments: Optional[dict] = None, **args):
         """Execute one QMP command and return its result; raise QemuError on error.
 

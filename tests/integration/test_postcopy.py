@@ -47,7 +47,10 @@ def save_with_tee(vm, img, raw, timeout=300):
 
 
 def wait_postcopy(dst, timeout=300, on_postcopy=None):
-    """Poll query-migrate as fast as QMP allows; return (statuses seen, final info)."""
+    """Poll query-migrate as fast as QMP allows; return (statuses seen, final info).
+
+    The statuses come from polling and from QEMU's MIGRATION events, so a short
+    postcopy-active phase between two polls is not missed."""
     seen = []
     deadline = time.monotonic() + timeout
     while True:
@@ -60,6 +63,9 @@ def wait_postcopy(dst, timeout=300, on_postcopy=None):
             if st == "postcopy-active" and on_postcopy:
                 on_postcopy(info)
         if st == "completed":
+            for ev in dst.migration_statuses():
+                if ev not in seen:
+                    seen.append(ev)
             return seen, info
         if st in ("failed", "cancelled"):
             raise QemuError(f"migration {st}: {info.get('error-desc')}\n{dst.log_tail()}")
@@ -68,7 +74,7 @@ def wait_postcopy(dst, timeout=300, on_postcopy=None):
 
 
 def postcopy_restore(dst, img, pct, stats=None, blocktime=False, **kw):
-    dst.set_capabilities(postcopy_ram=True, postcopy_blocktime=blocktime)
+    dst.set_capabilities(postcopy_ram=True, postcopy_blocktime=blocktime, events=True)
     extra = ["--stats", stats] if stats else []
     dst.migrate_incoming("exec:" + qsnap("load", f"--postcopy={pct}", *extra, img))
     return wait_postcopy(dst, **kw)
@@ -109,6 +115,7 @@ def test_blob_postcopy_matches_cat(blob_saved, tmp_path, pct):
         seen, _ = postcopy_restore(b, img, pct, stats=stats)
         a.wait_migration(timeout=120)
         assert "postcopy-active" in seen, seen
+        assert b.migration_statuses()[-2:] == ["postcopy-active", "completed"]
         for b_ in blobs:
             assert b.read_memory(b_.addr, len(b_.data)) == b_.data
         assert_same_ram(a, b, tmp_path)
