@@ -5,6 +5,11 @@
 # qs_emit_page_range (PAGE for stored target pages, ZERO for the others,
 # checksums checked before anything of the run is queued).  Loops run with
 # the GIL released.
+#
+# ClusterPass is the background pass over the data clusters of small-page
+# blocks: it emits from the read-ahead ring's buffers (no copy), one record
+# group at a time, and hands control back to Python when the return-path
+# thread sets a RequestFlag, so requested pages go out ahead of the rest.
 
 
 cdef class RequestFlag:
