@@ -219,3 +219,8 @@ cdef extern from "emit.h" nogil:
 cdef extern from "emit.h" nogil:
     int qs_emit_page_range(qs_emit *e, const qs_emit_block *b, uint64_t p0, uint64_t p1,
                            const uint8_t *data, qs_emit_err *err)
+    int qs_emit_host_pages(qs_emit *e, const qs_emit_block *b, uint8_t *sent, uint64_t tphp,
+                           uint64_t hp0, uint64_t hp1, const uint8_t *data, uint64_t data_tp0,
+                           uint64_t *count, qs_emit_err *err)
+    int qs_flag_get(const int *f)
+    void qs_flag_set(int *f, int v)

@@ -5,6 +5,27 @@
 # qs_emit_page_range (PAGE for stored target pages, ZERO for the others,
 # checksums checked before anything of the run is queued).  Loops run with
 # the GIL released.
+#
+# ClusterPass is the background pass over the data clusters of small-page
+# blocks: it emits from the read-ahead ring's buffers (no copy), one record
+# group at a time, and hands control back to Python when the return-path
+# thread sets a RequestFlag, so requested pages go out ahead of the rest.
+
+
+cdef class RequestFlag:
+    """Set by the return-path thread when a page request is queued (or on an
+    error); polled without the GIL by ClusterPass between record groups."""
+
+    cdef int value
+
+    def set(self):
+        qs_flag_set(&self.value, 1)
+
+    def clear(self):
+        qs_flag_set(&self.value, 0)
+
+    def __bool__(self):
+        return qs_flag_get(&self.value) != 0
 
 
 cdef class HostPager:
@@ -16,23 +37,40 @@ cdef class HostPager:
     cdef PageEmitter em
     cdef readonly list sent
     cdef list _tphp
+    cdef uint8_t **sentp
+    cdef uint64_t *tphp
     cdef readonly uint64_t host_pages_sent
 
     def __cinit__(self, PageEmitter em, pages_per_host):
         self.em = em
         self.sent = []
         self._tphp = []
+        self.sentp = NULL
+        self.tphp = NULL
         self.host_pages_sent = 0
         if len(pages_per_host) != em.n_blocks:
             raise ValueError("pages_per_host must list every block")
         cdef Py_ssize_t i
+        cdef uint8_t[::1] sv
+        self.sentp = <uint8_t **>_calloc(em.n_blocks + 1, sizeof(uint8_t *))
+        self.tphp = <uint64_t *>_calloc(em.n_blocks + 1, sizeof(uint64_t))
+        if self.sentp == NULL or self.tphp == NULL:
+            raise MemoryError()
         for i in range(em.n_blocks):
             t = int(pages_per_host[i])
             if t < 1 or t & (t - 1):
                 raise ValueError(f"bad target pages per host page {t}")
             n = (em.blocks[i].n_pages + t - 1) // t
-            self.sent.append(_lnp.zeros(n, dtype=_lnp.uint8))
+            arr = _lnp.zeros(max(n, 1), dtype=_lnp.uint8)
+            sv = arr
+            self.sentp[i] = &sv[0]
+            self.tphp[i] = t
+            self.sent.append(arr[:n])
             self._tphp.append(t)
+
+    def __dealloc__(self):
+        _free(self.sentp)
+        _free(self.tphp)
 
     def n_host_pages(self, Py_ssize_t block):
         return self.sent[block].shape[0]
@@ -45,9 +83,8 @@ cdef class HostPager:
         page of the range.  Returns the number of host pages sent.
         """
         cdef const qs_emit_block *b = self.em._block(block)
-        cdef uint8_t[::1] sent = self.sent[block]
-        cdef uint64_t t = self._tphp[block]
-        cdef uint64_t nhp = sent.shape[0]
+        cdef uint64_t t = self.tphp[block]
+        cdef uint64_t nhp = self.sent[block].shape[0]
         cdef uint64_t ps = self.em.em.page_size
         cdef const uint8_t[::1] dv
         cdef const uint8_t *dp = NULL
@@ -64,29 +101,12 @@ cdef class HostPager:
         cdef uint64_t first_tp = hp0 * t
         if dp != NULL and (first_tp < data_tp0 or ((min(hp1 * t, b.n_pages) - data_tp0) * ps > dlen)):
             raise ValueError("data does not cover the host pages")
-        cdef uint64_t hp = hp0, j, tp0, tp1, count = 0
+        cdef uint64_t count = 0
         cdef qs_emit_err err
-        cdef int rc = QS_EMIT_OK
+        cdef int rc
         with nogil:
-            while hp < hp1:
-                if sent[hp]:
-                    hp += 1
-                    continue
-                j = hp
-                while j < hp1 and not sent[j]:
-                    j += 1
-                tp0 = hp * t
-                tp1 = j * t
-                if tp1 > b.n_pages:
-                    tp1 = b.n_pages
-                rc = qs_emit_page_range(&self.em.em, b, tp0, tp1,
-                                        dp + (tp0 - data_tp0) * ps if dp != NULL else NULL, &err)
-                if rc != QS_EMIT_OK:
-                    break
-                while hp < j:
-                    sent[hp] = 1
-                    hp += 1
-                    count += 1
+            rc = qs_emit_host_pages(&self.em.em, b, self.sentp[block], t, hp0, hp1, dp, data_tp0,
+                                    &count, &err)
             if rc == QS_EMIT_OK:
                 rc = qs_emit_flush(&self.em.em, &err)
         self.host_pages_sent += count
@@ -134,3 +154,193 @@ cdef class HostPager:
         if rc != QS_EMIT_OK:
             raise self.em._error(&err)
         return count
+
+
+# step() results
+cdef enum:
+    _PASS_END = 0
+    _PASS_REQUEST = 1
+    _PASS_LIMIT = 2
+
+CLUSTER_PASS_END = _PASS_END
+CLUSTER_PASS_REQUEST = _PASS_REQUEST
+CLUSTER_PASS_LIMIT = _PASS_LIMIT
+
+
+cdef class ClusterPass:
+    """The postcopy background pass over small-page data clusters.
+
+    Reads the clusters at ``host_offsets`` of ``fd`` (1 cluster each, in that
+    order) through the C read-ahead ring and emits the unsent host pages of
+    each straight from the ring's buffers, in record groups of at most
+    ``group_pages`` target pages (whole host pages), flushing after each.
+    ``step()`` runs with the GIL released and returns when the pass is done,
+    when ``flag`` (a RequestFlag) is set at a group boundary, or when the
+    emitter's byte count reaches ``stop_bytes``; the next step() resumes
+    where it stopped.
+    """
+
+    cdef HostPager pager
+    cdef PageEmitter em
+    cdef qs_aio *ring
+    cdef object _virt, _bidx
+    cdef const uint64_t *vp
+    cdef const uint32_t *bp
+    cdef size_t n
+    cdef uint64_t cs
+    cdef uint64_t group
+    cdef RequestFlag flag
+    cdef int *flagp
+    cdef bint holding
+    cdef qs_aio_chunk c
+    cdef size_t j
+    cdef uint64_t q
+    cdef bint q_set
+    cdef readonly uint64_t host_pages_sent
+
+    def __cinit__(self, HostPager pager, int fd, host_offsets, virtual_offsets, block_index,
+                  uint64_t cluster_size, uint64_t group_pages, RequestFlag flag=None,
+                  size_t buf_size=AIO_DEFAULT_BUF_SIZE, unsigned n_bufs=AIO_DEFAULT_BUFS,
+                  unsigned n_threads=AIO_DEFAULT_THREADS):
+        self.ring = NULL
+        self.pager = pager
+        self.em = pager.em
+        self.flag = flag
+        self.flagp = &flag.value if flag is not None else NULL
+        self.holding = False
+        self.q_set = False
+        self.j = 0
+        self.host_pages_sent = 0
+        if group_pages < 1:
+            raise ValueError("group_pages must be positive")
+        self.group = group_pages
+        self.cs = cluster_size
+        cdef uint64_t ps = self.em.em.page_size
+        if cluster_size < ps or cluster_size % ps:
+            raise ValueError(f"cluster size {cluster_size} not a multiple of the page size")
+        host = _lnp.ascontiguousarray(host_offsets, dtype=_lnp.uint64)
+        self._virt = _lnp.ascontiguousarray(virtual_offsets, dtype=_lnp.uint64)
+        self._bidx = _lnp.ascontiguousarray(block_index, dtype=_lnp.uint32)
+        self.n = host.shape[0]
+        if self._virt.shape[0] != self.n or self._bidx.shape[0] != self.n:
+            raise ValueError("host_offsets, virtual_offsets and block_index differ in length")
+        if self.n and self._bidx.max() >= self.em.n_blocks:
+            raise ValueError(f"block index {self._bidx.max()} out of range")
+        if self.n:
+            bl = self._bidx.astype(_lnp.int64)
+            region = _lnp.array([self.em.blocks[i].region for i in range(self.em.n_blocks)],
+                                _lnp.uint64)[bl]
+            hps = _lnp.array([self.pager.tphp[i] * ps for i in range(self.em.n_blocks)],
+                             _lnp.uint64)[bl]
+            if (hps > cluster_size).any():
+                raise ValueError("ClusterPass needs host pages no larger than a cluster")
+            if (self._virt < region).any() or ((self._virt - region) % hps).any():
+                raise ValueError("cluster not host-page aligned in its block")
+        cdef const uint64_t[::1] vv
+        cdef const uint32_t[::1] bv
+        if self.n:
+            vv = self._virt
+            bv = self._bidx
+            self.vp = &vv[0]
+            self.bp = &bv[0]
+        ext = _lnp.empty((max(self.n, 1), 2), dtype=_lnp.uint64)
+        ext[:self.n, 0] = host
+        ext[:, 1] = cluster_size
+        cdef const uint64_t[:, ::1] ev = ext
+        cdef qs_aio_err aerr
+        cdef int rc
+        cdef size_t nn = self.n
+        with nogil:
+            rc = qs_aio_open(&self.ring, fd, <const qs_extent *>&ev[0, 0], nn, buf_size, n_bufs,
+                             n_threads, &aerr)
+        if rc != QS_AIO_OK:
+            self.ring = NULL
+            raise _aio_error(&aerr)
+
+    def __dealloc__(self):
+        if self.ring != NULL:
+            with nogil:
+                qs_aio_close(self.ring)
+            self.ring = NULL
+
+    def close(self):
+        if self.ring != NULL:
+            with nogil:
+                qs_aio_close(self.ring)
+            self.ring = NULL
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def step(self, uint64_t stop_bytes=0xFFFFFFFFFFFFFFFF):
+        if self.ring == NULL:
+            raise ValueError("cluster pass is closed")
+        cdef qs_emit *e = &self.em.em
+        cdef uint64_t ps = e.page_size
+        cdef uint64_t ppc = self.cs // ps
+        cdef qs_aio_err aerr
+        cdef qs_emit_err eerr
+        cdef int arc = QS_AIO_OK, erc = QS_EMIT_OK, result = _PASS_END
+        cdef size_t k
+        cdef uint32_t bi
+        cdef const qs_emit_block *b
+        cdef uint64_t t, p0, p1, qe, step, count = 0
+        with nogil:
+            while True:
+                if not self.holding:
+                    arc = qs_aio_next(self.ring, &self.c, &aerr)
+                    if arc != QS_AIO_OK:
+                        break
+                    self.holding = True
+                    self.j = 0
+                    self.q_set = False
+                while self.j < self.c.n_extents:
+                    k = self.c.first_extent + self.j
+                    bi = self.bp[k]
+                    b = &self.em.blocks[bi]
+                    t = self.pager.tphp[bi]
+                    p0 = (self.vp[k] - b.region) // ps
+                    p1 = p0 + ppc
+                    if p1 > b.n_pages:
+                        p1 = b.n_pages
+                    if not self.q_set:
+                        self.q = p0
+                        self.q_set = True
+                    step = self.group - self.group % t if self.group >= t else t
+                    while self.q < p1:
+                        if self.flagp != NULL and qs_flag_get(self.flagp):
+                            result = _PASS_REQUEST
+                            break
+                        if e.bytes_out >= stop_bytes:
+                            result = _PASS_LIMIT
+                            break
+                        qe = self.q + step
+                        if qe > p1:
+                            qe = p1
+                        erc = qs_emit_host_pages(e, b, self.pager.sentp[bi], t, self.q // t,
+                                                 (qe + t - 1) // t,
+                                                 self.c.data + self.j * self.cs, p0, &count, &eerr)
+                        if erc == QS_EMIT_OK:
+                            erc = qs_emit_flush(e, &eerr)
+                        if erc != QS_EMIT_OK:
+                            break
+                        self.q = ((qe + t - 1) // t) * t
+                    if result != _PASS_END or erc != QS_EMIT_OK:
+                        break
+                    self.j += 1
+                    self.q_set = False
+                if result != _PASS_END or erc != QS_EMIT_OK:
+                    break
+                qs_aio_release(self.ring, NULL)
+                self.holding = False
+        self.host_pages_sent += count
+        self.pager.host_pages_sent += count
+        if erc != QS_EMIT_OK:
+            raise self.em._error(&eerr)
+        if arc != QS_AIO_OK and arc != QS_AIO_END:
+            raise _aio_error(&aerr)
+        PyErr_CheckSignals()
+        return result

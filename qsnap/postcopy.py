@@ -109,9 +109,10 @@ class ReturnPath(threading.Thread):
     and cover whole host pages (``host_sizes``) inside it.
     """
 
-    def __init__(self, fd, blocks, host_sizes, on_fatal=None):
+    def __init__(self, fd, blocks, host_sizes, on_fatal=None, flag=None):
         super().__init__(name="qsnap-return-path", daemon=True)
         self.fd = fd
+        self.flag = flag           # RequestFlag: set after a request is queued or on an error
         self.by_name = {b.idstr: i for i, b in enumerate(blocks) if b.migrated}
         self.blocks = blocks
         self.host_sizes = host_sizes
@@ -156,6 +157,8 @@ class ReturnPath(threading.Thread):
                 self.error = e
                 self.closed = True
                 self.cond.notify_all()
+            if self.flag is not None:
+                self.flag.set()
             if self.on_fatal is not None:
                 self.on_fatal(e)
 
@@ -231,6 +234,8 @@ class ReturnPath(threading.Thread):
             with self.cond:
                 self.requests.append((t, bi, start, length))
                 self.cond.notify_all()
+            if self.flag is not None:
+                self.flag.set()
         else:
             raise ProtocolError(f"unexpected return-path message {name} (type {typ}) length {ln} {where}")
 
@@ -402,6 +407,7 @@ class _Postcopy:
 
     def _serve(self):
         rp = self.rp
+        self.flag.clear()    # before draining: a request queued from now on sets it again
         if rp.error is not None:
             raise rp.error
         q = rp.requests
@@ -452,7 +458,8 @@ class _Postcopy:
             summary |= self.host_sizes[i]
         sys.setswitchinterval(0.0005)
 
-        self.rp = rp = ReturnPath(self.in_fd, blocks, self.host_sizes, self._report_fatal)
+        self.flag = _core.RequestFlag()
+        self.rp = rp = ReturnPath(self.in_fd, blocks, self.host_sizes, self._report_fatal, self.flag)
         rp.start()
         host, virt, bidx = _cluster_plan(img, blocks)
         try:
@@ -617,42 +624,25 @@ class _Postcopy:
         return [(int(s) * hps, min(int(e) * hps, length) - int(s) * hps) for s, e in zip(starts, ends)]
 
     def _cluster_pass(self, fd, host, virt, bidx, serve):
-        """Send the unsent host pages of data clusters (small-page blocks), host order."""
+        """Send the unsent host pages of data clusters (small-page blocks), host order.
+
+        The C pass emits straight from the read-ahead buffers with the GIL
+        released; with ``serve`` it comes back here whenever the return-path
+        thread flags a page request, between record groups of ``group_pages``.
+        """
         blocks = self.blocks
         sel = np.array([self.small[int(b)] and blocks[int(b)].migrated for b in bidx], bool) \
             if len(bidx) else np.zeros(0, bool)
         host, virt, bidx = host[sel], virt[sel], bidx[sel]
         if not len(host):
             return
-        cs, tps = self.cs, self.tps
-        ppc = cs // tps
-        pager = self.pager
-        ext = np.empty((len(host), 2), np.uint64)
-        ext[:, 0] = host
-        ext[:, 1] = cs
-        step_default = self.group_pages if serve else ppc
-        with _core.AioRing(fd, ext, cs, self.n_bufs, self.n_threads) as ring:
+        group = self.group_pages if serve else self.cs // self.tps
+        with _core.ClusterPass(self.pager, fd, host, virt, bidx, self.cs, group,
+                               self.flag if serve else None, max(_core.AIO_DEFAULT_BUF_SIZE, self.cs),
+                               self.n_bufs, self.n_threads) as cp:
             while True:
                 if serve:
                     self._serve()
-                item = ring.next()
-                if item is None:
+                self._part()
+                if cp.step(self._part_mark + self.part_bytes) == _core.CLUSTER_PASS_END:
                     break
-                _off, first, n_ext, data = item
-                try:
-                    for j in range(n_ext):
-                        k = first + j
-                        bi = int(bidx[k])
-                        b = blocks[bi]
-                        t = self.tphp[bi]
-                        p0 = (int(virt[k]) - b.offset) // tps
-                        p1 = min(p0 + ppc, self.n_pages[bi])
-                        mv = memoryview(data)[j * cs:(j + 1) * cs]
-                        step = max(t, step_default - step_default % t)
-                        for q0 in range(p0, p1, step):
-                            if serve:
-                                self._serve()
-                            self._part()
-                            pager.emit(bi, q0 // t, -(-min(q0 + step, p1) // t), mv, p0)
-                finally:
-                    ring.release()

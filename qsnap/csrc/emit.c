@@ -321,3 +321,38 @@ int qs_emit_page_range(qs_emit *e, const qs_emit_block *b, uint64_t p0, uint64_t
     }
     return QS_EMIT_OK;
 }
+
+int qs_emit_host_pages(qs_emit *e, const qs_emit_block *b, uint8_t *sent, uint64_t tphp,
+                       uint64_t hp0, uint64_t hp1, const uint8_t *data, uint64_t data_tp0,
+                       uint64_t *count, qs_emit_err *err)
+{
+    const uint64_t ps = e->page_size;
+    uint64_t nhp = tphp ? (b->n_pages + tphp - 1) / tphp : 0;
+    if (tphp == 0)
+        return set_err(err, QS_EMIT_EINVAL, 0, 0, tphp);
+    if (hp1 > nhp)
+        hp1 = nhp;
+    uint64_t hp = hp0;
+    while (hp < hp1) {
+        if (sent[hp]) {
+            hp++;
+            continue;
+        }
+        uint64_t j = hp;
+        while (j < hp1 && !sent[j])
+            j++;
+        uint64_t tp0 = hp * tphp, tp1 = j * tphp;
+        if (tp1 > b->n_pages)
+            tp1 = b->n_pages;
+        if (data && tp0 < data_tp0)
+            return set_err(err, QS_EMIT_EINVAL, 0, tp0 * ps, data_tp0);
+        int rc = qs_emit_page_range(e, b, tp0, tp1, data ? data + (tp0 - data_tp0) * ps : NULL, err);
+        if (rc)
+            return rc;
+        if (count)
+            *count += j - hp;
+        for (; hp < j; hp++)
+            sent[hp] = 1;
+    }
+    return QS_EMIT_OK;
+}

@@ -108,6 +108,28 @@ int qs_emit_zero_range(qs_emit *e, const qs_emit_block *b, uint64_t first, uint6
 int qs_emit_page_range(qs_emit *e, const qs_emit_block *b, uint64_t p0, uint64_t p1,
                        const uint8_t *data, qs_emit_err *err);
 
+/*
+ * Postcopy: queue records for the host pages in [hp0, hp1) of b whose byte in
+ * `sent` (one per host page of `tphp` target pages) is 0, as runs of whole
+ * host pages (qs_emit_page_range), and mark them sent.  data holds the image
+ * bytes of target pages data_tp0 onwards (NULL when none of them is stored).
+ * *count grows by the host pages queued.  Nothing is flushed.
+ */
+int qs_emit_host_pages(qs_emit *e, const qs_emit_block *b, uint8_t *sent, uint64_t tphp,
+                       uint64_t hp0, uint64_t hp1, const uint8_t *data, uint64_t data_tp0,
+                       uint64_t *count, qs_emit_err *err);
+
+/* A flag set by one thread (page request queued) and polled by another. */
+static inline int qs_flag_get(const int *f)
+{
+    return __atomic_load_n(f, __ATOMIC_ACQUIRE);
+}
+
+static inline void qs_flag_set(int *f, int v)
+{
+    __atomic_store_n(f, v, __ATOMIC_RELEASE);
+}
+
 /* Write everything queued: partial writes, EINTR, EAGAIN (poll) handled. */
 int qs_emit_flush(qs_emit *e, qs_emit_err *err);
 

@@ -287,3 +287,77 @@ def test_corrupt_page_is_never_sent(image, tmp_path):
     assert isinstance(d.exc, ChecksumError), d.exc
     assert f"page 0x{p * PS:x}" in str(d.exc)
     assert ("pc.ram", p * PS) not in {(x[1], x[2]) for x in d.pages}
+
+
+def test_cluster_pass_stops_for_requests_and_resumes(image, tmp_path):
+    """ClusterPass stops at a group boundary while the flag is set, resumes where it
+    stopped, and never sends a host page twice (pages sent elsewhere are skipped)."""
+    from qsnap import _core
+    from qsnap.load import _cluster_plan
+
+    ip, synth = image
+    img = Image.open(ip)
+    blocks = list(img.blocks)
+    out = tmp_path / "out.bin"
+    ofd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    ifd = os.open(ip, os.O_RDONLY)
+    try:
+        em = _core.PageEmitter(ofd, PS)
+        em.set_blocks([(b.idstr, b.offset, b.length, b.bitmap, b.checksums) for b in blocks])
+        pager = _core.HostPager(em, [1] * len(blocks))
+        host, virt, bidx = _cluster_plan(img, blocks)
+        # a page "served on request" before the pass reaches it
+        pager.emit(0, 5, 6, None if not blocks[0].stored(5) else
+                   os.pread(ifd, PS, img.host_offset(blocks[0].offset + 5 * PS)), 5)
+        flag = _core.RequestFlag()
+        with _core.ClusterPass(pager, ifd, host, virt, bidx, img.cluster_size, 8, flag) as cp:
+            flag.set()
+            before = em.pages + em.zero_pages
+            assert cp.step() == _core.CLUSTER_PASS_REQUEST
+            assert em.pages + em.zero_pages == before       # nothing while flagged
+            flag.clear()
+            assert cp.step(em.bytes_out + 1) == _core.CLUSTER_PASS_LIMIT
+            assert 1 <= em.pages + em.zero_pages - before <= 8   # one group, then the limit
+            steps = 0
+            while True:
+                r = cp.step(em.bytes_out + 10 * PS)
+                steps += 1
+                if r == _core.CLUSTER_PASS_END:
+                    break
+                assert r == _core.CLUSTER_PASS_LIMIT
+            assert steps > 2
+        em.flush()
+    finally:
+        os.close(ofd)
+        os.close(ifd)
+    # every data cluster's host pages went out exactly once
+    cs = img.cluster_size
+    for k in range(len(host)):
+        b = blocks[int(bidx[k])]
+        p0 = (int(virt[k]) - b.offset) // PS
+        n = min(cs // PS, b.length // PS - p0)
+        assert pager.sent[int(bidx[k])][p0:p0 + n].all()
+    data = out.read_bytes()
+    n_rec = em.pages + em.zero_pages
+    assert n_rec == pager.host_pages_sent
+    # records carry the right bytes: parse PAGE/ZERO records of pc.ram back
+    seen = {}
+    pos = 0
+    while pos < len(data):
+        (hdr,) = struct.unpack_from(">Q", data, pos)
+        pos += 8
+        flags = hdr & 0xFFF
+        if not flags & C.RAM_SAVE_FLAG_CONTINUE:
+            n = data[pos]
+            name = data[pos + 1:pos + 1 + n].decode()
+            pos += 1 + n
+        off = hdr & ~0xFFF
+        if flags & C.RAM_SAVE_FLAG_PAGE:
+            seen[(name, off)] = data[pos:pos + PS]
+            pos += PS
+        else:
+            seen[(name, off)] = None
+            pos += 1
+    assert len(seen) == n_rec
+    for (name, off), payload in seen.items():
+        assert payload == synth.final_page(name, off), (name, off)
