@@ -14,8 +14,9 @@ records, random payload, the expensive case per stream byte) and ``half``
   * zero detection: ``qsnap._core.is_zero`` over an all-zero buffer (full scan);
   * coalescing: ``ClusterSink.put_batch`` of pre-parsed batches into a file on
     tmpfs (no fsync);
-  * the combined save hot path: StreamReader -> ClusterSink.put_batch on tmpfs,
-    target >= 2 GB/s of stream on one core;
+  * the combined save hot path: StreamReader -> ClusterSink.put_batch with the
+    sink's fd on tmpfs (beside a plain write of the same bytes to a tmpfs file)
+    and on /dev/null (CPU only); target >= 2 GB/s of stream on one core;
   * checksums: ``crc32c`` and ``page_crcs`` over random data;
   * the image read path: ``qsnap.load.load`` of an image (page cache warm,
     cache=writeback) to /dev/null beside ``cat IMG > /dev/null`` on the same file.
@@ -143,29 +144,65 @@ def test_sink_put_batch(benchmark, stream, tmpfs_dir):
            ref=f"copy bytes(memoryview) [{name}]")
 
 
-def test_save_hot_path(benchmark, stream, tmpfs_dir):
-    """StreamReader over the in-memory stream feeding ClusterSink.put_batch (fd on tmpfs)."""
+def test_ref_write_tmpfs(benchmark, stream, tmpfs_dir):
+    """The physical cost of putting the stream's bytes into a fresh tmpfs file (1 MiB writes)."""
     name, data = stream
-    path = tmpfs_dir / "hot.img"
+    path = tmpfs_dir / "ref.img"
+    mv = memoryview(data)
     state = {}
 
     def setup():
         state["fd"] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def run():
-        fd, sink = state["fd"], None
-        for e in StreamReader(io.BytesIO(data)):
-            if isinstance(e, ev.PageBatch):
-                sink.put_batch(e.records, e.data)
-            elif isinstance(e, ev.MemSize):
-                sink = _new_sink(fd, e)
-        sink.flush()
+        fd = state["fd"]
+        for i in range(0, len(mv), 1 << 20):
+            os.write(fd, mv[i:i + (1 << 20)])
         os.close(fd)
 
     _bench(benchmark, run, setup)
     path.unlink()
-    record(benchmark, f"save hot path parse+zero+coalesce [{name}]", len(data),
-           ref=f"copy bytes(memoryview) [{name}]", target_gbps=TARGET_HOT_GBPS)
+    record(benchmark, f"write stream bytes -> tmpfs file [{name}]", len(data))
+
+
+def _hot_path(data, fd):
+    sink = None
+    for e in StreamReader(io.BytesIO(data)):
+        if isinstance(e, ev.PageBatch):
+            sink.put_batch(e.records, e.data)
+        elif isinstance(e, ev.MemSize):
+            sink = _new_sink(fd, e)
+    sink.flush()
+
+
+@pytest.mark.parametrize("target", ["tmpfs", "devnull"])
+def test_save_hot_path(benchmark, stream, tmpfs_dir, target):
+    """StreamReader over the in-memory stream feeding ClusterSink.put_batch, no fsync.
+
+    tmpfs: the sink's fd is a fresh file on tmpfs (the kernel allocates, zeroes
+    and copies every written page); devnull: the fd is /dev/null (CPU of
+    parse + zero detection + crc + coalescing alone)."""
+    name, data = stream
+    path = tmpfs_dir / "hot.img"
+    state = {}
+
+    def setup():
+        if target == "tmpfs":
+            state["fd"] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        else:
+            state["fd"] = os.open(os.devnull, os.O_RDWR)
+
+    def run():
+        _hot_path(data, state["fd"])
+        os.close(state["fd"])
+
+    _bench(benchmark, run, setup)
+    if path.exists():
+        path.unlink()
+    ref = (f"write stream bytes -> tmpfs file [{name}]" if target == "tmpfs"
+           else f"copy bytes(memoryview) [{name}]")
+    record(benchmark, f"save hot path parse+zero+coalesce -> {target} [{name}]", len(data),
+           ref=ref, target_gbps=TARGET_HOT_GBPS)
 
 
 # --- checksums ------------------------------------------------------------------
