@@ -32,7 +32,9 @@ model, disk write (dd + fdatasync), O_DIRECT and buffered read, pipe throughput.
 Defaults: --sizes 512M,1G,2G,4G --fill 0,50,100 --rounds 3 --postcopy 0,50.
 The full default matrix takes about 45-60 min on a 2-core host with a
 ~200 MB/s disk (4 GiB guests dominate); 512M,1G x 0,50,100 x 2 rounds ~10 min.
-Needs root for drop_caches (else posix_fadvise DONTNEED on the files),
+Cold cache = posix_fadvise DONTNEED on the image and raw stream before each load
+(--drop-caches: echo 3 > /proc/sys/vm/drop_caches instead, root; it evicts the
+interpreter and numpy too). Needs
 qemu-system-x86_64 (7.2), qemu-img, /usr/bin/time, KVM for background-snapshot.
 """
 import argparse
@@ -86,25 +88,32 @@ def postcopy_available():
 
 # --- page cache ------------------------------------------------------------------
 
+DROP_ALL = False
+
+
 def drop_caches(paths=()):
-    """Drop the page cache (root), else fadvise DONTNEED the given files. Returns the method."""
+    """Evict the data files from the page cache: posix_fadvise DONTNEED on ``paths``
+    (default), or drop the whole page cache (--drop-caches, root; that also evicts the
+    interpreter, numpy and qsnap themselves). Returns the method used."""
     os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return "drop_caches"
-    except OSError:
-        for p in paths:
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        return "fadvise"
+    if DROP_ALL:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            return "drop_caches"
+        except OSError:
+            pass
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "fadvise"
 
 
 # --- machine ---------------------------------------------------------------------
@@ -281,6 +290,11 @@ def run_case(mem, fill, rounds, work, postcopy_pcts, timeout, do_savevm=True):
         vm.wait_bios_done(timeout=120)
         res["accel"] = vm.accelerator()
         vm.set_parameters(max_bandwidth=64 << 30)
+        # One untimed background snapshot first: the first one after boot is slower
+        # (userfaultfd write protection of freshly populated RAM), whoever reads it.
+        vm.set_capabilities(background_snapshot=True)
+        vm.migrate("exec:cat > /dev/null")
+        wait_status(vm, ("completed",), time.monotonic(), timeout)
         for r in range(rounds):
             order = ["qsnap", "cat", "savevm"] if r % 2 == 0 else ["savevm", "cat", "qsnap"]
             if not do_savevm:
@@ -464,7 +478,7 @@ def markdown(summaries, machine, args, elapsed):
              "Medians of the rounds; ratios are qsnap / baseline within this run "
              "(< 1: qsnap faster). Save: background-snapshot for qsnap and cat "
              "(`cat > f && sync f`), HMP `savevm` (stops the VM) into a qcow2 drive + fsync. "
-             "Load: cold page cache, `migrate-incoming` to status completed.", "",
+             "Load: image and raw stream evicted from the page cache (fadvise DONTNEED), `migrate-incoming` to status completed.", "",
              "## Save", "",
              "| guest | non-zero | stream MiB | image MiB | qsnap s | cat+sync s | savevm s "
              "| qsnap/cat | qsnap/savevm | qsnap RSS MiB | qsnap CPU s |",
@@ -576,13 +590,25 @@ def main(argv=None):
     ap.add_argument("--name", default="e2e", help="base name of the result files")
     ap.add_argument("--no-savevm", action="store_true")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="echo 3 > drop_caches before each load instead of fadvise on the files")
     ap.add_argument("--skip-machine", action="store_true", help="do not measure disk and pipe")
     args = ap.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     fills = [float(f) / 100 for f in args.fill.split(",") if f]
     pcts = [p for p in args.postcopy.split(",") if p]
+    global DROP_ALL
+    DROP_ALL = args.drop_caches
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     work = Path(tempfile.mkdtemp(prefix="qsnap-e2e-", dir=args.dir))
+    # qsnap runs as a pip install would leave it: bytecode compiled once (kept out of
+    # the checkout), whatever PYTHONDONTWRITEBYTECODE says in this shell.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    subprocess.run([sys.executable, "-c", "import qsnap.cli, qsnap.save, qsnap.load, "
+                    "qsnap.image.reader, qsnap.image.writer, qsnap.stream.reader"], check=True)
+    if postcopy_available():
+        subprocess.run([sys.executable, "-c", "import qsnap.postcopy"], check=True)
     t_start = time.monotonic()
     try:
         machine = {} if args.skip_machine else describe_machine(work)
