@@ -70,7 +70,8 @@ def _machine():
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores, {cpu}, Linux {platform.release()}, Python {platform.python_version()}"
+    return (f"{os.cpu_count()} cores, {cpu}, Linux {platform.release()}, Python {platform.python_version()}, "
+            f"1-min load average at the end {os.getloadavg()[0]:.1f}")
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -157,6 +157,7 @@ def describe_machine(work, mib=1024):
         "disk_write_fdatasync_MBps": round(n / w / 1e6), "disk_read_odirect_MBps": round(n / rd / 1e6),
         "disk_read_buffered_cold_MBps": round(n / rb / 1e6),
         "pipe_dd_cat_MBps": round(4 * n / pipe / 1e6),
+        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
     }
 
 
@@ -282,6 +283,7 @@ def run_case(mem, fill, rounds, work, postcopy_pcts, timeout, do_savevm=True):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d), "8G"], check=True)
     py = sys.executable
     res = {"mem": mem, "fill": fill, "nonzero_bytes": nonzero, "rounds": rounds,
+           "loadavg_1min": round(os.getloadavg()[0], 2),
            "save": {"qsnap": [], "cat": [], "savevm": []}, "load": {"qsnap": [], "cat": []},
            "postcopy": {}}
     img, raw = case / "vm.qsnap", case / "raw.stream"
@@ -432,7 +434,7 @@ def summarize(res):
     s, l = res["save"], res["load"]
     out = {"guest": human(res["mem"]), "fill_pct": round(res["fill"] * 100),
            "nonzero_MiB": res["nonzero_bytes"] / MiB, "stream_MiB": res["stream_bytes"] / MiB,
-           "image_MiB": res["image_bytes"] / MiB}
+           "image_MiB": res["image_bytes"] / MiB, "loadavg_1min": res.get("loadavg_1min")}
     for who in ("qsnap", "cat", "savevm"):
         out[f"save_{who}_s"] = _med(s[who])
     for who in ("qsnap", "cat"):
@@ -481,13 +483,14 @@ def markdown(summaries, machine, args, elapsed):
              "Load: image and raw stream evicted from the page cache (fadvise DONTNEED), `migrate-incoming` to status completed.", "",
              "## Save", "",
              "| guest | non-zero | stream MiB | image MiB | qsnap s | cat+sync s | savevm s "
-             "| qsnap/cat | qsnap/savevm | qsnap RSS MiB | qsnap CPU s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| qsnap/cat | qsnap/savevm | qsnap RSS MiB | qsnap CPU s | host load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summaries:
         lines.append(f"| {s['guest']} | {s['fill_pct']}% | {s['stream_MiB']:.0f} | {s['image_MiB']:.0f} "
                      f"| {_f(s['save_qsnap_s'])} | {_f(s['save_cat_s'])} | {_f(s['save_savevm_s'])} "
                      f"| {_f(s.get('save_qsnap_over_cat'))} | {_f(s.get('save_qsnap_over_savevm'))} "
-                     f"| {_f(s['save_rss_MiB'], '{:.0f}')} | {_f(s['save_cpu_s'])} |")
+                     f"| {_f(s['save_rss_MiB'], '{:.0f}')} | {_f(s['save_cpu_s'])} "
+                     f"| {_f(s.get('loadavg_1min'), '{:.1f}')} |")
     lines += ["", "## Load", "",
               "| guest | non-zero | qsnap precopy s | cat raw s | qsnap/cat | qsnap RSS MiB "
               "| qsnap CPU s | postcopy 0%: running / completed s | postcopy 50%: running / completed s "
