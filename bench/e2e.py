@@ -476,7 +476,8 @@ def markdown(summaries, machine, args, elapsed):
     lines = [f"# qsnap end-to-end benchmark", "",
              f"{time.strftime('%Y-%m-%d %H:%M')}; `python -m bench.e2e {' '.join(args)}`; "
              f"{elapsed / 60:.1f} min", "",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), "",
+             ("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) if machine
+              else "Machine: not measured in this run (--skip-machine)"), "",
              "Medians of the rounds; ratios are qsnap / baseline within this run "
              "(< 1: qsnap faster). Save: background-snapshot for qsnap and cat "
              "(`cat > f && sync f`), HMP `savevm` (stops the VM) into a qcow2 drive + fsync. "
