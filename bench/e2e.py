@@ -437,8 +437,10 @@ def summarize(res):
            "image_MiB": res["image_bytes"] / MiB, "loadavg_1min": res.get("loadavg_1min")}
     for who in ("qsnap", "cat", "savevm"):
         out[f"save_{who}_s"] = _med(s[who])
+        out[f"save_{who}_all"] = [r["s"] for r in s[who]]
     for who in ("qsnap", "cat"):
         out[f"load_{who}_s"] = _med(l[who])
+        out[f"load_{who}_all"] = [r["s"] for r in l[who]]
     if out["save_cat_s"] and out["save_qsnap_s"]:
         out["save_qsnap_over_cat"] = out["save_qsnap_s"] / out["save_cat_s"]
     if out["save_savevm_s"] and out["save_qsnap_s"]:
@@ -472,9 +474,9 @@ def _f(v, fmt="{:.2f}"):
     return "" if v is None else fmt.format(v)
 
 
-def markdown(summaries, machine, args, elapsed):
+def markdown(summaries, machine, args, elapsed, stamp):
     lines = [f"# qsnap end-to-end benchmark", "",
-             f"{time.strftime('%Y-%m-%d %H:%M')}; `python -m bench.e2e {' '.join(args)}`; "
+             f"{stamp}; `python -m bench.e2e {' '.join(args)}`; "
              f"{elapsed / 60:.1f} min", "",
              ("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) if machine
               else "Machine: not measured in this run (--skip-machine)"), "",
@@ -568,11 +570,16 @@ def plot(summaries, path):
             if isinstance(key, tuple):
                 vals = [(s["postcopy"].get(key[1]) or {}).get(key[2]) if isinstance(s["postcopy"].get(key[1]), dict)
                         else None for s in summaries]
+                err = None
             else:
                 vals = [s.get(key) for s in summaries]
-            ax.bar(x + (i - (len(ss) - 1) / 2) * w, [v or 0 for v in vals], w, label=name)
+                alls = [s.get(key.replace("_s", "_all")) or [] for s in summaries]
+                err = [[max(0, (v or 0) - min(a, default=v or 0)) for v, a in zip(vals, alls)],
+                       [max(0, max(a, default=v or 0) - (v or 0)) for v, a in zip(vals, alls)]]
+            ax.bar(x + (i - (len(ss) - 1) / 2) * w, [v or 0 for v in vals], w, label=name,
+                   yerr=err, capsize=2, error_kw={"elinewidth": 0.8})
         ax.set_xticks(x, labels)
-        ax.set_ylabel("seconds (median)")
+        ax.set_ylabel("seconds (median; bars: min-max of rounds)")
         ax.set_title(title)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
@@ -597,7 +604,15 @@ def main(argv=None):
     ap.add_argument("--drop-caches", action="store_true",
                     help="echo 3 > drop_caches before each load instead of fadvise on the files")
     ap.add_argument("--skip-machine", action="store_true", help="do not measure disk and pipe")
+    ap.add_argument("--replot", metavar="JSON", help="rebuild .md/.png from a results JSON, no run")
     args = ap.parse_args(argv)
+    if args.replot:
+        d = json.loads(Path(args.replot).read_text())
+        summaries = [summarize(r) for r in d["raw"]]
+        args.stamp = d.get("time") or time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(args.replot).stat().st_mtime))
+        md = _write(args, d["machine"], d["raw"], summaries, d["argv"], d["elapsed_s"])
+        print(md)
+        return 0
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     fills = [float(f) / 100 for f in args.fill.split(",") if f]
     pcts = [p for p in args.postcopy.split(",") if p]
@@ -634,10 +649,11 @@ def main(argv=None):
 def _write(args, machine, raw, summaries, argv, elapsed):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown(summaries, machine, argv, elapsed)
+    stamp = getattr(args, "stamp", None) or time.strftime("%Y-%m-%d %H:%M")
+    md = markdown(summaries, machine, argv, elapsed, stamp)
     (out / f"{args.name}.md").write_text(md)
     (out / f"{args.name}.json").write_text(json.dumps(
-        {"argv": argv, "elapsed_s": elapsed, "machine": machine, "targets": TARGETS,
+        {"time": stamp, "argv": argv, "elapsed_s": elapsed, "machine": machine, "targets": TARGETS,
          "postcopy_available": postcopy_available(), "summaries": summaries, "raw": raw}, indent=1))
     plot(summaries, out / f"{args.name}.png")
     return md
