@@ -573,7 +573,7 @@ def plot(summaries, path):
                 err = None
             else:
                 vals = [s.get(key) for s in summaries]
-                alls = [s.get(key.replace("_s", "_all")) or [] for s in summaries]
+                alls = [s.get(key[:-2] + "_all") or [] for s in summaries]
                 err = [[max(0, (v or 0) - min(a, default=v or 0)) for v, a in zip(vals, alls)],
                        [max(0, max(a, default=v or 0) - (v or 0)) for v, a in zip(vals, alls)]]
             ax.bar(x + (i - (len(ss) - 1) / 2) * w, [v or 0 for v in vals], w, label=name,
