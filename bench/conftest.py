@@ -47,8 +47,8 @@ def record(benchmark, name, nbytes, *, ref=None, target_gbps=None, note=""):
 
 def _table():
     by_name = {r["name"]: r for r in _RESULTS}
-    lines = ["| benchmark | MB | median s | GB/s | reference | ref GB/s | ratio | target |",
-             "|---|---:|---:|---:|---|---:|---:|---|"]
+    lines = ["| benchmark | MB | median s | GB/s | reference | ref GB/s | ratio | target | note |",
+             "|---|---:|---:|---:|---|---:|---:|---|---|"]
     for r in _RESULTS:
         ref = by_name.get(r["ref"]) if r["ref"] else None
         ratio = f"{r['GB/s'] / ref['GB/s']:.2f}" if ref else ""
@@ -56,7 +56,7 @@ def _table():
         if r["target_GB/s"]:
             tgt = f"≥ {r['target_GB/s']} GB/s: {'met' if r['GB/s'] >= r['target_GB/s'] else 'MISSED'}"
         lines.append(f"| {r['name']} | {r['bytes'] / 1e6:.0f} | {r['median_s']:.3f} | {r['GB/s']:.2f} "
-                     f"| {r['ref'] or ''} | {ref['GB/s'] if ref else 0:.2f} | {ratio} | {tgt} |"
+                     f"| {r['ref'] or ''} | {ref['GB/s'] if ref else 0:.2f} | {ratio} | {tgt} | {r['note']} |"
                      .replace("| 0.00 |", "|  |"))
     return "\n".join(lines)
 
