@@ -30,8 +30,9 @@ Medians of the rounds and ratios (same run) go to bench/results/e2e.{json,md,png
 model, disk write (dd + fdatasync), O_DIRECT and buffered read, pipe throughput.
 
 Defaults: --sizes 512M,1G,2G,4G --fill 0,50,100 --rounds 3 --postcopy 0,50.
-The full default matrix takes about 45-60 min on a 2-core host with a
-~200 MB/s disk (4 GiB guests dominate); 512M,1G x 0,50,100 x 2 rounds ~10 min.
+The full default matrix takes about 20-30 min on the 2-core host of
+docs/benchmarks.md (disk 0.5-1.4 GB/s; 4 GiB guests dominate), longer on a
+slower disk; 512M,1G,2G x 0,50,100 x 3 rounds took 8 min there.
 Cold cache = posix_fadvise DONTNEED on the image and raw stream before each load
 (--drop-caches: echo 3 > /proc/sys/vm/drop_caches instead, root; it evicts the
 interpreter and numpy too). Needs
