@@ -3,7 +3,7 @@
     python -m pytest bench/bench_load.py [--benchmark-only]
     QSNAP_BENCH_SIZE=4G python -m pytest bench/bench_load.py
 
-Builds one image of about QSNAP_BENCH_SIZE (default 1 GiB guest RAM, 10 % zero
+Builds one image of about QSNAP_BENCH_SIZE (default 512 MiB guest RAM, 10 % zero
 pages, random data), then benchmarks, each round on a cold page cache
 (posix_fadvise DONTNEED on the image before the round):
 
@@ -21,6 +21,7 @@ import sys
 
 import pytest
 
+from bench.conftest import record
 from qsnap.image.writer import ImageWriter
 from qsnap.load import load
 from qsnap.stream import constants as C
@@ -67,7 +68,7 @@ def build_image(stream_path, image_path):
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    size = _size(os.environ.get("QSNAP_BENCH_SIZE", "1G"))
+    size = _size(os.environ.get("QSNAP_BENCH_SIZE", "512M"))
     d = tmp_path_factory.mktemp("bench_load")
     sp, ip = d / "vm.stream", d / "vm.qsnap"
     with open(sp, "wb") as f:
@@ -87,12 +88,8 @@ def drop_cache(path):
         os.close(fd)
 
 
-def _report(benchmark, nbytes, what):
-    mean = benchmark.stats.stats.mean
-    benchmark.extra_info["bytes"] = nbytes
-    benchmark.extra_info["GB/s"] = round(nbytes / mean / 1e9, 3)
-    print(f"\n{what}: {nbytes / 1e9:.2f} GB in {mean:.3f} s mean = {nbytes / mean / 1e9:.2f} GB/s",
-          file=sys.stderr)
+def _report(benchmark, nbytes, what, ref=None):
+    record(benchmark, what, nbytes, ref=ref)
 
 
 def test_cat_to_devnull(benchmark, image):
@@ -102,7 +99,7 @@ def test_cat_to_devnull(benchmark, image):
         subprocess.run(f"cat '{image}' > /dev/null", shell=True, check=True)
 
     benchmark.pedantic(run, setup=lambda: drop_cache(image), rounds=ROUNDS, iterations=1)
-    _report(benchmark, size, "cat")
+    _report(benchmark, size, "cat IMG > /dev/null (cold)")
 
 
 @pytest.mark.parametrize("cache", ["none", "writeback"])
@@ -115,7 +112,8 @@ def test_load_to_devnull(benchmark, image, cache):
             out.update(load(image, out_fd=f.fileno(), cache=cache, quiet=True))
 
     benchmark.pedantic(run, setup=lambda: drop_cache(image), rounds=ROUNDS, iterations=1)
-    _report(benchmark, size, f"load cache={cache}")
+    _report(benchmark, size, f"load IMG -> /dev/null (cold, cache={cache})",
+            ref="cat IMG > /dev/null (cold)")
     benchmark.extra_info["stream_bytes"] = out["stream_bytes"]
     benchmark.extra_info["direct_io"] = out["direct_io"]
 

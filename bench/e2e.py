@@ -1,0 +1,680 @@
+"""End-to-end benchmark against real QEMU: qsnap save/load vs cat vs savevm.
+
+    python -m bench.e2e --sizes 512M,1G --fill 0,50,100 --rounds 2
+    python -m bench.e2e --sizes 3G --fill 67 --rounds 1          # 3 GiB guest, 2 GiB random
+    python -m bench.e2e                                          # full matrix (see below)
+
+For every guest size x non-zero share, a blob guest (no OS: SeaBIOS halts,
+random blobs placed by ``-device loader`` make up the non-zero share) is
+started under KVM with a qcow2 drive (``-drive if=none``, for savevm), and,
+alternating the order of the contenders every round:
+
+save (background-snapshot for qsnap and cat; from ``migrate`` to both status
+"completed" and the exec child's exit -- QEMU 7.2 waits for the child anyway):
+  * ``exec:qsnap save IMG``                 (image durable and renamed at exit)
+  * ``exec:sh -c 'cat > raw && sync raw'``  (the same stream, durable)
+  * HMP ``savevm`` into the qcow2 drive, then fsync of the qcow2 file
+load (fresh ``-incoming defer`` QEMU each time, page cache dropped first;
+from ``migrate-incoming`` to status "completed"):
+  * ``exec:qsnap load IMG``                 (precopy, O_DIRECT reads)
+  * ``exec:cat raw``                        (QEMU's own ingest of the raw stream)
+  * ``exec:qsnap load --postcopy=P --stats=F IMG`` for P in --postcopy (0,50)
+    when ``qsnap.postcopy`` exists: time to guest running, to completion, and
+    page-request service percentiles from the stats file; otherwise the rows
+    say "not available".
+qsnap's peak RSS and CPU time come from ``/usr/bin/time -f '%e %M %U %S'``
+wrapped around the exec command.
+
+Medians of the rounds and ratios (same run) go to bench/results/e2e.{json,md,png}
+(--out), together with a description of the machine measured here: cores, CPU
+model, disk write (dd + fdatasync), O_DIRECT and buffered read, pipe throughput.
+
+Defaults: --sizes 512M,1G,2G,4G --fill 0,50,100 --rounds 3 --postcopy 0,50.
+The full default matrix takes about 20-30 min on the 2-core host of
+docs/benchmarks.md (disk 0.5-1.4 GB/s; 4 GiB guests dominate), longer on a
+slower disk; 512M,1G,2G x 0,50,100 x 3 rounds took 8 min there.
+Cold cache = posix_fadvise DONTNEED on the image and raw stream before each load
+(--drop-caches: echo 3 > /proc/sys/vm/drop_caches instead, root; it evicts the
+interpreter and numpy too). Needs
+qemu-system-x86_64 (7.2), qemu-img, /usr/bin/time, KVM for background-snapshot.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.integration import guests  # noqa: E402
+from tests.integration.qemu import BlobGuest, QemuError, qemu_version, ram_ranges  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+TIME_FMT = "%e %M %U %S"
+TARGETS = {"save_over_cat": 1.05, "load_over_cat": 1.0, "postcopy_running_s": 0.5,
+           "postcopy_completion_over_precopy": 1.2, "postcopy_p99_ms": 2.0, "rss_MiB": 150}
+
+
+def parse_size(text):
+    m = re.fullmatch(r"(\d+)([KMG]?)", text.strip().upper().rstrip("IB"))
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}")
+    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": MiB, "G": GiB}[m.group(2)]
+
+
+def human(n):
+    return f"{n // GiB}G" if n % GiB == 0 else f"{n // MiB}M"
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def postcopy_available():
+    return importlib.util.find_spec("qsnap.postcopy") is not None
+
+
+# --- page cache ------------------------------------------------------------------
+
+DROP_ALL = False
+
+
+def drop_caches(paths=()):
+    """Evict the data files from the page cache: posix_fadvise DONTNEED on ``paths``
+    (default), or drop the whole page cache (--drop-caches, root; that also evicts the
+    interpreter, numpy and qsnap themselves). Returns the method used."""
+    os.sync()
+    if DROP_ALL:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            return "drop_caches"
+        except OSError:
+            pass
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "fadvise"
+
+
+# --- machine ---------------------------------------------------------------------
+
+def _sh_time(cmd):
+    t = time.monotonic()
+    subprocess.run(cmd, shell=True, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - t
+
+
+def describe_machine(work, mib=1024):
+    """Cores, CPU, memory and the disk/pipe rates of ``work`` measured now."""
+    cpu = platform.machine()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = 0
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemTotal"):
+            mem = int(line.split()[1]) * 1024
+    virt = ""
+    try:
+        virt = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    f = Path(work) / "dd.bin"
+    n = mib * MiB
+    w = _sh_time(f"dd if=/dev/zero of={f} bs=1M count={mib} conv=fdatasync")
+    drop_caches([f])
+    rd = _sh_time(f"dd if={f} of=/dev/null bs=1M iflag=direct")
+    drop_caches([f])
+    rb = _sh_time(f"dd if={f} of=/dev/null bs=1M")
+    pipe = _sh_time(f"dd if=/dev/zero bs=1M count={mib * 4} | cat > /dev/null")
+    f.unlink()
+    return {
+        "cores": os.cpu_count(), "cpu": cpu, "memory_GiB": round(mem / GiB, 1),
+        "virtualization": virt or "unknown", "kernel": platform.release(),
+        "python": platform.python_version(), "qemu": qemu_version(),
+        "disk_dir": str(work),
+        "disk_write_fdatasync_MBps": round(n / w / 1e6), "disk_read_odirect_MBps": round(n / rd / 1e6),
+        "disk_read_buffered_cold_MBps": round(n / rb / 1e6),
+        "pipe_dd_cat_MBps": round(4 * n / pipe / 1e6),
+        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+# --- guests ----------------------------------------------------------------------
+
+def blob_layout(mem, fill):
+    """[(addr, size)] of random blobs covering ``fill`` (0..1) of guest RAM where SeaBIOS
+    leaves RAM alone: [16 MiB, safe end of low RAM) and all of the RAM above 4 GiB."""
+    want = int(mem * fill) // MiB * MiB
+    ranges = ram_ranges(mem)
+    areas = [(guests.BLOB_MIN_ADDR, guests.blob_safe_end(ranges[0][2]))]
+    if len(ranges) > 1:
+        areas.append((ranges[1][0], ranges[1][0] + ranges[1][2]))
+    out = []
+    for start, end in areas:
+        addr = start
+        while want > 0 and addr < end:
+            n = min(want, end - addr, 512 * MiB)
+            out.append((addr, n))
+            addr += n
+            want -= n
+    return out
+
+
+def make_blob_files(d, layout, seed=0):
+    """Random blob files (numpy generator, written in chunks: no copy kept in memory)."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (addr, size) in enumerate(layout):
+        p = d / f"blob{i}-{addr:#x}.bin"
+        with open(p, "wb") as f:
+            for off in range(0, size, 64 * MiB):
+                f.write(rng.bytes(min(64 * MiB, size - off)))
+        out.append(guests.Blob(p, addr, b""))
+    return out
+
+
+def check_blobs(vm, blobs, probe=64 << 10):
+    """Compare the head and tail of every blob in guest RAM with the file."""
+    for b in blobs:
+        size = b.path.stat().st_size
+        with open(b.path, "rb") as f:
+            head = f.read(probe)
+            f.seek(size - probe)
+            tail = f.read(probe)
+        if vm.read_memory(b.addr, probe) != head or vm.read_memory(b.addr + size - probe, probe) != tail:
+            raise AssertionError(f"blob at {b.addr:#x} differs after the load")
+
+
+def qemu_args(disk):
+    return ["-drive", f"file={disk},if=none,id=d0,format=qcow2,cache=writeback"]
+
+
+def read_time_file(path, timeout=60.0):
+    """(wall, maxrss MiB, user, sys) from /usr/bin/time's -o file, waiting until it is written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            text = ""
+        fields = text.splitlines()[-1].split() if text else []
+        if len(fields) == 4:
+            try:
+                e, m, u, s = map(float, fields)
+                return {"wall_s": e, "rss_MiB": m / 1024, "cpu_s": u + s, "user_s": u, "sys_s": s}
+            except ValueError:
+                pass
+        if time.monotonic() > deadline:
+            return {"error": f"no /usr/bin/time output in {path}: {text[-200:]!r}"}
+        time.sleep(0.02)
+
+
+def wait_status(vm, want, t0, timeout, interval=0.01):
+    """Poll query-migrate; return seconds since t0 when status is in ``want``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = vm.query_migrate().get("status")
+        if st in want:
+            return time.monotonic() - t0
+        if st in ("failed", "cancelled"):
+            raise QemuError(f"migration {st}: {vm.query_migrate().get('error-desc')}\n{vm.log_tail()}")
+        if not vm.is_running():
+            raise QemuError(f"QEMU exited: {vm.log_tail()}")
+        if time.monotonic() > deadline:
+            raise QemuError(f"migration still {st} after {timeout}s")
+        time.sleep(interval)
+
+
+def qcow2_actual_size(path):
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
+                         capture_output=True, text=True).stdout
+    try:
+        return json.loads(out).get("actual-size")
+    except ValueError:
+        return None
+
+
+def wait_file(path, t0, timeout):
+    deadline = time.monotonic() + timeout
+    while not (Path(path).exists() and Path(path).stat().st_size > 0):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def load_once(who, pct, mem, dst_disk, img, raw, tf, stats, blobs, py, timeout):
+    """One timed load into a fresh -incoming defer QEMU; returns the row."""
+    with BlobGuest(memory=mem, incoming=True, args=qemu_args(dst_disk), name="dst") as dst:
+        if pct is not None:
+            dst.set_capabilities(postcopy_ram=True)
+        if who == "cat":
+            cmd = f"cat {raw}"
+        elif pct is None:
+            cmd = f"{py} -m qsnap load -q {img}"
+        else:
+            cmd = f"{py} -m qsnap load -q --postcopy={pct} --stats={stats} {img}"
+        how = drop_caches([img, raw])
+        t0 = time.monotonic()
+        dst.migrate_incoming(f"exec:/usr/bin/time -f '{TIME_FMT}' -o {tf} {cmd}")
+        running = None
+        if pct is not None:
+            deadline = time.monotonic() + timeout
+            while dst.status() != "running":
+                if time.monotonic() > deadline:
+                    raise QemuError("postcopy guest never ran")
+                st = dst.query_migrate().get("status")
+                if st == "failed":
+                    raise QemuError(f"postcopy failed: {dst.log_tail()}")
+                time.sleep(0.005)
+            running = time.monotonic() - t0
+        done = wait_status(dst, ("completed",), t0, timeout)
+        tm = read_time_file(tf) if who != "cat" else {}
+        check_blobs(dst, blobs)
+        row = {"s": done, "cache": how, **tm}
+        if pct is not None:
+            row["running_s"] = running
+            row["stats"] = json.loads(stats.read_text()) if stats.exists() else None
+        log(f"  load {who:10s}  {done:6.2f} s" + (f"  running {running:.3f} s" if running else "")
+            + (f"  rss {tm['rss_MiB']:.0f} MiB cpu {tm['cpu_s']:.2f} s" if "rss_MiB" in tm else ""))
+    return row
+
+
+# --- one case --------------------------------------------------------------------
+
+def run_case(mem, fill, rounds, work, postcopy_pcts, timeout, do_savevm=True):
+    """All save and load measurements of one guest; returns a dict of raw samples."""
+    case = work / f"{human(mem)}-{round(fill * 100)}"
+    case.mkdir(parents=True, exist_ok=True)
+    layout = blob_layout(mem, fill)
+    t = time.monotonic()
+    blobs = make_blob_files(case / "blobs", layout, seed=round(fill * 100))
+    nonzero = sum(s for _, s in layout)
+    log(f"{human(mem)} fill {fill:.0%}: {len(blobs)} blobs, {nonzero / MiB:.0f} MiB random "
+        f"({time.monotonic() - t:.1f} s to write)")
+    src_disk, dst_disk = case / "src.qcow2", case / "dst.qcow2"
+    for d in (src_disk, dst_disk):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d), "8G"], check=True)
+    py = sys.executable
+    res = {"mem": mem, "fill": fill, "nonzero_bytes": nonzero, "rounds": rounds,
+           "loadavg_1min": round(os.getloadavg()[0], 2),
+           "save": {"qsnap": [], "cat": [], "savevm": []}, "load": {"qsnap": [], "cat": []},
+           "postcopy": {}}
+    img, raw = case / "vm.qsnap", case / "raw.stream"
+
+    with BlobGuest(memory=mem, blobs=blobs, args=qemu_args(src_disk), name="src") as vm:
+        vm.wait_bios_done(timeout=120)
+        res["accel"] = vm.accelerator()
+        vm.set_parameters(max_bandwidth=64 << 30)
+        # One untimed background snapshot first: the first one after boot is slower
+        # (userfaultfd write protection of freshly populated RAM), whoever reads it.
+        vm.set_capabilities(background_snapshot=True)
+        vm.migrate("exec:cat > /dev/null")
+        wait_status(vm, ("completed",), time.monotonic(), timeout)
+        for r in range(rounds):
+            order = ["qsnap", "cat", "savevm"] if r % 2 == 0 else ["savevm", "cat", "qsnap"]
+            if not do_savevm:
+                order.remove("savevm")
+            for who in order:
+                os.sync()
+                tf = case / f"time-save-{who}.txt"
+                if tf.exists():
+                    tf.unlink()
+                if who == "savevm":
+                    vm.set_capabilities(background_snapshot=False)
+                    t0 = time.monotonic()
+                    out = vm.hmp("savevm bench")
+                    fd = os.open(src_disk, os.O_RDONLY)
+                    os.fsync(fd)
+                    os.close(fd)
+                    dt = time.monotonic() - t0
+                    if out.strip():
+                        raise QemuError(f"savevm: {out.strip()}")
+                    size = qcow2_actual_size(src_disk)
+                    vm.hmp("delvm bench")
+                    res["save"]["savevm"].append({"s": dt, "qcow2_actual_bytes": size})
+                    log(f"  save savevm  {dt:6.2f} s")
+                    continue
+                vm.set_capabilities(background_snapshot=True)
+                if who == "qsnap":
+                    if img.exists():
+                        img.unlink()
+                    cmd = f"{py} -m qsnap save -q {img}"
+                    target = img
+                else:
+                    if raw.exists():
+                        raw.unlink()
+                    cmd = f"sh -c 'cat > {raw} && sync {raw}'"
+                    target = raw
+                t0 = time.monotonic()
+                vm.migrate(f"exec:/usr/bin/time -f '{TIME_FMT}' -o {tf} {cmd}")
+                done = wait_status(vm, ("completed",), t0, timeout)
+                exited = wait_file(tf, t0, timeout)
+                dt = max(done, exited or 0)
+                tm = read_time_file(tf)
+                info = vm.query_migrate()
+                row = {"s": dt, "completed_s": done, "child_exit_s": exited,
+                       "file_bytes": target.stat().st_size, **tm,
+                       "qemu_total_ms": info.get("total-time")}
+                res["save"][who].append(row)
+                log(f"  save {who:6s}  {dt:6.2f} s  rss {tm.get('rss_MiB', 0):5.0f} MiB "
+                    f"cpu {tm.get('cpu_s', 0):5.2f} s  {target.stat().st_size / MiB:.0f} MiB")
+                if vm.status() != "running":
+                    vm.cont()
+    res["stream_bytes"] = raw.stat().st_size
+    res["image_bytes"] = img.stat().st_size
+
+    kinds = ["qsnap", "cat"] + [f"postcopy{p}" for p in postcopy_pcts]
+    have_pc = postcopy_available()
+    for p in postcopy_pcts:
+        res["postcopy"][str(p)] = [] if have_pc else "not available"
+    for r in range(rounds):
+        order = kinds if r % 2 == 0 else kinds[::-1]
+        for who in order:
+            if who.startswith("postcopy") and not have_pc:
+                continue
+            pct = who[len("postcopy"):] if who.startswith("postcopy") else None
+            tf = case / f"time-load-{who}.txt"
+            stats = case / f"stats-{who}.json"
+            for f in (tf, stats):
+                if f.exists():
+                    f.unlink()
+            try:
+                row = load_once(who, pct, mem, dst_disk, img, raw, tf, stats, blobs, py, timeout)
+            except (QemuError, AssertionError, OSError) as e:
+                if pct is None:
+                    raise
+                # a postcopy engine still in the works must not sink the rest of the matrix
+                row = {"error": str(e)[:2000]}
+                log(f"  load {who:10s}  FAILED: {str(e).splitlines()[0][:200]}")
+            if pct is not None:
+                res["postcopy"][pct].append(row)
+            else:
+                res["load"][who].append(row)
+    shutil.rmtree(case, ignore_errors=True)
+    return res
+
+
+# --- summary -----------------------------------------------------------------------
+
+def _med(rows, key="s"):
+    vals = [r[key] for r in rows if isinstance(r, dict) and r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _percentiles(stats):
+    """p50/p99/max request service times (ms) from a postcopy --stats JSON, whatever its nesting."""
+    found = {}
+
+    def walk(o, path=""):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(o, (int, float)):
+            key = path.lower()
+            if "request" in key or "fault" in key or "latency" in key or "service" in key:
+                m = re.search(r"p(50|90|99|999)(?![0-9])|max", key.split(".")[-1])
+                if m:
+                    scale = 1e-3 if "_us" in key or key.endswith("us") else (1e3 if key.endswith("_s") else 1)
+                    found[m.group(0)] = o * scale
+    walk(stats)
+    return found
+
+
+def summarize(res):
+    s, l = res["save"], res["load"]
+    out = {"guest": human(res["mem"]), "fill_pct": round(res["fill"] * 100),
+           "nonzero_MiB": res["nonzero_bytes"] / MiB, "stream_MiB": res["stream_bytes"] / MiB,
+           "image_MiB": res["image_bytes"] / MiB, "loadavg_1min": res.get("loadavg_1min")}
+    for who in ("qsnap", "cat", "savevm"):
+        out[f"save_{who}_s"] = _med(s[who])
+        out[f"save_{who}_all"] = [r["s"] for r in s[who]]
+    for who in ("qsnap", "cat"):
+        out[f"load_{who}_s"] = _med(l[who])
+        out[f"load_{who}_all"] = [r["s"] for r in l[who]]
+    if out["save_cat_s"] and out["save_qsnap_s"]:
+        out["save_qsnap_over_cat"] = out["save_qsnap_s"] / out["save_cat_s"]
+    if out["save_savevm_s"] and out["save_qsnap_s"]:
+        out["save_qsnap_over_savevm"] = out["save_qsnap_s"] / out["save_savevm_s"]
+    if out["load_cat_s"] and out["load_qsnap_s"]:
+        out["load_qsnap_over_cat"] = out["load_qsnap_s"] / out["load_cat_s"]
+    out["save_rss_MiB"] = max((r.get("rss_MiB", 0) for r in s["qsnap"]), default=None)
+    out["save_cpu_s"] = _med(s["qsnap"], "cpu_s")
+    out["load_rss_MiB"] = max((r.get("rss_MiB", 0) for r in l["qsnap"]), default=None)
+    out["load_cpu_s"] = _med(l["qsnap"], "cpu_s")
+    pcs = {}
+    for pct, rows in res["postcopy"].items():
+        if not isinstance(rows, list):
+            pcs[pct] = rows
+            continue
+        p = {"running_s": _med(rows, "running_s"), "completed_s": _med(rows),
+             "rss_MiB": max((r.get("rss_MiB", 0) for r in rows), default=None),
+             "errors": [r["error"] for r in rows if "error" in r]}
+        if p["completed_s"] and out["load_qsnap_s"]:
+            p["completion_over_precopy"] = p["completed_s"] / out["load_qsnap_s"]
+        lat = [_percentiles(r.get("stats") or {}) for r in rows]
+        for k in ("p50", "p99", "max"):
+            v = [x[k] for x in lat if k in x]
+            if v:
+                p[f"{k}_ms"] = statistics.median(v)
+        pcs[pct] = p
+    out["postcopy"] = pcs
+    return out
+
+
+def _f(v, fmt="{:.2f}"):
+    return "" if v is None else fmt.format(v)
+
+
+def markdown(summaries, machine, args, elapsed, stamp):
+    lines = [f"# qsnap end-to-end benchmark", "",
+             f"{stamp}; `python -m bench.e2e {' '.join(args)}`; "
+             f"{elapsed / 60:.1f} min", "",
+             ("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) if machine
+              else "Machine: not measured in this run (--skip-machine)"), "",
+             "Medians of the rounds; ratios are qsnap / baseline within this run "
+             "(< 1: qsnap faster). Save: background-snapshot for qsnap and cat "
+             "(`cat > f && sync f`), HMP `savevm` (stops the VM) into a qcow2 drive + fsync. "
+             "Load: image and raw stream evicted from the page cache (fadvise DONTNEED), `migrate-incoming` to status completed.", "",
+             "## Save", "",
+             "| guest | non-zero | stream MiB | image MiB | qsnap s | cat+sync s | savevm s "
+             "| qsnap/cat | qsnap/savevm | qsnap RSS MiB | qsnap CPU s | host load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        lines.append(f"| {s['guest']} | {s['fill_pct']}% | {s['stream_MiB']:.0f} | {s['image_MiB']:.0f} "
+                     f"| {_f(s['save_qsnap_s'])} | {_f(s['save_cat_s'])} | {_f(s['save_savevm_s'])} "
+                     f"| {_f(s.get('save_qsnap_over_cat'))} | {_f(s.get('save_qsnap_over_savevm'))} "
+                     f"| {_f(s['save_rss_MiB'], '{:.0f}')} | {_f(s['save_cpu_s'])} "
+                     f"| {_f(s.get('loadavg_1min'), '{:.1f}')} |")
+    lines += ["", "## Load", "",
+              "| guest | non-zero | qsnap precopy s | cat raw s | qsnap/cat | qsnap RSS MiB "
+              "| qsnap CPU s | postcopy 0%: running / completed s | postcopy 50%: running / completed s "
+              "| postcopy p50 / p99 ms |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for s in summaries:
+        pcol = []
+        lat = ""
+        for pct in ("0", "50"):
+            p = s["postcopy"].get(pct)
+            if isinstance(p, dict):
+                pcol.append(f"{_f(p['running_s'], '{:.3f}')} / {_f(p['completed_s'])}"
+                            + (f" ({p['completion_over_precopy']:.2f}x)" if p.get("completion_over_precopy") else ""))
+                if "p99_ms" in p:
+                    lat += f"{pct}%: {_f(p.get('p50_ms'))} / {_f(p['p99_ms'])} "
+            else:
+                pcol.append(p or "not run")
+        lines.append(f"| {s['guest']} | {s['fill_pct']}% | {_f(s['load_qsnap_s'])} | {_f(s['load_cat_s'])} "
+                     f"| {_f(s.get('load_qsnap_over_cat'))} | {_f(s['load_rss_MiB'], '{:.0f}')} "
+                     f"| {_f(s['load_cpu_s'])} | {pcol[0]} | {pcol[1]} | {lat or 'n/a'} |")
+    lines += ["", "## Targets", ""] + targets(summaries)
+    return "\n".join(lines) + "\n"
+
+
+def targets(summaries):
+    out = []
+
+    def check(name, vals, limit, fmt="{:.2f}"):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            out.append(f"- {name} ≤ {limit}: not measured")
+            return
+        worst = max(vals)
+        out.append(f"- {name} ≤ {limit}: {'met' if worst <= limit else 'MISSED'} "
+                   f"(worst {fmt.format(worst)}, best {fmt.format(min(vals))})")
+
+    check("save qsnap / cat+sync", [s.get("save_qsnap_over_cat") for s in summaries], TARGETS["save_over_cat"])
+    check("precopy load qsnap / cat", [s.get("load_qsnap_over_cat") for s in summaries], TARGETS["load_over_cat"])
+    pcs = [p for s in summaries for p in s["postcopy"].values() if isinstance(p, dict)]
+    check("peak RSS MiB (save, load, postcopy load)", [s.get("save_rss_MiB") for s in summaries]
+          + [s.get("load_rss_MiB") for s in summaries] + [p.get("rss_MiB") for p in pcs],
+          TARGETS["rss_MiB"], "{:.0f}")
+    if not pcs:
+        out.append("- postcopy (running ≤ 0.5 s, completion ≤ 1.2 × precopy, p99 ≤ 2 ms): "
+                   "not available (no qsnap.postcopy in this build)")
+    else:
+        check("postcopy running s", [p.get("running_s") for p in pcs], TARGETS["postcopy_running_s"], "{:.3f}")
+        check("postcopy completion / precopy", [p.get("completion_over_precopy") for p in pcs],
+              TARGETS["postcopy_completion_over_precopy"])
+        check("postcopy request p99 ms", [p.get("p99_ms") for p in pcs], TARGETS["postcopy_p99_ms"])
+    return out
+
+
+def plot(summaries, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing (pip install 'qsnap[bench]'): no plot")
+        return False
+    labels = [f"{s['guest']}\n{s['fill_pct']}%" for s in summaries]
+    x = np.arange(len(summaries))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(summaries) + 4), 4.8))
+    series = [("save", [("qsnap save", "save_qsnap_s"), ("cat > f; sync", "save_cat_s"),
+                        ("HMP savevm", "save_savevm_s")]),
+              ("load (cold cache)", [("qsnap load", "load_qsnap_s"), ("cat raw", "load_cat_s")])]
+    pcts = sorted({k for s in summaries for k, v in s["postcopy"].items() if isinstance(v, dict)})
+    for pct in pcts:
+        series[1][1].append((f"postcopy {pct}% completed", ("pc", pct, "completed_s")))
+        series[1][1].append((f"postcopy {pct}% running", ("pc", pct, "running_s")))
+    for ax, (title, ss) in zip(axes, series):
+        w = 0.8 / len(ss)
+        for i, (name, key) in enumerate(ss):
+            if isinstance(key, tuple):
+                vals = [(s["postcopy"].get(key[1]) or {}).get(key[2]) if isinstance(s["postcopy"].get(key[1]), dict)
+                        else None for s in summaries]
+                err = None
+            else:
+                vals = [s.get(key) for s in summaries]
+                alls = [s.get(key[:-2] + "_all") or [] for s in summaries]
+                err = [[max(0, (v or 0) - min(a, default=v or 0)) for v, a in zip(vals, alls)],
+                       [max(0, max(a, default=v or 0) - (v or 0)) for v, a in zip(vals, alls)]]
+            ax.bar(x + (i - (len(ss) - 1) / 2) * w, [v or 0 for v in vals], w, label=name,
+                   yerr=err, capsize=2, error_kw={"elinewidth": 0.8})
+        ax.set_xticks(x, labels)
+        ax.set_ylabel("seconds (median; bars: min-max of rounds)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("qsnap vs baselines, QEMU blob guests (guest size, non-zero share)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="512M,1G,2G,4G", help="guest RAM sizes (default 512M,1G,2G,4G)")
+    ap.add_argument("--fill", default="0,50,100", help="non-zero shares in %% (default 0,50,100)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--postcopy", default="0,50", help="postcopy percentages (when available)")
+    ap.add_argument("--dir", default="/var/tmp", help="work directory on the disk to measure")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
+    ap.add_argument("--name", default="e2e", help="base name of the result files")
+    ap.add_argument("--no-savevm", action="store_true")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="echo 3 > drop_caches before each load instead of fadvise on the files")
+    ap.add_argument("--skip-machine", action="store_true", help="do not measure disk and pipe")
+    ap.add_argument("--replot", metavar="JSON", help="rebuild .md/.png from a results JSON, no run")
+    args = ap.parse_args(argv)
+    if args.replot:
+        d = json.loads(Path(args.replot).read_text())
+        summaries = [summarize(r) for r in d["raw"]]
+        args.stamp = d.get("time") or time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(args.replot).stat().st_mtime))
+        md = _write(args, d["machine"], d["raw"], summaries, d["argv"], d["elapsed_s"])
+        print(md)
+        return 0
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s]
+    fills = [float(f) / 100 for f in args.fill.split(",") if f]
+    pcts = [p for p in args.postcopy.split(",") if p]
+    global DROP_ALL
+    DROP_ALL = args.drop_caches
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    work = Path(tempfile.mkdtemp(prefix="qsnap-e2e-", dir=args.dir))
+    # qsnap runs as a pip install would leave it: bytecode compiled once (kept out of
+    # the checkout), whatever PYTHONDONTWRITEBYTECODE says in this shell.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    subprocess.run([sys.executable, "-c", "import qsnap.cli, qsnap.save, qsnap.load, "
+                    "qsnap.image.reader, qsnap.image.writer, qsnap.stream.reader"], check=True)
+    if postcopy_available():
+        subprocess.run([sys.executable, "-c", "import qsnap.postcopy"], check=True)
+    t_start = time.monotonic()
+    try:
+        machine = {} if args.skip_machine else describe_machine(work)
+        log(f"machine: {machine}")
+        raw, summaries = [], []
+        for mem in sizes:
+            for fill in fills:
+                res = run_case(mem, fill, args.rounds, work, pcts, args.timeout, not args.no_savevm)
+                raw.append(res)
+                summaries.append(summarize(res))
+                _write(args, machine, raw, summaries, argv, time.monotonic() - t_start)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    md = _write(args, machine, raw, summaries, argv, time.monotonic() - t_start)
+    print(md)
+    return 0
+
+
+def _write(args, machine, raw, summaries, argv, elapsed):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = getattr(args, "stamp", None) or time.strftime("%Y-%m-%d %H:%M")
+    md = markdown(summaries, machine, argv, elapsed, stamp)
+    (out / f"{args.name}.md").write_text(md)
+    (out / f"{args.name}.json").write_text(json.dumps(
+        {"time": stamp, "argv": argv, "elapsed_s": elapsed, "machine": machine, "targets": TARGETS,
+         "postcopy_available": postcopy_available(), "summaries": summaries, "raw": raw}, indent=1))
+    plot(summaries, out / f"{args.name}.png")
+    return md
+
+
+if __name__ == "__main__":
+    sys.exit(main())
