@@ -15,18 +15,14 @@ and reports GB/s of image file read per second in ``extra_info``, plus the
 peak RSS of ``python -m qsnap load IMG > /dev/null``.
 """
 import os
-import struct
 import subprocess
 import sys
 
 import pytest
 
 from bench.conftest import record
-from qsnap.image.writer import ImageWriter
 from qsnap.load import load
-from qsnap.stream import constants as C
-from qsnap.stream import events as ev
-from qsnap.stream.reader import StreamReader
+from qsnap.save import save
 from qsnap.stream.synth import synth_stream
 
 ROUNDS = int(os.environ.get("QSNAP_BENCH_ROUNDS", "3"))
@@ -39,31 +35,9 @@ def _size(text):
 
 
 def build_image(stream_path, image_path):
-    """Stream file -> image: the image writer fed straight from the stream reader."""
-    info = {"ram_end": False, "switchover_start": False, "capabilities": []}
-    header, state = b"", b""
-    with open(stream_path, "rb") as f, ImageWriter(image_path) as w:
-        r = StreamReader(f)
-        regions = None
-        for e in r:
-            if isinstance(e, ev.PageBatch):
-                w.sink.put_batch(e.records, e.data, regions)
-            elif isinstance(e, ev.FileHeader):
-                header = struct.pack(">II", C.QEMU_VM_FILE_MAGIC, e.version)
-            elif isinstance(e, ev.Configuration):
-                header += e.raw
-            elif isinstance(e, ev.SectionHeader) and e.type == C.QEMU_VM_SECTION_START:
-                info["ram_section"] = {"section_id": e.section_id, "instance_id": e.instance_id,
-                                       "version_id": e.version_id}
-            elif isinstance(e, ev.SectionHeader) and e.type == C.QEMU_VM_SECTION_END:
-                info["ram_end"] = True
-            elif isinstance(e, ev.MemSize):
-                regions = w.start(e.blocks)
-                info["mem_size_total"] = e.total
-            elif isinstance(e, ev.DeviceState):
-                state = e.data
-        info["footers"] = bool(r.uses_footers)
-        w.finish(header_bytes=header, device_state=state, stream_info=info)
+    """Stream file -> image through the save engine."""
+    with open(stream_path, "rb") as f:
+        save(str(image_path), in_fd=f.fileno(), out_fd=-1, quiet=True)
 
 
 @pytest.fixture(scope="module")

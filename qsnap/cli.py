@@ -6,7 +6,6 @@ non-zero exit status; ``--debug`` shows the traceback instead.
 import argparse
 import importlib.util
 import json
-import os
 import signal
 import sys
 

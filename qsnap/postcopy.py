@@ -26,7 +26,6 @@ serves the queue between background record groups (at most ``group_pages``
 target pages), reading requested pages with pread, checksums checked in C.
 """
 import collections
-import errno
 import json
 import math
 import mmap

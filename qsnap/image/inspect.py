@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from qsnap.errors import ImageError, IOFailure, QsnapError
+from qsnap.errors import ImageError, IOFailure
 from qsnap.image import layout, qcow2
 from qsnap.image.qcow2 import L1E_OFFSET_MASK, L2E_OFFSET_MASK, REFT_OFFSET_MASK, REFCOUNT_ORDER
 from qsnap.image.reader import Image, _pread, _read_header, peek_header

@@ -31,7 +31,6 @@ import numpy as np
 from ..errors import StreamError
 from . import _pyreader
 from .constants import (
-    IDSTR_MAX,
     MAPPED_RAM_HDR_VERSION,
     MIG_CMD_LEN,
     MIG_CMD_MAX,

@@ -20,7 +20,6 @@ from ..errors import UsageError
 from .constants import (
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_PART,
-    QEMU_VM_SECTION_START,
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_ZERO,

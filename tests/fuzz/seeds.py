@@ -185,7 +185,6 @@ def fix_crcs(buf, facts, blobs=False):
 
 def set_json(buf, facts, doc):
     """Write ``doc`` as the metadata JSON if it fits before the first blob; False if not."""
-    from qsnap.image import layout
 
     text = json.dumps(doc, separators=(",", ":")).encode()
     mh = facts["meta_host"]

@@ -9,7 +9,6 @@ streams, SIGKILL qsnap during a real migration and fill a small tmpfs.
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest

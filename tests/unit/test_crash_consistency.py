@@ -3,7 +3,6 @@
 What is left (the temporary file) is refused by `qsnap check` (exit 1) and
 `qsnap load` (one error line), and an earlier image at the path is intact.
 """
-import os
 import pathlib
 import random
 import signal

@@ -9,8 +9,8 @@ import pytest
 
 from qsnap.errors import ChecksumError, IOFailure
 from qsnap.image.reader import Image
-from qsnap.image.writer import ImageWriter
 from qsnap.load import load
+from qsnap.save import save
 from qsnap.stream import constants as C
 from qsnap.stream import events as ev
 from qsnap.stream.reader import StreamReader
@@ -28,42 +28,11 @@ BLOCKS = (
 
 
 def save_image(stream_path, image_path, cluster_size=MiB):
-    """Stream -> image with the image writer fed straight from the reader."""
-    header = b""
-    pre_ram = bytearray()
-    info = {"ram_end": False, "switchover_start": False, "return_path": False,
-            "postcopy_advise": None, "capabilities": []}
-    device_state = None
-    with open(stream_path, "rb") as f, ImageWriter(image_path, cluster_size=cluster_size) as w:
-        r = StreamReader(f)
-        regions = None
-        for e in r:
-            if isinstance(e, ev.PageBatch):
-                w.sink.put_batch(e.records, e.data, regions)
-            elif isinstance(e, ev.FileHeader):
-                header = struct.pack(">II", C.QEMU_VM_FILE_MAGIC, e.version)
-            elif isinstance(e, ev.Configuration):
-                header += e.raw
-                info["capabilities"] = list(e.capabilities)
-            elif isinstance(e, ev.PreRamSection):
-                pre_ram += e.raw
-            elif isinstance(e, ev.SectionHeader):
-                if e.type == C.QEMU_VM_SECTION_START:
-                    info["ram_section"] = {"section_id": e.section_id, "instance_id": e.instance_id,
-                                           "version_id": e.version_id}
-                elif e.type == C.QEMU_VM_SECTION_END:
-                    info["ram_end"] = True
-            elif isinstance(e, ev.Command) and e.cmd == C.MIG_CMD_SWITCHOVER_START:
-                info["switchover_start"] = True
-            elif isinstance(e, ev.MemSize):
-                regions = w.start(e.blocks)
-                info["mem_size_total"] = e.total
-            elif isinstance(e, ev.DeviceState):
-                device_state = e.data
-        info["footers"] = bool(r.uses_footers)
-        w.finish(header_bytes=header, pre_ram=bytes(pre_ram), device_state=device_state,
-                 stream_info=info)
-    return device_state
+    """Stream file -> image through the save engine."""
+    with open(stream_path, "rb") as f:
+        save(str(image_path), in_fd=f.fileno(), out_fd=-1, cluster_size=cluster_size, quiet=True)
+    with Image.open(str(image_path)) as img:
+        return img.device_state
 
 
 def check_restored(path, synth, device_state):

@@ -1,11 +1,9 @@
 """load_postcopy() against a fake destination driven through a socket pair."""
-import io
 import os
 import socket
 import struct
 import threading
 
-import numpy as np
 import pytest
 
 from qsnap.errors import ChecksumError, IOFailure, ProtocolError

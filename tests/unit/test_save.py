@@ -1,5 +1,4 @@
 """The save engine and `qsnap save` on synthetic streams: content, density, crash safety."""
-import io
 import os
 import shutil
 import signal

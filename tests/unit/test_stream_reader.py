@@ -1,6 +1,5 @@
 """StreamReader: each record kind and each error, on the C parser and the pure twin."""
 import io
-import json
 import os
 import re
 import struct
@@ -10,8 +9,8 @@ import pytest
 from qsnap.errors import QsnapError, StreamError
 from qsnap.stream.constants import *  # noqa: F401,F403
 from qsnap.stream.events import (
-    Command, Configuration, DeviceState, EndOfStream, Eos, FileHeader, MemSize, PageBatch, PreRamSection, RamBlock,
-    SectionFooter, SectionHeader,
+    Command, Configuration, DeviceState, EndOfStream, MemSize, PreRamSection, RamBlock,
+    SectionFooter,
 )
 from qsnap.stream.reader import StreamReader
 from qsnap.stream.writer import StreamWriter

@@ -1,22 +1,20 @@
 """Property tests: writer -> reader round trips, C parser vs pure twin, truncation."""
 import io
-import os
 import random
 import struct
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from qsnap.errors import QsnapError, StreamError
+from qsnap.errors import StreamError
 from qsnap.stream import _pyreader
 from qsnap.stream.constants import RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO
-from qsnap.stream.events import Command, MemSize, PageBatch, RamBlock
+from qsnap.stream.events import Command, PageBatch, RamBlock
 from qsnap.stream.reader import StreamReader
 from qsnap.stream.synth import synth_stream
 from qsnap.stream.writer import StreamWriter
 
-from _streamutil import events, pages
+from _streamutil import events
 
 try:
     from qsnap._core import RamParser
