@@ -1,6 +1,13 @@
+#!/usr/bin/env python3
 """atheris harness: the image reader, `info`, `check` and `load` on hostile images.
 
     python tests/fuzz/fuzz_image.py -max_total_time=3600 [CORPUS_DIR ...]
+    python tests/fuzz/fuzz_image.py -fork=1 -ignore_ooms=1 -max_total_time=36000 CORPUS_DIR   # hours
+
+For runs of hours use libFuzzer's fork mode as above: atheris' Python
+instrumentation keeps ~35 KB per input in the fuzzing process (a plain loop over
+the same inputs without instrumentation stays flat), and fork mode restarts the
+worker between short jobs.
 
 A fuzz input is an edit program applied to an image saved from a real QEMU 7.2
 stream: bit flips, integer overwrites with boundary values (0, 1, cluster size,

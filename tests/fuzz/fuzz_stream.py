@@ -1,6 +1,13 @@
+#!/usr/bin/env python3
 """atheris harness: the stream reader (C RAM parser and its pure-Python twin) on hostile input.
 
     python tests/fuzz/fuzz_stream.py -max_total_time=3600 [CORPUS_DIR ...]
+    python tests/fuzz/fuzz_stream.py -fork=1 -ignore_ooms=1 -max_total_time=36000 CORPUS_DIR   # hours
+
+For runs of hours use libFuzzer's fork mode as above: atheris' Python
+instrumentation keeps ~35 KB per input in the fuzzing process (a plain loop over
+the same inputs without instrumentation stays flat), and fork mode restarts the
+worker between short jobs.
 
 Seeded from real QEMU 7.2 streams.  Anything other than a QsnapError leaving the
 reader is a bug, and so is the C parser and the pure twin disagreeing on an input
