@@ -2,7 +2,7 @@
 
     python -m bench.save_vs_cat [--size 2G] [--rounds 3] [--dir DIR]
 
-Synthesises a background-snapshot stream of SIZE (50 % zero pages, random
+Synthesises a background-snapshot stream of SIZE (50 % zero pages in 1 MiB runs, random
 data), then alternates, ROUNDS times:
 
   A. ``cat stream | cat > f; sync f``            (what the disk and pipe cost)
@@ -77,7 +77,7 @@ def main(argv=None):
     stream = os.path.join(work, "vm.stream")
     blocks = [(n, args.size if n == "pc.ram" else l) for n, l in DEFAULT_BLOCKS]
     with open(stream, "wb") as f:
-        synth_stream(f, blocks=blocks, zero_share=0.5, mode="background", seed=1)
+        synth_stream(f, blocks=blocks, zero_share=0.5, zero_run=256, mode="background", seed=1)
     nbytes = os.path.getsize(stream)
     qsnap = f"{sys.executable} -m qsnap"
     results = {"cat": [], "qsnap": [], "qsnap_cpu": [], "qsnap_rss": []}
@@ -94,7 +94,7 @@ def main(argv=None):
     img = os.path.join(work, "big.qsnap")
     gen = (f"{sys.executable} -c \"import sys; from qsnap.stream.synth import synth_stream, DEFAULT_BLOCKS; "
            f"synth_stream(sys.stdout.buffer, blocks=[(n, {args.rss_size} if n == 'pc.ram' else l) "
-           f"for n, l in DEFAULT_BLOCKS], zero_share=0.5, mode='background', seed=2)\"")
+           f"for n, l in DEFAULT_BLOCKS], zero_share=0.5, zero_run=256, mode='background', seed=2)\"")
     rss = peak_rss_of(f"{gen} | {qsnap} save -q {img}")
     os.unlink(img)
     os.unlink(stream)
