@@ -198,6 +198,28 @@ static size_t put_header(qs_emit *e, const qs_emit_block *b, uint64_t page, uint
     return 9 + (size_t)b->idlen;
 }
 
+/* Check the crc32c of every stored page of [p0, p1) (data holds page p0 first)
+ * before any of them is written. */
+static int verify_pages(const qs_emit_block *b, uint64_t p0, uint64_t p1,
+                        const uint8_t *data, uint64_t ps, qs_emit_err *err)
+{
+    for (uint64_t i = p0; i < p1; i++) {
+        if (!page_stored(b->bitmap, i))
+            continue;
+        if (!data)
+            return set_err(err, QS_EMIT_EINVAL, 0, i * ps, 0);
+        uint32_t c = qs_crc32c(0, data + (i - p0) * ps, ps);
+        if (c != b->crcs[i]) {
+            set_err(err, QS_EMIT_ECRC, 0, i * ps, 0);
+            err->block = b->index;
+            err->expected = b->crcs[i];
+            err->actual = c;
+            return QS_EMIT_ECRC;
+        }
+    }
+    return QS_EMIT_OK;
+}
+
 static int check_cluster_args(const qs_emit *e, const qs_emit_block *b, uint64_t voff,
                               size_t len, qs_emit_err *err)
 {
@@ -226,18 +248,9 @@ int qs_emit_cluster(qs_emit *e, const qs_emit_block *b, uint64_t voff,
         p1 = b->n_pages;
 
     /* 1. every stored page's checksum, before anything of this cluster goes out */
-    for (uint64_t i = p0; i < p1; i++) {
-        if (!page_stored(b->bitmap, i))
-            continue;
-        uint32_t c = qs_crc32c(0, data + (i - p0) * ps, ps);
-        if (c != b->crcs[i]) {
-            set_err(err, QS_EMIT_ECRC, 0, i * ps, 0);
-            err->block = b->index;
-            err->expected = b->crcs[i];
-            err->actual = c;
-            return QS_EMIT_ECRC;
-        }
-    }
+    rc = verify_pages(b, p0, p1, data, ps, err);
+    if (rc)
+        return rc;
 
     /* 2. header in the arena + data in place, per stored page */
     for (uint64_t i = p0; i < p1; i++) {
@@ -288,20 +301,9 @@ int qs_emit_page_range(qs_emit *e, const qs_emit_block *b, uint64_t p0, uint64_t
         return set_err(err, QS_EMIT_EINVAL, 0, b->index, 0);
     if (p1 > b->n_pages || p0 > p1)
         return set_err(err, QS_EMIT_EINVAL, 0, p0 * ps, p1);
-    for (uint64_t i = p0; i < p1; i++) {
-        if (!page_stored(b->bitmap, i))
-            continue;
-        if (!data)
-            return set_err(err, QS_EMIT_EINVAL, 0, i * ps, 0);
-        uint32_t c = qs_crc32c(0, data + (i - p0) * ps, ps);
-        if (c != b->crcs[i]) {
-            set_err(err, QS_EMIT_ECRC, 0, i * ps, 0);
-            err->block = b->index;
-            err->expected = b->crcs[i];
-            err->actual = c;
-            return QS_EMIT_ECRC;
-        }
-    }
+    int rc = verify_pages(b, p0, p1, data, ps, err);
+    if (rc)
+        return rc;
     for (uint64_t i = p0; i < p1; i++) {
         int rc = reserve(e, 10 + 255, 2, err);
         if (rc)
