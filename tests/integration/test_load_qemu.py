@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from . import guests
+from . import guests, qsnaptools
 from .qemu import BlobGuest, LinuxGuest, Qemu, QemuError, parse_size
 from .qsnaptools import (block, compare_ram, error_lines, host_offset, qsnap_cmd, qsnap_env,
                          qsnap_info, run_qsnap, wait_save_done)
@@ -25,13 +25,7 @@ SEED = 21
 
 
 def blob_guest(blobs, memory=MEMORY):
-    vm = BlobGuest(memory=memory, blobs=blobs, accel="tcg", env=qsnap_env()).start()
-    try:
-        vm.wait_bios_done()
-    except BaseException:
-        vm.shutdown()
-        raise
-    return vm
+    return qsnaptools.blob_guest(blobs, memory)
 
 
 def save(vm, img, kind, raw=None, max_bandwidth=None, timeout=180, opts=()):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from . import guests
-from .qemu import PAGE_SIZE, BlobGuest, LinuxGuest, QemuError, parse_size
+from . import guests, qsnaptools
+from .qemu import PAGE_SIZE, LinuxGuest, QemuError, parse_size
 from .qsnaptools import (block, check_blobs_in_raw, error_lines, nonzero_pages, qemu_img_check,
                          qemu_img_raw, qsnap_cmd, qsnap_env, qsnap_info, run_qsnap, temp_leftovers,
                          wait_for, wait_save_done)
@@ -39,14 +39,7 @@ SMALL_SEED = 12
 
 
 def blob_guest(blobs, memory=MEMORY, **kw):
-    kw.setdefault("accel", "tcg")  # SeaBIOS halts at once under TCG (KVM: ~4 s of probing)
-    vm = BlobGuest(memory=memory, blobs=blobs, env=qsnap_env(), **kw).start()
-    try:
-        vm.wait_bios_done()
-    except BaseException:
-        vm.shutdown()
-        raise
-    return vm
+    return qsnaptools.blob_guest(blobs, memory, **kw)
 
 
 def start_save(vm, img, kind, caps=None, max_bandwidth=None, opts=()):
