@@ -2,8 +2,9 @@
 
     python -m tests.integration.capture_data [OUT.gz]
 
-A 32 MiB blob guest (pc-i440fx-7.2, KVM or TCG, SeaBIOS halted with no boot
-device) with DATA_LAYOUT blobs of seed DATA_SEED is saved by a
+A 32 MiB blob guest (pc-i440fx-7.2 under TCG, so that the stream carries no
+KVM-only section such as kvmclock and loads under either accelerator; SeaBIOS
+halted with no boot device) with DATA_LAYOUT blobs of seed DATA_SEED is saved by a
 background-snapshot migration to ``exec:cat > FILE``; the file is checked
 by loading it into a fresh QEMU and comparing the blobs, then gzip'd -9.
 Regenerate the expected bytes with ``guests.make_blobs(dir, DATA_LAYOUT, DATA_SEED)``.
@@ -28,12 +29,13 @@ def capture(out_gz: Path = DATA_FILE) -> dict:
         td = Path(td)
         blobs = guests.make_blobs(td, DATA_LAYOUT, DATA_SEED)
         raw = td / "bg72-blob.stream"
-        with BlobGuest(memory=DATA_MEMORY, blobs=blobs) as vm:
+        with BlobGuest(memory=DATA_MEMORY, blobs=blobs, accel="tcg") as vm:
             vm.wait_bios_done()
             vm.verify_blobs()
             cmdline = vm.command_line()
             accel = vm.accelerator()
             capture_stream(vm, raw, "background", timeout=60)
+        # default accelerators: KVM where the host has it
         with Qemu(memory=DATA_MEMORY, incoming=True, paused=True, name="dst") as dst:
             dst.migrate_incoming(f"exec:cat {raw}")
             dst.wait_migration(timeout=60)

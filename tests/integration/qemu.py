@@ -113,8 +113,9 @@ class _Loop:
 class Qemu:
     """One qemu-system-x86_64 process, driven over QMP. Use as a context manager.
 
-    accel: None -> ``-accel kvm -accel tcg`` (KVM, TCG fallback); 'tcg' or 'kvm'
-    to force one; or a sequence of accelerator options.
+    accel: None -> ``-accel kvm -accel tcg`` (KVM, TCG fallback; QSNAP_TEST_ACCEL
+    overrides it, e.g. ``tcg``); 'tcg' or 'kvm' to force one; or a sequence of
+    accelerator options.
     blobs: ``guests.Blob``s, each loaded with ``-device loader``.
     """
 
@@ -127,7 +128,8 @@ class Qemu:
         self.memory = parse_size(memory)
         self.machine = machine
         if accel is None:
-            accel = ("kvm", "tcg")
+            # QSNAP_TEST_ACCEL=tcg (or kvm) overrides the KVM-then-TCG default
+            accel = tuple(a for a in os.environ.get("QSNAP_TEST_ACCEL", "kvm,tcg").split(",") if a)
         elif isinstance(accel, str):
             accel = (accel,)
         self.accel = tuple(accel)
