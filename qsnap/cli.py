@@ -6,8 +6,16 @@ non-zero exit status; ``--debug`` shows the traceback instead.
 import argparse
 import importlib.util
 import json
+import os
 import signal
 import sys
+
+# NumPy's OpenBLAS starts a busy-waiting thread per core when it is imported;
+# qsnap does no linear algebra, and on a small host those threads take CPU from
+# the stream. Only the command line sets this: importing qsnap as a library
+# leaves the caller's environment alone.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 from qsnap import __version__
 from qsnap.errors import QsnapError, UsageError

@@ -7,6 +7,7 @@ kept for the metadata region, and the image appears at IMG only once it is
 complete and durable.  stdout carries nothing but return-path replies (PONG,
 SHUT), because QEMU reads the child's stdout as the return path.
 """
+import gc
 import os
 import struct
 import sys
@@ -95,6 +96,10 @@ def save(path, *, in_fd=0, out_fd=1, cache="writeback", cluster_size=1 << 20, qu
     facts = _StreamFacts()
     src = os.fdopen(in_fd, "rb", buffering=0, closefd=False)
     reader = StreamReader(src, stop_at_logical_end=True)
+    # The hot loop allocates a few objects per batch and creates no cycles; the
+    # cyclic collector would only walk them again and again.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         with ImageWriter(path, cluster_size=cluster_size, cache=cache) as img:
             _consume(reader, img, facts, rp)
@@ -112,6 +117,9 @@ def save(path, *, in_fd=0, out_fd=1, cache="writeback", cluster_size=1 << 20, qu
     except QsnapError:
         rp.shut(error=True)
         raise
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     # The image is durable and in place: only now may the source report success.
     rp.shut(error=False)
     elapsed = time.monotonic() - t0
