@@ -1,16 +1,21 @@
 """Save throughput against the physical baseline, in one run.
 
     python -m bench.save_vs_cat [--size 2G] [--rounds 3] [--dir DIR]
+    python -m bench.save_vs_cat --capture 3G --fill 0.67     # a real QEMU stream
+    python -m bench.save_vs_cat --stream FILE                # a stream captured before
 
-Synthesises a background-snapshot stream of SIZE (50 % zero pages in 1 MiB runs, random
-data), then alternates, ROUNDS times:
+The stream is one of: synthesised (pc.ram of SIZE, 50 % zero pages in 1 MiB runs,
+random data); captured from a real QEMU blob guest of --capture RAM whose --fill
+share is random data (background snapshot into ``exec:cat > FILE``, KVM or TCG);
+or a given file.  Then, alternating ROUNDS times:
 
-  A. ``cat stream | cat > f; sync f``            (what the disk and pipe cost)
+  A. ``cat stream > f && sync f``               (the baseline: what the disk costs)
+  P. ``cat stream | cat > f && sync f``         (the same through a pipe)
   B. ``cat stream | qsnap save img``            (qsnap durable at exit: fsync'd)
 
-and reports medians, the ratio B/A, qsnap's CPU time and peak RSS.  A second
-measurement pipes a 4 GiB synthetic stream straight from the generator into
-``qsnap save`` to report peak RSS (target <= 150 MiB).  Both commands read the
+and reports medians, the ratios B/A and B/P, qsnap's CPU time and peak RSS.  A
+second measurement pipes a 4 GiB synthetic stream straight from the generator
+into ``qsnap save`` to report peak RSS (target <= 150 MiB).  qsnap reads the
 stream through a pipe from a warm page cache, as QEMU would feed it.
 """
 import argparse
@@ -18,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,48 +72,96 @@ def machine():
     return f"{os.cpu_count()} cores, {cpu}, Linux {platform.release()}"
 
 
+def capture(mem, fill, path, work):
+    """Background-snapshot a blob guest of ``mem`` bytes, ``fill`` of it random, into path."""
+    from pathlib import Path
+
+    from bench.e2e import blob_layout, make_blob_files
+    from tests.integration.qemu import BlobGuest, capture_stream
+
+    blobs = make_blob_files(Path(work) / "blobs", blob_layout(mem, fill), seed=3)
+    try:
+        with BlobGuest(memory=f"{mem >> 20}M", blobs=blobs) as vm:
+            vm.wait_bios_done(timeout=120)
+            accel = vm.accelerator()
+            info = capture_stream(vm, path, "background", timeout=1800)
+    finally:
+        for b in blobs:
+            b.path.unlink()
+    return {"guest_ram": mem, "random_share": fill, "accel": accel,
+            "capture_s": info.get("total-time", 0) / 1000}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=_size, default=2 << 30)
+    ap.add_argument("--size", type=_size, default=2 << 30, help="pc.ram of the synthetic stream")
+    ap.add_argument("--capture", type=_size, metavar="RAM",
+                    help="capture a real stream from a QEMU blob guest with this much RAM")
+    ap.add_argument("--fill", type=float, default=0.67, help="random share of --capture's guest")
+    ap.add_argument("--stream", help="use this stream file (kept)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--rss-size", type=_size, default=4 << 30)
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="qsnap-bench-", dir=args.dir)
-    stream = os.path.join(work, "vm.stream")
-    blocks = [(n, args.size if n == "pc.ram" else l) for n, l in DEFAULT_BLOCKS]
-    with open(stream, "wb") as f:
-        synth_stream(f, blocks=blocks, zero_share=0.5, zero_run=256, mode="background", seed=1)
+    source = {}
+    if args.stream:
+        stream = args.stream
+        source["kind"] = f"file {stream}"
+    else:
+        stream = os.path.join(work, "vm.stream")
+        if args.capture:
+            source = capture(args.capture, args.fill, stream, work)
+            source["kind"] = "captured from QEMU (background snapshot)"
+        else:
+            blocks = [(n, args.size if n == "pc.ram" else l) for n, l in DEFAULT_BLOCKS]
+            with open(stream, "wb") as f:
+                synth_stream(f, blocks=blocks, zero_share=0.5, zero_run=256, mode="background", seed=1)
+            source["kind"] = "synthetic"
     nbytes = os.path.getsize(stream)
+    subprocess.run(f"cat {stream} > /dev/null", shell=True, check=True)  # warm the page cache
     qsnap = f"{sys.executable} -m qsnap"
-    results = {"cat": [], "qsnap": [], "qsnap_cpu": [], "qsnap_rss": []}
-    for _ in range(args.rounds):
-        out = os.path.join(work, "cat.out")
-        w, _, _ = run_timed(f"cat {stream} | cat > {out} && sync {out}")
-        results["cat"].append(w)
-        os.unlink(out)
-        img = os.path.join(work, "vm.qsnap")
-        w, cpu, _ = run_timed(f"cat {stream} | {qsnap} save -q {img}")
-        results["qsnap"].append(w)
-        results["qsnap_cpu"].append(cpu)
-        os.unlink(img)
+    results = {"cat": [], "cat_pipe": [], "qsnap": [], "qsnap_cpu": []}
+    out = os.path.join(work, "cat.out")
+    img = os.path.join(work, "vm.qsnap")
+    for r in range(args.rounds):
+        contenders = [
+            ("cat", f"cat {stream} > {out} && sync {out}", out),
+            ("cat_pipe", f"cat {stream} | cat > {out} && sync {out}", out),
+            ("qsnap", f"cat {stream} | {qsnap} save -q {img}", img),
+        ]
+        if r % 2:
+            contenders.reverse()
+        for name, cmd, path in contenders:
+            w, cpu, _ = run_timed(cmd)
+            results[name].append(w)
+            if name == "qsnap":
+                results["qsnap_cpu"].append(cpu)
+            os.unlink(path)
     img = os.path.join(work, "big.qsnap")
     gen = (f"{sys.executable} -c \"import sys; from qsnap.stream.synth import synth_stream, DEFAULT_BLOCKS; "
            f"synth_stream(sys.stdout.buffer, blocks=[(n, {args.rss_size} if n == 'pc.ram' else l) "
            f"for n, l in DEFAULT_BLOCKS], zero_share=0.5, zero_run=256, mode='background', seed=2)\"")
     rss = peak_rss_of(f"{gen} | {qsnap} save -q {img}")
     os.unlink(img)
-    os.unlink(stream)
-    os.rmdir(work)
+    if not args.stream:
+        os.unlink(stream)
+    shutil.rmtree(work, ignore_errors=True)
     cat_m = statistics.median(results["cat"])
+    pipe_m = statistics.median(results["cat_pipe"])
     q_m = statistics.median(results["qsnap"])
     report = {
         "machine": machine(),
+        "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
+        "stream": source,
         "stream_bytes": nbytes,
         "cat_sync_s": results["cat"],
+        "cat_pipe_sync_s": results["cat_pipe"],
         "qsnap_save_s": results["qsnap"],
         "median_ratio_qsnap_over_cat": q_m / cat_m,
+        "median_ratio_qsnap_over_cat_pipe": q_m / pipe_m,
         "cat_MBps": nbytes / 1e6 / cat_m,
+        "cat_pipe_MBps": nbytes / 1e6 / pipe_m,
         "qsnap_MBps": nbytes / 1e6 / q_m,
         "qsnap_cpu_s_median": statistics.median(results["qsnap_cpu"]),
         "peak_rss_MiB_4GiB_stream": rss,
