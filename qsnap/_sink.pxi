@@ -182,6 +182,22 @@ cdef class ClusterSink:
         qs_sink_free(self._s)
         self._s = NULL
 
+    cdef qs_sink *_live(self) except NULL:
+        if self._s == NULL:
+            raise ValueError("the page sink is closed")
+        return self._s
+
+    def close(self):
+        """Stop the sink's writer thread and free the sink (idempotent).
+
+        Writes not yet flushed are dropped; once this returns the sink no longer
+        touches its fd, which may then be closed. Other methods then raise
+        ValueError."""
+        cdef qs_sink *s = self._s
+        self._s = NULL
+        with nogil:
+            qs_sink_free(s)
+
     def put_batch(self, records, data, region_offsets=None):
         """Apply a batch of page records (PAGE_REC_DTYPE array) whose payloads are in ``data``."""
         cdef Py_buffer rv, dv
@@ -191,6 +207,7 @@ cdef class ClusterSink:
         cdef const uint64_t *offp = NULL
         cdef const uint64_t[::1] offs
         cdef uint32_t nb = 0
+        cdef qs_sink *s = self._live()
         if records.dtype.itemsize != 32 or records.dtype.names != SINK_REC_DTYPE.names:
             raise TypeError(f"records must have the page-record dtype, not {records.dtype}")
         records = _np.ascontiguousarray(records)
@@ -210,7 +227,7 @@ cdef class ClusterSink:
             PyObject_GetBuffer(data, &dv, PyBUF_SIMPLE)
             try:
                 with nogil:
-                    rc = qs_sink_put_batch(self._s, <const qs_sink_rec *>rv.buf, n,
+                    rc = qs_sink_put_batch(s, <const qs_sink_rec *>rv.buf, n,
                                            <const uint8_t *>dv.buf, <size_t>dv.len,
                                            offp, nb, &err)
             finally:
@@ -225,18 +242,19 @@ cdef class ClusterSink:
         cdef Py_buffer v
         cdef qs_sink_err err
         cdef int rc
+        cdef qs_sink *s = self._live()
         err.status = 0
         err.block = 0xffffffff
         if data is None:
             with nogil:
-                rc = qs_sink_put(self._s, voff, NULL, <uint8_t>fill, &err)
+                rc = qs_sink_put(s, voff, NULL, <uint8_t>fill, &err)
         else:
             PyObject_GetBuffer(data, &v, PyBUF_SIMPLE)
             try:
                 if <size_t>v.len != self.page_size:
                     raise ValueError(f"page of {v.len} bytes, expected {self.page_size}")
                 with nogil:
-                    rc = qs_sink_put(self._s, voff, <const uint8_t *>v.buf, 0, &err)
+                    rc = qs_sink_put(s, voff, <const uint8_t *>v.buf, 0, &err)
             finally:
                 PyBuffer_Release(&v)
         if rc:
@@ -246,45 +264,47 @@ cdef class ClusterSink:
         """Current content of the page at ``voff`` (slot, file or zeros), as bytes."""
         cdef qs_sink_err err
         cdef int rc
+        cdef qs_sink *s = self._live()
         out = bytearray(self.page_size)
         cdef uint8_t[::1] o = out
         err.block = 0xffffffff
         with nogil:
-            rc = qs_sink_get(self._s, voff, &o[0], &err)
+            rc = qs_sink_get(s, voff, &o[0], &err)
         if rc:
             _raise_sink_error(&err, self.path, None)
         return bytes(out)
 
     def flush(self):
-        """Write every open cluster to the file."""
+        """Write every open cluster to the file; returns once every queued write is done."""
         cdef qs_sink_err err
         cdef int rc
+        cdef qs_sink *s = self._live()
         err.block = 0xffffffff
         with nogil:
-            rc = qs_sink_flush(self._s, &err)
+            rc = qs_sink_flush(s, &err)
         if rc:
             _raise_sink_error(&err, self.path, None)
 
     @property
     def n_clusters(self):
-        return qs_sink_n_clusters(self._s)
+        return qs_sink_n_clusters(self._live())
 
     @property
     def n_pages(self):
-        return qs_sink_n_pages(self._s)
+        return qs_sink_n_pages(self._live())
 
     def host_map(self):
         """NumPy uint64 copy: host offset of each virtual cluster (0 = unallocated)."""
-        n = qs_sink_n_clusters(self._s)
+        n = qs_sink_n_clusters(self._live())
         out = _np.zeros(n, dtype=_np.uint64)
         cdef uint64_t[::1] o = out
         if n:
-            memcpy(&o[0], qs_sink_host_map(self._s), <size_t>n * sizeof(uint64_t))
+            memcpy(&o[0], qs_sink_host_map(self._live()), <size_t>n * sizeof(uint64_t))
         return out
 
     def block_records(self):
         """NumPy uint64 copy: page records seen per block (ZERO, PAGE, XBZRLE)."""
-        cdef const uint64_t *p = qs_sink_block_records(self._s)
+        cdef const uint64_t *p = qs_sink_block_records(self._live())
         if p == NULL or self._region_offsets is None:
             return _np.zeros(0, dtype=_np.uint64)
         n = self._region_offsets.shape[0]
@@ -295,7 +315,7 @@ cdef class ClusterSink:
         return out
 
     def _page_range(self, first_page, n_pages):
-        total = qs_sink_n_pages(self._s)
+        total = qs_sink_n_pages(self._live())
         if n_pages is None:
             n_pages = total - first_page
         if first_page < 0 or n_pages < 0 or first_page + n_pages > total:
@@ -313,7 +333,7 @@ cdef class ClusterSink:
         out = _np.zeros(nbytes, dtype=_np.uint8)
         cdef uint8_t[::1] o = out
         if nbytes:
-            memcpy(&o[0], qs_sink_bitmap(self._s) + <size_t>(first_page // 8), <size_t>nbytes)
+            memcpy(&o[0], qs_sink_bitmap(self._live()) + <size_t>(first_page // 8), <size_t>nbytes)
             if n_pages % 8:
                 out[-1] &= (1 << (n_pages % 8)) - 1
         return out
@@ -324,12 +344,12 @@ cdef class ClusterSink:
         out = _np.zeros(n_pages, dtype='<u4')
         cdef uint32_t[::1] o = out
         if n_pages:
-            memcpy(&o[0], qs_sink_crcs(self._s) + <size_t>first_page, <size_t>n_pages * sizeof(uint32_t))
+            memcpy(&o[0], qs_sink_crcs(self._live()) + <size_t>first_page, <size_t>n_pages * sizeof(uint32_t))
         return out
 
     cdef qs_sink_stats _stats(self):
         cdef qs_sink_stats st
-        qs_sink_get_stats(self._s, &st)
+        qs_sink_get_stats(self._live(), &st)
         return st
 
     @property

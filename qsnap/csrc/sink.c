@@ -1,7 +1,22 @@
-/* Page sink: see sink.h. */
+/* Page sink: see sink.h.
+ *
+ * Cluster writes run on a writer thread, so that the kernel's copy of each
+ * cluster into the page cache overlaps the caller's parsing, zero checks,
+ * copies into the slots and crc32c.  The caller queues jobs (FIFO): a whole
+ * cluster (the evicted slot's buffer, which goes back to a pool of zeroed
+ * buffers once written) or one page rewritten in place (a copy in a small
+ * page buffer).  One writer and FIFO order make a rewrite land after the write
+ * of its cluster.  Host offsets are assigned when a job is queued, so host[],
+ * the bitmap, crcs and the stats stay the caller's alone; the writer touches
+ * only the queued buffers, bytes_written and the first error.
+ *
+ * One mutex guards the queue, the pools and the error; the writer sleeps on
+ * work_cv, the caller on done_cv (a buffer returned, the queue drained). */
 #include "sink.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -12,6 +27,28 @@
 
 #define NO_SLOT (-1)
 #define IO_ALIGN 4096
+/* Cluster buffers beyond one per slot: evicted clusters queued or being
+ * written while their slots are already reused. */
+#define SPARE_CLUSTERS 8
+/* Page buffers for queued in-place rewrites: this many bytes' worth (4..256). */
+#define PAGE_POOL_BYTES (1u << 20)
+
+enum { JOB_CLUSTER, JOB_PAGE };
+
+typedef struct wjob {
+    int kind;
+    uint8_t *buf;      /* a cluster buffer or a page buffer, back to its pool after */
+    uint32_t len;      /* bytes to write; 0: an all-zero cluster, only recycled */
+    uint64_t host_off;
+    uint64_t voff;     /* virtual offset of the cluster or page, for errors */
+} wjob;
+
+/* Buffers of one size, IO_ALIGN aligned, and a stack of the free ones. */
+typedef struct bufpool {
+    uint8_t *mem;
+    uint8_t **free;
+    uint32_t n_free;
+} bufpool;
 
 struct qs_sink {
     int fd;
@@ -29,12 +66,12 @@ struct qs_sink {
     uint32_t *crcs;    /* per page */
 
     uint32_t n_slots;
-    uint8_t *slot_mem;      /* n_slots * cluster_size, IO_ALIGN aligned */
+    uint8_t **slot_buf;     /* the slot's cluster buffer, NULL while free */
     uint64_t *slot_cluster; /* cluster in the slot, UINT64_MAX = free */
     uint64_t *slot_stamp;   /* last use, for LRU */
     uint64_t clock;
 
-    uint8_t *bounce;  /* one page, IO_ALIGN aligned, for in-place rewrites */
+    uint8_t *bounce;  /* one page, IO_ALIGN aligned, for reads from the file */
     uint8_t *scratch; /* one page: fill pages, XBZRLE */
 
     uint32_t n_blocks;
@@ -42,7 +79,27 @@ struct qs_sink {
     uint64_t *blk_len;
     uint64_t *blk_records;
 
-    qs_sink_stats st;
+    qs_sink_stats st;  /* the caller's; bytes_written is kept below */
+
+    /* writer thread */
+    uint32_t pbuf_size;   /* max(page_size, IO_ALIGN) */
+    int sync_ready;       /* mu and the condvars are initialised */
+    int writer_started;
+    pthread_t writer;
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv;
+    pthread_cond_t done_cv;
+    /* guarded by mu */
+    bufpool cpool;        /* zeroed cluster buffers: n_slots + SPARE_CLUSTERS */
+    bufpool ppool;        /* page buffers */
+    wjob *q;              /* ring of q_cap jobs: one per buffer, never full */
+    uint32_t q_cap, q_head, q_len;
+    int busy;             /* the writer holds a job taken off the queue */
+    int stop;
+    qs_sink_err werr;     /* the first failed write; set once, before `failed` */
+    /* atomics */
+    int failed;
+    uint64_t bytes_written;
 };
 
 static int ilog2_exact(uint64_t v)
@@ -59,6 +116,48 @@ static void *aligned_alloc_zero(size_t size)
         return NULL;
     memset(p, 0, size);
     return p;
+}
+
+static int pool_init(bufpool *p, uint32_t n, size_t size)
+{
+    p->mem = aligned_alloc_zero((size_t)n * size);
+    p->free = malloc(n * sizeof(uint8_t *));
+    if (!p->mem || !p->free)
+        return -1;
+    for (uint32_t i = 0; i < n; i++)
+        p->free[i] = p->mem + (size_t)i * size;
+    p->n_free = n;
+    return 0;
+}
+
+static void *writer_main(void *arg);
+
+/* Start the writer thread; it takes no signals (they stay with the caller's thread). */
+static int writer_start(qs_sink *s)
+{
+    if (pthread_mutex_init(&s->mu, NULL))
+        return -1;
+    if (pthread_cond_init(&s->work_cv, NULL)) {
+        pthread_mutex_destroy(&s->mu);
+        return -1;
+    }
+    if (pthread_cond_init(&s->done_cv, NULL)) {
+        pthread_cond_destroy(&s->work_cv);
+        pthread_mutex_destroy(&s->mu);
+        return -1;
+    }
+    s->sync_ready = 1;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&s->writer, NULL, writer_main, s);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) {
+        errno = rc;
+        return -1;
+    }
+    s->writer_started = 1;
+    return 0;
 }
 
 qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
@@ -87,17 +186,26 @@ qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
     s->n_slots = n_slots;
     s->st.append_offset = append_offset;
 
+    uint32_t n_cbufs = n_slots + SPARE_CLUSTERS;
+    s->pbuf_size = page_size < IO_ALIGN ? IO_ALIGN : page_size;
+    uint32_t n_pbufs = PAGE_POOL_BYTES / s->pbuf_size;
+    n_pbufs = n_pbufs < 4 ? 4 : n_pbufs > 256 ? 256 : n_pbufs;
+    s->q_cap = n_cbufs + n_pbufs;
+
     s->host = calloc(s->n_clusters ? s->n_clusters : 1, sizeof(uint64_t));
     s->slot_of = malloc((s->n_clusters ? s->n_clusters : 1) * sizeof(int32_t));
     s->bitmap = calloc((s->n_pages + 7) / 8 + 1, 1);
     s->crcs = calloc(s->n_pages ? s->n_pages : 1, sizeof(uint32_t));
-    s->slot_mem = aligned_alloc_zero((size_t)n_slots * cluster_size);
+    s->slot_buf = calloc(n_slots, sizeof(uint8_t *));
     s->slot_cluster = malloc(n_slots * sizeof(uint64_t));
     s->slot_stamp = calloc(n_slots, sizeof(uint64_t));
-    s->bounce = aligned_alloc_zero(page_size < IO_ALIGN ? IO_ALIGN : page_size);
+    s->bounce = aligned_alloc_zero(s->pbuf_size);
     s->scratch = aligned_alloc_zero(page_size);
-    if (!s->host || !s->slot_of || !s->bitmap || !s->crcs || !s->slot_mem ||
-        !s->slot_cluster || !s->slot_stamp || !s->bounce || !s->scratch) {
+    s->q = calloc(s->q_cap, sizeof(wjob));
+    int pools = pool_init(&s->cpool, n_cbufs, cluster_size) |
+                pool_init(&s->ppool, n_pbufs, s->pbuf_size);
+    if (pools || !s->host || !s->slot_of || !s->bitmap || !s->crcs || !s->slot_buf ||
+        !s->slot_cluster || !s->slot_stamp || !s->bounce || !s->scratch || !s->q) {
         qs_sink_free(s);
         errno = ENOMEM;
         return NULL;
@@ -106,22 +214,47 @@ qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
         s->slot_of[c] = NO_SLOT;
     for (uint32_t i = 0; i < n_slots; i++)
         s->slot_cluster[i] = UINT64_MAX;
+    if (writer_start(s)) {
+        int e = errno;
+        qs_sink_free(s);
+        errno = e;
+        return NULL;
+    }
     return s;
 }
 
+/* Stop the writer (queued jobs are dropped: only the one being written
+ * finishes) and free everything; fine after an error or halfway through qs_sink_new. */
 void qs_sink_free(qs_sink *s)
 {
     if (!s)
         return;
+    if (s->writer_started) {
+        pthread_mutex_lock(&s->mu);
+        s->stop = 1;
+        pthread_cond_signal(&s->work_cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->writer, NULL);
+    }
+    if (s->sync_ready) {
+        pthread_cond_destroy(&s->done_cv);
+        pthread_cond_destroy(&s->work_cv);
+        pthread_mutex_destroy(&s->mu);
+    }
     free(s->host);
     free(s->slot_of);
     free(s->bitmap);
     free(s->crcs);
-    free(s->slot_mem);
+    free(s->slot_buf);
     free(s->slot_cluster);
     free(s->slot_stamp);
     free(s->bounce);
     free(s->scratch);
+    free(s->q);
+    free(s->cpool.mem);
+    free(s->cpool.free);
+    free(s->ppool.mem);
+    free(s->ppool.free);
     free(s->blk_off);
     free(s->blk_len);
     free(s->blk_records);
@@ -172,6 +305,7 @@ static int fail(qs_sink_err *err, int status, int errnum, uint64_t voff,
     return status;
 }
 
+/* Write exactly len bytes at off (on the writer thread). */
 static int pwrite_full(qs_sink *s, const uint8_t *buf, size_t len, uint64_t off,
                        uint64_t voff, qs_sink_err *err)
 {
@@ -187,7 +321,7 @@ static int pwrite_full(qs_sink *s, const uint8_t *buf, size_t len, uint64_t off,
             return fail(err, QS_SINK_EWRITE, ENOSPC, voff, off + done, len);
         done += (size_t)w;
     }
-    s->st.bytes_written += len;
+    __atomic_fetch_add(&s->bytes_written, len, __ATOMIC_RELAXED);
     return QS_SINK_OK;
 }
 
@@ -209,6 +343,108 @@ static int pread_full(qs_sink *s, uint8_t *buf, size_t len, uint64_t off,
     return QS_SINK_OK;
 }
 
+/* --- the writer thread ------------------------------------------------------ */
+
+/* The writer's first error, for the caller; `failed` is read with acquire
+ * ordering first, and werr never changes after it is set. */
+static int write_error(const qs_sink *s, qs_sink_err *err)
+{
+    if (err) {
+        err->status = s->werr.status;
+        err->errnum = s->werr.errnum;
+        err->voff = s->werr.voff;
+        err->host_off = s->werr.host_off;
+        err->value = s->werr.value;
+    }
+    return s->werr.status;
+}
+
+static inline int has_failed(const qs_sink *s)
+{
+    return __atomic_load_n(&s->failed, __ATOMIC_ACQUIRE);
+}
+
+static int run_job(qs_sink *s, const wjob *j, qs_sink_err *err)
+{
+    if (!j->len)
+        return QS_SINK_OK;
+    return pwrite_full(s, j->buf, j->len, j->host_off, j->voff, err);
+}
+
+static void *writer_main(void *arg)
+{
+    qs_sink *s = arg;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (!s->q_len && !s->stop)
+            pthread_cond_wait(&s->work_cv, &s->mu);
+        if (s->stop)
+            break;
+        wjob j = s->q[s->q_head];
+        s->q_head = (s->q_head + 1) % s->q_cap;
+        s->q_len--;
+        s->busy = 1;
+        /* after a failure, jobs only give their buffers back */
+        int skip = has_failed(s);
+        pthread_mutex_unlock(&s->mu);
+
+        qs_sink_err e;
+        int rc = skip ? QS_SINK_OK : run_job(s, &j, &e);
+        /* zeroing here keeps it off the caller's thread too */
+        if (j.kind == JOB_CLUSTER)
+            memset(j.buf, 0, s->cluster_size);
+
+        pthread_mutex_lock(&s->mu);
+        if (rc && !has_failed(s)) {
+            s->werr = e;
+            __atomic_store_n(&s->failed, 1, __ATOMIC_RELEASE);
+        }
+        bufpool *p = j.kind == JOB_CLUSTER ? &s->cpool : &s->ppool;
+        p->free[p->n_free++] = j.buf;
+        s->busy = 0;
+        pthread_cond_broadcast(&s->done_cv);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* Hand a job (and its buffer) to the writer.  After a failure the job is
+ * still queued, to give the buffer back, and the error is returned. */
+static int enqueue(qs_sink *s, const wjob *j, qs_sink_err *err)
+{
+    pthread_mutex_lock(&s->mu);
+    s->q[(s->q_head + s->q_len) % s->q_cap] = *j;
+    s->q_len++;
+    pthread_cond_signal(&s->work_cv);
+    pthread_mutex_unlock(&s->mu);
+    return has_failed(s) ? write_error(s, err) : QS_SINK_OK;
+}
+
+/* A free buffer of the pool, waiting for the writer to give one back. There
+ * is always one to come: the buffers not free are queued, being written, or
+ * (cluster buffers) held by the other slots, of which there are fewer. */
+static uint8_t *take_buf(qs_sink *s, bufpool *p)
+{
+    pthread_mutex_lock(&s->mu);
+    while (!p->n_free)
+        pthread_cond_wait(&s->done_cv, &s->mu);
+    uint8_t *b = p->free[--p->n_free];
+    pthread_mutex_unlock(&s->mu);
+    return b;
+}
+
+/* Wait until the writer has done every queued job; the first write error, if any. */
+static int drain(qs_sink *s, qs_sink_err *err)
+{
+    pthread_mutex_lock(&s->mu);
+    while (s->q_len || s->busy)
+        pthread_cond_wait(&s->done_cv, &s->mu);
+    pthread_mutex_unlock(&s->mu);
+    return has_failed(s) ? write_error(s, err) : QS_SINK_OK;
+}
+
+/* --- slots ------------------------------------------------------------------ */
+
 static inline int bit_get(const uint8_t *bm, uint64_t i)
 {
     return (bm[i >> 3] >> (i & 7)) & 1;
@@ -222,11 +458,6 @@ static inline void bit_set(uint8_t *bm, uint64_t i, int v)
         bm[i >> 3] &= (uint8_t)~(1u << (i & 7));
 }
 
-static inline uint8_t *slot_ptr(qs_sink *s, int32_t slot)
-{
-    return s->slot_mem + (size_t)slot * s->cluster_size;
-}
-
 /* 1 if some page of cluster c is stored (non-zero). */
 static int cluster_has_data(const qs_sink *s, uint64_t c)
 {
@@ -238,26 +469,25 @@ static int cluster_has_data(const qs_sink *s, uint64_t c)
     return 0;
 }
 
-/* Write the cluster open in `slot` (unless it became all zero) and free the slot. */
+/* Queue the cluster open in `slot` for writing at the append position (unless
+ * it became all zero) and free the slot.  Its buffer goes with the job. */
 static int slot_write_out(qs_sink *s, int32_t slot, qs_sink_err *err)
 {
     uint64_t c = s->slot_cluster[slot];
-    uint8_t *buf = slot_ptr(s, slot);
     if (c == UINT64_MAX)
         return QS_SINK_OK;
+    wjob j = {JOB_CLUSTER, s->slot_buf[slot], 0, 0, c << s->cluster_bits};
     if (cluster_has_data(s, c)) {
-        uint64_t off = s->st.append_offset;
-        int rc = pwrite_full(s, buf, s->cluster_size, off, c << s->cluster_bits, err);
-        if (rc)
-            return rc;
-        s->host[c] = off;
+        j.len = (uint32_t)s->cluster_size;
+        j.host_off = s->st.append_offset;
+        s->host[c] = j.host_off;
         s->st.append_offset += s->cluster_size;
         s->st.clusters_written++;
     }
-    memset(buf, 0, s->cluster_size);
+    s->slot_buf[slot] = NULL;
     s->slot_of[c] = NO_SLOT;
     s->slot_cluster[slot] = UINT64_MAX;
-    return QS_SINK_OK;
+    return enqueue(s, &j, err);
 }
 
 static int slot_open(qs_sink *s, uint64_t c, int32_t *out, qs_sink_err *err)
@@ -275,16 +505,31 @@ static int slot_open(qs_sink *s, uint64_t c, int32_t *out, qs_sink_err *err)
     if (rc)
         return rc;
 found:
+    s->slot_buf[victim] = take_buf(s, &s->cpool);
     s->slot_cluster[victim] = c;
     s->slot_of[c] = victim;
     *out = victim;
     return QS_SINK_OK;
 }
 
+/* Queue an in-place write of one page (data, or zeros if NULL) of a cluster on disk. */
+static int queue_page(qs_sink *s, uint64_t host_off, uint64_t voff, const uint8_t *data,
+                      qs_sink_err *err)
+{
+    wjob j = {JOB_PAGE, take_buf(s, &s->ppool), s->page_size, host_off, voff};
+    if (data)
+        memcpy(j.buf, data, s->page_size);
+    else
+        memset(j.buf, 0, s->page_size);
+    return enqueue(s, &j, err);
+}
+
 int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
                 qs_sink_err *err)
 {
     uint32_t ps = s->page_size;
+    if (has_failed(s))
+        return write_error(s, err);
     if (voff & (ps - 1) || voff >= s->virtual_size)
         return fail(err, QS_SINK_ERANGE, 0, voff, 0, voff);
     uint64_t pi = voff >> s->page_bits;
@@ -305,7 +550,7 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
     int32_t slot = s->slot_of[c];
 
     if (slot != NO_SLOT) {
-        uint8_t *dst = slot_ptr(s, slot) + in;
+        uint8_t *dst = s->slot_buf[slot] + in;
         if (zero) {
             if (was)
                 memset(dst, 0, ps);
@@ -315,11 +560,7 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
         s->slot_stamp[slot] = ++s->clock;
     } else if (s->host[c]) {
         if (!zero || was) {
-            if (zero)
-                memset(s->bounce, 0, ps);
-            else
-                memcpy(s->bounce, data, ps);
-            int rc = pwrite_full(s, s->bounce, ps, s->host[c] + in, voff, err);
+            int rc = queue_page(s, s->host[c] + in, voff, zero ? NULL : data, err);
             if (rc)
                 return rc;
             s->st.page_rewrites++;
@@ -328,7 +569,7 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
         int rc = slot_open(s, c, &slot, err);
         if (rc)
             return rc;
-        memcpy(slot_ptr(s, slot) + in, data, ps);
+        memcpy(s->slot_buf[slot] + in, data, ps);
         s->slot_stamp[slot] = ++s->clock;
     }
 
@@ -347,15 +588,21 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
 int qs_sink_get(qs_sink *s, uint64_t voff, uint8_t *out, qs_sink_err *err)
 {
     uint32_t ps = s->page_size;
+    if (has_failed(s))
+        return write_error(s, err);
     if (voff & (ps - 1) || voff >= s->virtual_size)
         return fail(err, QS_SINK_ERANGE, 0, voff, 0, voff);
     uint64_t c = voff >> s->cluster_bits;
     uint64_t in = voff & (s->cluster_size - 1);
     int32_t slot = s->slot_of[c];
     if (slot != NO_SLOT) {
-        memcpy(out, slot_ptr(s, slot) + in, ps);
+        memcpy(out, s->slot_buf[slot] + in, ps);
     } else if (s->host[c] && bit_get(s->bitmap, voff >> s->page_bits)) {
-        int rc = pread_full(s, s->bounce, ps, s->host[c] + in, voff, err);
+        /* the cluster, or a rewrite of this page, may still be queued */
+        int rc = drain(s, err);
+        if (rc)
+            return rc;
+        rc = pread_full(s, s->bounce, ps, s->host[c] + in, voff, err);
         if (rc)
             return rc;
         memcpy(out, s->bounce, ps);
@@ -375,6 +622,8 @@ int qs_sink_put_batch(qs_sink *s, const qs_sink_rec *recs, size_t n,
     uint32_t ps = s->page_size;
     int rc;
 
+    if (has_failed(s))
+        return write_error(s, err);
     for (size_t i = 0; i < n; i++) {
         const qs_sink_rec *r = &recs[i];
         uint16_t type = r->flags & (uint16_t)~QS_RAM_FLAG_CONTINUE;
@@ -439,17 +688,16 @@ int qs_sink_flush(qs_sink *s, qs_sink_err *err)
             if (best == NO_SLOT || s->slot_cluster[i] < s->slot_cluster[best])
                 best = (int32_t)i;
         }
-        if (best == NO_SLOT)
-            return QS_SINK_OK;
-        int rc = slot_write_out(s, best, err);
-        if (rc)
-            return rc;
+        /* on an error too: when flush returns, the writer leaves the fd alone */
+        if (best == NO_SLOT || slot_write_out(s, best, err))
+            return drain(s, err);
     }
 }
 
 void qs_sink_get_stats(const qs_sink *s, qs_sink_stats *out)
 {
     *out = s->st;
+    out->bytes_written = __atomic_load_n(&s->bytes_written, __ATOMIC_RELAXED);
 }
 
 uint64_t qs_sink_n_clusters(const qs_sink *s) { return s->n_clusters; }

@@ -6,7 +6,14 @@
  * target page, a "stored" bit (the page is non-zero) and its crc32c.
  * Clusters are written whole, at the append position, when their slot is
  * evicted (least recently used) or on qs_sink_flush(); a page that arrives
- * for a cluster already on disk is rewritten in place.  No Python.h. */
+ * for a cluster already on disk is rewritten in place.
+ *
+ * The writes run on a writer thread that the sink starts and stops: an
+ * evicted cluster or a rewritten page is queued (its host offset assigned at
+ * once) and the caller goes on.  A failed write is reported by the calls that
+ * follow it (put, put_batch, get, flush), at the latest by qs_sink_flush(),
+ * which waits for every queued write.  One caller thread at a time; the
+ * functions may be called without the GIL.  No Python.h. */
 #ifndef QSNAP_SINK_H
 #define QSNAP_SINK_H
 #include <stddef.h>
@@ -28,7 +35,7 @@ typedef qs_page_rec qs_sink_rec;
 /* Status codes (negative); errno is saved in qs_sink_err.errnum. */
 enum {
     QS_SINK_OK = 0,
-    QS_SINK_EWRITE = -1,      /* pwrite failed (errnum); host_off = where */
+    QS_SINK_EWRITE = -1,      /* pwrite failed (errnum); host_off = where; voff = its cluster or page */
     QS_SINK_EREAD = -2,       /* pread failed (errnum); host_off = where */
     QS_SINK_ENOMEM = -3,
     QS_SINK_EBADREC = -4,     /* unknown record type; value = flags */
@@ -54,9 +61,9 @@ typedef struct qs_sink_err {
 typedef struct qs_sink_stats {
     uint64_t pages_zero;       /* zero pages put (fill 0 or all-zero data) */
     uint64_t pages_nonzero;    /* non-zero pages put */
-    uint64_t clusters_written; /* whole clusters appended */
-    uint64_t page_rewrites;    /* pages written in place into a cluster already on disk */
-    uint64_t bytes_written;
+    uint64_t clusters_written; /* whole clusters appended (queued for writing) */
+    uint64_t page_rewrites;    /* pages written in place into a cluster already on disk (queued) */
+    uint64_t bytes_written;    /* bytes the writer thread has written so far */
     uint64_t append_offset;    /* next free host offset (file length after a flush) */
 } qs_sink_stats;
 
@@ -66,10 +73,13 @@ typedef struct qs_sink qs_sink;
  * virtual_size: multiple of cluster_size. cluster_size: power of two,
  * 64 KiB .. 2 MiB. page_size: target page size (power of two, 512 ..
  * cluster_size). append_offset: first host offset for data clusters
- * (cluster aligned, > 0). Returns NULL with errno set on failure. */
+ * (cluster aligned, > 0). Starts the writer thread; the fd must stay open
+ * until qs_sink_free(). Returns NULL with errno set on failure. */
 qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
                      uint32_t page_size, uint32_t n_slots,
                      uint64_t append_offset, int direct);
+/* Stops the writer thread: writes still queued are dropped (flush first to
+ * keep them). */
 void qs_sink_free(qs_sink *s);
 
 /* Block regions: offsets[i] (cluster aligned) and lengths[i] (used_length);
@@ -89,10 +99,12 @@ int qs_sink_put_batch(qs_sink *s, const qs_sink_rec *recs, size_t n,
                       const uint64_t *region_offsets, uint32_t n_blocks,
                       qs_sink_err *err);
 
-/* Write every open cluster (in virtual order) and close its slot. */
+/* Write every open cluster (in virtual order) and close its slot; returns
+ * once every queued write is done, with the first write error if one failed. */
 int qs_sink_flush(qs_sink *s, qs_sink_err *err);
 
-/* Read the current content of one page (from a slot, the file or zeros). */
+/* Read the current content of one page (from a slot, the file or zeros);
+ * a read from the file first waits for the queued writes. */
 int qs_sink_get(qs_sink *s, uint64_t voff, uint8_t *out, qs_sink_err *err);
 
 void qs_sink_get_stats(const qs_sink *s, qs_sink_stats *out);

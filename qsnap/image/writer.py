@@ -303,6 +303,10 @@ class ImageWriter:
     def abort(self):
         """Discard the temporary file; the file at ``path`` is left as it was."""
         self.sink = None if self._done else self.sink
+        if self.sink is not None:
+            # stop the sink's writer thread before its fd is closed (and its
+            # number perhaps reused): queued cluster writes are dropped
+            self.sink.close()
         self._close_fds()
         if not self._done and self.tmp_path is not None:
             try:

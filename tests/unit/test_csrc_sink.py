@@ -103,15 +103,16 @@ def test_overwrite_on_disk_nonzero_zero_nonzero(tmp_path):
     sink.put_page(0, a)
     sink.put_page(CS, b)            # evicts cluster 0 to disk
     assert sink.clusters_written == 1
-    w0 = sink.bytes_written
     sink.put_page(PS, None)          # zero over a zero page on disk: no write
-    assert sink.bytes_written == w0
+    assert sink.page_rewrites == 0
     sink.put_page(0, None)           # zero over a non-zero page on disk: rewrite with zeros
     assert sink.page_rewrites == 1
     assert sink.get_page(0) == bytes(PS)
     sink.put_page(0, b)
     assert sink.page_rewrites == 2
     sink.flush()
+    # the writer thread has written the two clusters and the two pages
+    assert sink.bytes_written == 2 * CS + 2 * PS
     hm = sink.host_map()
     data = content(path, hm, vsize, CS)
     os.close(fd)
@@ -190,10 +191,28 @@ def test_put_batch_bad_records(tmp_path, rec, data, msg):
 
 def test_write_error_is_iofailure(tmp_path):
     fd = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o644)
-    sink = _core.ClusterSink(fd, 2 * CS, cluster_size=CS, n_slots=1, path="ro-image")
+    sink = _core.ClusterSink(fd, 2 * CS, cluster_size=CS, n_slots=1, path="ro-image",
+                             region_offsets=[0], block_lengths=[2 * CS])
     sink.put_page(0, b"\x01" * PS)
-    with pytest.raises(IOFailure, match=r"bad file descriptor writing ro-image at offset 0x10000"):
+    msg = r"bad file descriptor writing ro-image at offset 0x10000"
+    with pytest.raises(IOFailure, match=msg):
+        # the eviction of cluster 0 is queued and fails on the writer thread:
+        # reported by this put if the writer was quick, else by the flush
         sink.put_page(CS, b"\x01" * PS)
+        sink.flush()
+    # the first error stays: every later call reports it
+    with pytest.raises(IOFailure, match=msg):
+        sink.put_page(CS + PS, b"\x02" * PS)
+    with pytest.raises(IOFailure, match=msg):
+        sink.put_page(CS + PS, None)
+    with pytest.raises(IOFailure, match=msg):
+        sink.get_page(CS)
+    with pytest.raises(IOFailure, match=msg):
+        sink.put_batch(recs_from([dict(offset=0, block=0, flags=RAM_SAVE_FLAG_ZERO)]), b"")
+    with pytest.raises(IOFailure, match=msg):
+        sink.flush()
+    assert sink.bytes_written == 0
+    sink.close()
     os.close(fd)
 
 
@@ -244,3 +263,4 @@ def test_o_direct_rewrite_and_xbzrle_from_disk(tmp_path):
     assert os.fstat(fd0).st_size % CS == 0
     os.close(fd0)
     assert sink.checksums(3, 1)[0] == _core.crc32c(bytes(page))
+
