@@ -1,10 +1,12 @@
 /* Native test driver for qsnap/csrc, built with -fsanitize=address,undefined
- * by test_native.py. Exits 0 when every check passes. */
+ * and with -fsanitize=thread by test_native.py. Exits 0 when every check passes. */
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "crc32c.h"
@@ -196,6 +198,282 @@ static void test_sink(void)
     CHECK(qs_sink_new(0, vsize, 3 * cs, ps, 2, cs, 0) == NULL);
 }
 
+/* A fresh unlinked temporary file, its first cluster taken (as by an image header). */
+static int temp_image(uint32_t cs)
+{
+    char path[] = "/tmp/qsnap-native-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    unlink(path);
+    uint8_t *hdr = calloc(1, cs);
+    CHECK(pwrite(fd, hdr, cs, 0) == (ssize_t)cs);
+    free(hdr);
+    return fd;
+}
+
+/* The file, read through the host map, equals the model; the counters add up. */
+static void check_image(int fd, qs_sink *s, const uint8_t *model, uint64_t vsize, uint32_t cs,
+                        uint32_t ps)
+{
+    const uint64_t *host = qs_sink_host_map(s);
+    uint8_t *buf = malloc(cs);
+    uint64_t allocated = 0;
+    for (uint64_t c = 0; c < vsize / cs; c++) {
+        if (host[c]) {
+            allocated++;
+            CHECK(pread(fd, buf, cs, (off_t)host[c]) == (ssize_t)cs);
+        } else {
+            memset(buf, 0, cs);
+        }
+        CHECK(memcmp(buf, model + c * cs, cs) == 0);
+    }
+    free(buf);
+    qs_sink_stats st;
+    qs_sink_get_stats(s, &st);
+    CHECK(st.clusters_written == allocated);
+    CHECK(st.bytes_written == st.clusters_written * cs + st.page_rewrites * ps);
+    CHECK(st.append_offset == (uint64_t)lseek(fd, 0, SEEK_END));
+}
+
+/* Many evictions through one or two slots, the writer queue kept full:
+ * clusters filled in order, with rewrites, zero and fill pages and XBZRLE
+ * deltas landing in clusters already queued or written, and reads of them. */
+static void test_sink_queue_stress(uint32_t n_slots)
+{
+    const uint32_t cs = 1 << 16, ps = 4096, ppc = cs / ps;
+    const uint64_t n_clusters = 1500, vsize = n_clusters * cs;
+    int fd = temp_image(cs);
+    qs_sink *s = qs_sink_new(fd, vsize, cs, ps, n_slots, cs, 0);
+    CHECK(s != NULL);
+    uint64_t off0 = 0, len0 = vsize;
+    CHECK(qs_sink_set_blocks(s, &off0, &len0, 1) == 0);
+    uint8_t *model = calloc(1, vsize);
+    uint8_t *data = malloc(8 * ps);
+    uint8_t *page = malloc(ps);
+    qs_sink_rec recs[8];
+    qs_sink_err err;
+    uint64_t written = 0;
+    for (uint64_t c = 0; c < n_clusters; c++) {
+        size_t n = 0, pos = 0;
+        memset(recs, 0, sizeof(recs));
+        for (int k = 0, m = 1 + (int)(rnd() % 3); k < m; k++) {
+            uint64_t voff = c * cs + (rnd() % ppc) * ps;
+            uint8_t *d = data + pos;
+            for (uint32_t i = 0; i < ps; i += 8) {
+                uint64_t v = rnd() | 1;
+                memcpy(d + i, &v, 8);
+            }
+            memcpy(model + voff, d, ps);
+            recs[n++] = (qs_sink_rec){.offset = voff, .data_pos = pos, .data_len = ps,
+                                      .flags = QS_RAM_FLAG_PAGE};
+            pos += ps;
+        }
+        if (c > 0) {
+            /* one page of an earlier cluster: often one of the last few,
+             * likely still queued, else any */
+            uint64_t back = rnd() & 1 ? 1 + rnd() % (c < 4 ? c : 4) : 1 + rnd() % c;
+            uint64_t voff = (c - back) * cs + (rnd() % ppc) * ps;
+            uint8_t *m = model + voff;
+            int kind = (int)(rnd() % 4);
+            qs_sink_rec *r = &recs[n++];
+            r->offset = voff;
+            if (kind == 0) {
+                r->flags = QS_RAM_FLAG_ZERO;
+                memset(m, 0, ps);
+            } else if (kind == 1) {
+                r->flags = QS_RAM_FLAG_ZERO | QS_RAM_FLAG_CONTINUE;
+                r->fill = (uint8_t)(1 + rnd() % 255);
+                memset(m, r->fill, ps);
+            } else if (kind == 2) {
+                r->flags = QS_RAM_FLAG_PAGE;
+                r->data_pos = pos;
+                r->data_len = ps;
+                memset(data + pos, 0, ps);
+                data[pos + rnd() % ps] = (uint8_t)(1 + rnd() % 255);
+                memcpy(m, data + pos, ps);
+                pos += ps;
+            } else {
+                /* XBZRLE: keep `at` bytes, replace 4: the sink reads the old page back */
+                uint8_t at = (uint8_t)(rnd() % 128);
+                uint8_t *e = data + pos;
+                e[0] = at;
+                e[1] = 4;
+                for (int i = 0; i < 4; i++)
+                    e[2 + i] = m[at + i] = (uint8_t)rnd();
+                r->flags = QS_RAM_FLAG_XBZRLE;
+                r->data_pos = pos;
+                r->data_len = 6;
+                pos += 6;
+            }
+        }
+        CHECK(qs_sink_put_batch(s, recs, n, data, pos, NULL, 0, &err) == 0);
+        if (c % 8 == 7) {
+            /* a page of a cluster just evicted */
+            uint64_t voff = (c - rnd() % 2) * cs + (rnd() % ppc) * ps;
+            CHECK(qs_sink_get(s, voff, page, &err) == 0);
+            CHECK(memcmp(page, model + voff, ps) == 0);
+        }
+        /* while the writer runs */
+        qs_sink_stats st;
+        qs_sink_get_stats(s, &st);
+        CHECK(st.bytes_written >= written && st.bytes_written <= st.append_offset - cs +
+                                                                  st.page_rewrites * ps);
+        written = st.bytes_written;
+    }
+    CHECK(qs_sink_flush(s, &err) == 0);
+    qs_sink_stats st;
+    qs_sink_get_stats(s, &st);
+    CHECK(st.clusters_written > n_clusters - 10);
+    CHECK(st.page_rewrites > 100);
+    check_image(fd, s, model, vsize, cs, ps);
+    free(page);
+    free(data);
+    free(model);
+    qs_sink_free(s);
+    close(fd);
+}
+
+/* Put one non-zero page into each of clusters first..first+n-1; stops at the
+ * first error and returns its status. */
+static int fill_clusters(qs_sink *s, uint64_t first, uint64_t n, uint32_t cs, qs_sink_err *err)
+{
+    uint8_t page[4096];
+    memset(page, 0x11, sizeof(page));
+    for (uint64_t c = first; c < first + n; c++) {
+        int rc = qs_sink_put(s, c * cs, page, 0, err);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+static void check_write_error(const qs_sink_err *err, int errnum, uint64_t host_off,
+                              uint64_t voff, uint64_t len)
+{
+    CHECK(err->status == QS_SINK_EWRITE);
+    CHECK(err->errnum == errnum);
+    CHECK(err->host_off == host_off);
+    CHECK(err->voff == voff);
+    CHECK(err->value == len);
+}
+
+/* A write failing on the writer thread is reported, with the failing job's
+ * offsets, by flush and then by every call; nothing hangs. */
+static void test_sink_write_errors(void)
+{
+    const uint32_t cs = 1 << 16, ps = 4096;
+    const uint64_t vsize = 64 * (uint64_t)cs;
+    uint8_t page[4096];
+    memset(page, 0x22, sizeof(page));
+    qs_sink_err err;
+
+    /* read-only fd: the first cluster write fails EBADF */
+    char path[] = "/tmp/qsnap-native-XXXXXX";
+    int wfd = mkstemp(path);
+    CHECK(wfd >= 0);
+    int rofd = open(path, O_RDONLY);
+    CHECK(rofd >= 0);
+    unlink(path);
+    qs_sink *s = qs_sink_new(rofd, vsize, cs, ps, 1, cs, 0);
+    CHECK(s != NULL);
+    int rc = fill_clusters(s, 0, 64, cs, &err);
+    CHECK(rc == 0 || rc == QS_SINK_EWRITE);
+    memset(&err, 0, sizeof(err));
+    CHECK(qs_sink_flush(s, &err) == QS_SINK_EWRITE);
+    check_write_error(&err, EBADF, cs, 0, cs);
+    memset(&err, 0, sizeof(err));
+    CHECK(qs_sink_put(s, 5 * cs, page, 0, &err) == QS_SINK_EWRITE);
+    check_write_error(&err, EBADF, cs, 0, cs);
+    CHECK(qs_sink_put(s, 5 * cs, NULL, 0, &err) == QS_SINK_EWRITE);
+    CHECK(qs_sink_get(s, 0, page, &err) == QS_SINK_EWRITE);
+    qs_sink_rec zero = {.flags = QS_RAM_FLAG_ZERO};
+    uint64_t off0 = 0;
+    CHECK(qs_sink_put_batch(s, &zero, 1, page, 0, &off0, 1, &err) == QS_SINK_EWRITE);
+    memset(&err, 0, sizeof(err));
+    CHECK(qs_sink_flush(s, &err) == QS_SINK_EWRITE);
+    check_write_error(&err, EBADF, cs, 0, cs);
+    qs_sink_stats st;
+    qs_sink_get_stats(s, &st);
+    CHECK(st.bytes_written == 0);
+    qs_sink_free(s);
+
+    /* file size limit: the clusters below it are written, the first one at it
+     * fails EFBIG, and an in-place rewrite queued behind it is dropped */
+    struct rlimit old_lim, lim;
+    CHECK(getrlimit(RLIMIT_FSIZE, &old_lim) == 0);
+    signal(SIGXFSZ, SIG_IGN);
+    lim = old_lim;
+    lim.rlim_cur = 4 * (rlim_t)cs;
+    CHECK(setrlimit(RLIMIT_FSIZE, &lim) == 0);
+    s = qs_sink_new(wfd, vsize, cs, ps, 1, cs, 0);
+    CHECK(s != NULL);
+    CHECK(fill_clusters(s, 10, 3, cs, &err) == 0);   /* clusters 10, 11 queued: at cs, 2 cs */
+    CHECK(qs_sink_flush(s, &err) == 0);                /* 12 at 3 cs */
+    CHECK(qs_sink_get(s, 11 * (uint64_t)cs, page, &err) == 0 && page[0] == 0x11);
+    rc = fill_clusters(s, 20, 2, cs, &err);            /* 20 at 4 cs: EFBIG */
+    CHECK(rc == 0 || rc == QS_SINK_EWRITE);
+    if (rc == 0)
+        rc = qs_sink_put(s, 10 * (uint64_t)cs + ps, page, 0, &err);   /* rewrite queued */
+    CHECK(rc == 0 || rc == QS_SINK_EWRITE);
+    memset(&err, 0, sizeof(err));
+    CHECK(qs_sink_flush(s, &err) == QS_SINK_EWRITE);
+    check_write_error(&err, EFBIG, 4 * (uint64_t)cs, 20 * (uint64_t)cs, cs);
+    qs_sink_get_stats(s, &st);
+    CHECK(st.bytes_written == 3 * (uint64_t)cs);
+    qs_sink_free(s);
+    CHECK(setrlimit(RLIMIT_FSIZE, &old_lim) == 0);
+    signal(SIGXFSZ, SIG_DFL);
+
+    /* /dev/full: ENOSPC */
+    int full = open("/dev/full", O_RDWR);
+    if (full >= 0) {
+        s = qs_sink_new(full, vsize, cs, ps, 2, cs, 0);
+        CHECK(s != NULL);
+        CHECK(qs_sink_put(s, 3 * (uint64_t)cs, page, 0, &err) == 0);
+        CHECK(qs_sink_flush(s, &err) == QS_SINK_EWRITE);
+        check_write_error(&err, ENOSPC, cs, 3 * (uint64_t)cs, cs);
+        qs_sink_free(s);
+        close(full);
+    }
+    close(rofd);
+    close(wfd);
+}
+
+/* qs_sink_free with writes still queued, after an error or not: no hang, no
+ * leak (ASan), nothing written after it returns. */
+static void test_sink_free_with_queued_jobs(void)
+{
+    const uint32_t cs = 1 << 16, ps = 4096;
+    const uint64_t vsize = 256 * (uint64_t)cs;
+    qs_sink_err err;
+    for (int round = 0; round < 20; round++) {
+        char path[] = "/tmp/qsnap-native-XXXXXX";
+        int fd = mkstemp(path);
+        CHECK(fd >= 0);
+        int rofd = open(path, O_RDONLY);
+        CHECK(rofd >= 0);
+        unlink(path);
+        int failing = round & 1;
+        qs_sink *s = qs_sink_new(failing ? rofd : fd, vsize, cs, ps, 1 + round % 3, cs, 0);
+        CHECK(s != NULL);
+        int rc = fill_clusters(s, 0, 256, cs, &err);
+        CHECK(rc == 0 || (failing && rc == QS_SINK_EWRITE));
+        /* in-place rewrites of the first clusters, queued behind them */
+        uint8_t page[4096];
+        memset(page, 0x33, sizeof(page));
+        for (int i = 0; i < 40 && rc == 0; i++)
+            rc = qs_sink_put(s, (uint64_t)(i % 8) * cs + ps, page, 0, &err);
+        qs_sink_free(s);
+        /* the writer is gone: the file no longer grows */
+        off_t size = lseek(fd, 0, SEEK_END);
+        usleep(1000);
+        CHECK(lseek(fd, 0, SEEK_END) == size);
+        CHECK(size <= 256 * (off_t)cs + cs);
+        close(rofd);
+        close(fd);
+    }
+}
+
 /* Parse ``len`` bytes copied into an exact-size heap buffer (any overread is an
  * ASan error); the parser must return a status and stay inside the buffer. */
 static int parse_exact(qs_ram_state *st, const uint8_t *src, size_t len, size_t *consumed)
@@ -288,6 +566,10 @@ int main(void)
     test_zero();
     test_xbzrle();
     test_sink();
+    test_sink_queue_stress(1);
+    test_sink_queue_stress(2);
+    test_sink_write_errors();
+    test_sink_free_with_queued_jobs();
     if (failures) {
         fprintf(stderr, "%d checks failed\n", failures);
         return 1;

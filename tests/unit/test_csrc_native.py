@@ -1,4 +1,4 @@
-"""Runs tests/native (csrc under ASan/UBSan) as part of the unit suite."""
+"""Runs tests/native (csrc under ASan/UBSan and TSan) as part of the unit suite."""
 import importlib.util
 import pathlib
 
@@ -8,3 +8,4 @@ _mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_mod)
 
 test_csrc_under_asan_ubsan = _mod.test_csrc_under_asan_ubsan
+test_csrc_under_tsan = _mod.test_csrc_under_tsan

@@ -264,3 +264,108 @@ def test_o_direct_rewrite_and_xbzrle_from_disk(tmp_path):
     os.close(fd0)
     assert sink.checksums(3, 1)[0] == _core.crc32c(bytes(page))
 
+
+@pytest.mark.parametrize("n_slots", [1, 2])
+def test_writer_queue_stress_against_model(tmp_path, n_slots):
+    """Thousands of evictions through one or two slots keep the writer's queue
+    full; rewrites, zero and fill pages and XBZRLE deltas land in clusters just
+    queued or long written, and reads of them see the latest content."""
+    rnd = random.Random(1000 + n_slots)
+    n_clusters = 2500
+    vsize = n_clusters * CS
+    ppc = CS // PS
+    path, fd, sink = make_sink(tmp_path, vsize, n_slots=n_slots,
+                               region_offsets=[0], block_lengths=[vsize])
+    model = {}                      # page index -> content, absent = zero
+
+    def page_of(p):
+        return model.get(p, bytes(PS))
+
+    for c in range(n_clusters):
+        items, data = [], bytearray()
+        for p in rnd.sample(range(c * ppc, (c + 1) * ppc), rnd.randint(1, 3)):
+            page = rnd.randbytes(PS)
+            items.append(dict(offset=p * PS, data_pos=len(data), data_len=PS, flags=RAM_SAVE_FLAG_PAGE))
+            data += page
+            model[p] = page
+        for _ in range(rnd.randint(0, 2) if c else 0):
+            back = rnd.randint(1, min(c, 3)) if rnd.random() < 0.5 else rnd.randint(1, c)
+            p = (c - back) * ppc + rnd.randrange(ppc)
+            kind = rnd.randrange(4)
+            if kind == 0:
+                items.append(dict(offset=p * PS, flags=RAM_SAVE_FLAG_ZERO))
+                model.pop(p, None)
+            elif kind == 1:
+                fill = rnd.randrange(1, 256)
+                items.append(dict(offset=p * PS, flags=RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE,
+                                  fill=fill))
+                model[p] = bytes([fill]) * PS
+            elif kind == 2:
+                page = rnd.randbytes(PS)
+                items.append(dict(offset=p * PS, data_pos=len(data), data_len=PS,
+                                  flags=RAM_SAVE_FLAG_PAGE))
+                data += page
+                model[p] = page
+            else:
+                at, new = rnd.randrange(128), rnd.randbytes(4)
+                enc = bytes([at, 4]) + new
+                items.append(dict(offset=p * PS, data_pos=len(data), data_len=len(enc),
+                                  flags=RAM_SAVE_FLAG_XBZRLE))
+                data += enc
+                old = bytearray(page_of(p))
+                old[at:at + 4] = new
+                model[p] = bytes(old)
+                if model[p] == bytes(PS):
+                    del model[p]
+        sink.put_batch(recs_from(items), bytes(data))
+        if c % 10 == 9:
+            p = (c - rnd.randrange(2)) * ppc + rnd.randrange(ppc)
+            assert sink.get_page(p * PS) == page_of(p), (c, p)
+    sink.flush()
+    assert sink.page_rewrites > 1000
+    assert sink.bytes_written == sink.clusters_written * CS + sink.page_rewrites * PS
+    assert os.fstat(fd).st_size == sink.append_offset
+    hm = sink.host_map()
+    for c in range(n_clusters):
+        expect = b"".join(page_of(p) for p in range(c * ppc, (c + 1) * ppc))
+        got = os.pread(fd, CS, int(hm[c])) if hm[c] else bytes(CS)
+        assert got == expect, c
+    bm = np.unpackbits(sink.nonzero_bitmap(), bitorder="little")[:vsize // PS]
+    assert set(np.flatnonzero(bm).tolist()) == set(model)
+    crcs = sink.checksums()
+    assert all(crcs[p] == _core.crc32c(v) for p, v in model.items())
+    os.close(fd)
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_close_with_writes_queued(tmp_path, failing):
+    """close() drops queued writes, after a write error or not, without hanging;
+    the sink then refuses to be used."""
+    path = tmp_path / "img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    sfd = os.open(path, os.O_RDONLY) if failing else fd
+    sink = _core.ClusterSink(sfd, 512 * CS, cluster_size=CS, n_slots=1, path=str(path))
+    page = b"\x05" * PS
+    try:
+        for c in range(512):
+            sink.put_page(c * CS, page)
+        for c in range(64):
+            sink.put_page((c % 8) * CS + PS, page)      # rewrites queued behind the clusters
+    except IOFailure:
+        assert failing
+    sink.close()
+    sink.close()
+    size = os.fstat(fd).st_size
+    assert size <= 512 * CS
+    with pytest.raises(ValueError, match="closed"):
+        sink.put_page(0, page)
+    with pytest.raises(ValueError, match="closed"):
+        sink.flush()
+    with pytest.raises(ValueError, match="closed"):
+        sink.host_map()
+    with pytest.raises(ValueError, match="closed"):
+        sink.counters()
+    assert os.fstat(fd).st_size == size
+    if sfd != fd:
+        os.close(sfd)
+    os.close(fd)

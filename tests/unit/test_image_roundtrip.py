@@ -183,6 +183,24 @@ def test_abort_and_exception_leave_target_alone(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["vm.qsnap"]
 
 
+def test_abort_stops_the_sink_writer_before_closing_its_fd(tmp_path):
+    """Cluster writes still queued when a save fails must not reach the fd
+    after abort() closes it (its number may be reused by then)."""
+    p = tmp_path / "vm.qsnap"
+    keep = None
+    with pytest.raises(RuntimeError):
+        with ImageWriter(p, n_slots=1) as w:
+            w.start(BLOCKS)
+            keep = w.sink            # a traceback may keep the sink alive like this
+            data = bytes(range(256)) * 16 * 64
+            for i in range(16):     # 16 clusters, each evicting the one before
+                w.sink.put_batch(page_records(0, [i * MiB + k * PS for k in range(64)]), data)
+            raise RuntimeError("stream broke")
+    with pytest.raises(ValueError, match="closed"):
+        keep.flush()
+    assert os.listdir(tmp_path) == []
+
+
 def test_temp_file_is_incomplete_until_finish(tmp_path):
     p = tmp_path / "vm.qsnap"
     with ImageWriter(p) as w:
