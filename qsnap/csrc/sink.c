@@ -15,6 +15,7 @@
 #include "sink.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -32,6 +33,9 @@
 #define SPARE_CLUSTERS 8
 /* Page buffers for queued in-place rewrites: this many bytes' worth (4..256). */
 #define PAGE_POOL_BYTES (1u << 20)
+/* Start writeback of the clusters written so far every this many bytes, so
+ * that the final fsync finds little left to do. */
+#define WRITEBACK_CHUNK ((uint64_t)32 << 20)
 
 enum { JOB_CLUSTER, JOB_PAGE };
 
@@ -100,6 +104,8 @@ struct qs_sink {
     /* atomics */
     int failed;
     uint64_t bytes_written;
+    /* the writer's own */
+    uint64_t wb_from, wb_to; /* cluster range written since the last writeback start */
 };
 
 static int ilog2_exact(uint64_t v)
@@ -185,6 +191,7 @@ qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
     s->n_pages = virtual_size >> pbits;
     s->n_slots = n_slots;
     s->st.append_offset = append_offset;
+    s->wb_from = s->wb_to = append_offset;
 
     uint32_t n_cbufs = n_slots + SPARE_CLUSTERS;
     s->pbuf_size = page_size < IO_ALIGN ? IO_ALIGN : page_size;
@@ -364,11 +371,36 @@ static inline int has_failed(const qs_sink *s)
     return __atomic_load_n(&s->failed, __ATOMIC_ACQUIRE);
 }
 
+/* Ask the kernel to start writing back the clusters written since the last
+ * call once they add up to WRITEBACK_CHUNK.  Data clusters are appended, so
+ * the range is contiguous.  Errors are left to the final fsync. */
+static void start_writeback(qs_sink *s, const wjob *j)
+{
+#ifdef SYNC_FILE_RANGE_WRITE
+    if (s->direct)
+        return;
+    if (j->host_off != s->wb_to)
+        s->wb_from = j->host_off;
+    s->wb_to = j->host_off + j->len;
+    if (s->wb_to - s->wb_from >= WRITEBACK_CHUNK) {
+        (void)sync_file_range(s->fd, (off_t)s->wb_from, (off_t)(s->wb_to - s->wb_from),
+                              SYNC_FILE_RANGE_WRITE);
+        s->wb_from = s->wb_to;
+    }
+#else
+    (void)s;
+    (void)j;
+#endif
+}
+
 static int run_job(qs_sink *s, const wjob *j, qs_sink_err *err)
 {
     if (!j->len)
         return QS_SINK_OK;
-    return pwrite_full(s, j->buf, j->len, j->host_off, j->voff, err);
+    int rc = pwrite_full(s, j->buf, j->len, j->host_off, j->voff, err);
+    if (rc == QS_SINK_OK && j->kind == JOB_CLUSTER)
+        start_writeback(s, j);
+    return rc;
 }
 
 static void *writer_main(void *arg)
