@@ -176,8 +176,10 @@ def test_linux_runs_during_postcopy(linux_saved, linux_guest_files, tmp_path):
             assert info["ram"]["postcopy-requests"] > 0, info["ram"]
         else:
             # a 7.2 destination reports no ram stats (fill_destination_migration_info);
-            # with postcopy-blocktime it reports the time vCPUs waited on page faults
-            assert info.get("postcopy-blocktime", 0) > 0, info
+            # with postcopy-blocktime it tracks the vCPUs' waits on page faults, in
+            # whole milliseconds: faults served in under 1 ms in all sum to 0, so
+            # the requests themselves are counted by qsnap (pages_requested below)
+            assert "postcopy-blocktime" in info and "postcopy-vcpu-blocktime" in info, info
         first = b.wait_ticks(before, timeout=60)
         b.wait_ticks(first + 2, timeout=60)
     s = json.loads(stats.read_text())
