@@ -12,6 +12,7 @@ or a given file.  Then, alternating ROUNDS times:
   A. ``cat stream > f && sync f``               (the baseline: what the disk costs)
   P. ``cat stream | cat > f && sync f``         (the same through a pipe)
   B. ``cat stream | qsnap save img``            (qsnap durable at exit: fsync'd)
+  N. ``cat stream | qsnap save --cache=none img`` (with --cache-none: O_DIRECT)
 
 and reports medians, the ratios B/A and B/P, qsnap's CPU time and peak RSS.  A
 second measurement pipes a 4 GiB synthetic stream straight from the generator
@@ -100,6 +101,8 @@ def main(argv=None):
     ap.add_argument("--fill", type=float, default=0.67, help="random share of --capture's guest")
     ap.add_argument("--stream", help="use this stream file (kept)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cache-none", action="store_true",
+                    help="also time 'qsnap save --cache=none' (O_DIRECT, no page cache)")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--rss-size", type=_size, default=4 << 30)
     args = ap.parse_args(argv)
@@ -121,7 +124,8 @@ def main(argv=None):
     nbytes = os.path.getsize(stream)
     subprocess.run(f"cat {stream} > /dev/null", shell=True, check=True)  # warm the page cache
     qsnap = f"{sys.executable} -m qsnap"
-    results = {"cat": [], "cat_pipe": [], "qsnap": [], "qsnap_cpu": []}
+    results = {"cat": [], "cat_pipe": [], "qsnap": [], "qsnap_cpu": [],
+               "qsnap_none": [], "qsnap_none_cpu": []}
     out = os.path.join(work, "cat.out")
     img = os.path.join(work, "vm.qsnap")
     for r in range(args.rounds):
@@ -130,13 +134,15 @@ def main(argv=None):
             ("cat_pipe", f"cat {stream} | cat > {out} && sync {out}", out),
             ("qsnap", f"cat {stream} | {qsnap} save -q {img}", img),
         ]
+        if args.cache_none:
+            contenders.append(("qsnap_none", f"cat {stream} | {qsnap} save -q --cache=none {img}", img))
         if r % 2:
             contenders.reverse()
         for name, cmd, path in contenders:
             w, cpu, _ = run_timed(cmd)
             results[name].append(w)
-            if name == "qsnap":
-                results["qsnap_cpu"].append(cpu)
+            if name.startswith("qsnap"):
+                results[name + "_cpu"].append(cpu)
             os.unlink(path)
     img = os.path.join(work, "big.qsnap")
     gen = (f"{sys.executable} -c \"import sys; from qsnap.stream.synth import synth_stream, DEFAULT_BLOCKS; "
@@ -166,6 +172,17 @@ def main(argv=None):
         "qsnap_cpu_s_median": statistics.median(results["qsnap_cpu"]),
         "peak_rss_MiB_4GiB_stream": rss,
     }
+    for k in ("cat", "cat_pipe", "qsnap"):
+        report[f"min_s_{k}"] = min(results[k])
+    if args.cache_none:
+        n_m = statistics.median(results["qsnap_none"])
+        report.update({
+            "qsnap_cache_none_s": results["qsnap_none"],
+            "median_ratio_qsnap_cache_none_over_cat": n_m / cat_m,
+            "qsnap_cache_none_MBps": nbytes / 1e6 / n_m,
+            "qsnap_cache_none_cpu_s_median": statistics.median(results["qsnap_none_cpu"]),
+            "min_s_qsnap_none": min(results["qsnap_none"]),
+        })
     print(json.dumps(report, indent=2))
     return 0
 

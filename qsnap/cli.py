@@ -63,8 +63,10 @@ def build_parser():
         "stdin, writes IMG atomically; stdout carries only return-path replies.",
     )
     s.add_argument("image", metavar="IMG")
-    s.add_argument("--cache", choices=("writeback", "none"), default="writeback",
-                   help="page cache use for writes (none = O_DIRECT); default writeback")
+    s.add_argument("--cache", choices=("auto", "none", "writeback"), default="auto",
+                   help="how image data is written: none = O_DIRECT, writeback = through "
+                   "the page cache, auto (default) = O_DIRECT where the filesystem "
+                   "supports it, else the page cache")
     s.add_argument("--cluster-size", type=_size, default=1 << 20, metavar="SIZE",
                    help="qcow2 cluster size, 64K..2M (default 1M)")
     s.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")

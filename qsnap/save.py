@@ -84,7 +84,7 @@ class _StreamFacts:
         }
 
 
-def save(path, *, in_fd=0, out_fd=1, cache="writeback", cluster_size=1 << 20, quiet=False,
+def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=1 << 20, quiet=False,
          log=sys.stderr):
     """Save the migration stream read from ``in_fd`` as the image ``path``.
 

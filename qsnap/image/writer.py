@@ -19,6 +19,11 @@ from qsnap.image import layout, qcow2
 from qsnap.image.layout import Blob, block_field, pages_of
 
 DEFAULT_CLUSTER_SIZE = 1 << 20
+# Where data clusters are written: 'writeback' through the page cache; 'none'
+# with O_DIRECT (a warning and the page cache where the filesystem refuses it);
+# 'auto' with O_DIRECT where the filesystem takes it, silently the page cache
+# elsewhere. Header, tables and metadata always go through the page cache.
+CACHE_MODES = ("auto", "none", "writeback")
 
 
 def _io_error(e, what, path, offset=None):
@@ -48,8 +53,8 @@ class ImageWriter:
             raise UsageError(f"cluster size {cluster_size} is not a power of two in 64 KiB..2 MiB")
         if target_page_size & (target_page_size - 1) or not 512 <= target_page_size <= 65536:
             raise UsageError(f"target page size {target_page_size} is not a power of two in 512..65536")
-        if cache not in ("writeback", "none"):
-            raise UsageError(f"cache mode {cache!r} is not 'writeback' or 'none'")
+        if cache not in CACHE_MODES:
+            raise UsageError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
         self.path = os.fspath(path)
         self.cluster_size = cluster_size
         self.cluster_bits = cluster_size.bit_length() - 1
@@ -62,7 +67,7 @@ class ImageWriter:
         self.meta_offset = None
         self.direct = False
         self._fd = -1         # buffered fd: header, metadata, tables
-        self._dfd = -1        # the sink's fd (O_DIRECT with cache='none')
+        self._dfd = -1        # the sink's fd (O_DIRECT with cache 'none' or 'auto')
         self._done = False
         self._t0 = time.monotonic()
         d, name = os.path.split(os.path.abspath(self.path))
@@ -90,15 +95,18 @@ class ImageWriter:
             raise
 
     def _open_sink_fd(self):
-        if self.cache != "none":
+        """The fd data clusters go to: O_DIRECT for 'none', and for 'auto' where the
+        filesystem takes it; otherwise the buffered fd."""
+        if self.cache == "writeback":
             return self._fd
         try:
             fd = os.open(self.tmp_path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise _io_error(e, "opening", self.tmp_path) from None
-            warnings.warn(f"the filesystem of {self.dir} refuses O_DIRECT; "
-                          "writing through the page cache", RuntimeWarning, stacklevel=3)
+            if self.cache == "none":
+                warnings.warn(f"the filesystem of {self.dir} refuses O_DIRECT; "
+                              "writing through the page cache", RuntimeWarning, stacklevel=3)
             return self._fd
         self.direct = True
         return fd

@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from qsnap.errors import ImageError, StreamError
+from qsnap.errors import ImageError, StreamError, UsageError
 from qsnap.image import Image, ImageWriter, peek_header
 from qsnap.stream.constants import RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO
 
@@ -128,6 +128,49 @@ def test_cluster_size_and_cache_none(tmp_path):
             assert im.read_page(b, off) == page
     if QEMU_IMG:
         assert subprocess.run([QEMU_IMG, "check", str(p)], capture_output=True).returncode == 0
+
+
+def _refuse_o_direct(monkeypatch):
+    """Make os.open fail with EINVAL for O_DIRECT, as tmpfs before Linux 6.6 does."""
+    import errno
+    real_open = os.open
+
+    def fake_open(path, flags, *a, **kw):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *a, **kw)
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+@pytest.mark.parametrize("cache,direct", [("auto", True), ("none", True), ("writeback", False)])
+def test_cache_modes_pick_o_direct(tmp_path, cache, direct):
+    probe = tmp_path / "probe"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_RDWR | os.O_DIRECT))
+    except OSError:
+        pytest.skip(f"{tmp_path} refuses O_DIRECT")
+    p = tmp_path / "vm.qsnap"
+    with ImageWriter(p, cache=cache) as w:
+        w.start(BLOCKS)
+        assert w.direct is direct
+        w.abort()
+    with pytest.raises(UsageError, match="auto, none, writeback"):
+        ImageWriter(p, cache="direct")
+
+
+@pytest.mark.parametrize("cache,warns", [("auto", False), ("none", True)])
+def test_o_direct_refused(tmp_path, monkeypatch, cache, warns):
+    """'auto' falls back to the page cache silently, 'none' with a warning; both save."""
+    import warnings
+    _refuse_o_direct(monkeypatch)
+    p = tmp_path / "vm.qsnap"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        expect, _ = write_image(p, cache=cache)
+    assert any("refuses O_DIRECT" in str(w.message) for w in seen) is warns
+    with Image.open(p) as im:
+        for (b, off), page in expect.items():
+            assert im.read_page(b, off) == page
 
 
 def test_density(tmp_path):
