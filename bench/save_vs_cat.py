@@ -104,6 +104,8 @@ def main(argv=None):
     ap.add_argument("--no-writeback", action="store_true",
                     help="do not also time 'qsnap save --cache=writeback'")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--settle", type=float, default=3.0,
+                    help="seconds of quiet (after a sync) between two timed commands")
     ap.add_argument("--rss-size", type=_size, default=4 << 30)
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="qsnap-bench-", dir=args.dir)
@@ -144,6 +146,10 @@ def main(argv=None):
             if name.startswith("qsnap"):
                 results[name + "_cpu"].append(cpu)
             os.unlink(path)
+            # Let the disk settle: the unlink's discards (ext4 -o discard) and any
+            # writeback would otherwise land on the next contender's clock.
+            os.sync()
+            time.sleep(args.settle)
     img = os.path.join(work, "big.qsnap")
     gen = (f"{sys.executable} -c \"import sys; from qsnap.stream.synth import synth_stream, DEFAULT_BLOCKS; "
            f"synth_stream(sys.stdout.buffer, blocks=[(n, {args.rss_size} if n == 'pc.ram' else l) "

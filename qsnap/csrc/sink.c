@@ -20,6 +20,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "crc32c.h"
@@ -30,7 +31,13 @@
 #define IO_ALIGN 4096
 /* Cluster buffers beyond one per slot: evicted clusters queued or being
  * written while their slots are already reused. */
-#define SPARE_CLUSTERS 8
+#define SPARE_CLUSTERS 16
+/* Queued clusters that follow each other in the file go out in one pwritev of
+ * up to this many: with O_DIRECT each write waits for the device, and 4 MiB
+ * writes keep it busier than 1 MiB ones (dd oflag=direct here: 1.7 GB/s at
+ * 1 MiB, 2.1 GB/s at 4 MiB). Fewer than SPARE_CLUSTERS, so that the caller
+ * still finds free buffers while a batch is written. */
+#define MAX_BATCH 4
 /* Page buffers for queued in-place rewrites: this many bytes' worth (4..256). */
 #define PAGE_POOL_BYTES (1u << 20)
 /* Start writeback of the clusters written so far every this many bytes, so
@@ -332,6 +339,43 @@ static int pwrite_full(qs_sink *s, const uint8_t *buf, size_t len, uint64_t off,
     return QS_SINK_OK;
 }
 
+/* Write n cluster jobs that are contiguous in the file with one pwritev (on
+ * the writer thread). A failure names the job it hit, as pwrite_full would. */
+static int pwritev_jobs(qs_sink *s, const wjob *jobs, int n, qs_sink_err *err)
+{
+    struct iovec iov[MAX_BATCH];
+    uint64_t total = 0;
+    for (int i = 0; i < n; i++) {
+        iov[i].iov_base = jobs[i].buf;
+        iov[i].iov_len = jobs[i].len;
+        total += jobs[i].len;
+    }
+    uint64_t off = jobs[0].host_off, done = 0;
+    int first = 0;
+    while (done < total) {
+        ssize_t w = pwritev(s->fd, iov + first, n - first, (off_t)(off + done));
+        if (w <= 0) {
+            if (w < 0 && errno == EINTR)
+                continue;
+            int e = w < 0 ? errno : ENOSPC;
+            const wjob *j = &jobs[first];
+            __atomic_fetch_add(&s->bytes_written, done, __ATOMIC_RELAXED);
+            return fail(err, QS_SINK_EWRITE, e, j->voff, off + done, j->len);
+        }
+        done += (uint64_t)w;
+        while (first < n && (size_t)w >= iov[first].iov_len) {
+            w -= (ssize_t)iov[first].iov_len;
+            first++;
+        }
+        if (first < n) {
+            iov[first].iov_base = (uint8_t *)iov[first].iov_base + w;
+            iov[first].iov_len -= (size_t)w;
+        }
+    }
+    __atomic_fetch_add(&s->bytes_written, total, __ATOMIC_RELAXED);
+    return QS_SINK_OK;
+}
+
 static int pread_full(qs_sink *s, uint8_t *buf, size_t len, uint64_t off,
                       uint64_t voff, qs_sink_err *err)
 {
@@ -393,14 +437,26 @@ static void start_writeback(qs_sink *s, const wjob *j)
 #endif
 }
 
-static int run_job(qs_sink *s, const wjob *j, qs_sink_err *err)
+/* One job, or n > 1 cluster jobs contiguous in the file. */
+static int run_jobs(qs_sink *s, const wjob *j, int n, qs_sink_err *err)
 {
     if (!j->len)
         return QS_SINK_OK;
-    int rc = pwrite_full(s, j->buf, j->len, j->host_off, j->voff, err);
+    int rc = n > 1 ? pwritev_jobs(s, j, n, err)
+                   : pwrite_full(s, j->buf, j->len, j->host_off, j->voff, err);
     if (rc == QS_SINK_OK && j->kind == JOB_CLUSTER)
-        start_writeback(s, j);
+        for (int i = 0; i < n; i++)
+            start_writeback(s, &j[i]);
     return rc;
+}
+
+/* Take the job at the head of the queue (mu held). */
+static wjob pop_job(qs_sink *s)
+{
+    wjob j = s->q[s->q_head];
+    s->q_head = (s->q_head + 1) % s->q_cap;
+    s->q_len--;
+    return j;
 }
 
 static void *writer_main(void *arg)
@@ -412,27 +468,39 @@ static void *writer_main(void *arg)
             pthread_cond_wait(&s->work_cv, &s->mu);
         if (s->stop)
             break;
-        wjob j = s->q[s->q_head];
-        s->q_head = (s->q_head + 1) % s->q_cap;
-        s->q_len--;
+        wjob j[MAX_BATCH];
+        int n = 0;
+        j[n++] = pop_job(s);
+        /* whole clusters that follow it in the file join it (FIFO order kept:
+         * only the head of the queue is ever taken) */
+        while (n < MAX_BATCH && s->q_len && j[0].kind == JOB_CLUSTER && j[0].len) {
+            const wjob *nx = &s->q[s->q_head];
+            if (nx->kind != JOB_CLUSTER || nx->len != j[n - 1].len ||
+                nx->host_off != j[n - 1].host_off + j[n - 1].len)
+                break;
+            j[n++] = pop_job(s);
+        }
         s->busy = 1;
         /* after a failure, jobs only give their buffers back */
         int skip = has_failed(s);
         pthread_mutex_unlock(&s->mu);
 
         qs_sink_err e;
-        int rc = skip ? QS_SINK_OK : run_job(s, &j, &e);
+        int rc = skip ? QS_SINK_OK : run_jobs(s, j, n, &e);
         /* zeroing here keeps it off the caller's thread too */
-        if (j.kind == JOB_CLUSTER)
-            memset(j.buf, 0, s->cluster_size);
+        for (int i = 0; i < n; i++)
+            if (j[i].kind == JOB_CLUSTER)
+                memset(j[i].buf, 0, s->cluster_size);
 
         pthread_mutex_lock(&s->mu);
         if (rc && !has_failed(s)) {
             s->werr = e;
             __atomic_store_n(&s->failed, 1, __ATOMIC_RELEASE);
         }
-        bufpool *p = j.kind == JOB_CLUSTER ? &s->cpool : &s->ppool;
-        p->free[p->n_free++] = j.buf;
+        for (int i = 0; i < n; i++) {
+            bufpool *p = j[i].kind == JOB_CLUSTER ? &s->cpool : &s->ppool;
+            p->free[p->n_free++] = j[i].buf;
+        }
         s->busy = 0;
         pthread_cond_broadcast(&s->done_cv);
     }
