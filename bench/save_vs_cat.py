@@ -13,8 +13,9 @@ or a given file.  Then, alternating ROUNDS times:
   P. ``cat stream | cat > f && sync f``         (the same through a pipe)
   B. ``cat stream | qsnap save img``            (default --cache=auto: O_DIRECT; fsync'd)
   W. ``cat stream | qsnap save --cache=writeback img``  (through the page cache)
+  S. ``cat stream | qsnap save /dev/shm/img``   (no disk: the pipe and CPU floor)
 
-and reports medians, the ratios B/A, B/P and W/A, qsnap's CPU time and peak RSS.  A
+and reports medians, the ratios B/A, B/P, W/A and S/A, qsnap's CPU time and peak RSS.  A
 second measurement pipes a 4 GiB synthetic stream straight from the generator
 into ``qsnap save`` to report peak RSS (target <= 150 MiB).  qsnap reads the
 stream through a pipe from a warm page cache, as QEMU would feed it.
@@ -101,6 +102,8 @@ def main(argv=None):
     ap.add_argument("--fill", type=float, default=0.67, help="random share of --capture's guest")
     ap.add_argument("--stream", help="use this stream file (kept)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-shm", action="store_true",
+                    help="do not also time 'qsnap save' into /dev/shm (the CPU floor)")
     ap.add_argument("--no-writeback", action="store_true",
                     help="do not also time 'qsnap save --cache=writeback'")
     ap.add_argument("--dir", default=None)
@@ -127,7 +130,7 @@ def main(argv=None):
     subprocess.run(f"cat {stream} > /dev/null", shell=True, check=True)  # warm the page cache
     qsnap = f"{sys.executable} -m qsnap"
     results = {"cat": [], "cat_pipe": [], "qsnap": [], "qsnap_cpu": [],
-               "qsnap_wb": [], "qsnap_wb_cpu": []}
+               "qsnap_wb": [], "qsnap_wb_cpu": [], "qsnap_shm": [], "qsnap_shm_cpu": []}
     out = os.path.join(work, "cat.out")
     img = os.path.join(work, "vm.qsnap")
     for r in range(args.rounds):
@@ -136,6 +139,9 @@ def main(argv=None):
             ("cat_pipe", f"cat {stream} | cat > {out} && sync {out}", out),
             ("qsnap", f"cat {stream} | {qsnap} save -q {img}", img),
         ]
+        if os.path.isdir("/dev/shm") and not args.no_shm:
+            contenders.append(("qsnap_shm", f"cat {stream} | {qsnap} save -q /dev/shm/qsnap-bench.img",
+                               "/dev/shm/qsnap-bench.img"))
         if not args.no_writeback:
             contenders.append(("qsnap_wb", f"cat {stream} | {qsnap} save -q --cache=writeback {img}", img))
         if r % 2:
@@ -180,6 +186,13 @@ def main(argv=None):
     }
     for k in ("cat", "cat_pipe", "qsnap"):
         report[f"min_s_{k}"] = min(results[k])
+    if results["qsnap_shm"]:
+        s_m = statistics.median(results["qsnap_shm"])
+        report.update({
+            "qsnap_into_dev_shm_s": results["qsnap_shm"],
+            "median_ratio_qsnap_into_dev_shm_over_cat": s_m / cat_m,
+            "qsnap_into_dev_shm_cpu_s_median": statistics.median(results["qsnap_shm_cpu"]),
+        })
     if not args.no_writeback:
         w_m = statistics.median(results["qsnap_wb"])
         report.update({
