@@ -14,8 +14,9 @@ or a given file.  Then, alternating ROUNDS times:
   B. ``cat stream | qsnap save img``            (default --cache=auto: O_DIRECT; fsync'd)
   W. ``cat stream | qsnap save --cache=writeback img``  (through the page cache)
   S. ``cat stream | qsnap save /dev/shm/img``   (no disk: the pipe and CPU floor)
+  R. ``cat stream | python -c 'parse it'``       (only the pipe, start-up and parsing)
 
-and reports medians, the ratios B/A, B/P, W/A and S/A, qsnap's CPU time and peak RSS.  A
+and reports medians, the ratios B/A, B/P, W/A, S/A and R/A, qsnap's CPU time and peak RSS.  A
 second measurement pipes a 4 GiB synthetic stream straight from the generator
 into ``qsnap save`` to report peak RSS (target <= 150 MiB).  qsnap reads the
 stream through a pipe from a warm page cache, as QEMU would feed it.
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -39,6 +41,15 @@ def _size(text):
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.lower().rstrip("ib")
     return int(t[:-1]) * units[t[-1]] if t[-1] in units else int(t)
+
+
+# Read and parse a stream from stdin as save does, and store nothing: the floor
+# of any save that has to read its stream from a pipe.
+PARSE_ONLY = shlex.quote(
+    "import os\n"
+    "from qsnap.stream.reader import StreamReader\n"
+    "for _ in StreamReader(os.fdopen(0, 'rb', buffering=0), stop_at_logical_end=True):\n"
+    "    pass\n")
 
 
 def run_timed(cmd):
@@ -103,7 +114,7 @@ def main(argv=None):
     ap.add_argument("--stream", help="use this stream file (kept)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-shm", action="store_true",
-                    help="do not also time 'qsnap save' into /dev/shm (the CPU floor)")
+                    help="do not also time the floors: qsnap save into /dev/shm, and parsing alone")
     ap.add_argument("--no-writeback", action="store_true",
                     help="do not also time 'qsnap save --cache=writeback'")
     ap.add_argument("--dir", default=None)
@@ -130,7 +141,8 @@ def main(argv=None):
     subprocess.run(f"cat {stream} > /dev/null", shell=True, check=True)  # warm the page cache
     qsnap = f"{sys.executable} -m qsnap"
     results = {"cat": [], "cat_pipe": [], "qsnap": [], "qsnap_cpu": [],
-               "qsnap_wb": [], "qsnap_wb_cpu": [], "qsnap_shm": [], "qsnap_shm_cpu": []}
+               "qsnap_wb": [], "qsnap_wb_cpu": [], "qsnap_shm": [], "qsnap_shm_cpu": [],
+               "parse_only": [], "parse_only_cpu": []}
     out = os.path.join(work, "cat.out")
     img = os.path.join(work, "vm.qsnap")
     for r in range(args.rounds):
@@ -142,6 +154,8 @@ def main(argv=None):
         if os.path.isdir("/dev/shm") and not args.no_shm:
             contenders.append(("qsnap_shm", f"cat {stream} | {qsnap} save -q /dev/shm/qsnap-bench.img",
                                "/dev/shm/qsnap-bench.img"))
+        if not args.no_shm:
+            contenders.append(("parse_only", f"cat {stream} | {sys.executable} -c {PARSE_ONLY}", None))
         if not args.no_writeback:
             contenders.append(("qsnap_wb", f"cat {stream} | {qsnap} save -q --cache=writeback {img}", img))
         if r % 2:
@@ -149,9 +163,10 @@ def main(argv=None):
         for name, cmd, path in contenders:
             w, cpu, _ = run_timed(cmd)
             results[name].append(w)
-            if name.startswith("qsnap"):
+            if name != "cat" and name != "cat_pipe":
                 results[name + "_cpu"].append(cpu)
-            os.unlink(path)
+            if path:
+                os.unlink(path)
             # Let the disk settle: the unlink's discards (ext4 -o discard) and any
             # writeback would otherwise land on the next contender's clock.
             os.sync()
@@ -186,6 +201,13 @@ def main(argv=None):
     }
     for k in ("cat", "cat_pipe", "qsnap"):
         report[f"min_s_{k}"] = min(results[k])
+    if results["parse_only"]:
+        r_m = statistics.median(results["parse_only"])
+        report.update({
+            "parse_only_s": results["parse_only"],
+            "median_ratio_parse_only_over_cat": r_m / cat_m,
+            "parse_only_cpu_s_median": statistics.median(results["parse_only_cpu"]),
+        })
     if results["qsnap_shm"]:
         s_m = statistics.median(results["qsnap_shm"])
         report.update({
