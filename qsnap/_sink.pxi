@@ -188,7 +188,7 @@ cdef class ClusterSink:
         return self._s
 
     def close(self):
-        """Stop the sink's writer thread and free the sink (idempotent).
+        """Stop the sink's writer threads and free the sink (idempotent).
 
         Writes not yet flushed are dropped; once this returns the sink no longer
         touches its fd, which may then be closed. Other methods then raise

@@ -5,12 +5,19 @@
  * copies into the slots and crc32c.  The caller queues jobs (FIFO): a whole
  * cluster (the evicted slot's buffer, which goes back to a pool of zeroed
  * buffers once written) or one page rewritten in place (a copy in a small
- * page buffer).  One writer and FIFO order make a rewrite land after the write
- * of its cluster.  Host offsets are assigned when a job is queued, so host[],
+ * page buffer).  Host offsets are assigned when a job is queued, so host[],
  * the bitmap, crcs and the stats stay the caller's alone; the writer touches
  * only the queued buffers, bytes_written and the first error.
  *
- * One mutex guards the queue, the pools and the error; the writer sleeps on
+ * With O_DIRECT each write waits for the device, so there are two writers
+ * (queue depth 2); without it one, which also owns the writeback state.  Jobs
+ * are taken from the head of the queue only.  Clusters go to distinct,
+ * append-only host offsets and may be written concurrently; a page rewrite is
+ * a barrier: taken only when no job is in flight, and nothing else is taken
+ * while it is.  So a rewrite lands after the write of its cluster and before
+ * any later job touching the same page.
+ *
+ * One mutex guards the queue, the pools and the error; the writers sleep on
  * work_cv, the caller on done_cv (a buffer returned, the queue drained). */
 #include "sink.h"
 
@@ -43,6 +50,8 @@
 /* Start writeback of the clusters written so far every this many bytes, so
  * that the final fsync finds little left to do. */
 #define WRITEBACK_CHUNK ((uint64_t)32 << 20)
+/* Writer threads with O_DIRECT (one without). */
+#define MAX_WRITERS 2
 
 enum { JOB_CLUSTER, JOB_PAGE };
 
@@ -95,8 +104,8 @@ struct qs_sink {
     /* writer thread */
     uint32_t pbuf_size;   /* max(page_size, IO_ALIGN) */
     int sync_ready;       /* mu and the condvars are initialised */
-    int writer_started;
-    pthread_t writer;
+    int n_writers;        /* started */
+    pthread_t writer[MAX_WRITERS];
     pthread_mutex_t mu;
     pthread_cond_t work_cv;
     pthread_cond_t done_cv;
@@ -105,13 +114,14 @@ struct qs_sink {
     bufpool ppool;        /* page buffers */
     wjob *q;              /* ring of q_cap jobs: one per buffer, never full */
     uint32_t q_cap, q_head, q_len;
-    int busy;             /* the writer holds a job taken off the queue */
+    int in_flight;        /* jobs (a batch counts once) taken off the queue, not done */
+    int page_in_flight;   /* one of them is a page rewrite: a barrier */
     int stop;
     qs_sink_err werr;     /* the first failed write; set once, before `failed` */
     /* atomics */
     int failed;
     uint64_t bytes_written;
-    /* the writer's own */
+    /* the writer's own (non-direct: a single writer) */
     uint64_t wb_from, wb_to; /* cluster range written since the last writeback start */
 };
 
@@ -145,7 +155,8 @@ static int pool_init(bufpool *p, uint32_t n, size_t size)
 
 static void *writer_main(void *arg);
 
-/* Start the writer thread; it takes no signals (they stay with the caller's thread). */
+/* Start the writer threads (two with O_DIRECT, else one); they take no
+ * signals (they stay with the caller's thread). */
 static int writer_start(qs_sink *s)
 {
     if (pthread_mutex_init(&s->mu, NULL))
@@ -163,13 +174,18 @@ static int writer_start(qs_sink *s)
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&s->writer, NULL, writer_main, s);
+    int want = s->direct ? MAX_WRITERS : 1, rc = 0;
+    while (s->n_writers < want) {
+        rc = pthread_create(&s->writer[s->n_writers], NULL, writer_main, s);
+        if (rc)
+            break;
+        s->n_writers++;
+    }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc) {
         errno = rc;
         return -1;
     }
-    s->writer_started = 1;
     return 0;
 }
 
@@ -237,18 +253,19 @@ qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
     return s;
 }
 
-/* Stop the writer (queued jobs are dropped: only the one being written
- * finishes) and free everything; fine after an error or halfway through qs_sink_new. */
+/* Stop the writers (queued jobs are dropped: only those being written
+ * finish) and free everything; fine after an error or halfway through qs_sink_new. */
 void qs_sink_free(qs_sink *s)
 {
     if (!s)
         return;
-    if (s->writer_started) {
+    if (s->n_writers) {
         pthread_mutex_lock(&s->mu);
         s->stop = 1;
-        pthread_cond_signal(&s->work_cv);
+        pthread_cond_broadcast(&s->work_cv);
         pthread_mutex_unlock(&s->mu);
-        pthread_join(s->writer, NULL);
+        for (int i = 0; i < s->n_writers; i++)
+            pthread_join(s->writer[i], NULL);
     }
     if (s->sync_ready) {
         pthread_cond_destroy(&s->done_cv);
@@ -459,12 +476,21 @@ static wjob pop_job(qs_sink *s)
     return j;
 }
 
+/* The head of the queue may be taken now (mu held): there is one, no page
+ * rewrite is in flight, and a page rewrite waits until nothing is. */
+static int can_take(const qs_sink *s)
+{
+    if (!s->q_len || s->page_in_flight)
+        return 0;
+    return s->q[s->q_head].kind != JOB_PAGE || s->in_flight == 0;
+}
+
 static void *writer_main(void *arg)
 {
     qs_sink *s = arg;
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        while (!s->q_len && !s->stop)
+        while (!s->stop && !can_take(s))
             pthread_cond_wait(&s->work_cv, &s->mu);
         if (s->stop)
             break;
@@ -480,7 +506,9 @@ static void *writer_main(void *arg)
                 break;
             j[n++] = pop_job(s);
         }
-        s->busy = 1;
+        s->in_flight++;
+        if (j[0].kind == JOB_PAGE)
+            s->page_in_flight = 1;
         /* after a failure, jobs only give their buffers back */
         int skip = has_failed(s);
         pthread_mutex_unlock(&s->mu);
@@ -501,8 +529,12 @@ static void *writer_main(void *arg)
             bufpool *p = j[i].kind == JOB_CLUSTER ? &s->cpool : &s->ppool;
             p->free[p->n_free++] = j[i].buf;
         }
-        s->busy = 0;
+        s->in_flight--;
+        if (j[0].kind == JOB_PAGE)
+            s->page_in_flight = 0;
         pthread_cond_broadcast(&s->done_cv);
+        /* another writer may wait for this job to finish (the barrier) */
+        pthread_cond_broadcast(&s->work_cv);
     }
     pthread_mutex_unlock(&s->mu);
     return NULL;
@@ -515,7 +547,7 @@ static int enqueue(qs_sink *s, const wjob *j, qs_sink_err *err)
     pthread_mutex_lock(&s->mu);
     s->q[(s->q_head + s->q_len) % s->q_cap] = *j;
     s->q_len++;
-    pthread_cond_signal(&s->work_cv);
+    pthread_cond_broadcast(&s->work_cv);
     pthread_mutex_unlock(&s->mu);
     return has_failed(s) ? write_error(s, err) : QS_SINK_OK;
 }
@@ -533,11 +565,11 @@ static uint8_t *take_buf(qs_sink *s, bufpool *p)
     return b;
 }
 
-/* Wait until the writer has done every queued job; the first write error, if any. */
+/* Wait until the writers have done every queued job; the first write error, if any. */
 static int drain(qs_sink *s, qs_sink_err *err)
 {
     pthread_mutex_lock(&s->mu);
-    while (s->q_len || s->busy)
+    while (s->q_len || s->in_flight)
         pthread_cond_wait(&s->done_cv, &s->mu);
     pthread_mutex_unlock(&s->mu);
     return has_failed(s) ? write_error(s, err) : QS_SINK_OK;
