@@ -211,6 +211,24 @@ static int temp_image(uint32_t cs)
     return fd;
 }
 
+/* Like temp_image, in $TMPDIR (else /tmp), also opened with O_DIRECT into
+ * *direct_fd; -1 there if the filesystem refuses O_DIRECT. */
+static int temp_image_direct(uint32_t cs, int *direct_fd)
+{
+    const char *dir = getenv("TMPDIR");
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/qsnap-native-XXXXXX", dir && *dir ? dir : "/tmp");
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    uint8_t *hdr = calloc(1, cs);
+    CHECK(pwrite(fd, hdr, cs, 0) == (ssize_t)cs);
+    free(hdr);
+    *direct_fd = open(path, O_RDWR | O_DIRECT);
+    CHECK(*direct_fd >= 0 || errno == EINVAL);
+    unlink(path);
+    return fd;
+}
+
 /* The file, read through the host map, equals the model; the counters add up. */
 static void check_image(int fd, qs_sink *s, const uint8_t *model, uint64_t vsize, uint32_t cs,
                         uint32_t ps)
@@ -238,12 +256,20 @@ static void check_image(int fd, qs_sink *s, const uint8_t *model, uint64_t vsize
 /* Many evictions through one or two slots, the writer queue kept full:
  * clusters filled in order, with rewrites, zero and fill pages and XBZRLE
  * deltas landing in clusters already queued or written, and reads of them. */
-static void test_sink_queue_stress(uint32_t n_slots)
+static void test_sink_queue_stress(uint32_t n_slots, int direct)
 {
     const uint32_t cs = 1 << 16, ps = 4096, ppc = cs / ps;
     const uint64_t n_clusters = 1500, vsize = n_clusters * cs;
-    int fd = temp_image(cs);
-    qs_sink *s = qs_sink_new(fd, vsize, cs, ps, n_slots, cs, 0);
+    /* direct: the sink writes through an O_DIRECT fd (two writers), checks
+     * read through the buffered one */
+    int dfd = -1;
+    int fd = direct ? temp_image_direct(cs, &dfd) : temp_image(cs);
+    if (direct && dfd < 0) {
+        printf("skipped: O_DIRECT stress (the filesystem refuses O_DIRECT)\n");
+        close(fd);
+        return;
+    }
+    qs_sink *s = qs_sink_new(direct ? dfd : fd, vsize, cs, ps, n_slots, cs, direct);
     CHECK(s != NULL);
     uint64_t off0 = 0, len0 = vsize;
     CHECK(qs_sink_set_blocks(s, &off0, &len0, 1) == 0);
@@ -330,6 +356,8 @@ static void test_sink_queue_stress(uint32_t n_slots)
     free(data);
     free(model);
     qs_sink_free(s);
+    if (dfd >= 0)
+        close(dfd);
     close(fd);
 }
 
@@ -566,8 +594,10 @@ int main(void)
     test_zero();
     test_xbzrle();
     test_sink();
-    test_sink_queue_stress(1);
-    test_sink_queue_stress(2);
+    test_sink_queue_stress(1, 0);
+    test_sink_queue_stress(2, 0);
+    test_sink_queue_stress(1, 1);
+    test_sink_queue_stress(2, 1);
     test_sink_write_errors();
     test_sink_free_with_queued_jobs();
     if (failures) {
