@@ -73,10 +73,23 @@ def wait_postcopy(dst, timeout=300, on_postcopy=None):
             raise QemuError(f"migration still {st} after {timeout}s")
 
 
-def postcopy_restore(dst, img, pct, stats=None, blocktime=False, **kw):
+def slow_pipe(chunk=256 << 10, pause=0.01):
+    """A command that passes stdin to stdout at about chunk/pause bytes per second."""
+    return f"{PY} -c " + shlex.quote(
+        "import os,time\n"
+        "while True:\n"
+        f"  b=os.read(0,{chunk})\n"
+        "  if not b: break\n"
+        "  while b: b=b[os.write(1,b):]\n"
+        f"  time.sleep({pause})\n")
+
+
+def postcopy_restore(dst, img, pct, stats=None, blocktime=False, throttle=None, **kw):
+    """throttle: a command qsnap's output goes through on its way to QEMU."""
     dst.set_capabilities(postcopy_ram=True, postcopy_blocktime=blocktime, events=True)
     extra = ["--stats", stats] if stats else []
-    dst.migrate_incoming("exec:" + qsnap("load", f"--postcopy={pct}", *extra, img))
+    cmd = qsnap("load", f"--postcopy={pct}", *extra, img)
+    dst.migrate_incoming("exec:" + cmd + (f" | {throttle}" if throttle else ""))
     return wait_postcopy(dst, **kw)
 
 
@@ -169,7 +182,11 @@ def test_linux_runs_during_postcopy(linux_saved, linux_guest_files, tmp_path):
                     running_in_postcopy.append(time.monotonic())
                     return
 
-        seen, info = postcopy_restore(b, img, 0, stats=stats, on_postcopy=probe, blocktime=True)
+        # At full speed the background pass can deliver every page before the
+        # guest touches one it lacks; at ~25 MB/s (about 4 s for this image)
+        # the running guest must fault pages in.
+        seen, info = postcopy_restore(b, img, 0, stats=stats, on_postcopy=probe, blocktime=True,
+                                      throttle=slow_pipe())
         assert "postcopy-active" in seen
         assert running_in_postcopy, "guest never reported running during postcopy-active"
         if "ram" in info:
