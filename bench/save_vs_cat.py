@@ -52,6 +52,14 @@ PARSE_ONLY = shlex.quote(
     "    pass\n")
 
 
+def _figures(label, times, cpu, cat_m, nbytes):
+    """Report entries of one optional contender: its times, median ratio to cat, MB/s, CPU."""
+    m = statistics.median(times)
+    return {f"{label}_s": times, f"median_ratio_{label}_over_cat": m / cat_m,
+            f"{label}_MBps": nbytes / 1e6 / m, f"{label}_cpu_s_median": statistics.median(cpu),
+            f"min_s_{label}": min(times)}
+
+
 def run_timed(cmd):
     """Run a shell command; return (wall seconds, child CPU seconds, child max RSS MiB)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -201,29 +209,10 @@ def main(argv=None):
     }
     for k in ("cat", "cat_pipe", "qsnap"):
         report[f"min_s_{k}"] = min(results[k])
-    if results["parse_only"]:
-        r_m = statistics.median(results["parse_only"])
-        report.update({
-            "parse_only_s": results["parse_only"],
-            "median_ratio_parse_only_over_cat": r_m / cat_m,
-            "parse_only_cpu_s_median": statistics.median(results["parse_only_cpu"]),
-        })
-    if results["qsnap_shm"]:
-        s_m = statistics.median(results["qsnap_shm"])
-        report.update({
-            "qsnap_into_dev_shm_s": results["qsnap_shm"],
-            "median_ratio_qsnap_into_dev_shm_over_cat": s_m / cat_m,
-            "qsnap_into_dev_shm_cpu_s_median": statistics.median(results["qsnap_shm_cpu"]),
-        })
-    if not args.no_writeback:
-        w_m = statistics.median(results["qsnap_wb"])
-        report.update({
-            "qsnap_writeback_s": results["qsnap_wb"],
-            "median_ratio_qsnap_writeback_over_cat": w_m / cat_m,
-            "qsnap_writeback_MBps": nbytes / 1e6 / w_m,
-            "qsnap_writeback_cpu_s_median": statistics.median(results["qsnap_wb_cpu"]),
-            "min_s_qsnap_writeback": min(results["qsnap_wb"]),
-        })
+    for key, label in (("parse_only", "parse_only"), ("qsnap_shm", "qsnap_into_dev_shm"),
+                       ("qsnap_wb", "qsnap_writeback")):
+        if results[key]:
+            report.update(_figures(label, results[key], results[key + "_cpu"], cat_m, nbytes))
     print(json.dumps(report, indent=2))
     return 0
 
