@@ -336,29 +336,11 @@ static int fail(qs_sink_err *err, int status, int errnum, uint64_t voff,
     return status;
 }
 
-/* Write exactly len bytes at off (on the writer thread). */
-static int pwrite_full(qs_sink *s, const uint8_t *buf, size_t len, uint64_t off,
-                       uint64_t voff, qs_sink_err *err)
-{
-    size_t done = 0;
-    while (done < len) {
-        ssize_t w = pwrite(s->fd, buf + done, len - done, (off_t)(off + done));
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return fail(err, QS_SINK_EWRITE, errno, voff, off + done, len);
-        }
-        if (w == 0)
-            return fail(err, QS_SINK_EWRITE, ENOSPC, voff, off + done, len);
-        done += (size_t)w;
-    }
-    __atomic_fetch_add(&s->bytes_written, len, __ATOMIC_RELAXED);
-    return QS_SINK_OK;
-}
-
-/* Write n cluster jobs that are contiguous in the file with one pwritev (on
- * the writer thread). A failure names the job it hit, as pwrite_full would. */
-static int pwritev_jobs(qs_sink *s, const wjob *jobs, int n, qs_sink_err *err)
+/* Write n jobs that are contiguous in the file (one, or a batch of clusters)
+ * with pwritev, on a writer thread.  bytes_written counts the jobs written
+ * whole; a failure names the job it hit: its virtual offset, the file offset
+ * reached and the job's length. */
+static int write_jobs(qs_sink *s, const wjob *jobs, int n, qs_sink_err *err)
 {
     struct iovec iov[MAX_BATCH];
     uint64_t total = 0;
@@ -376,7 +358,8 @@ static int pwritev_jobs(qs_sink *s, const wjob *jobs, int n, qs_sink_err *err)
                 continue;
             int e = w < 0 ? errno : ENOSPC;
             const wjob *j = &jobs[first];
-            __atomic_fetch_add(&s->bytes_written, done, __ATOMIC_RELAXED);
+            uint64_t whole = done - (j->len - iov[first].iov_len);
+            __atomic_fetch_add(&s->bytes_written, whole, __ATOMIC_RELAXED);
             return fail(err, QS_SINK_EWRITE, e, j->voff, off + done, j->len);
         }
         done += (uint64_t)w;
@@ -459,8 +442,7 @@ static int run_jobs(qs_sink *s, const wjob *j, int n, qs_sink_err *err)
 {
     if (!j->len)
         return QS_SINK_OK;
-    int rc = n > 1 ? pwritev_jobs(s, j, n, err)
-                   : pwrite_full(s, j->buf, j->len, j->host_off, j->voff, err);
+    int rc = write_jobs(s, j, n, err);
     if (rc == QS_SINK_OK && j->kind == JOB_CLUSTER)
         for (int i = 0; i < n; i++)
             start_writeback(s, &j[i]);
