@@ -193,10 +193,9 @@ def test_linux_runs_during_postcopy(linux_saved, linux_guest_files, tmp_path):
             assert info["ram"]["postcopy-requests"] > 0, info["ram"]
         else:
             # a 7.2 destination reports no ram stats (fill_destination_migration_info);
-            # with postcopy-blocktime it tracks the vCPUs' waits on page faults, in
-            # whole milliseconds: faults served in under 1 ms in all sum to 0, so
-            # the requests themselves are counted by qsnap (pages_requested below)
-            assert "postcopy-blocktime" in info and "postcopy-vcpu-blocktime" in info, info
+            # with postcopy-blocktime it reports the time vCPUs waited on page faults
+            # (whole ms: the throttled stream makes each fault wait for its page)
+            assert info.get("postcopy-blocktime", 0) > 0, info
         first = b.wait_ticks(before, timeout=60)
         b.wait_ticks(first + 2, timeout=60)
     s = json.loads(stats.read_text())
@@ -210,16 +209,9 @@ def test_linux_runs_during_postcopy(linux_saved, linux_guest_files, tmp_path):
 def test_qemu_killed_mid_postcopy(blob_saved, tmp_path):
     """qsnap notices QEMU's death within a second and says so."""
     _blobs, img, _raw = blob_saved
-    pidf, errf = tmp_path / "pid", tmp_path / "err"
+    errf = tmp_path / "err"
     # a slow pipe keeps the stream in postcopy for several seconds
-    slow = (f"{PY} -c " + shlex.quote(
-        "import os,sys,time\n"
-        "while True:\n"
-        "  b=os.read(0,65536)\n"
-        "  if not b: break\n"
-        "  os.write(1,b); time.sleep(0.02)\n"))
-    cmd = (f"echo $$ > {pidf}; {qsnap('load', '--postcopy=0', img)} 2> {errf} | {slow}")
-    cmd = f"sh -c {shlex.quote(cmd.replace('echo $$', 'sh -c ' + shlex.quote('echo $PPID') ))}"
+    slow = slow_pipe(65536, 0.02)
     with Qemu(memory=BLOB_MEMORY, incoming=True, paused=True, name="pc") as b:
         b.set_capabilities(postcopy_ram=True)
         b.migrate_incoming(f"exec:{qsnap('load', '--postcopy=0', img)} 2> {errf} | {slow}")
