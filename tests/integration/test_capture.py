@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from bigcmp import assert_same
+
 from . import guests
 from .capture_data import DATA_FILE, DATA_LAYOUT, DATA_MEMORY, DATA_SEED
 from .qemu import (CAPTURE_KINDS, QEVM_MAGIC, QEVM_VERSION, BlobGuest, CaptureUnsupported,
@@ -40,7 +42,7 @@ def restore(path, memory, **kw) -> Qemu:
 def assert_blobs(vm: Qemu, blobs):
     for b in blobs:
         got = vm.read_memory(b.addr, len(b.data))
-        assert got == b.data, f"blob at {b.addr:#x} differs"
+        assert_same(got, b.data, f"blob at {b.addr:#x}")
 
 
 def _capture_or_skip(vm, path, kind, **kw):
@@ -262,7 +264,7 @@ def test_reader_recovers_blobs(blob_streams, kind):
     blobs, (path, _) = _stream(blob_streams, kind)
     ram = rebuild_ram(path, size=parse_size(MEMORY))
     for b in blobs:
-        assert bytes(ram[b.addr:b.addr + len(b.data)]) == b.data, f"blob {b.addr:#x}"
+        assert_same(bytes(ram[b.addr:b.addr + len(b.data)]), b.data, f"blob {b.addr:#x}")
 
 
 def test_reader_recovers_committed_blobs(tmp_path):
@@ -271,7 +273,7 @@ def test_reader_recovers_committed_blobs(tmp_path):
     ram = rebuild_ram(path, size=parse_size(DATA_MEMORY))
     for addr, data in ((b.addr, b.data) for b in
                        guests.make_blobs(tmp_path / "blobs", DATA_LAYOUT, DATA_SEED)):
-        assert bytes(ram[addr:addr + len(data)]) == data, f"blob {addr:#x}"
+        assert_same(bytes(ram[addr:addr + len(data)]), data, f"blob {addr:#x}")
 
 
 @pytest.mark.parametrize("kind", LINUX_KINDS)

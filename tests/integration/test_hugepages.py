@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from bigcmp import assert_same
+
 from . import guests
 from .qemu import BlobGuest, Qemu, parse_size
 from .test_postcopy import assert_same_ram, postcopy_restore, qsnap
@@ -147,7 +149,7 @@ def test_huge_restore_matches_cat(huge_saved, hugetlbfs, tmp_path, mode):
                 # 64 MiB is too quick to see postcopy-active reliably; the stats tell
                 postcopy_restore(b, img, pct, stats=stats, timeout=120)
             for bl in blobs:
-                assert b.read_memory(bl.addr, len(bl.data)) == bl.data
+                assert_same(b.read_memory(bl.addr, len(bl.data)), bl.data, "b.read_memory(bl.addr, len(bl.data))")
             assert_same_ram(a, b, tmp_path)
     if mode != "precopy":
         s = json.loads(stats.read_text())
@@ -184,7 +186,7 @@ def test_huge_pages_requested_during_postcopy(huge_saved, hugetlbfs, tmp_path):
                 time.sleep(0.005)
             last = blobs[-1]
             # the blob's huge pages come last in the background order; this read faults them
-            assert b.read_memory(last.addr, len(last.data)) == last.data
+            assert_same(b.read_memory(last.addr, len(last.data)), last.data, "b.read_memory(last.addr, len(last.data))")
             assert b.query_migrate().get("status") == "postcopy-active"
             b.wait_migration(timeout=120)
             assert_same_ram(a, b, tmp_path)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from bigcmp import assert_same
+
 from . import guests
 from .qemu import BlobGuest, LinuxGuest, Qemu, QemuError, parse_size
 
@@ -130,7 +132,7 @@ def test_blob_postcopy_matches_cat(blob_saved, tmp_path, pct):
         assert "postcopy-active" in seen, seen
         assert b.migration_statuses()[-2:] == ["postcopy-active", "completed"]
         for b_ in blobs:
-            assert b.read_memory(b_.addr, len(b_.data)) == b_.data
+            assert_same(b.read_memory(b_.addr, len(b_.data)), b_.data, "b.read_memory(b_.addr, len(b_.data))")
         assert_same_ram(a, b, tmp_path)
         assert b.status() in ("paused", "prelaunch")
     s = json.loads(stats.read_text())

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bigcmp import assert_same
+
 from . import guests, qsnaptools
 from .qemu import PAGE_SIZE, LinuxGuest, QemuError, parse_size
 from .qsnaptools import (block, check_blobs_in_raw, error_lines, nonzero_pages, qemu_img_check,
@@ -307,9 +309,9 @@ def test_truncated_streams(small_stream, tmp_path):
             errs = error_lines(r.stderr)
             assert len(errs) == 1 and len(r.stderr.decode().strip().splitlines()) == 1, \
                 f"{what}: {r.stderr.decode()}"
-            assert r.stdout == b"", what
+            assert_same(r.stdout, b"", what)
             if older:
-                assert img.read_bytes() == old, what
+                assert_same(img.read_bytes(), old, what)
             else:
                 assert not img.exists(), what
             assert not temp_leftovers(img), what
@@ -342,7 +344,7 @@ def test_sigkill_during_save(qemu_bin, small_blobs, tmp_path):
         wait_save_done(vm)
     finally:
         vm.shutdown()
-    assert img.read_bytes() == old
+    assert_same(img.read_bytes(), old, "img.read_bytes()")
     # the killed save left its temporary file, marked incomplete
     left = temp_leftovers(img)
     assert len(left) == 1

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from bigcmp import assert_same
+
 
 def run(*args, stdin=b""):
     return subprocess.run([sys.executable, "-m", "qsnap", *args], input=stdin,
@@ -50,7 +52,7 @@ def test_not_an_image(tmp_path, cmd):
     junk.write_bytes(b"\x00" * 4096)
     r = run(cmd, str(junk))
     assert_one_line_error(r)
-    assert r.stdout == b""
+    assert_same(r.stdout, b"", "stdout")
 
 
 def test_postcopy_percentage_checked(tmp_path):

@@ -26,6 +26,8 @@ from qsnap.save import save  # noqa: E402
 from qsnap.stream import events as ev  # noqa: E402
 from qsnap.stream.reader import StreamReader  # noqa: E402
 
+from bigcmp import assert_same  # noqa: E402
+
 STREAMS = sorted(p.name for p in seeds.FIXTURES_DIR.glob("*72*.stream.gz")) if seeds.FIXTURES_DIR.is_dir() else []
 IMAGE_SEEDS = ("pc72", "bg72", "is72")
 PREVIOUS = b"an earlier image at this path\n"
@@ -68,7 +70,7 @@ def _save_expect_clean(data, path):
         save(str(path), in_fd=fd, out_fd=-1, quiet=True, cluster_size=1 << 16)
     except QsnapError as e:
         assert str(e) and "\n" not in str(e)
-        assert path.read_bytes() == PREVIOUS
+        assert_same(path.read_bytes(), PREVIOUS, "path.read_bytes()")
         return False
     finally:
         os.close(fd)

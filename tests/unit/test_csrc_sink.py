@@ -11,6 +11,8 @@ from qsnap.stream.constants import (RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_C
                                     RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
                                     RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO)
 
+from bigcmp import assert_same
+
 PAGE_REC_DTYPE = np.dtype([('offset', 'u8'), ('data_pos', 'u8'), ('data_len', 'u4'),
                            ('block', 'u4'), ('flags', 'u2'), ('fill', 'u1'), ('_pad', 'V5')])
 PS = 4096
@@ -68,7 +70,7 @@ def test_random_pages_against_model(tmp_path, n_slots):
             sink.put_page(p * PS, bytes(page))
             model[p * PS:(p + 1) * PS] = page
         if step % 500 == 0:
-            assert sink.get_page(p * PS) == bytes(model[p * PS:(p + 1) * PS])
+            assert_same(sink.get_page(p * PS), bytes(model[p * PS:(p + 1) * PS]), "sink.get_page(p * PS)")
     sink.flush()
     hm = sink.host_map()
     size = os.fstat(fd).st_size
@@ -79,7 +81,7 @@ def test_random_pages_against_model(tmp_path, n_slots):
     # whole clusters, each mapped once, none over cluster 0
     assert len(set(hm[hm != 0].tolist())) == np.count_nonzero(hm)
     assert all(h % CS == 0 and h >= CS for h in hm[hm != 0].tolist())
-    assert content(path, hm, vsize, CS) == model
+    assert_same(content(path, hm, vsize, CS), model, "content(path, hm, vsize, CS)")
     bm = np.unpackbits(sink.nonzero_bitmap(), bitorder="little")[:npages]
     crcs = sink.checksums()
     for p in range(npages):
@@ -108,7 +110,7 @@ def test_overwrite_on_disk_nonzero_zero_nonzero(tmp_path):
     assert sink.page_rewrites == 0
     sink.put_page(0, None)           # zero over a non-zero page on disk: rewrite with zeros
     assert sink.page_rewrites == 1
-    assert sink.get_page(0) == bytes(PS)
+    assert_same(sink.get_page(0), bytes(PS), "sink.get_page(0)")
     sink.put_page(0, b)
     assert sink.page_rewrites == 2
     sink.flush()
@@ -163,11 +165,11 @@ def test_put_batch_types_and_counts(tmp_path):
     assert list(sink.block_records()) == [4, 1]
     expect = bytearray(data[:PS])
     expect[10:14] = b"WXYZ"
-    assert sink.get_page(0x1000) == bytes(expect)
+    assert_same(sink.get_page(0x1000), bytes(expect), "sink.get_page(0x1000)")
     z = bytearray(PS)
     z[10:14] = b"WXYZ"
-    assert sink.get_page(0x4000) == bytes(z)
-    assert sink.get_page(2 * CS + 0x2000) == data[PS:]
+    assert_same(sink.get_page(0x4000), bytes(z), "sink.get_page(0x4000)")
+    assert_same(sink.get_page(2 * CS + 0x2000), data[PS:], "sink.get_page(2 * CS + 0x2000)")
     sink.flush()
     os.close(fd)
 
@@ -260,7 +262,7 @@ def test_o_direct_rewrite_and_xbzrle_from_disk(tmp_path):
     sink.flush()
     os.close(fd)
     hm = sink.host_map()
-    assert content(path, hm, 4 * CS, CS)[0x3000:0x4000] == page
+    assert_same(content(path, hm, 4 * CS, CS)[0x3000:0x4000], page, "content(path, hm, 4 * CS, CS)[0x3000:0x4000]")
     assert os.fstat(fd0).st_size % CS == 0
     os.close(fd0)
     assert sink.checksums(3, 1)[0] == _core.crc32c(bytes(page))
@@ -336,7 +338,7 @@ def test_writer_queue_stress_against_model(tmp_path, n_slots, direct):
         sink.put_batch(recs_from(items), bytes(data))
         if c % 10 == 9:
             p = (c - rnd.randrange(2)) * ppc + rnd.randrange(ppc)
-            assert sink.get_page(p * PS) == page_of(p), (c, p)
+            assert_same(sink.get_page(p * PS), page_of(p), (c, p))
     sink.flush()
     assert sink.page_rewrites > 1000
     assert sink.bytes_written == sink.clusters_written * CS + sink.page_rewrites * PS
@@ -345,7 +347,7 @@ def test_writer_queue_stress_against_model(tmp_path, n_slots, direct):
     for c in range(n_clusters):
         expect = b"".join(page_of(p) for p in range(c * ppc, (c + 1) * ppc))
         got = os.pread(fd, CS, int(hm[c])) if hm[c] else bytes(CS)
-        assert got == expect, c
+        assert_same(got, expect, c)
     bm = np.unpackbits(sink.nonzero_bitmap(), bitorder="little")[:vsize // PS]
     assert set(np.flatnonzero(bm).tolist()) == set(model)
     crcs = sink.checksums()

@@ -9,6 +9,7 @@ from qsnap.image import Image, peek_header
 from qsnap.image import layout, qcow2
 
 from test_image_roundtrip import write_image
+from bigcmp import assert_same
 
 MiB = 1 << 20
 PS = 4096
@@ -227,7 +228,7 @@ def test_flipped_bit_in_data_cluster(img, good):
         h = im.host_offset(im.blocks[0].offset + 0x2000)
     patch(img, h + 100, bytes([img.read_bytes()[h + 100] ^ 1]))
     with Image.open(img) as im:
-        assert im.read_page(0, 0x1000) == expect[(0, 0x1000)]
+        assert_same(im.read_page(0, 0x1000), expect[(0, 0x1000)], "im.read_page(0, 0x1000)")
         with pytest.raises(ChecksumError, match=r"checksum mismatch in block 'pc.ram' page 0x2000 "
                                                 rf"\(image offset 0x{h:x}\)"):
             im.read_page(0, 0x2000)

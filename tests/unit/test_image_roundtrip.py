@@ -10,6 +10,8 @@ from qsnap.errors import ImageError, StreamError, UsageError
 from qsnap.image import Image, ImageWriter, peek_header
 from qsnap.stream.constants import RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO
 
+from bigcmp import assert_same
+
 PAGE_REC_DTYPE = np.dtype([('offset', 'u8'), ('data_pos', 'u8'), ('data_len', 'u4'),
                            ('block', 'u4'), ('flags', 'u2'), ('fill', 'u1'), ('_pad', 'V5')])
 PS = 4096
@@ -77,12 +79,12 @@ def test_roundtrip_reader(tmp_path):
         assert [b.migrated for b in im.blocks] == [True, True, True, False]
         assert im.blocks[0].nonzero_pages == 7
         for (b, off), page in expect.items():
-            assert im.read_page(b, off) == page
-        assert im.read_page(0, 7 * PS) == bytes(PS)
+            assert_same(im.read_page(b, off), page, "im.read_page(b, off)")
+        assert_same(im.read_page(0, 7 * PS), bytes(PS), "im.read_page(0, 7 * PS)")
         assert im.host_offset(0) != 0 and im.host_offset(5 * MiB) == 0
         dc = im.data_clusters()
         assert dc.dtype == np.uint64 and list(dc[:, 0]) == sorted(dc[:, 0])
-        assert im.device_state == b"\x04dev" * 100
+        assert_same(im.device_state, b"\x04dev" * 100, "im.device_state")
         assert im.header_bytes == b"QEVM\0\0\0\3"
         assert im.stream_info["commands"] == [[1, ""]]
         info = im.info()
@@ -113,7 +115,7 @@ def test_qemu_img_check_info_convert(tmp_path):
     with open(raw, "rb") as f:
         for (b, off), page in expect.items():
             f.seek(regions[b] + off)
-            assert f.read(PS) == page
+            assert_same(f.read(PS), page, "f.read(PS)")
 
 
 def test_cluster_size_and_cache_none(tmp_path):
@@ -125,7 +127,7 @@ def test_cluster_size_and_cache_none(tmp_path):
     with Image.open(p) as im:
         assert im.cluster_size == 64 * 1024
         for (b, off), page in expect.items():
-            assert im.read_page(b, off) == page
+            assert_same(im.read_page(b, off), page, "im.read_page(b, off)")
     if QEMU_IMG:
         assert subprocess.run([QEMU_IMG, "check", str(p)], capture_output=True).returncode == 0
 
@@ -170,7 +172,7 @@ def test_o_direct_refused(tmp_path, monkeypatch, cache, warns):
     assert any("refuses O_DIRECT" in str(w.message) for w in seen) is warns
     with Image.open(p) as im:
         for (b, off), page in expect.items():
-            assert im.read_page(b, off) == page
+            assert_same(im.read_page(b, off), page, "im.read_page(b, off)")
 
 
 def test_density(tmp_path):
@@ -211,7 +213,7 @@ def test_abort_and_exception_leave_target_alone(tmp_path):
             w.start(BLOCKS)
             w.sink.put_batch(page_records(0, [0]), bytes(range(256)) * 16)
             raise RuntimeError("stream broke")
-    assert p.read_bytes() == b"precious"
+    assert_same(p.read_bytes(), b"precious", "p.read_bytes()")
     assert sorted(os.listdir(tmp_path)) == ["vm.qsnap"]
     w = ImageWriter(p)
     w.start(BLOCKS)

@@ -11,6 +11,8 @@ import pytest
 from qsnap import _core
 from qsnap.errors import ChecksumError, IOFailure
 
+from bigcmp import assert_same
+
 PAGE = 4096
 FLAG_ZERO, FLAG_PAGE, FLAG_EOS, FLAG_CONT = 0x02, 0x08, 0x10, 0x20
 
@@ -88,7 +90,7 @@ def test_page_and_zero_records_byte_exact(out, two_blocks):
         + be64(0x3000 | FLAG_ZERO | FLAG_CONT) + b"\0"
         + be64(FLAG_EOS)
     )
-    assert read_all(out) == want
+    assert_same(read_all(out), want, "read_all(out)")
     assert (em.pages, em.zero_pages, em.bytes_out) == (4, 8, len(want))
     assert em.last_block == 1
 
@@ -147,7 +149,7 @@ def test_emitted_data_is_not_copied_but_written_whole(out):
     assert em.writes == 1
     for p in range(n):
         start = p * (8 + PAGE) + 7 + 8
-        assert got[start:start + PAGE] == d[p * PAGE:(p + 1) * PAGE]
+        assert_same(got[start:start + PAGE], d[p * PAGE:(p + 1) * PAGE], "got[start:start + PAGE]")
 
 
 def test_large_zero_range_in_bulk(out):
@@ -206,8 +208,8 @@ def test_nonblocking_pipe_partial_writes_and_eagain():
         t.join()
         os.close(r)
     assert len(got) == n * (8 + PAGE) + 7
-    assert got[15:15 + PAGE] == d[:PAGE]
-    assert got[-PAGE:] == d[-PAGE:]
+    assert_same(got[15:15 + PAGE], d[:PAGE], "got[15:15 + PAGE]")
+    assert_same(got[-PAGE:], d[-PAGE:], "got[-PAGE:]")
 
 
 def test_bad_arguments(out, two_blocks):
@@ -270,12 +272,12 @@ def test_send_clusters_reads_in_host_order_and_frames_sections(tmp_path, out):
                 pos += 7
                 cont = True
             p = (word & ~0xFFF) // PAGE
-            assert got[pos:pos + PAGE] == d[p * PAGE:(p + 1) * PAGE]
+            assert_same(got[pos:pos + PAGE], d[p * PAGE:(p + 1) * PAGE], "got[pos:pos + PAGE]")
             pos += PAGE
             seen.append(p)
         pos += 1
-    assert sections == parts
-    assert sorted(seen) == stored
+    assert_same(sections, parts, "section records")
+    assert_same(sorted(seen), stored, "sorted(seen)")
     # clusters come in host order: cluster at host slot 0 (k=1) first
     assert seen[0] // ppc == 1
 

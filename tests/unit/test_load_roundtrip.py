@@ -16,6 +16,8 @@ from qsnap.stream import events as ev
 from qsnap.stream.reader import StreamReader
 from qsnap.stream.synth import synth_stream
 
+from bigcmp import assert_same
+
 MiB = 1 << 20
 BLOCKS = (
     ("pc.ram", 8 * MiB),
@@ -47,11 +49,11 @@ def check_restored(path, synth, device_state):
                     seen.add((idstr, offset))
                     want = synth.final_page(idstr, offset)
                     got = None if payload is None or not any(payload) else payload
-                    assert got == want, f"page {idstr}:0x{offset:x} differs"
+                    assert_same(got, want, f"page {idstr}:0x{offset:x}")
             elif isinstance(e, ev.DeviceState):
                 got_state = e.data
     assert len(seen) == sum(b.length // 4096 for b in synth.blocks)
-    assert got_state == device_state
+    assert_same(got_state, device_state, "device state")
     return seen
 
 
@@ -85,7 +87,7 @@ def test_roundtrip_every_page_and_device_state(saved, tmp_path, mode, cache):
     original = sp.read_bytes()
     restored = out.read_bytes()
     start_len = restored.index(b"\x02\x00\x00\x00\x02")   # first PART
-    assert restored[:start_len] == original[:start_len]
+    assert_same(restored[:start_len], original[:start_len], "restored[:start_len]")
     assert restored.endswith(state)
     has_end = b"\x03\x00\x00\x00\x02" + struct.pack(">Q", C.RAM_SAVE_FLAG_EOS) in restored
     assert has_end == (mode != "background")

@@ -16,6 +16,8 @@ from qsnap.stream import events as ev
 from qsnap.stream.reader import StreamReader
 from qsnap.stream.synth import synth_stream
 
+from bigcmp import assert_same
+
 MiB = 1 << 20
 PS = 4096
 BLOCKS = (("pc.ram", 8 * MiB), ("pc.bios", 256 * 1024), ("/rom@etc/acpi/rsdp", 4096))
@@ -123,7 +125,7 @@ def check_pages(dest, synth):
         seen.add((idstr, off))
         want = synth.final_page(idstr, off)
         got = None if payload is None else payload
-        assert got == want, f"{idstr}:0x{off:x} differs"
+        assert_same(got, want, f"{idstr}:0x{off:x}")
     assert len(seen) == sum(n // PS for _, n in BLOCKS)
 
 
@@ -362,4 +364,4 @@ def test_cluster_pass_stops_for_requests_and_resumes(image, tmp_path):
             pos += 1
     assert len(seen) == n_rec
     for (name, off), payload in seen.items():
-        assert payload == synth.final_page(name, off), (name, off)
+        assert_same(payload, synth.final_page(name, off), (name, off))

@@ -15,6 +15,8 @@ from qsnap.save import save
 from qsnap.stream import constants as C
 from qsnap.stream.synth import synth_stream
 
+from bigcmp import assert_same
+
 SMALL = [("pc.ram", 8 << 20), ("/rom@etc/acpi/tables", 128 << 10), ("pc.bios", 256 << 10),
          ("pc.rom", 128 << 10), ("/rom@etc/table-loader", 4096), ("/rom@etc/acpi/rsdp", 4096)]
 
@@ -46,7 +48,7 @@ def assert_image_matches(image_path, synth):
                     assert bit == 0, (b.idstr, page)
                 else:
                     assert bit == 1, (b.idstr, page)
-                    assert img.read_page(bi, page * 4096) == expected
+                    assert_same(img.read_page(bi, page * 4096), expected, "img.read_page(bi, page * 4096)")
                     stored += 1
         return stored
 
@@ -57,10 +59,10 @@ def test_save_holds_final_content(tmp_path, mode):
     img = tmp_path / "vm.qsnap"
     summary = save_file(stream, img)
     stored = assert_image_matches(img, synth)
-    assert stored == synth.nonzero_pages
+    assert_same(stored, synth.nonzero_pages, "stored page count")
     assert summary["nonzero_pages"] == synth.nonzero_pages
     with Image.open(str(img)) as image:
-        assert image.device_state == synth.device_state
+        assert_same(image.device_state, synth.device_state, "image.device_state")
         assert image.stream_info["ram_end"] == (mode != "background")
         info = image.info()
     assert info["complete"] is True
@@ -101,7 +103,7 @@ def test_qemu_img_check_and_convert(tmp_path):
     for b in blocks:
         for page in range(0, b["length"], 4096 * 7):
             expected = synth.final_page(b["idstr"], page) or bytes(4096)
-            assert data[b["offset"] + page:b["offset"] + page + 4096] == expected
+            assert_same(data[b["offset"] + page:b["offset"] + page + 4096], expected, 'data[b["offset"] + page:b["offset"] + page + 4096]')
 
 
 def test_truncated_stream_leaves_no_image_and_keeps_old(tmp_path):
@@ -115,7 +117,7 @@ def test_truncated_stream_leaves_no_image_and_keeps_old(tmp_path):
         cut_path.write_bytes(data[:cut])
         with pytest.raises(QsnapError):
             save_file(cut_path, img)
-        assert img.read_bytes() == before
+        assert_same(img.read_bytes(), before, "img.read_bytes()")
         new = tmp_path / "new.qsnap"
         with pytest.raises(QsnapError):
             save_file(cut_path, new)
@@ -137,7 +139,7 @@ def test_cli_save_bad_input_one_line_error(tmp_path):
     assert err.startswith("qsnap: error: "), err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "0x" in err  # names the offset
-    assert r.stdout == b""
+    assert_same(r.stdout, b"", "stdout")
     assert not img.exists()
 
 
@@ -146,7 +148,7 @@ def test_cli_save_via_pipe_writes_nothing_to_stdout(tmp_path):
     img = tmp_path / "vm.qsnap"
     r = run_cli(["save", str(img)], stdin=stream.read_bytes())
     assert r.returncode == 0, r.stderr
-    assert r.stdout == b""
+    assert_same(r.stdout, b"", "stdout")
     assert_image_matches(img, synth)
 
 
@@ -190,7 +192,7 @@ def test_sigkill_mid_save_leaves_no_image(tmp_path):
     time.sleep(0.5)
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=10)
-    assert img.read_bytes() == b"an older image that must survive"
+    assert_same(img.read_bytes(), b"an older image that must survive", "img.read_bytes()")
 
 
 def test_sigterm_mid_save_cleans_up(tmp_path):

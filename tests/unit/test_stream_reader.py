@@ -16,6 +16,7 @@ from qsnap.stream.reader import StreamReader
 from qsnap.stream.writer import StreamWriter
 
 from _streamutil import BLOCKS, events, make, pages, word
+from bigcmp import assert_same
 
 
 @pytest.fixture(params=[False, True], ids=["c", "pure"])
@@ -48,12 +49,12 @@ def test_minimal_stream_events(pure):
 def test_page_zero_continue(pure):
     data = make(lambda w: (w.page("pc.ram", 0x1000, b"a" * 4096), w.zero("pc.ram", 0x2000),
                            w.zero("pc.bios", 0, fill=7), w.page("pc.bios", 0x3f000, b"b" * 4096)))
-    assert pages(data, pure) == [
+    assert_same(pages(data, pure), [
         ("pc.ram", 0x1000, RAM_SAVE_FLAG_PAGE, b"a" * 4096),
         ("pc.ram", 0x2000, RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE, None),
         ("pc.bios", 0, RAM_SAVE_FLAG_ZERO, b"\x07"),
         ("pc.bios", 0x3f000, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE, b"b" * 4096),
-    ]
+    ], "pages")
 
 
 def test_xbzrle_compress_multifd_flush(pure):
@@ -259,7 +260,7 @@ def test_pre_ram_section(pure):
 def test_small_buffer_and_batch(pure):
     data = make(lambda w: [w.page("pc.ram", i * 4096, bytes([i]) * 4096) for i in range(40)])
     ref = pages(data, pure)
-    assert pages(data, pure, buffer_size=5000, max_batch=3) == ref
+    assert_same(pages(data, pure, buffer_size=5000, max_batch=3), ref, "pages(data, pure, buffer_size=5000, max_batch=3)")
     assert len(ref) == 40
 
 

@@ -15,6 +15,7 @@ from qsnap.stream.synth import synth_stream
 from qsnap.stream.writer import StreamWriter
 
 from _streamutil import events
+from bigcmp import assert_same
 
 try:
     from qsnap._core import RamParser
@@ -92,7 +93,7 @@ def test_roundtrip(spec, pure):
                     got.append((idstr, off, "xbzrle", payload))
         elif isinstance(e, Command):
             cmds.append(e.name)
-    assert got == expect
+    assert_same(got, expect, "pages")
     assert len(cmds) == len(spec[2])
 
 
@@ -149,10 +150,10 @@ def test_c_matches_pure(buf, last_block, cap, base):
         pe = None
     except StreamError as e:
         rp, pe = None, str(e)
-    assert ce == pe
+    assert_same(ce, pe, "parse error (C vs pure)")
     if rc is not None:
         assert rc[0] == rp[0] and rc[2] == rp[2]
-        assert rc[1].tobytes() == rp[1].tobytes()
+        assert_same(rc[1].tobytes(), rp[1].tobytes(), "page records (C vs pure)")
     assert c.last_block == p.last_block
 
 
@@ -209,8 +210,8 @@ def test_synth_final_pages(mode, data_kind):
             for idstr, off, flags, payload in e.iter_pages():
                 mem[(idstr, off)] = None if (flags & 0xF) == RAM_SAVE_FLAG_ZERO or payload == bytes(4096) else payload
     expect = {(i, o): d for i, o, d in res.iter_nonzero()}
-    assert {k: v for k, v in mem.items() if v is not None} == expect
+    assert_same({k: v for k, v in mem.items() if v is not None}, expect, "{k: v for k, v in mem.items() if v is not None}")
     # every page is sent at least once
     assert len(mem) == (2 << 20) // 4096 + (64 << 10) // 4096
     for (i, o), d in list(expect.items())[:20]:
-        assert res.final_page(i, o) == d
+        assert_same(res.final_page(i, o), d, "res.final_page(i, o)")

@@ -9,6 +9,8 @@ from qsnap.stream.constants import QEMU_VM_SECTION_PART
 from qsnap.stream.events import RamBlock
 from qsnap.stream.writer import StreamWriter
 
+from bigcmp import assert_same
+
 
 def w_out(**kw):
     f = io.BytesIO()
@@ -85,7 +87,7 @@ def test_write_pages_matches_page():
     w2, f2 = w_out()
     for i, o in enumerate([0, 0x5000, 0x1000]):
         w2.page("pc.ram", o, data[i * 4096 : (i + 1) * 4096])
-    assert f1.getvalue() == f2.getvalue()
+    assert_same(f1.getvalue(), f2.getvalue(), "f1.getvalue()")
 
 
 def test_writer_errors():
