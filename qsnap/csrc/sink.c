@@ -3,9 +3,11 @@
  * Cluster writes run on a writer thread, so that the kernel's copy of each
  * cluster into the page cache overlaps the caller's parsing, zero checks,
  * copies into the slots and crc32c.  The caller queues jobs (FIFO): a whole
- * cluster (the evicted slot's buffer, which goes back to a pool of zeroed
- * buffers once written) or one page rewritten in place (a copy in a small
- * page buffer).  Host offsets are assigned when a job is queued, so host[],
+ * cluster (the evicted slot's buffer, which goes back to a pool once written)
+ * or one page rewritten in place (a copy in a small page buffer).  A slot's
+ * buffer holds the page's data where its bit in the bitmap is set and stale
+ * bytes of an earlier cluster elsewhere; those pages are zeroed when the
+ * cluster is queued, so a cluster filled with data is never zeroed.  Host offsets are assigned when a job is queued, so host[],
  * the bitmap, crcs and the stats stay the caller's alone; the writer touches
  * only the queued buffers, bytes_written and the first error.
  *
@@ -52,6 +54,8 @@
 #define WRITEBACK_CHUNK ((uint64_t)32 << 20)
 /* Writer threads with O_DIRECT (one without). */
 #define MAX_WRITERS 2
+/* With O_DIRECT the file is allocated this far ahead of the append position. */
+#define PREALLOC_CHUNK ((uint64_t)64 << 20)
 
 enum { JOB_CLUSTER, JOB_PAGE };
 
@@ -121,6 +125,10 @@ struct qs_sink {
     /* atomics */
     int failed;
     uint64_t bytes_written;
+    /* the caller's: with O_DIRECT, the file is allocated (and long) up to
+     * here; 0 once preallocation failed or when not direct */
+    uint64_t prealloc_end;
+    int preallocated;     /* fallocate was called: flush trims the file */
     /* the writer's own (non-direct: a single writer) */
     uint64_t wb_from, wb_to; /* cluster range written since the last writeback start */
 };
@@ -215,6 +223,7 @@ qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
     s->n_slots = n_slots;
     s->st.append_offset = append_offset;
     s->wb_from = s->wb_to = append_offset;
+    s->prealloc_end = direct ? append_offset : 0;
 
     uint32_t n_cbufs = n_slots + SPARE_CLUSTERS;
     s->pbuf_size = page_size < IO_ALIGN ? IO_ALIGN : page_size;
@@ -497,10 +506,6 @@ static void *writer_main(void *arg)
 
         qs_sink_err e;
         int rc = skip ? QS_SINK_OK : run_jobs(s, j, n, &e);
-        /* zeroing here keeps it off the caller's thread too */
-        for (int i = 0; i < n; i++)
-            if (j[i].kind == JOB_CLUSTER)
-                memset(j[i].buf, 0, s->cluster_size);
 
         pthread_mutex_lock(&s->mu);
         if (rc && !has_failed(s)) {
@@ -573,14 +578,40 @@ static inline void bit_set(uint8_t *bm, uint64_t i, int v)
 }
 
 /* 1 if some page of cluster c is stored (non-zero). */
-static int cluster_has_data(const qs_sink *s, uint64_t c)
+/* Zero the pages of cluster c's buffer that hold no data; return how many
+ * pages do. */
+static uint64_t clear_holes(const qs_sink *s, uint64_t c, uint8_t *buf)
 {
     uint64_t first = c << (s->cluster_bits - s->page_bits);
     uint64_t n = (uint64_t)1 << (s->cluster_bits - s->page_bits);
-    for (uint64_t i = 0; i < n; i++)
-        if (bit_get(s->bitmap, first + i))
-            return 1;
-    return 0;
+    uint64_t stored = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        /* clusters are 8-page aligned in the bitmap: whole bytes at a time */
+        if (i % 8 == 0 && n - i >= 8 && s->bitmap[(first + i) / 8] == 0xff) {
+            stored += 8;
+            i += 7;
+        } else if (bit_get(s->bitmap, first + i)) {
+            stored++;
+        } else {
+            memset(buf + (i << s->page_bits), 0, s->page_size);
+        }
+    }
+    return stored;
+}
+
+/* With O_DIRECT, allocate the file in PREALLOC_CHUNK steps ahead of `end`:
+ * ext4 serialises direct writes that extend the file, and runs those inside
+ * it side by side.  A failure (no support, or no room for a whole chunk) ends
+ * preallocation; the writes themselves then report a full disk. */
+static void preallocate(qs_sink *s, uint64_t end)
+{
+    if (!s->prealloc_end || end <= s->prealloc_end)
+        return;
+    s->preallocated = 1;
+    if (fallocate(s->fd, 0, (off_t)s->prealloc_end, (off_t)PREALLOC_CHUNK) == 0)
+        s->prealloc_end += PREALLOC_CHUNK;
+    else
+        s->prealloc_end = 0;
 }
 
 /* Queue the cluster open in `slot` for writing at the append position (unless
@@ -591,12 +622,13 @@ static int slot_write_out(qs_sink *s, int32_t slot, qs_sink_err *err)
     if (c == UINT64_MAX)
         return QS_SINK_OK;
     wjob j = {JOB_CLUSTER, s->slot_buf[slot], 0, 0, c << s->cluster_bits};
-    if (cluster_has_data(s, c)) {
+    if (clear_holes(s, c, j.buf)) {
         j.len = (uint32_t)s->cluster_size;
         j.host_off = s->st.append_offset;
         s->host[c] = j.host_off;
         s->st.append_offset += s->cluster_size;
         s->st.clusters_written++;
+        preallocate(s, s->st.append_offset);
     }
     s->slot_buf[slot] = NULL;
     s->slot_of[c] = NO_SLOT;
@@ -709,8 +741,10 @@ int qs_sink_get(qs_sink *s, uint64_t voff, uint8_t *out, qs_sink_err *err)
     uint64_t c = voff >> s->cluster_bits;
     uint64_t in = voff & (s->cluster_size - 1);
     int32_t slot = s->slot_of[c];
-    if (slot != NO_SLOT) {
+    if (slot != NO_SLOT && bit_get(s->bitmap, voff >> s->page_bits)) {
         memcpy(out, s->slot_buf[slot] + in, ps);
+    } else if (slot != NO_SLOT) {
+        memset(out, 0, ps);   /* the buffer may hold stale bytes there */
     } else if (s->host[c] && bit_get(s->bitmap, voff >> s->page_bits)) {
         /* the cluster, or a rewrite of this page, may still be queued */
         int rc = drain(s, err);
@@ -804,8 +838,14 @@ int qs_sink_flush(qs_sink *s, qs_sink_err *err)
         }
         /* on an error too: when flush returns, the writer leaves the fd alone */
         if (best == NO_SLOT || slot_write_out(s, best, err))
-            return drain(s, err);
+            break;
     }
+    int rc = drain(s, err);
+    /* the file ends at the append position again (written clusters only) */
+    if (s->preallocated && ftruncate(s->fd, (off_t)s->st.append_offset) && rc == QS_SINK_OK)
+        rc = fail(err, QS_SINK_EWRITE, errno, 0, s->st.append_offset, 0);
+    s->prealloc_end = s->prealloc_end ? s->st.append_offset : 0;
+    return rc;
 }
 
 void qs_sink_get_stats(const qs_sink *s, qs_sink_stats *out)

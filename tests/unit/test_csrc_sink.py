@@ -389,3 +389,83 @@ def test_close_with_writes_queued(tmp_path, failing):
     if sfd != fd:
         os.close(sfd)
     os.close(fd)
+
+
+def _direct_sink(path, vsize, **kw):
+    """A sink writing `path` through O_DIRECT (skip where refused), and a plain fd on it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.pwrite(fd, bytes(CS), 0)
+    try:
+        dfd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError as e:
+        os.close(fd)
+        if e.errno != errno.EINVAL:
+            raise
+        pytest.skip(f"filesystem refuses O_DIRECT: {e}")
+    sink = _core.ClusterSink(dfd, vsize, cluster_size=CS, direct=True, region_offsets=[0],
+                             block_lengths=[vsize], path=str(path), **kw)
+    return fd, dfd, sink
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_recycled_buffers_hold_no_stale_bytes(tmp_path, direct):
+    """Cluster buffers come back from the writers unzeroed: pages that never
+    got data read as zeros, in the file, through get_page and under XBZRLE."""
+    n_full, n_sparse = 60, 60
+    vsize = (n_full + n_sparse) * CS
+    if direct:
+        fd, dfd, sink = _direct_sink(tmp_path / "img", vsize, n_slots=2)
+    else:
+        path, fd, sink = make_sink(tmp_path, vsize, n_slots=2, region_offsets=[0],
+                                   block_lengths=[vsize])
+        dfd = None
+    model = bytearray(vsize)
+    for c in range(n_full):                   # every buffer ends up full of 0xAA-ish data
+        for p in range(CS // PS):
+            page = bytes([0xA0 + p % 16]) * PS
+            sink.put_page(c * CS + p * PS, page)
+            model[c * CS + p * PS:c * CS + (p + 1) * PS] = page
+    enc = bytes([0x10, 0x02]) + b"hi"         # zrun 16, 2 new bytes
+    for c in range(n_full, n_full + n_sparse):
+        base = c * CS
+        page = os.urandom(PS)
+        sink.put_page(base + 3 * PS, page)
+        model[base + 3 * PS:base + 4 * PS] = page
+        assert_same(sink.get_page(base + 5 * PS), bytes(PS), f"unwritten page of cluster {c}")
+        sink.put_batch(recs_from([dict(offset=base + 7 * PS, data_pos=0, data_len=len(enc),
+                                       block=0, flags=RAM_SAVE_FLAG_XBZRLE)]), enc)
+        model[base + 7 * PS + 16:base + 7 * PS + 18] = b"hi"
+        sink.put_page(base + 3 * PS, None)    # stored, then zero again in the open slot
+        model[base + 3 * PS:base + 4 * PS] = bytes(PS)
+    sink.flush()
+    path = tmp_path / "img"
+    assert_same(content(path, sink.host_map(), vsize, CS), model, "file content")
+    assert sink.clusters_written == n_full + n_sparse
+    if dfd is not None:
+        os.close(dfd)
+    os.close(fd)
+
+
+def test_o_direct_file_is_preallocated_then_trimmed(tmp_path):
+    """With O_DIRECT the file is allocated ahead of the clusters written (so
+    the writers never extend it); flush trims it to the append position."""
+    n = 200
+    fd, dfd, sink = _direct_sink(tmp_path / "img", n * CS, n_slots=1)
+    page = b"\x5a" * PS
+    for c in range(n):
+        sink.put_page(c * CS, page)
+    ahead = os.fstat(fd).st_size
+    assert ahead > sink.append_offset + CS, (ahead, sink.append_offset)
+    sink.flush()
+    assert os.fstat(fd).st_size == sink.append_offset == (n + 1) * CS
+    assert os.fstat(fd).st_blocks * 512 <= (n + 1) * CS + (1 << 20)   # nothing kept beyond
+    sink.put_page(0, None)                    # a rewrite after the flush: still correct
+    sink.put_page(n * CS - PS, page)
+    sink.flush()
+    assert os.fstat(fd).st_size == sink.append_offset
+    hm = sink.host_map()
+    data = content(tmp_path / "img", hm, n * CS, CS)
+    assert_same(data[:PS], bytes(PS), "page 0 after the rewrite")
+    assert_same(data[n * CS - PS:], page, "last page")
+    os.close(dfd)
+    os.close(fd)
