@@ -93,6 +93,7 @@ cdef extern from "csrc/sink.h" nogil:
         uint64_t page_rewrites
         uint64_t bytes_written
         uint64_t append_offset
+        uint64_t wait_ns
 
     ctypedef struct qs_sink:
         pass

@@ -381,4 +381,4 @@ cdef class ClusterSink:
         st = self._stats()
         return {"pages_zero": st.pages_zero, "pages_nonzero": st.pages_nonzero,
                 "clusters_written": st.clusters_written, "page_rewrites": st.page_rewrites,
-                "bytes_written": st.bytes_written}
+                "bytes_written": st.bytes_written, "disk_wait_s": st.wait_ns / 1e9}

@@ -69,6 +69,7 @@ def build_parser():
                    "supports it, else the page cache")
     s.add_argument("--cluster-size", type=_size, default=1 << 20, metavar="SIZE",
                    help="qcow2 cluster size, 64K..2M (default 1M)")
+    s.add_argument("--stats", metavar="FILE", help="write save statistics as JSON to FILE")
     s.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
 
     ld = sub.add_parser(
@@ -105,7 +106,10 @@ def build_parser():
 def _cmd_save(args):
     from qsnap.save import save
 
-    save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet)
+    stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet)
+    if args.stats:
+        with open(args.stats, "w") as f:
+            json.dump(stats, f, indent=2)
     return 0
 
 

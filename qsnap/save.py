@@ -129,7 +129,8 @@ def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=1 << 20, quiet=F
         log.write(
             f"qsnap: saved {path}: {summary.get('nonzero_pages', 0)} of "
             f"{summary.get('pages', 0)} pages stored, {summary.get('file_bytes', 0) / 1e6:.1f} MB "
-            f"from a {mb:.1f} MB stream in {elapsed:.2f} s ({mb / max(elapsed, 1e-9):.0f} MB/s)\n"
+            f"from a {mb:.1f} MB stream in {elapsed:.2f} s ({mb / max(elapsed, 1e-9):.0f} MB/s, "
+            f"{summary.get('disk_wait_s', 0):.2f} s waiting for the disk)\n"
         )
         log.flush()
     return summary

@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "crc32c.h"
@@ -542,11 +543,28 @@ static int enqueue(qs_sink *s, const wjob *j, qs_sink_err *err)
 /* A free buffer of the pool, waiting for the writer to give one back. There
  * is always one to come: the buffers not free are queued, being written, or
  * (cluster buffers) held by the other slots, of which there are fewer. */
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* Wait on done_cv until cond holds (mu held), counting the time waited. */
+#define WAIT_WRITERS(s, cond)                                        \
+    do {                                                             \
+        if (!(cond)) {                                               \
+            uint64_t t0_ = now_ns();                                 \
+            while (!(cond))                                          \
+                pthread_cond_wait(&(s)->done_cv, &(s)->mu);          \
+            (s)->st.wait_ns += now_ns() - t0_;                       \
+        }                                                            \
+    } while (0)
+
 static uint8_t *take_buf(qs_sink *s, bufpool *p)
 {
     pthread_mutex_lock(&s->mu);
-    while (!p->n_free)
-        pthread_cond_wait(&s->done_cv, &s->mu);
+    WAIT_WRITERS(s, p->n_free);
     uint8_t *b = p->free[--p->n_free];
     pthread_mutex_unlock(&s->mu);
     return b;
@@ -556,8 +574,7 @@ static uint8_t *take_buf(qs_sink *s, bufpool *p)
 static int drain(qs_sink *s, qs_sink_err *err)
 {
     pthread_mutex_lock(&s->mu);
-    while (s->q_len || s->in_flight)
-        pthread_cond_wait(&s->done_cv, &s->mu);
+    WAIT_WRITERS(s, !s->q_len && !s->in_flight);
     pthread_mutex_unlock(&s->mu);
     return has_failed(s) ? write_error(s, err) : QS_SINK_OK;
 }

@@ -65,6 +65,7 @@ typedef struct qs_sink_stats {
     uint64_t page_rewrites;    /* pages written in place into a cluster already on disk (queued) */
     uint64_t bytes_written;    /* bytes the writer thread has written so far */
     uint64_t append_offset;    /* next free host offset (file length after a flush) */
+    uint64_t wait_ns;          /* time the caller waited for the writers (buffers, drains) */
 } qs_sink_stats;
 
 typedef struct qs_sink qs_sink;

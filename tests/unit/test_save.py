@@ -1,4 +1,5 @@
 """The save engine and `qsnap save` on synthetic streams: content, density, crash safety."""
+import json
 import os
 import shutil
 import signal
@@ -150,6 +151,20 @@ def test_cli_save_via_pipe_writes_nothing_to_stdout(tmp_path):
     assert r.returncode == 0, r.stderr
     assert_same(r.stdout, b"", "stdout")
     assert_image_matches(img, synth)
+
+
+def test_cli_save_stats(tmp_path):
+    """--stats FILE: the summary as JSON, with the time spent waiting for the disk."""
+    stream, synth = make_stream(tmp_path, seed=12)
+    img, stats = tmp_path / "vm.qsnap", tmp_path / "stats.json"
+    r = run_cli(["save", "--stats", str(stats), str(img)], stdin=stream.read_bytes())
+    assert r.returncode == 0, r.stderr
+    st = json.loads(stats.read_text())
+    assert st["nonzero_pages"] == synth.nonzero_pages
+    assert st["file_bytes"] == img.stat().st_size
+    assert 0 <= st["disk_wait_s"] <= st["seconds"]
+    assert st["bytes_written"] == st["clusters_written"] * (1 << 20) + st["page_rewrites"] * 4096
+    assert "s waiting for the disk" in r.stderr.decode()
 
 
 def test_return_path_pong_and_shut_before_stdin_closes(tmp_path):
