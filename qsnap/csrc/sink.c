@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -57,6 +58,10 @@
 #define MAX_WRITERS 2
 /* With O_DIRECT the file is allocated this far ahead of the append position. */
 #define PREALLOC_CHUNK ((uint64_t)64 << 20)
+/* statfs f_type of the memory filesystems (linux/magic.h) */
+#define TMPFS_MAGIC_ 0x01021994
+#define RAMFS_MAGIC_ 0x858458f6
+#define HUGETLBFS_MAGIC_ 0x958458f6
 
 enum { JOB_CLUSTER, JOB_PAGE };
 
@@ -198,6 +203,17 @@ static int writer_start(qs_sink *s)
     return 0;
 }
 
+/* Whether preallocating the file is cheap: not on memory filesystems, where
+ * fallocate clears every page it allocates. */
+static int prealloc_helps(int fd)
+{
+    struct statfs st;
+    if (fstatfs(fd, &st))
+        return 0;
+    return st.f_type != TMPFS_MAGIC_ && st.f_type != RAMFS_MAGIC_ &&
+           st.f_type != HUGETLBFS_MAGIC_;
+}
+
 qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
                      uint32_t page_size, uint32_t n_slots,
                      uint64_t append_offset, int direct)
@@ -224,7 +240,7 @@ qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
     s->n_slots = n_slots;
     s->st.append_offset = append_offset;
     s->wb_from = s->wb_to = append_offset;
-    s->prealloc_end = direct ? append_offset : 0;
+    s->prealloc_end = direct && prealloc_helps(fd) ? append_offset : 0;
 
     uint32_t n_cbufs = n_slots + SPARE_CLUSTERS;
     s->pbuf_size = page_size < IO_ALIGN ? IO_ALIGN : page_size;
