@@ -491,7 +491,7 @@ def _f(v, fmt="{:.2f}"):
 
 
 def markdown(summaries, machine, args, elapsed, stamp):
-    lines = [f"# qsnap end-to-end benchmark", "",
+    lines = ["# qsnap end-to-end benchmark", "",
              f"{stamp}; `python -m bench.e2e {' '.join(args)}`; "
              f"{elapsed / 60:.1f} min", "",
              ("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) if machine

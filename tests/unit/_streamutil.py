@@ -2,9 +2,7 @@
 import io
 import struct
 
-from qsnap.stream.events import (
-    Command, Configuration, DeviceState, EndOfStream, Eos, MemSize, PageBatch, RamBlock, SectionHeader,
-)
+from qsnap.stream.events import PageBatch, RamBlock
 from qsnap.stream.reader import StreamReader
 from qsnap.stream.writer import StreamWriter
 

@@ -204,7 +204,7 @@ def test_bad_json_rejected_even_with_valid_crc(img):
     # rewrite the metadata with a wrong bitmap length and a fixed-up crc
     with Image.open(img) as im:
         region = bytearray(im._region)
-        mo, ml = im.meta_offset, im.meta_length
+        mo = im.meta_offset
         h = im.host_offset(mo)
     jl = struct.unpack(">Q", region[8:16])[0]
     text = region[16:16 + jl].decode()

@@ -7,7 +7,11 @@ import struct
 import pytest
 
 from qsnap.errors import QsnapError, StreamError
-from qsnap.stream.constants import *  # noqa: F401,F403
+from qsnap.stream.constants import (
+    MIG_CMD_ENABLE_COLO, MIG_CMD_POSTCOPY_RESUME, MIG_CMD_RECV_BITMAP, QEMU_VM_SECTION_FULL,
+    RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_MULTIFD_FLUSH,
+    RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO,
+)
 from qsnap.stream.events import (
     Command, Configuration, DeviceState, EndOfStream, MemSize, PreRamSection, RamBlock,
     SectionFooter,

@@ -204,7 +204,6 @@ def test_synth_final_pages(mode, data_kind):
                        zero_page_share=0.1, dirty_share=0.3, seed=11)
     assert res.total == len(f.getvalue())
     mem = {}
-    ends = 0
     for e in StreamReader(io.BytesIO(f.getvalue())):
         if isinstance(e, PageBatch):
             for idstr, off, flags, payload in e.iter_pages():
