@@ -44,6 +44,22 @@ def make_sink(tmp_path, vsize, cs=CS, n_slots=32, **kw):
     return path, fd, sink
 
 
+def _direct_sink(path, vsize, **kw):
+    """A sink writing `path` through O_DIRECT (skip where refused), and a plain fd on it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.pwrite(fd, bytes(CS), 0)
+    try:
+        dfd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError as e:
+        os.close(fd)
+        if e.errno != errno.EINVAL:
+            raise
+        pytest.skip(f"filesystem refuses O_DIRECT: {e}")
+    sink = _core.ClusterSink(dfd, vsize, cluster_size=CS, direct=True, region_offsets=[0],
+                             block_lengths=[vsize], path=str(path), **kw)
+    return fd, dfd, sink
+
+
 @pytest.mark.parametrize("n_slots", [1, 3, 32])
 def test_random_pages_against_model(tmp_path, n_slots):
     rnd = random.Random(n_slots)
@@ -241,15 +257,7 @@ def test_bad_parameters():
 
 def test_o_direct_rewrite_and_xbzrle_from_disk(tmp_path):
     path = tmp_path / "direct"
-    fd0 = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    os.pwrite(fd0, bytes(CS), 0)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    except OSError as e:
-        os.close(fd0)
-        pytest.skip(f"filesystem refuses O_DIRECT: {e}")
-    sink = _core.ClusterSink(fd, 4 * CS, cluster_size=CS, n_slots=1, direct=True,
-                             region_offsets=[0], block_lengths=[4 * CS], path=str(path))
+    fd0, fd, sink = _direct_sink(path, 4 * CS, n_slots=1)
     page = bytearray(os.urandom(PS))
     sink.put_page(0x3000, bytes(page))
     sink.put_page(CS, b"\x01" * PS)           # evicts cluster 0 (aligned whole-cluster write)
@@ -280,21 +288,14 @@ def test_writer_queue_stress_against_model(tmp_path, n_slots, direct):
     n_clusters = 2500
     vsize = n_clusters * CS
     ppc = CS // PS
-    path, fd, sink = make_sink(tmp_path, vsize, n_slots=n_slots,
-                               region_offsets=[0], block_lengths=[vsize])
-    dfd = None
     if direct:
-        # the same file written through O_DIRECT; fd stays for the checks
-        sink.close()
-        try:
-            dfd = os.open(path, os.O_RDWR | os.O_DIRECT)
-        except OSError as e:
-            os.close(fd)
-            if e.errno != errno.EINVAL:
-                raise
-            pytest.skip(f"filesystem refuses O_DIRECT: {e}")
-        sink = _core.ClusterSink(dfd, vsize, cluster_size=CS, n_slots=n_slots, direct=True,
-                                 region_offsets=[0], block_lengths=[vsize], path=str(path))
+        # fd (without O_DIRECT) stays for the checks
+        path = tmp_path / "img"
+        fd, dfd, sink = _direct_sink(path, vsize, n_slots=n_slots)
+    else:
+        path, fd, sink = make_sink(tmp_path, vsize, n_slots=n_slots,
+                                   region_offsets=[0], block_lengths=[vsize])
+        dfd = None
     model = {}                      # page index -> content, absent = zero
 
     def page_of(p):
@@ -390,22 +391,6 @@ def test_close_with_writes_queued(tmp_path, failing):
     if sfd != fd:
         os.close(sfd)
     os.close(fd)
-
-
-def _direct_sink(path, vsize, **kw):
-    """A sink writing `path` through O_DIRECT (skip where refused), and a plain fd on it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    os.pwrite(fd, bytes(CS), 0)
-    try:
-        dfd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    except OSError as e:
-        os.close(fd)
-        if e.errno != errno.EINVAL:
-            raise
-        pytest.skip(f"filesystem refuses O_DIRECT: {e}")
-    sink = _core.ClusterSink(dfd, vsize, cluster_size=CS, direct=True, region_offsets=[0],
-                             block_lengths=[vsize], path=str(path), **kw)
-    return fd, dfd, sink
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
