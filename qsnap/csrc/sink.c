@@ -155,9 +155,13 @@ static void *aligned_alloc_zero(size_t size)
     return p;
 }
 
+/* Pool buffers are not cleared: a cluster buffer's pages without data are
+ * zeroed when it is queued, a page buffer is filled whole.  Untouched, they
+ * take no memory until the writers fall behind far enough to need them. */
 static int pool_init(bufpool *p, uint32_t n, size_t size)
 {
-    p->mem = aligned_alloc_zero((size_t)n * size);
+    void *mem = NULL;
+    p->mem = posix_memalign(&mem, IO_ALIGN, (size_t)n * size) == 0 ? mem : NULL;
     p->free = malloc(n * sizeof(uint8_t *));
     if (!p->mem || !p->free)
         return -1;
