@@ -7,9 +7,10 @@
  * or one page rewritten in place (a copy in a small page buffer).  A slot's
  * buffer holds the page's data where its bit in the bitmap is set and stale
  * bytes of an earlier cluster elsewhere; those pages are zeroed when the
- * cluster is queued, so a cluster filled with data is never zeroed.  Host offsets are assigned when a job is queued, so host[],
- * the bitmap, crcs and the stats stay the caller's alone; the writer touches
- * only the queued buffers, bytes_written and the first error.
+ * cluster is queued, so a cluster filled with data is never zeroed.  Host
+ * offsets are assigned when a job is queued, so host[], the bitmap, crcs and
+ * the stats stay the caller's alone; the writer touches only the queued
+ * buffers, bytes_written and the first error.
  *
  * With O_DIRECT each write waits for the device, so there are two writers
  * (queue depth 2); without it one, which also owns the writeback state.  Jobs
@@ -560,9 +561,6 @@ static int enqueue(qs_sink *s, const wjob *j, qs_sink_err *err)
     return has_failed(s) ? write_error(s, err) : QS_SINK_OK;
 }
 
-/* A free buffer of the pool, waiting for the writer to give one back. There
- * is always one to come: the buffers not free are queued, being written, or
- * (cluster buffers) held by the other slots, of which there are fewer. */
 static uint64_t now_ns(void)
 {
     struct timespec t;
@@ -581,6 +579,9 @@ static uint64_t now_ns(void)
         }                                                            \
     } while (0)
 
+/* A free buffer of the pool, waiting for the writer to give one back. There
+ * is always one to come: the buffers not free are queued, being written, or
+ * (cluster buffers) held by the other slots, of which there are fewer. */
 static uint8_t *take_buf(qs_sink *s, bufpool *p)
 {
     pthread_mutex_lock(&s->mu);
@@ -614,7 +615,6 @@ static inline void bit_set(uint8_t *bm, uint64_t i, int v)
         bm[i >> 3] &= (uint8_t)~(1u << (i & 7));
 }
 
-/* 1 if some page of cluster c is stored (non-zero). */
 /* Zero the pages of cluster c's buffer that hold no data; return how many
  * pages do. */
 static uint64_t clear_holes(const qs_sink *s, uint64_t c, uint8_t *buf)
@@ -623,7 +623,8 @@ static uint64_t clear_holes(const qs_sink *s, uint64_t c, uint8_t *buf)
     uint64_t n = (uint64_t)1 << (s->cluster_bits - s->page_bits);
     uint64_t stored = 0;
     for (uint64_t i = 0; i < n; i++) {
-        /* clusters are 8-page aligned in the bitmap: whole bytes at a time */
+        /* a cluster of 8 pages or more starts on a bitmap byte: take whole
+         * bytes of stored pages at a time */
         if (i % 8 == 0 && n - i >= 8 && s->bitmap[(first + i) / 8] == 0xff) {
             stored += 8;
             i += 7;
