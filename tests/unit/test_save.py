@@ -1,6 +1,7 @@
 """The save engine and `qsnap save` on synthetic streams: content, density, crash safety."""
 import json
 import os
+import resource
 import shutil
 import signal
 import struct
@@ -224,4 +225,34 @@ def test_sigterm_mid_save_cleans_up(tmp_path):
     assert rc != 0
     assert p.stderr.read().decode().startswith("qsnap: error: terminated")
     assert not img.exists()
+    assert [x for x in os.listdir(tmp_path) if "qsnap-" in x] == []
+
+
+@pytest.mark.parametrize("cache", ["auto", "writeback"])
+def test_cli_save_file_size_limit(tmp_path, cache):
+    """A file-size limit (ulimit -f) below the image: one clear error naming the
+    offset, no image and no temporary file left, an older image kept.  With
+    O_DIRECT the file is preallocated ahead of the writes, so the limit stops
+    preallocation first and then a write."""
+    stream, _ = make_stream(tmp_path, blocks=[("pc.ram", 96 << 20)], zero_share=0.0, seed=13)
+    img = tmp_path / "vm.qsnap"
+    img.write_bytes(b"an older image")
+    limit = 40 << 20
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run([sys.executable, "-m", "qsnap", "save", f"--cache={cache}", str(img)],
+                       stdin=stream.open("rb"), capture_output=True, preexec_fn=set_limit)
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert err.startswith("qsnap: error: file too large writing ") and err.count("\n") == 1, err
+    off = int(err.rsplit("offset ", 1)[1], 16)
+    # the write that crossed the limit stopped at it; with O_DIRECT a second
+    # writer may fail first on a later cluster
+    if cache == "writeback":
+        assert off == limit, err
+    else:
+        assert limit <= off < limit + (16 << 20), err
+    assert_same(img.read_bytes(), b"an older image", "the older image")
     assert [x for x in os.listdir(tmp_path) if "qsnap-" in x] == []
