@@ -1,8 +1,8 @@
 /* Page sink: see sink.h.
  *
- * Cluster writes run on a writer thread, so that the kernel's copy of each
- * cluster into the page cache overlaps the caller's parsing, zero checks,
- * copies into the slots and crc32c.  The caller queues jobs (FIFO): a whole
+ * Cluster writes run on writer threads, so that each write (the kernel's copy
+ * into the page cache, or with O_DIRECT the device) overlaps the caller's
+ * parsing, zero checks, copies into the slots and crc32c.  The caller queues jobs (FIFO): a whole
  * cluster (the evicted slot's buffer, which goes back to a pool once written)
  * or one page rewritten in place (a copy in a small page buffer).  A slot's
  * buffer holds the page's data where its bit in the bitmap is set and stale
@@ -121,7 +121,7 @@ struct qs_sink {
     pthread_cond_t work_cv;
     pthread_cond_t done_cv;
     /* guarded by mu */
-    bufpool cpool;        /* zeroed cluster buffers: n_slots + SPARE_CLUSTERS */
+    bufpool cpool;        /* cluster buffers (not cleared): n_slots + SPARE_CLUSTERS */
     bufpool ppool;        /* page buffers */
     wjob *q;              /* ring of q_cap jobs: one per buffer, never full */
     uint32_t q_cap, q_head, q_len;
@@ -734,13 +734,10 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
     int32_t slot = s->slot_of[c];
 
     if (slot != NO_SLOT) {
-        uint8_t *dst = s->slot_buf[slot] + in;
-        if (zero) {
-            if (was)
-                memset(dst, 0, ps);
-        } else {
-            memcpy(dst, data, ps);
-        }
+        /* a page that becomes zero only loses its bit: the bytes left in
+         * the buffer are cleared when the cluster is queued */
+        if (!zero)
+            memcpy(s->slot_buf[slot] + in, data, ps);
         s->slot_stamp[slot] = ++s->clock;
     } else if (s->host[c]) {
         if (!zero || was) {
