@@ -242,8 +242,9 @@ def test_cli_save_file_size_limit(tmp_path, cache):
     def set_limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    r = subprocess.run([sys.executable, "-m", "qsnap", "save", f"--cache={cache}", str(img)],
-                       stdin=stream.open("rb"), capture_output=True, preexec_fn=set_limit)
+    with stream.open("rb") as f:
+        r = subprocess.run([sys.executable, "-m", "qsnap", "save", f"--cache={cache}", str(img)],
+                           stdin=f, capture_output=True, preexec_fn=set_limit)
     err = r.stderr.decode()
     assert r.returncode == 1, err
     assert err.startswith("qsnap: error: file too large writing ") and err.count("\n") == 1, err
