@@ -459,3 +459,42 @@ def test_o_direct_file_is_preallocated_then_trimmed(tmp_path):
     assert_same(data[n * CS - PS:], page, "last page")
     os.close(dfd)
     os.close(fd)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_pages_from_any_source_alignment(tmp_path, direct):
+    """Pages are copied into cluster buffers by streaming stores from wherever
+    the stream put them: payloads at every byte alignment arrive whole, in the
+    open slot (get_page), in the file, and over a page stored before."""
+    n_clusters = 6
+    vsize = n_clusters * CS
+    if direct:
+        fd, dfd, sink = _direct_sink(tmp_path / "img", vsize, n_slots=2)
+    else:
+        path, fd, sink = make_sink(tmp_path, vsize, n_slots=2, region_offsets=[0],
+                                   block_lengths=[vsize])
+        dfd = None
+    rnd = random.Random(7)
+    model = bytearray(vsize)
+    for rnd_pass in range(2):                      # the second pass overwrites in open slots
+        items, data = [], bytearray()
+        for i in range(n_clusters * CS // PS):
+            if rnd_pass and i % 3:
+                continue
+            data += bytes(rnd.randrange(1, 24))    # the payload starts at any alignment
+            page = rnd.randbytes(PS)
+            items.append(dict(offset=i * PS, data_pos=len(data), data_len=PS, block=0,
+                              flags=RAM_SAVE_FLAG_PAGE))
+            data += page
+            model[i * PS:(i + 1) * PS] = page
+        for lo in range(0, len(items), 100):        # batches of 100: slots evicted between
+            sink.put_batch(recs_from(items[lo:lo + 100]), bytes(data))
+        for i in (0, 5, 15):
+            got = sink.get_page((n_clusters - 1) * CS + i * PS)
+            want = model[(n_clusters - 1) * CS + i * PS:(n_clusters - 1) * CS + (i + 1) * PS]
+            assert_same(got, bytes(want), f"page {i} of the open last cluster")
+    sink.flush()
+    assert_same(content(tmp_path / "img", sink.host_map(), vsize, CS), model, "file content")
+    if dfd is not None:
+        os.close(dfd)
+    os.close(fd)
