@@ -80,6 +80,10 @@ _PIPE_SIZE = 1 << 20
 _MAX_MACHINE_NAME = 4096
 _MAX_CAPABILITIES = 4096
 _MAX_BUFFER = 64 << 20  # largest single item kept in the read buffer
+# Unread bytes up to this many are moved to the front of the read buffer
+# before the next read, so that reads keep landing in the same, cached
+# stretch of it instead of walking through all of it.
+_SMALL_REST = 64 << 10
 
 
 def _use_pure(pure):
@@ -180,7 +184,9 @@ class _Input:
                 self.base += self.pos
                 self.end -= self.pos
                 self.pos = 0
-            elif self.end == cap or cap - self.pos < need or (self.pos and cap - self.end < cap // 4):
+            elif self.end == cap or cap - self.pos < need or (
+                self.pos and (self.end - self.pos <= _SMALL_REST or cap - self.end < cap // 4)
+            ):
                 n = self.end - self.pos
                 self.mv[0:n] = self.mv[self.pos : self.end]
                 self.base += self.pos

@@ -1,4 +1,5 @@
 """StreamReader: each record kind and each error, on the C parser and the pure twin."""
+import ctypes
 import io
 import os
 import re
@@ -328,3 +329,38 @@ def test_iterate_once():
     list(r)
     with pytest.raises(StreamError):
         iter(r)
+
+
+class _Chunked(io.RawIOBase):
+    """A source that hands out at most `chunk` bytes per read, like a pipe, and
+    records where in the reader's buffer each read landed."""
+
+    def __init__(self, data, chunk):
+        self.data, self.pos, self.chunk, self.landed = data, 0, chunk, []
+
+    def readable(self):
+        return True
+
+    def readinto(self, m):
+        n = min(len(m), self.chunk, len(self.data) - self.pos)
+        m[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        if n:
+            # the address of the view's first byte, relative to the buffer's
+            base = ctypes.addressof(ctypes.c_char.from_buffer(m.obj))
+            self.landed.append(ctypes.addressof(ctypes.c_char.from_buffer(m)) - base)
+        return n
+
+
+def test_reads_land_at_the_front_of_the_buffer(pure):
+    """Once a read's records are parsed, the few bytes left over move to the
+    front of the buffer, so the next read lands there again: reads reuse one
+    cached stretch of the buffer instead of walking through all 8 MiB of it."""
+    data = make(lambda w: [w.page("pc.ram", i % 256 * 4096, bytes([i % 251 + 1]) * 4096)
+                           for i in range(1000)])
+    chunk = 16 << 10
+    src = _Chunked(data, chunk)
+    evs = list(StreamReader(src, pure=pure))
+    assert isinstance(evs[-1], EndOfStream) and evs[-1].offset == len(data)
+    assert len(src.landed) >= len(data) // chunk
+    assert max(src.landed) < 64 << 10, sorted(set(src.landed))[-5:]
