@@ -101,6 +101,8 @@ struct qs_sink {
     int32_t *slot_of;  /* per cluster: open slot or NO_SLOT */
     uint8_t *bitmap;   /* per page: stored (non-zero) bit */
     uint32_t *crcs;    /* per page */
+    uint8_t *seen;     /* per page: a record for it arrived */
+    uint16_t *cl_seen; /* per cluster: its pages seen (<= 4096) */
 
     uint32_t n_slots;
     uint8_t **slot_buf;     /* the slot's cluster buffer, NULL while free */
@@ -305,6 +307,8 @@ qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
     s->slot_of = malloc((s->n_clusters ? s->n_clusters : 1) * sizeof(int32_t));
     s->bitmap = calloc((s->n_pages + 7) / 8 + 1, 1);
     s->crcs = calloc(s->n_pages ? s->n_pages : 1, sizeof(uint32_t));
+    s->seen = calloc((s->n_pages + 7) / 8 + 1, 1);
+    s->cl_seen = calloc(s->n_clusters ? s->n_clusters : 1, sizeof(uint16_t));
     s->slot_buf = calloc(n_slots, sizeof(uint8_t *));
     s->slot_cluster = malloc(n_slots * sizeof(uint64_t));
     s->slot_stamp = calloc(n_slots, sizeof(uint64_t));
@@ -313,7 +317,8 @@ qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
     s->q = calloc(s->q_cap, sizeof(wjob));
     int pools = pool_init(&s->cpool, n_cbufs, cluster_size) |
                 pool_init(&s->ppool, n_pbufs, s->pbuf_size);
-    if (pools || !s->host || !s->slot_of || !s->bitmap || !s->crcs || !s->slot_buf ||
+    if (pools || !s->host || !s->slot_of || !s->bitmap || !s->crcs || !s->seen ||
+        !s->cl_seen || !s->slot_buf ||
         !s->slot_cluster || !s->slot_stamp || !s->bounce || !s->scratch || !s->q) {
         qs_sink_free(s);
         errno = ENOMEM;
@@ -355,6 +360,8 @@ void qs_sink_free(qs_sink *s)
     free(s->slot_of);
     free(s->bitmap);
     free(s->crcs);
+    free(s->seen);
+    free(s->cl_seen);
     free(s->slot_buf);
     free(s->slot_cluster);
     free(s->slot_stamp);
@@ -811,6 +818,18 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
         bit_set(s->bitmap, pi, 1);
         s->crcs[pi] = qs_crc32c(0, data, ps);
         s->st.pages_nonzero++;
+    }
+
+    /* Once every page of a cluster has arrived, the cluster is queued at
+     * once instead of when the LRU evicts it: a stream in page order keeps a
+     * slot or two busy, not all of them, and so touches few buffers and
+     * keeps them in the cache.  A later re-send of one of its pages (live
+     * precopy) is a rewrite in place. */
+    if (!bit_get(s->seen, pi)) {
+        bit_set(s->seen, pi, 1);
+        if (++s->cl_seen[c] == (uint16_t)(1u << (s->cluster_bits - s->page_bits)) &&
+            s->slot_of[c] != NO_SLOT)
+            return slot_write_out(s, s->slot_of[c], err);
     }
     return QS_SINK_OK;
 }

@@ -498,3 +498,58 @@ def test_pages_from_any_source_alignment(tmp_path, direct):
     if dfd is not None:
         os.close(dfd)
     os.close(fd)
+
+
+def test_complete_cluster_is_queued_at_once(tmp_path):
+    """A cluster whose every page has arrived (data or zero, in any order) is
+    queued right away, not when the LRU evicts its slot; a page re-sent after
+    that is a rewrite in place, and the file holds the last content."""
+    n = 8
+    path, fd, sink = make_sink(tmp_path, n * CS, n_slots=32, region_offsets=[0],
+                               block_lengths=[n * CS])
+    per = CS // PS
+    model = bytearray(n * CS)
+    order = list(range(per))
+    random.Random(3).shuffle(order)
+    for c in range(n):
+        for k, p in enumerate(order):
+            voff = c * CS + p * PS
+            page = None if p % 4 == 1 else os.urandom(PS)   # some pages arrive as ZERO
+            sink.put_page(voff, page)
+            if page:
+                model[voff:voff + PS] = page
+            # slots are plenty: only completeness queues the cluster
+            assert sink.clusters_written == c + (k == per - 1), (c, k)
+    half = os.urandom(PS)
+    sink.put_page(0, half)                   # a re-send after the cluster went out
+    model[0:PS] = half
+    assert sink.page_rewrites == 1
+    sink.flush()
+    assert_same(content(path, sink.host_map(), n * CS, CS), model, "file content")
+    os.close(fd)
+
+
+def test_incomplete_cluster_stays_in_its_slot(tmp_path):
+    """Pages of a cluster that has not yet seen all of its pages keep arriving
+    in the slot (no rewrite), however many other clusters complete meanwhile."""
+    n = 6
+    path, fd, sink = make_sink(tmp_path, n * CS, n_slots=2, region_offsets=[0],
+                               block_lengths=[n * CS])
+    model = bytearray(n * CS)
+    for p in range(CS // PS - 1):            # cluster 0: all pages but the last
+        page = os.urandom(PS)
+        sink.put_page(p * PS, page)
+        model[p * PS:(p + 1) * PS] = page
+    for c in range(1, n):                    # five complete clusters pass by
+        for p in range(CS // PS):
+            page = os.urandom(PS)
+            sink.put_page(c * CS + p * PS, page)
+            model[c * CS + p * PS:c * CS + (p + 1) * PS] = page
+    assert sink.clusters_written == n - 1
+    page = os.urandom(PS)
+    sink.put_page(3 * PS, page)              # still in its slot: no rewrite
+    model[3 * PS:4 * PS] = page
+    assert sink.page_rewrites == 0
+    sink.flush()
+    assert_same(content(path, sink.host_map(), n * CS, CS), model, "file content")
+    os.close(fd)
