@@ -2,9 +2,11 @@
  *
  * Cluster writes run on writer threads, so that each write (the kernel's copy
  * into the page cache, or with O_DIRECT the device) overlaps the caller's
- * parsing, zero checks, copies into the slots and crc32c.  The caller queues jobs (FIFO): a whole
- * cluster (the evicted slot's buffer, which goes back to a pool once written)
- * or one page rewritten in place (a copy in a small page buffer).  A slot's
+ * parsing, zero checks, copies into the slots (streaming stores: the buffers
+ * go to the disk, not back to the CPU) and crc32c.  The caller queues jobs
+ * (FIFO): a whole cluster (the buffer of a slot freed because its cluster is
+ * complete or evicted; it goes back to a pool once written) or one page
+ * rewritten in place (a copy in a small page buffer).  A slot's
  * buffer holds the page's data where its bit in the bitmap is set and stale
  * bytes of an earlier cluster elsewhere; those pages are zeroed when the
  * cluster is queued, so a cluster filled with data is never zeroed.  Host

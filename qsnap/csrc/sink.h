@@ -4,12 +4,13 @@
  * docs/image-format.md, section 2). It keeps, per virtual cluster, its host
  * offset in the file (0 = unallocated) and the slot buffer it is open in; per
  * target page, a "stored" bit (the page is non-zero) and its crc32c.
- * Clusters are written whole, at the append position, when their slot is
- * evicted (least recently used) or on qs_sink_flush(); a page that arrives
- * for a cluster already on disk is rewritten in place.
+ * Clusters are written whole, at the append position, as soon as every page
+ * of theirs has arrived (data or zero), else when their slot is evicted
+ * (least recently used) or on qs_sink_flush(); a page that arrives for a
+ * cluster already on disk is rewritten in place.
  *
- * The writes run on a writer thread that the sink starts and stops: an
- * evicted cluster or a rewritten page is queued (its host offset assigned at
+ * The writes run on writer threads that the sink starts and stops: a
+ * complete or evicted cluster or a rewritten page is queued (its host offset assigned at
  * once) and the caller goes on.  A failed write is reported by the calls that
  * follow it (put, put_batch, get, flush), at the latest by qs_sink_flush(),
  * which waits for every queued write.  One caller thread at a time; the
