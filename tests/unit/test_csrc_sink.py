@@ -60,6 +60,22 @@ def _direct_sink(path, vsize, **kw):
     return fd, dfd, sink
 
 
+def _one_block_sink(tmp_path, vsize, direct, n_slots=2):
+    """A sink over one block of `vsize` bytes at tmp_path/img, through O_DIRECT or
+    the page cache: (fd, the O_DIRECT fd or None, sink)."""
+    if direct:
+        return _direct_sink(tmp_path / "img", vsize, n_slots=n_slots)
+    _, fd, sink = make_sink(tmp_path, vsize, n_slots=n_slots, region_offsets=[0],
+                            block_lengths=[vsize])
+    return fd, None, sink
+
+
+def _close(*fds):
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
 @pytest.mark.parametrize("n_slots", [1, 3, 32])
 def test_random_pages_against_model(tmp_path, n_slots):
     rnd = random.Random(n_slots)
@@ -354,9 +370,7 @@ def test_writer_queue_stress_against_model(tmp_path, n_slots, direct):
     assert set(np.flatnonzero(bm).tolist()) == set(model)
     crcs = sink.checksums()
     assert all(crcs[p] == _core.crc32c(v) for p, v in model.items())
-    if dfd is not None:
-        os.close(dfd)
-    os.close(fd)
+    _close(fd, dfd)
 
 
 @pytest.mark.parametrize("failing", [False, True])
@@ -399,12 +413,7 @@ def test_recycled_buffers_hold_no_stale_bytes(tmp_path, direct):
     got data read as zeros, in the file, through get_page and under XBZRLE."""
     n_full, n_sparse = 60, 60
     vsize = (n_full + n_sparse) * CS
-    if direct:
-        fd, dfd, sink = _direct_sink(tmp_path / "img", vsize, n_slots=2)
-    else:
-        path, fd, sink = make_sink(tmp_path, vsize, n_slots=2, region_offsets=[0],
-                                   block_lengths=[vsize])
-        dfd = None
+    fd, dfd, sink = _one_block_sink(tmp_path, vsize, direct)
     model = bytearray(vsize)
     for c in range(n_full):                   # every buffer ends up full of 0xAA-ish data
         for p in range(CS // PS):
@@ -427,9 +436,7 @@ def test_recycled_buffers_hold_no_stale_bytes(tmp_path, direct):
     path = tmp_path / "img"
     assert_same(content(path, sink.host_map(), vsize, CS), model, "file content")
     assert sink.clusters_written == n_full + n_sparse
-    if dfd is not None:
-        os.close(dfd)
-    os.close(fd)
+    _close(fd, dfd)
 
 
 def test_o_direct_file_is_preallocated_then_trimmed(tmp_path):
@@ -468,12 +475,7 @@ def test_pages_from_any_source_alignment(tmp_path, direct):
     open slot (get_page), in the file, and over a page stored before."""
     n_clusters = 6
     vsize = n_clusters * CS
-    if direct:
-        fd, dfd, sink = _direct_sink(tmp_path / "img", vsize, n_slots=2)
-    else:
-        path, fd, sink = make_sink(tmp_path, vsize, n_slots=2, region_offsets=[0],
-                                   block_lengths=[vsize])
-        dfd = None
+    fd, dfd, sink = _one_block_sink(tmp_path, vsize, direct)
     rnd = random.Random(7)
     model = bytearray(vsize)
     for rnd_pass in range(2):                      # the second pass overwrites in open slots
@@ -495,9 +497,7 @@ def test_pages_from_any_source_alignment(tmp_path, direct):
             assert_same(got, bytes(want), f"page {i} of the open last cluster")
     sink.flush()
     assert_same(content(tmp_path / "img", sink.host_map(), vsize, CS), model, "file content")
-    if dfd is not None:
-        os.close(dfd)
-    os.close(fd)
+    _close(fd, dfd)
 
 
 def test_complete_cluster_is_queued_at_once(tmp_path):
