@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench import compile_qsnap_once  # noqa: E402
 from tests.integration import guests  # noqa: E402
 from tests.integration.qemu import BlobGuest, QemuError, qemu_version, ram_ranges  # noqa: E402
 
@@ -637,12 +638,8 @@ def main(argv=None):
     DROP_ALL = args.drop_caches
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     work = Path(tempfile.mkdtemp(prefix="qsnap-e2e-", dir=args.dir))
-    # qsnap runs as a pip install would leave it: bytecode compiled once (kept out of
-    # the checkout), whatever PYTHONDONTWRITEBYTECODE says in this shell.
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    subprocess.run([sys.executable, "-c", "import qsnap.cli, qsnap.save, qsnap.load, "
-                    "qsnap.image.reader, qsnap.image.writer, qsnap.stream.reader"], check=True)
+    compile_qsnap_once(work / "pycache", ["qsnap.cli", "qsnap.save", "qsnap.load", "qsnap.image.reader",
+                                          "qsnap.image.writer", "qsnap.stream.reader"])
     if postcopy_available():
         subprocess.run([sys.executable, "-c", "import qsnap.postcopy"], check=True)
     t_start = time.monotonic()

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 
+from bench import compile_qsnap_once
 from qsnap.stream.synth import DEFAULT_BLOCKS, synth_stream
 
 
@@ -147,13 +148,7 @@ def main(argv=None):
             source["kind"] = "synthetic"
     nbytes = os.path.getsize(stream)
     subprocess.run(f"cat {stream} > /dev/null", shell=True, check=True)  # warm the page cache
-    # qsnap runs as a pip install leaves it: bytecode compiled once (into the
-    # work directory), whatever PYTHONDONTWRITEBYTECODE says in this shell.
-    # Without it every run compiles qsnap's modules again (~25 ms).
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
-    subprocess.run([sys.executable, "-m", "qsnap", "--help"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([sys.executable, "-c", "import qsnap.cli, qsnap.save, qsnap.stream.reader"], check=True)
+    compile_qsnap_once(os.path.join(work, "pycache"), ["qsnap.cli", "qsnap.save", "qsnap.stream.reader"])
     qsnap = f"{sys.executable} -m qsnap"
     results = {"cat": [], "cat_pipe": [], "qsnap": [], "qsnap_cpu": [],
                "qsnap_wb": [], "qsnap_wb_cpu": [], "qsnap_shm": [], "qsnap_shm_cpu": [],
