@@ -672,12 +672,18 @@ static inline void bit_set(uint8_t *bm, uint64_t i, int v)
         bm[i >> 3] &= (uint8_t)~(1u << (i & 7));
 }
 
+/* Pages per cluster (at most 4096: clusters <= 2 MiB, pages >= 512 bytes). */
+static inline uint32_t cluster_pages(const qs_sink *s)
+{
+    return 1u << (s->cluster_bits - s->page_bits);
+}
+
 /* Zero the pages of cluster c's buffer that hold no data; return how many
  * pages do. */
 static uint64_t clear_holes(const qs_sink *s, uint64_t c, uint8_t *buf)
 {
-    uint64_t first = c << (s->cluster_bits - s->page_bits);
-    uint64_t n = (uint64_t)1 << (s->cluster_bits - s->page_bits);
+    uint64_t n = cluster_pages(s);
+    uint64_t first = c * n;
     uint64_t stored = 0;
     for (uint64_t i = 0; i < n; i++) {
         /* a cluster of 8 pages or more starts on a bitmap byte: take whole
@@ -829,8 +835,7 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
      * precopy) is a rewrite in place. */
     if (!bit_get(s->seen, pi)) {
         bit_set(s->seen, pi, 1);
-        if (++s->cl_seen[c] == (uint16_t)(1u << (s->cluster_bits - s->page_bits)) &&
-            s->slot_of[c] != NO_SLOT)
+        if (++s->cl_seen[c] == cluster_pages(s) && s->slot_of[c] != NO_SLOT)
             return slot_write_out(s, s->slot_of[c], err);
     }
     return QS_SINK_OK;

@@ -10,8 +10,8 @@
  * cluster already on disk is rewritten in place.
  *
  * The writes run on writer threads that the sink starts and stops: a
- * complete or evicted cluster or a rewritten page is queued (its host offset assigned at
- * once) and the caller goes on.  A failed write is reported by the calls that
+ * complete or evicted cluster or a rewritten page is queued (its host offset
+ * assigned at once) and the caller goes on.  A failed write is reported by the calls that
  * follow it (put, put_batch, get, flush), at the latest by qs_sink_flush(),
  * which waits for every queued write.  One caller thread at a time; the
  * functions may be called without the GIL.  No Python.h. */
