@@ -54,13 +54,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench import compile_qsnap_once
+from qsnaptest import guests
+from qsnaptest.qemu import BlobGuest, QemuError, qemu_version, ram_ranges
 
-from bench import compile_qsnap_once  # noqa: E402
-from tests.integration import guests  # noqa: E402
-from tests.integration.qemu import BlobGuest, QemuError, qemu_version, ram_ranges  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -18,12 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
+from qsnaptest import guests
+from qsnaptest.qemu import BlobGuest, Qemu, QemuError, parse_size
 
-from integration import guests  # noqa: E402
-from integration.qemu import BlobGuest, Qemu, QemuError, parse_size  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PY = shlex.quote(sys.executable)
 

@@ -28,9 +28,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    from tests.integration import guests
-    from tests.integration.qemu import LinuxGuest
-    from tests.integration.test_postcopy import postcopy_restore, save_with_tee
+    from qsnaptest import guests
+    from qsnaptest.qemu import LinuxGuest
+    from qsnaptest.tools import postcopy_restore, save_with_tee
 
     files = guests.linux_guest_files()
     rounds = []

@@ -99,7 +99,7 @@ def capture(mem, fill, path, work):
     from pathlib import Path
 
     from bench.e2e import blob_layout, make_blob_files
-    from tests.integration.qemu import BlobGuest, capture_stream
+    from qsnaptest.qemu import BlobGuest, capture_stream
 
     blobs = make_blob_files(Path(work) / "blobs", blob_layout(mem, fill), seed=3)
     try:

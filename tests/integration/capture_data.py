@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import guests
-from .qemu import Qemu, BlobGuest, capture_stream, qemu_version
+from qsnaptest import guests
+from qsnaptest.qemu import Qemu, BlobGuest, capture_stream, qemu_version
 
 DATA_FILE = Path(__file__).resolve().parent.parent / "data" / "bg72-blob.stream.gz"
 DATA_MEMORY = "32M"

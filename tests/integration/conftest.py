@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from . import guests
-from .qemu import qemu_available, qemu_binary
+from qsnaptest import guests
+from qsnaptest.qemu import qemu_available, qemu_binary
 
 HERE = Path(__file__).parent
 

@@ -15,9 +15,9 @@ import pytest
 
 from bigcmp import assert_same
 
-from . import guests
+from qsnaptest import guests
 from .capture_data import DATA_FILE, DATA_LAYOUT, DATA_MEMORY, DATA_SEED
-from .qemu import (CAPTURE_KINDS, QEVM_MAGIC, QEVM_VERSION, BlobGuest, CaptureUnsupported,
+from qsnaptest.qemu import (CAPTURE_KINDS, QEVM_MAGIC, QEVM_VERSION, BlobGuest, CaptureUnsupported,
                    LinuxGuest, Qemu, capture_stream, parse_size, stream_header)
 
 MEMORY = "32M"

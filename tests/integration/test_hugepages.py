@@ -27,8 +27,8 @@ import pytest
 
 from bigcmp import assert_same
 
-from . import guests
-from .qemu import BlobGuest, Qemu, parse_size
+from qsnaptest import guests
+from qsnaptest.qemu import BlobGuest, Qemu, parse_size
 from .test_postcopy import assert_same_ram, postcopy_restore, qsnap
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from . import guests, qsnaptools
-from .qemu import BlobGuest, LinuxGuest, Qemu, QemuError, parse_size
-from .qsnaptools import (block, compare_ram, error_lines, host_offset, qsnap_cmd, qsnap_env,
+from qsnaptest import guests, tools as qsnaptools
+from qsnaptest.qemu import BlobGuest, LinuxGuest, Qemu, QemuError, parse_size
+from qsnaptest.tools import (block, compare_ram, error_lines, host_offset, qsnap_cmd, qsnap_env,
                          qsnap_info, run_qsnap, wait_save_done)
 
 MIB = 1 << 20

@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -18,11 +17,11 @@ import pytest
 
 from bigcmp import assert_same
 
-from . import guests
-from .qemu import BlobGuest, LinuxGuest, Qemu, QemuError, parse_size
+from qsnaptest import guests
+from qsnaptest.qemu import BlobGuest, LinuxGuest, Qemu, parse_size
+from qsnaptest.tools import postcopy_restore, qsnap_cmd as qsnap, save_with_tee, slow_pipe
 
 ROOT = Path(__file__).resolve().parents[2]
-PY = shlex.quote(sys.executable)
 BLOB_MEMORY = "256M"
 BLOB_LAYOUT = [(16 << 20, 48 << 20), (80 << 20, 0x12345), (100 << 20, 64 << 20)]
 PAGE = 4096
@@ -33,66 +32,6 @@ def _pythonpath(monkeypatch):
     """QEMU's /bin/sh child must find this checkout's qsnap."""
     old = os.environ.get("PYTHONPATH")
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + (os.pathsep + old if old else ""))
-
-
-def qsnap(*args):
-    return f"{PY} -m qsnap " + " ".join(shlex.quote(str(a)) for a in args)
-
-
-def save_with_tee(vm, img, raw, timeout=300):
-    """Background snapshot of ``vm`` into ``img`` (qsnap save) and ``raw`` (tee)."""
-    vm.set_parameters(max_bandwidth=16 << 30)
-    vm.set_capabilities(background_snapshot=True)
-    vm.migrate(f"exec:tee {shlex.quote(str(raw))} | {qsnap('save', '-q', img)}")
-    vm.wait_migration(timeout=timeout)
-    assert img.exists() and raw.exists()
-
-
-def wait_postcopy(dst, timeout=300, on_postcopy=None):
-    """Poll query-migrate as fast as QMP allows; return (statuses seen, final info).
-
-    The statuses come from polling and from QEMU's MIGRATION events, so a short
-    postcopy-active phase between two polls is not missed."""
-    seen = []
-    deadline = time.monotonic() + timeout
-    while True:
-        if not dst.is_running():
-            raise QemuError(f"destination exited:\n{dst.log_tail()}")
-        info = dst.query_migrate()
-        st = info.get("status")
-        if not seen or seen[-1] != st:
-            seen.append(st)
-            if st == "postcopy-active" and on_postcopy:
-                on_postcopy(info)
-        if st == "completed":
-            for ev in dst.migration_statuses():
-                if ev not in seen:
-                    seen.append(ev)
-            return seen, info
-        if st in ("failed", "cancelled"):
-            raise QemuError(f"migration {st}: {info.get('error-desc')}\n{dst.log_tail()}")
-        if time.monotonic() > deadline:
-            raise QemuError(f"migration still {st} after {timeout}s")
-
-
-def slow_pipe(chunk=256 << 10, pause=0.01):
-    """A command that passes stdin to stdout at about chunk/pause bytes per second."""
-    return f"{PY} -c " + shlex.quote(
-        "import os,time\n"
-        "while True:\n"
-        f"  b=os.read(0,{chunk})\n"
-        "  if not b: break\n"
-        "  while b: b=b[os.write(1,b):]\n"
-        f"  time.sleep({pause})\n")
-
-
-def postcopy_restore(dst, img, pct, stats=None, blocktime=False, throttle=None, **kw):
-    """throttle: a command qsnap's output goes through on its way to QEMU."""
-    dst.set_capabilities(postcopy_ram=True, postcopy_blocktime=blocktime, events=True)
-    extra = ["--stats", stats] if stats else []
-    cmd = qsnap("load", f"--postcopy={pct}", *extra, img)
-    dst.migrate_incoming("exec:" + cmd + (f" | {throttle}" if throttle else ""))
-    return wait_postcopy(dst, **kw)
 
 
 def assert_same_ram(a, b, tmp_path):

@@ -15,9 +15,9 @@ import pytest
 
 from bigcmp import assert_same
 
-from . import guests, qsnaptools
-from .qemu import PAGE_SIZE, LinuxGuest, QemuError, parse_size
-from .qsnaptools import (block, check_blobs_in_raw, error_lines, nonzero_pages, qemu_img_check,
+from qsnaptest import guests, tools as qsnaptools
+from qsnaptest.qemu import PAGE_SIZE, LinuxGuest, QemuError, parse_size
+from qsnaptest.tools import (block, check_blobs_in_raw, error_lines, nonzero_pages, qemu_img_check,
                          qemu_img_raw, qsnap_cmd, qsnap_env, qsnap_info, run_qsnap, temp_leftovers,
                          wait_for, wait_save_done)
 

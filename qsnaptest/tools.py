@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .qemu import PAGE_SIZE, BlobGuest, QemuError
+from qsnaptest.qemu import PAGE_SIZE, BlobGuest, QemuError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def qsnap_env() -> dict:
@@ -153,3 +153,61 @@ def compare_ram(a: bytes, b: bytes, what="RAM"):
         if a[lo:hi] != b[lo:hi]:
             bad = next(i for i in range(lo, hi, PAGE_SIZE) if a[i:i + PAGE_SIZE] != b[i:i + PAGE_SIZE])
             raise AssertionError(f"{what} differs at page {bad:#x}")
+
+
+# --- postcopy restores (tests and bench) ---
+
+def save_with_tee(vm, img, raw, timeout=300):
+    """Background snapshot of ``vm`` into ``img`` (qsnap save) and ``raw`` (tee)."""
+    vm.set_parameters(max_bandwidth=16 << 30)
+    vm.set_capabilities(background_snapshot=True)
+    vm.migrate(f"exec:tee {shlex.quote(str(raw))} | {qsnap_cmd('save', '-q', img)}")
+    vm.wait_migration(timeout=timeout)
+    assert img.exists() and raw.exists()
+
+
+def wait_postcopy(dst, timeout=300, on_postcopy=None):
+    """Poll query-migrate as fast as QMP allows; return (statuses seen, final info).
+
+    The statuses come from polling and from QEMU's MIGRATION events, so a short
+    postcopy-active phase between two polls is not missed."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        if not dst.is_running():
+            raise QemuError(f"destination exited:\n{dst.log_tail()}")
+        info = dst.query_migrate()
+        st = info.get("status")
+        if not seen or seen[-1] != st:
+            seen.append(st)
+            if st == "postcopy-active" and on_postcopy:
+                on_postcopy(info)
+        if st == "completed":
+            for ev in dst.migration_statuses():
+                if ev not in seen:
+                    seen.append(ev)
+            return seen, info
+        if st in ("failed", "cancelled"):
+            raise QemuError(f"migration {st}: {info.get('error-desc')}\n{dst.log_tail()}")
+        if time.monotonic() > deadline:
+            raise QemuError(f"migration still {st} after {timeout}s")
+
+
+def slow_pipe(chunk=256 << 10, pause=0.01):
+    """A command that passes stdin to stdout at about chunk/pause bytes per second."""
+    return f"{shlex.quote(sys.executable)} -c " + shlex.quote(
+        "import os,time\n"
+        "while True:\n"
+        f"  b=os.read(0,{chunk})\n"
+        "  if not b: break\n"
+        "  while b: b=b[os.write(1,b):]\n"
+        f"  time.sleep({pause})\n")
+
+
+def postcopy_restore(dst, img, pct, stats=None, blocktime=False, throttle=None, **kw):
+    """throttle: a command qsnap's output goes through on its way to QEMU."""
+    dst.set_capabilities(postcopy_ram=True, postcopy_blocktime=blocktime, events=True)
+    extra = ["--stats", stats] if stats else []
+    cmd = qsnap_cmd("load", f"--postcopy={pct}", *extra, img)
+    dst.migrate_incoming("exec:" + cmd + (f" | {throttle}" if throttle else ""))
+    return wait_postcopy(dst, **kw)

@@ -519,7 +519,7 @@ class LinuxGuest(Qemu):
     """The live busybox guest (see guests.py); TCG only, prints ``tick N`` on ttyS0."""
 
     def __init__(self, kernel, initrd, *, memory="256M", append=None, **kw):
-        from .guests import KERNEL_CMDLINE
+        from qsnaptest.guests import KERNEL_CMDLINE
         kw.setdefault("accel", "tcg")
         kw.setdefault("no_reboot", True)
         kw.setdefault("name", "linux")
