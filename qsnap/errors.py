@@ -38,3 +38,8 @@ class ProtocolError(QsnapError):
 
 class IOFailure(QsnapError):
     """An operating-system I/O error while reading or writing (disk full, EPIPE...)."""
+
+
+class VmError(QsnapError):
+    """A QEMU could not be driven: QMP unreachable, busy or not QMP, a command QEMU refused,
+    or a VM in a state the operation cannot work in."""
