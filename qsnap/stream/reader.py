@@ -555,6 +555,13 @@ class StreamReader:
         while True:
             data = inp.mv[inp.pos : inp.end]
             status, recs, consumed = parser.parse(data, inp.offset)
+            if self.blocks is None and (len(recs) or status == _pyreader.QS_RAM_EOS):
+                # RAM_SAVE_FLAG_MEM_SIZE opens a RAM section (migration/ram.c,
+                # ram_load_precopy): no record may come before the block list.
+                raise StreamError(
+                    "RAM record (flags 0x%x) before the MEM_SIZE record at stream offset 0x%x"
+                    % (self._first_flags(recs, data), inp.offset)
+                )
             if len(recs):
                 if self._mapped_ram():
                     raise StreamError(
@@ -577,6 +584,11 @@ class StreamReader:
             need = max(_pyreader.record_need(inp.mv[inp.pos : inp.end], parser.page_size), inp.avail + 1)
             if not inp.fill(need):
                 raise _truncated(need - inp.avail, "RAM record", inp.offset)
+
+    def _first_flags(self, recs, data):
+        if len(recs):
+            return int(recs["flags"][0])
+        return int.from_bytes(data[:8], "big") & (self.page_size - 1)
 
     def _mapped_ram(self):
         return self.configuration is not None and "mapped-ram" in self.configuration.capabilities
