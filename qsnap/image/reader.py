@@ -39,7 +39,7 @@ class BlockInfo:
         return bool((self.bitmap[page_index >> 3] >> (page_index & 7)) & 1)
 
 
-def _pread(fd, length, offset, path):
+def pread_exact(fd, length, offset, path):
     try:
         data = os.pread(fd, length, offset)
     except OSError as e:
@@ -49,9 +49,9 @@ def _pread(fd, length, offset, path):
     return data
 
 
-def _read_header(fd, path, file_size):
+def read_header(fd, path, file_size):
     """Parse and check the qcow2 header and the qsnap extension. Returns (hdr, ext, ext_off)."""
-    head = _pread(fd, min(file_size, 4096), 0, path) if file_size else b""
+    head = pread_exact(fd, min(file_size, 4096), 0, path) if file_size else b""
     if len(head) < qcow2.HEADER.size:
         raise ImageError(f"not a qsnap image: {path} is too short for a qcow2 header ({file_size} bytes)")
     hdr = qcow2.HEADER.unpack(head)
@@ -102,7 +102,7 @@ def peek_header(path):
         raise IOFailure(f"{os.strerror(e.errno).lower()} opening {path}") from None
     try:
         size = os.fstat(fd).st_size
-        hdr, ext, _ = _read_header(fd, path, size)
+        hdr, ext, _ = read_header(fd, path, size)
         return {"qsnap": True, "complete": bool(ext["flags"] & layout.QSNAP_FLAG_COMPLETE),
                 "format_version": ext["format_version"], "virtual_size": hdr["size"],
                 "cluster_size": 1 << hdr["cluster_bits"], "file_bytes": size, "error": None}
@@ -157,7 +157,7 @@ class Image:
     def _load(self):
         fd, path = self._fd, self.path
         self.file_bytes = size = os.fstat(fd).st_size
-        hdr, ext, ext_off = _read_header(fd, path, size)
+        hdr, ext, ext_off = read_header(fd, path, size)
         self.header = hdr
         self.ext = ext
         cb = hdr["cluster_bits"]
@@ -188,11 +188,11 @@ class Image:
         check_table("L1 table", hdr["l1_table_offset"], l1_size * 8, 0x28)
         rt_off, rt_clusters = hdr["refcount_table_offset"], hdr["refcount_table_clusters"]
         check_table("refcount table", rt_off, rt_clusters * cs, 0x30)
-        rt = np.frombuffer(_pread(fd, rt_clusters * cs, rt_off, path), dtype=">u8").astype(np.uint64)
+        rt = np.frombuffer(pread_exact(fd, rt_clusters * cs, rt_off, path), dtype=">u8").astype(np.uint64)
         for i in np.flatnonzero(rt):
             check_table("refcount block", int(rt[i]) & REFT_OFFSET_MASK, cs, rt_off + 8 * int(i))
 
-        l1 = np.frombuffer(_pread(fd, l1_size * 8, hdr["l1_table_offset"], path),
+        l1 = np.frombuffer(pread_exact(fd, l1_size * 8, hdr["l1_table_offset"], path),
                            dtype=">u8").astype(np.uint64)
         l2_entries = cs // 8
         n_clusters = vsize // cs
@@ -208,7 +208,7 @@ class Image:
                 raise ImageError(f"L1 entry 0x{e:016x} has reserved bits set at image offset 0x{at:x}")
             l2_off = e & L1E_OFFSET_MASK
             check_table("L2 table", l2_off, cs, at)
-            l2 = np.frombuffer(_pread(fd, cs, l2_off, path), dtype=">u8").astype(np.uint64)
+            l2 = np.frombuffer(pread_exact(fd, cs, l2_off, path), dtype=">u8").astype(np.uint64)
             bad = np.flatnonzero(l2 & np.uint64(QCOW_OFLAG_COMPRESSED))
             if len(bad):
                 raise ImageError(f"compressed L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
@@ -338,7 +338,7 @@ class Image:
             n = min(length - pos, cs - (v & (cs - 1)))
             h = self._cluster_host(v >> self.cluster_bits)
             if h:
-                out[pos:pos + n] = _pread(self._fd, n, h + (v & (cs - 1)), self.path)
+                out[pos:pos + n] = pread_exact(self._fd, n, h + (v & (cs - 1)), self.path)
             pos += n
         return bytes(out)
 
@@ -371,7 +371,7 @@ class Image:
         if not h:
             raise ImageError(f"stored page 0x{offset:x} of block '{b.idstr}' has no data cluster "
                              f"(virtual offset 0x{voff:x})")
-        data = _pread(self._fd, tps, h, self.path)
+        data = pread_exact(self._fd, tps, h, self.path)
         crc = crc32c(data)
         if crc != int(b.checksums[p]):
             raise ChecksumError(f"checksum mismatch in block '{b.idstr}' page 0x{offset:x} "
@@ -401,7 +401,7 @@ class Image:
             while (j < total and (j - i) * cs < VERIFY_READ
                    and int(pairs[j, 0]) == int(pairs[j - 1, 0]) + cs):
                 j += 1
-            buf = _pread(self._fd, (j - i) * cs, int(pairs[i, 0]), self.path)
+            buf = pread_exact(self._fd, (j - i) * cs, int(pairs[i, 0]), self.path)
             crcs = page_crcs(buf, tps)
             for k in range(i, j):
                 vc = int(pairs[k, 1]) >> cb

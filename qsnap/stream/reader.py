@@ -11,17 +11,14 @@ migration/ram.c (ram_load_precopy); see /work/shared/docs/migration-stream.md.
 
 Device sections (SECTION_FULL) are not self-delimiting.  The reader never
 interprets them: everything from the first FULL/EOF byte after the RAM START to
-the end of input is returned verbatim as one ``DeviceState``.  It is checked by
-walking the FULL sections from footer to footer (``7E <be32 id>`` followed by
-0x04 or 0x00) when the stream uses footers, and by the trailing VMDESCRIPTION
-(``06 be32 len json`` reaching exactly the end of input) when present.  FULL
-sections *before* the RAM START (8.0+ early setup) are delimited the same way
-and are supported only in streams with footers.
+the end of input is returned verbatim as one ``DeviceState``, checked by
+:func:`qsnap.stream.tail.parse_tail`.  FULL sections *before* the RAM START
+(8.0+ early setup) are delimited by their footers and are supported only in
+streams with footers.
 """
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
 import struct
@@ -52,13 +49,14 @@ from .constants import (
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
     QEMU_VM_SUBSECTION,
-    QEMU_VM_VMDESCRIPTION,
     RAM_SAVE_FLAG_PAGE,
     RAM_SECTION_IDSTR,
     RAM_SECTION_VERSION,
     SECTION_TYPE_NAMES,
     TARGET_PAGE_SIZE_DEFAULT,
 )
+from .tail import parse_tail
+from .tail import truncated as _truncated
 from .events import (
     Command,
     Configuration,
@@ -101,12 +99,6 @@ def _make_parser(pure, cap, page_size):
     if pure:
         return _pyreader.PyRamParser(cap, page_size)
     return RamParser(cap, page_size)
-
-
-def _truncated(n, what, offset):
-    return StreamError(
-        "truncated stream: expected %d more bytes for %s at stream offset 0x%x" % (n, what, offset)
-    )
 
 
 class _Input:
@@ -740,7 +732,7 @@ class StreamReader:
         ):
             until = lambda parts: self._tail_complete(parts, off)  # noqa: E731
         data = inp.read_rest(self.max_device_state, "device state", until)
-        eof_pos, vmdesc = self._check_tail(data, off)
+        eof_pos, vmdesc = parse_tail(data, off, self.uses_footers)
         return DeviceState(off, data, vmdesc, eof_pos)
 
     def _tail_complete(self, parts, off):
@@ -749,110 +741,7 @@ class StreamReader:
         if not parts or not parts[-1].endswith(b"}"):
             return False
         try:
-            _, vmdesc = self._check_tail(b"".join(parts), off)
+            _, vmdesc = parse_tail(b"".join(parts), off, self.uses_footers)
         except StreamError:
             return False
         return vmdesc is not None
-
-    def _check_tail(self, data, off):
-        n = len(data)
-        vmdesc = None
-        if self.uses_footers:
-            # walk FULL sections footer to footer
-            i = 0
-            while True:
-                if i >= n:
-                    raise _truncated(1, "section type", off + i)
-                t = data[i]
-                if t == QEMU_VM_EOF:
-                    eof_pos = i
-                    break
-                if t != QEMU_VM_SECTION_FULL:
-                    raise StreamError(
-                        "unexpected section type 0x%02x in device state at stream offset 0x%x" % (t, off + i)
-                    )
-                if n - i < 6:
-                    raise _truncated(6 - (n - i), "SECTION_FULL header", off + i)
-                sid = int.from_bytes(data[i + 1 : i + 5], "big")
-                pat = bytes([QEMU_VM_SECTION_FOOTER]) + sid.to_bytes(4, "big")
-                j = i + 6 + data[i + 5]
-                while True:
-                    j = data.find(pat, j)
-                    if j < 0 or j + 5 >= n:
-                        raise _truncated(1, "footer of SECTION_FULL id %d" % sid, off + n)
-                    nxt = data[j + 5]
-                    if nxt == QEMU_VM_SECTION_FULL and self._plausible_full(data, j + 5):
-                        break
-                    if nxt == QEMU_VM_EOF and self._plausible_end(data, j + 5):
-                        break
-                    j += 1
-                i = j + 5
-        else:
-            eof_pos = None
-        rest_start = None
-        if eof_pos is not None:
-            rest_start = eof_pos + 1
-        else:
-            # no footers: the end is either EOF or EOF + VMDESCRIPTION
-            end = n
-            for _ in range(16):
-                p = data.rfind(b"\x00\x06", 0, end)
-                if p < 0:
-                    break
-                if p + 6 <= n and int.from_bytes(data[p + 2 : p + 6], "big") == n - p - 6:
-                    eof_pos = p
-                    break
-                end = p + 1
-            if eof_pos is None:
-                if n == 0 or data[-1] != QEMU_VM_EOF:
-                    raise StreamError("device state at stream offset 0x%x does not end with EOF" % off)
-                eof_pos = n - 1
-            rest_start = eof_pos + 1
-        rest = data[rest_start:]
-        if rest:
-            if rest[0] != QEMU_VM_VMDESCRIPTION:
-                raise StreamError(
-                    "unexpected byte 0x%02x after EOF at stream offset 0x%x" % (rest[0], off + rest_start)
-                )
-            if len(rest) < 5:
-                raise _truncated(5 - len(rest), "VMDESCRIPTION", off + rest_start)
-            jl = int.from_bytes(rest[1:5], "big")
-            if jl > len(rest) - 5:
-                raise _truncated(jl - (len(rest) - 5), "VMDESCRIPTION JSON", off + rest_start)
-            if jl < len(rest) - 5:
-                raise StreamError(
-                    "%d unexpected bytes after VMDESCRIPTION at stream offset 0x%x"
-                    % (len(rest) - 5 - jl, off + rest_start + 5 + jl)
-                )
-            try:
-                vmdesc = json.loads(rest[5:].decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise StreamError("bad VMDESCRIPTION JSON at stream offset 0x%x: %s" % (off + rest_start, e)) from None
-            if not isinstance(vmdesc, dict):
-                raise StreamError("VMDESCRIPTION is not a JSON object at stream offset 0x%x" % (off + rest_start))
-        return eof_pos, vmdesc
-
-    @staticmethod
-    def _plausible_full(data, i):
-        """A SECTION_FULL header at data[i]: id, idstr of printable ASCII."""
-        n = len(data)
-        if i + 6 > n:
-            return True  # truncated: let the walk report it
-        ln = data[i + 5]
-        if ln == 0:
-            return False
-        name = data[i + 6 : i + 6 + ln]
-        return all(0x20 < c < 0x7F for c in name)
-
-    @staticmethod
-    def _plausible_end(data, i):
-        """EOF at data[i]: end of input, or a VMDESCRIPTION reaching exactly the end."""
-        n = len(data)
-        if i + 1 == n:
-            return True
-        if data[i + 1] != QEMU_VM_VMDESCRIPTION:
-            return False
-        if i + 6 > n:
-            return True  # truncated VMDESCRIPTION: reported later
-        jl = int.from_bytes(data[i + 2 : i + 6], "big")
-        return i + 6 + jl >= n - 0 and data[i + 6 : i + 7] in (b"{", b"")
