@@ -328,16 +328,7 @@ class StreamReader:
 
     def _events(self):
         inp = self._in
-        magic = inp.be32("file header")
-        if magic != QEMU_VM_FILE_MAGIC:
-            raise StreamError("not a migration stream: bad magic 0x%08x at stream offset 0x0" % magic)
-        version = inp.be32("file header")
-        if version == QEMU_VM_FILE_VERSION_COMPAT:
-            raise StreamError("obsolete stream version 0x%x (SaveVM v2) at stream offset 0x4" % version)
-        if version != QEMU_VM_FILE_VERSION:
-            raise StreamError("unsupported stream version 0x%x at stream offset 0x4" % version)
-        yield FileHeader(0, version)
-
+        yield self._file_header()
         if inp.peek_u8("section type") == QEMU_VM_CONFIGURATION:
             self.configuration = self._configuration()
             yield self.configuration
@@ -350,33 +341,9 @@ class StreamReader:
                 self.commands.append(cmd)
                 yield cmd
             elif t == QEMU_VM_SECTION_START:
-                hdr = self._full_header()
-                if hdr.idstr != RAM_SECTION_IDSTR.decode():
-                    raise StreamError("unsupported iterable section %r at stream offset 0x%x" % (hdr.idstr, off))
-                if self.ram_section_id is not None:
-                    raise StreamError("second RAM SECTION_START at stream offset 0x%x" % off)
-                if hdr.version_id != RAM_SECTION_VERSION:
-                    raise StreamError(
-                        "unsupported RAM section version %d at stream offset 0x%x" % (hdr.version_id, off)
-                    )
-                if hdr.instance_id != 0:
-                    raise StreamError(
-                        "unknown RAM section instance %d at stream offset 0x%x" % (hdr.instance_id, off)
-                    )
-                self.ram_section_id = hdr.section_id
-                yield hdr
-                yield from self._ram_payload(hdr.section_id, True)
-                yield from self._footer(hdr.section_id)
+                yield from self._ram_start(off)
             elif t in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
-                inp.pos += 1
-                sid = inp.be32("section id")
-                if self.ram_section_id is None or sid != self.ram_section_id:
-                    raise StreamError(
-                        "%s for unknown section id %d at stream offset 0x%x" % (SECTION_TYPE_NAMES[t], sid, off)
-                    )
-                yield SectionHeader(off, t, sid, None, None, None)
-                yield from self._ram_payload(sid, False)
-                yield from self._footer(sid)
+                yield from self._ram_part_or_end(off, t)
             elif t == QEMU_VM_SECTION_FULL and self.ram_section_id is None:
                 yield self._pre_ram_section()
             elif t in (QEMU_VM_SECTION_FULL, QEMU_VM_EOF):
@@ -390,6 +357,51 @@ class StreamReader:
                     "unknown section type 0x%02x (%s) at stream offset 0x%x"
                     % (t, SECTION_TYPE_NAMES.get(t, "unknown"), off)
                 )
+
+    def _file_header(self):
+        inp = self._in
+        magic = inp.be32("file header")
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise StreamError("not a migration stream: bad magic 0x%08x at stream offset 0x0" % magic)
+        version = inp.be32("file header")
+        if version == QEMU_VM_FILE_VERSION_COMPAT:
+            raise StreamError("obsolete stream version 0x%x (SaveVM v2) at stream offset 0x4" % version)
+        if version != QEMU_VM_FILE_VERSION:
+            raise StreamError("unsupported stream version 0x%x at stream offset 0x4" % version)
+        return FileHeader(0, version)
+
+    def _ram_start(self, off):
+        """SECTION_START of the one iterable section qsnap supports: RAM."""
+        hdr = self._full_header()
+        if hdr.idstr != RAM_SECTION_IDSTR.decode():
+            raise StreamError("unsupported iterable section %r at stream offset 0x%x" % (hdr.idstr, off))
+        if self.ram_section_id is not None:
+            raise StreamError("second RAM SECTION_START at stream offset 0x%x" % off)
+        if hdr.version_id != RAM_SECTION_VERSION:
+            raise StreamError(
+                "unsupported RAM section version %d at stream offset 0x%x" % (hdr.version_id, off)
+            )
+        if hdr.instance_id != 0:
+            raise StreamError(
+                "unknown RAM section instance %d at stream offset 0x%x" % (hdr.instance_id, off)
+            )
+        self.ram_section_id = hdr.section_id
+        yield hdr
+        yield from self._ram_payload(hdr.section_id, True)
+        yield from self._footer(hdr.section_id)
+
+    def _ram_part_or_end(self, off, t):
+        """SECTION_PART/END: only of the RAM section a START opened."""
+        inp = self._in
+        inp.pos += 1
+        sid = inp.be32("section id")
+        if self.ram_section_id is None or sid != self.ram_section_id:
+            raise StreamError(
+                "%s for unknown section id %d at stream offset 0x%x" % (SECTION_TYPE_NAMES[t], sid, off)
+            )
+        yield SectionHeader(off, t, sid, None, None, None)
+        yield from self._ram_payload(sid, False)
+        yield from self._footer(sid)
 
     def _idstr(self, what):
         off = self._in.offset
