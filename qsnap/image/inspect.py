@@ -321,7 +321,7 @@ def check_image(path, progress=False):
             end = img.meta_offset + img.meta_length
             tail = qcow2.align_up(end, img.cluster_size) - end
             h = img.host_offset(end - 1) + 1
-            if tail and h > 1 and any(pread_exact(img._fd, tail, h, path)):
+            if tail and h > 1 and any(pread_exact(img.fd, tail, h, path)):
                 bad.append(f"non-zero bytes after the metadata region at image offset 0x{h:x}")
             report["checksum_errors"] = len(bad)
             errors += bad

@@ -134,6 +134,11 @@ class Image:
             raise
         return img
 
+    @property
+    def fd(self):
+        """The image file's descriptor (read only; -1 once closed)."""
+        return self._fd
+
     def close(self):
         if self._fd >= 0:
             os.close(self._fd)

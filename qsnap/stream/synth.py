@@ -20,7 +20,6 @@ from ..errors import UsageError
 from .constants import (
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_PART,
-    RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_ZERO,
 )
@@ -286,11 +285,7 @@ class _RamWriter:
         for i, z, ap in zip(idx.tolist(), zero.tolist(), as_page.tolist()):
             off = i * ps
             flag = RAM_SAVE_FLAG_ZERO if z and not ap else RAM_SAVE_FLAG_PAGE
-            if idb == w._last_block:
-                head = struct.pack(">Q", off | flag | RAM_SAVE_FLAG_CONTINUE)
-            else:
-                w._last_block = idb
-                head = struct.pack(">Q", off | flag) + bytes([len(idb)]) + idb
+            head = w.record_head(idb, off, flag)
             if z and not ap:
                 self.pending.append(head + b"\0")
                 res.zero_records += 1

@@ -173,7 +173,8 @@ class StreamWriter:
                                  gpa_fields=gpa_fields))
         self._last_block = None
 
-    def _word_and_id(self, idstr, offset, flag, use_continue):
+    def record_head(self, idstr, offset, flag, use_continue=None):
+        """The be64 word of a page record and, unless CONTINUE applies, its block idstr."""
         if offset & (self.page_size - 1):
             raise StreamError("page offset 0x%x is not page aligned" % offset)
         idb = idstr.encode() if isinstance(idstr, str) else bytes(idstr)
@@ -186,15 +187,15 @@ class StreamWriter:
     def page(self, idstr, offset, data, *, use_continue=None):
         if len(data) != self.page_size:
             raise StreamError("page data must be %d bytes, got %d" % (self.page_size, len(data)))
-        self.raw(self._word_and_id(idstr, offset, RAM_SAVE_FLAG_PAGE, use_continue) + bytes(data))
+        self.raw(self.record_head(idstr, offset, RAM_SAVE_FLAG_PAGE, use_continue) + bytes(data))
 
     def zero(self, idstr, offset, fill=0, *, use_continue=None):
-        self.raw(self._word_and_id(idstr, offset, RAM_SAVE_FLAG_ZERO, use_continue) + bytes([fill]))
+        self.raw(self.record_head(idstr, offset, RAM_SAVE_FLAG_ZERO, use_continue) + bytes([fill]))
 
     def xbzrle(self, idstr, offset, encoded, *, use_continue=None):
         if len(encoded) > self.page_size:
             raise StreamError("XBZRLE data of %d bytes exceeds the page size" % len(encoded))
-        self.raw(self._word_and_id(idstr, offset, RAM_SAVE_FLAG_XBZRLE, use_continue)
+        self.raw(self.record_head(idstr, offset, RAM_SAVE_FLAG_XBZRLE, use_continue)
                  + struct.pack(">BH", ENCODING_FLAG_XBZRLE, len(encoded)) + bytes(encoded))
 
     def eos(self):
@@ -223,7 +224,7 @@ class StreamWriter:
             for i in range(n):
                 self.page(idstr, int(offsets[i]), data[i * ps : (i + 1) * ps].tobytes())
             return
-        first = self._word_and_id(idstr, int(offsets[0]), RAM_SAVE_FLAG_PAGE, None)
+        first = self.record_head(idstr, int(offsets[0]), RAM_SAVE_FLAG_PAGE, None)
         self.raw(first + data[:ps].tobytes())
         if n > 1:
             rec = np.empty((n - 1, 8 + ps), np.uint8)
