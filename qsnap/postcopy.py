@@ -54,7 +54,6 @@ EARLY_BYTES = 1 << 20            # per block, always sent before LISTEN
 _DEBUG = bool(os.environ.get("QSNAP_PC_DEBUG"))
 
 
-
 def device_state_sections(img):
     """The image's device state without its EOF and VMDESCRIPTION (FULL sections only)."""
     try:
