@@ -219,7 +219,8 @@ def main(argv=None):
     except Exception as e:  # a bug: still one line, and a status that says so
         if debug:
             raise
-        _report(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+        text = " ".join(str(e).splitlines())  # one line, whatever the message holds
+        _report(f"internal error: {type(e).__name__}: {text} (run with --debug for the traceback)")
         return EX_SOFTWARE
 
 

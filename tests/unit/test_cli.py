@@ -102,3 +102,15 @@ def test_qsnap_error_keeps_its_exit_status(tmp_path, capsys):
 
     assert cli.main(["save", "--bogus", "x"]) == 2
     assert capsys.readouterr().err.startswith("qsnap: error: ")
+
+
+def test_internal_error_message_stays_on_one_line(tmp_path, monkeypatch, capsys):
+    from qsnap import cli
+
+    def raise_multiline(args):
+        raise KeyError("first\nsecond")
+
+    monkeypatch.setitem(cli._COMMANDS, "info", raise_multiline)
+    assert cli.main(["info", str(tmp_path / "x")]) == 70
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("qsnap: error: internal error: KeyError: "), err
