@@ -9,13 +9,13 @@ SHUT), because QEMU reads the child's stdout as the return path.
 """
 import gc
 import os
-import struct
 import sys
 import time
 
 from qsnap.errors import IOFailure, QsnapError, StreamError
 from qsnap.image.writer import ImageWriter
 from qsnap.stream import constants as C
+from qsnap.stream import encode, returnpath
 from qsnap.stream import events as ev
 from qsnap.stream.reader import StreamReader
 
@@ -35,10 +35,9 @@ class ReturnPath:
         self.fd = fd
         self.open = False
 
-    def send(self, msg_type, payload):
+    def send(self, data):
         if not self.open:
             return
-        data = struct.pack(">HH", msg_type, len(payload)) + payload
         try:
             while data:
                 n = os.write(self.fd, data)
@@ -47,10 +46,10 @@ class ReturnPath:
             raise IOFailure(f"cannot write to the return path (stdout): {e.strerror}") from None
 
     def pong(self, value):
-        self.send(C.MIG_RP_MSG_PONG, struct.pack(">I", value))
+        self.send(returnpath.pong(value))
 
     def shut(self, error):
-        self.send(C.MIG_RP_MSG_SHUT, struct.pack(">I", 1 if error else 0))
+        self.send(returnpath.shut(1 if error else 0))
 
 
 class _StreamFacts:
@@ -168,7 +167,7 @@ def _consume(reader, img, facts, rp):
         elif isinstance(e, ev.Command):
             _command(e, facts, rp, ram_started=ram_id is not None)
         elif isinstance(e, ev.FileHeader):
-            facts.header = struct.pack(">II", C.QEMU_VM_FILE_MAGIC, e.version)
+            facts.header = encode.file_header(e.version)
         elif isinstance(e, ev.Configuration):
             facts.configuration = e
             facts.header += e.raw
@@ -190,10 +189,10 @@ def _command(e, facts, rp, ram_started):
     if cmd == C.MIG_CMD_OPEN_RETURN_PATH:
         rp.open = True
     elif cmd == C.MIG_CMD_PING:
-        rp.pong(struct.unpack(">I", e.payload)[0])
+        rp.pong(e.ping_value)
     elif cmd == C.MIG_CMD_POSTCOPY_ADVISE:
-        if len(e.payload) == 16:
-            facts.postcopy_advise = list(struct.unpack(">QQ", e.payload))
+        if e.advise is not None:
+            facts.postcopy_advise = list(e.advise)
     elif cmd == C.MIG_CMD_SWITCHOVER_START and ram_started:
         facts.switchover_start = True
     elif cmd not in _PREFIX_COMMANDS:
