@@ -75,6 +75,7 @@ cdef extern from "csrc/sink.h" nogil:
         QS_SINK_EUNSUPPORTED
         QS_SINK_EBLOCK
         QS_SINK_EINVAL
+        QS_SINK_ETHREAD
 
     ctypedef struct qs_sink_err:
         int status
@@ -98,12 +99,12 @@ cdef extern from "csrc/sink.h" nogil:
     ctypedef struct qs_sink:
         pass
 
-    qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
-                         uint32_t page_size, uint32_t n_slots,
-                         uint64_t append_offset, int direct)
+    int qs_sink_new(qs_sink **out, int fd, uint64_t virtual_size, uint32_t cluster_size,
+                    uint32_t page_size, uint32_t n_slots, uint64_t append_offset, int direct,
+                    qs_sink_err *err)
     void qs_sink_free(qs_sink *s)
     int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
-                           const uint64_t *lengths, uint32_t n)
+                           const uint64_t *lengths, uint32_t n, qs_sink_err *err)
     int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
                     qs_sink_err *err)
     int qs_sink_put_batch(qs_sink *s, const qs_sink_rec *recs, size_t n,

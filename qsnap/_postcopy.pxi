@@ -55,7 +55,7 @@ cdef class HostPager:
         self.sentp = <uint8_t **>_calloc(em.n_blocks + 1, sizeof(uint8_t *))
         self.tphp = <uint64_t *>_calloc(em.n_blocks + 1, sizeof(uint64_t))
         if self.sentp == NULL or self.tphp == NULL:
-            raise MemoryError()
+            raise _no_memory("the host page tables", (em.n_blocks + 1) * (sizeof(uint8_t *) + sizeof(uint64_t)))
         for i in range(em.n_blocks):
             t = int(pages_per_host[i])
             if t < 1 or t & (t - 1):
@@ -103,6 +103,7 @@ cdef class HostPager:
             raise ValueError("data does not cover the host pages")
         cdef uint64_t count = 0
         cdef qs_emit_err err
+        _memset(&err, 0, sizeof(err))
         cdef int rc
         with nogil:
             rc = qs_emit_host_pages(&self.em.em, b, self.sentp[block], t, hp0, hp1, dp, data_tp0,
@@ -111,7 +112,7 @@ cdef class HostPager:
                 rc = qs_emit_flush(&self.em.em, &err)
         self.host_pages_sent += count
         if rc != QS_EMIT_OK:
-            raise self.em._error(&err)
+            raise _emit_error(&err, self.em.names)
         return count
 
     def zero_pass(self, Py_ssize_t block, uint64_t hp0, uint64_t hp1, has_data):
@@ -122,7 +123,7 @@ cdef class HostPager:
         """
         cdef const qs_emit_block *b = self.em._block(block)
         cdef uint8_t[::1] sent = self.sent[block]
-        cdef const uint8_t[::1] hd = _lnp.ascontiguousarray(has_data, dtype=_lnp.uint8)
+        cdef const uint8_t[::1] hd = _as_exact(has_data, _lnp.uint8, "has_data")
         cdef uint64_t t = self._tphp[block]
         cdef uint64_t nhp = sent.shape[0]
         if hd.shape[0] != nhp:
@@ -131,6 +132,7 @@ cdef class HostPager:
             hp1 = nhp
         cdef uint64_t hp = hp0, j, tp1, count = 0
         cdef qs_emit_err err
+        _memset(&err, 0, sizeof(err))
         cdef int rc = QS_EMIT_OK
         with nogil:
             while hp < hp1:
@@ -152,7 +154,7 @@ cdef class HostPager:
                     count += 1
         self.host_pages_sent += count
         if rc != QS_EMIT_OK:
-            raise self.em._error(&err)
+            raise _emit_error(&err, self.em.names)
         return count
 
 
@@ -218,9 +220,9 @@ cdef class ClusterPass:
         cdef uint64_t ps = self.em.em.page_size
         if cluster_size < ps or cluster_size % ps:
             raise ValueError(f"cluster size {cluster_size} not a multiple of the page size")
-        host = _lnp.ascontiguousarray(host_offsets, dtype=_lnp.uint64)
-        self._virt = _lnp.ascontiguousarray(virtual_offsets, dtype=_lnp.uint64)
-        self._bidx = _lnp.ascontiguousarray(block_index, dtype=_lnp.uint32)
+        host = _as_exact(host_offsets, _lnp.uint64, "host_offsets")
+        self._virt = _as_exact(virtual_offsets, _lnp.uint64, "virtual_offsets")
+        self._bidx = _as_exact(block_index, _lnp.uint32, "block_index")
         self.n = host.shape[0]
         if self._virt.shape[0] != self.n or self._bidx.shape[0] != self.n:
             raise ValueError("host_offsets, virtual_offsets and block_index differ in length")
@@ -248,6 +250,7 @@ cdef class ClusterPass:
         ext[:, 1] = cluster_size
         cdef const uint64_t[:, ::1] ev = ext
         cdef qs_aio_err aerr
+        _memset(&aerr, 0, sizeof(aerr))
         cdef int rc
         cdef size_t nn = self.n
         with nogil:
@@ -282,7 +285,9 @@ cdef class ClusterPass:
         cdef uint64_t ps = e.page_size
         cdef uint64_t ppc = self.cs // ps
         cdef qs_aio_err aerr
+        _memset(&aerr, 0, sizeof(aerr))
         cdef qs_emit_err eerr
+        _memset(&eerr, 0, sizeof(eerr))
         cdef int arc = QS_AIO_OK, erc = QS_EMIT_OK, result = _PASS_END
         cdef size_t k
         cdef uint32_t bi
@@ -339,7 +344,7 @@ cdef class ClusterPass:
         self.host_pages_sent += count
         self.pager.host_pages_sent += count
         if erc != QS_EMIT_OK:
-            raise self.em._error(&eerr)
+            raise _emit_error(&eerr, self.em.names)
         if arc != QS_AIO_OK and arc != QS_AIO_END:
             raise _aio_error(&aerr)
         PyErr_CheckSignals()

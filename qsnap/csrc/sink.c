@@ -224,40 +224,54 @@ static inline void store_fence(void)
 #endif
 }
 
+static int fail(qs_sink_err *err, int status, int errnum, uint64_t voff,
+                uint64_t host_off, uint64_t value)
+{
+    if (err) {
+        err->status = status;
+        err->errnum = errnum;
+        err->voff = voff;
+        err->host_off = host_off;
+        err->value = value;
+    }
+    return status;
+}
+
 static void *writer_main(void *arg);
 
 /* Start the writer threads (two with O_DIRECT, else one); they take no
- * signals (they stay with the caller's thread). */
+ * signals (they stay with the caller's thread).  0 or the pthread error. */
 static int writer_start(qs_sink *s)
 {
-    if (pthread_mutex_init(&s->mu, NULL))
-        return -1;
-    if (pthread_cond_init(&s->work_cv, NULL)) {
+    int rc = pthread_mutex_init(&s->mu, NULL);
+    if (rc)
+        return rc;
+    rc = pthread_cond_init(&s->work_cv, NULL);
+    if (rc) {
         pthread_mutex_destroy(&s->mu);
-        return -1;
+        return rc;
     }
-    if (pthread_cond_init(&s->done_cv, NULL)) {
+    rc = pthread_cond_init(&s->done_cv, NULL);
+    if (rc) {
         pthread_cond_destroy(&s->work_cv);
         pthread_mutex_destroy(&s->mu);
-        return -1;
+        return rc;
     }
     s->sync_ready = 1;
     sigset_t all, old;
     sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int want = s->direct ? MAX_WRITERS : 1, rc = 0;
+    rc = pthread_sigmask(SIG_SETMASK, &all, &old);
+    if (rc)
+        return rc;
+    int want = s->direct ? MAX_WRITERS : 1;
     while (s->n_writers < want) {
         rc = pthread_create(&s->writer[s->n_writers], NULL, writer_main, s);
         if (rc)
             break;
         s->n_writers++;
     }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc) {
-        errno = rc;
-        return -1;
-    }
-    return 0;
+    int mrc = pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc ? rc : mrc;
 }
 
 /* Whether preallocating the file is cheap: not on memory filesystems, where
@@ -271,20 +285,36 @@ static int prealloc_helps(int fd)
            st.f_type != HUGETLBFS_MAGIC_;
 }
 
-qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
-                     uint32_t page_size, uint32_t n_slots,
-                     uint64_t append_offset, int direct)
+/* The sizes of what qs_sink_new allocates, for an ENOMEM report. */
+static uint64_t sink_bytes(const qs_sink *s, uint32_t n_cbufs, uint32_t n_pbufs)
 {
+    uint64_t nc = s->n_clusters, np = s->n_pages;
+    return sizeof(*s) + nc * (sizeof(uint64_t) + sizeof(int32_t) + sizeof(uint16_t)) +
+           np * sizeof(uint32_t) + 2 * (np / 8 + 1) + (uint64_t)s->q_cap * sizeof(wjob) +
+           (uint64_t)n_cbufs * s->cluster_size + (uint64_t)n_pbufs * s->pbuf_size;
+}
+
+int qs_sink_new(qs_sink **out, int fd, uint64_t virtual_size, uint32_t cluster_size,
+                uint32_t page_size, uint32_t n_slots, uint64_t append_offset, int direct,
+                qs_sink_err *err)
+{
+    *out = NULL;
     int cbits = ilog2_exact(cluster_size), pbits = ilog2_exact(page_size);
-    if (fd < 0 || cbits < 16 || cbits > 21 || pbits < 9 || pbits > cbits ||
-        n_slots == 0 || n_slots > 4096 || virtual_size % cluster_size ||
-        append_offset == 0 || append_offset % cluster_size) {
-        errno = EINVAL;
-        return NULL;
-    }
+    if (fd < 0)
+        return fail(err, QS_SINK_EINVAL, EBADF, 0, 0, (uint64_t)(int64_t)fd);
+    if (cbits < 16 || cbits > 21)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, cluster_size);
+    if (pbits < 9 || pbits > cbits)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, page_size);
+    if (n_slots == 0 || n_slots > 4096)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, n_slots);
+    if (virtual_size % cluster_size)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, virtual_size);
+    if (append_offset == 0 || append_offset % cluster_size)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, append_offset);
     qs_sink *s = calloc(1, sizeof(*s));
     if (!s)
-        return NULL;
+        return fail(err, QS_SINK_ENOMEM, ENOMEM, 0, 0, sizeof(*s));
     s->fd = fd;
     s->direct = direct;
     s->virtual_size = virtual_size;
@@ -322,21 +352,21 @@ qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
     if (pools || !s->host || !s->slot_of || !s->bitmap || !s->crcs || !s->seen ||
         !s->cl_seen || !s->slot_buf ||
         !s->slot_cluster || !s->slot_stamp || !s->bounce || !s->scratch || !s->q) {
+        uint64_t want = sink_bytes(s, n_cbufs, n_pbufs);
         qs_sink_free(s);
-        errno = ENOMEM;
-        return NULL;
+        return fail(err, QS_SINK_ENOMEM, ENOMEM, 0, 0, want);
     }
     for (uint64_t c = 0; c < s->n_clusters; c++)
         s->slot_of[c] = NO_SLOT;
     for (uint32_t i = 0; i < n_slots; i++)
         s->slot_cluster[i] = UINT64_MAX;
-    if (writer_start(s)) {
-        int e = errno;
+    int rc = writer_start(s);
+    if (rc) {
         qs_sink_free(s);
-        errno = e;
-        return NULL;
+        return fail(err, QS_SINK_ETHREAD, rc, 0, 0, 0);
     }
-    return s;
+    *out = s;
+    return QS_SINK_OK;
 }
 
 /* Stop the writers (queued jobs are dropped: only those being written
@@ -381,12 +411,18 @@ void qs_sink_free(qs_sink *s)
 }
 
 int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
-                       const uint64_t *lengths, uint32_t n)
+                       const uint64_t *lengths, uint32_t n, qs_sink_err *err)
 {
     for (uint32_t i = 0; i < n; i++) {
         if (offsets[i] % s->cluster_size || offsets[i] > s->virtual_size ||
-            lengths[i] > s->virtual_size - offsets[i])
+            lengths[i] > s->virtual_size - offsets[i]) {
+            fail(err, QS_SINK_EINVAL, EINVAL, offsets[i], 0, lengths[i]);
+            if (err) {
+                err->block = i;
+                err->offset = offsets[i];
+            }
             return QS_SINK_EINVAL;
+        }
     }
     uint64_t *o = malloc((n ? n : 1) * sizeof(uint64_t));
     uint64_t *l = malloc((n ? n : 1) * sizeof(uint64_t));
@@ -395,7 +431,7 @@ int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
         free(o);
         free(l);
         free(r);
-        return QS_SINK_ENOMEM;
+        return fail(err, QS_SINK_ENOMEM, ENOMEM, 0, 0, 3 * (uint64_t)(n ? n : 1) * sizeof(uint64_t));
     }
     if (n) {
         memcpy(o, offsets, n * sizeof(uint64_t));
@@ -409,19 +445,6 @@ int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
     s->blk_records = r;
     s->n_blocks = n;
     return QS_SINK_OK;
-}
-
-static int fail(qs_sink_err *err, int status, int errnum, uint64_t voff,
-                uint64_t host_off, uint64_t value)
-{
-    if (err) {
-        err->status = status;
-        err->errnum = errnum;
-        err->voff = voff;
-        err->host_off = host_off;
-        err->value = value;
-    }
-    return status;
 }
 
 /* Write n jobs that are contiguous in the file (one, or a batch of clusters)

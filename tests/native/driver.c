@@ -24,6 +24,19 @@ static int failures;
         }                                                                     \
     } while (0)
 
+/* qs_sink_new, NULL on failure (the status is checked where it matters). */
+static qs_sink *sink_new(int fd, uint64_t vsize, uint32_t cs, uint32_t ps, uint32_t n_slots,
+                         uint64_t append, int direct)
+{
+    qs_sink *s = NULL;
+    qs_sink_err err;
+    memset(&err, 0, sizeof(err));
+    int rc = qs_sink_new(&s, fd, vsize, cs, ps, n_slots, append, direct, &err);
+    CHECK((rc == QS_SINK_OK) == (s != NULL));
+    CHECK(rc == QS_SINK_OK || err.status == rc);
+    return s;
+}
+
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 static uint64_t rnd(void)
 {
@@ -111,14 +124,17 @@ static void test_sink(void)
     uint8_t *hdr = calloc(1, cs);
     CHECK(pwrite(fd, hdr, cs, 0) == (ssize_t)cs);
     free(hdr);
-    qs_sink *s = qs_sink_new(fd, vsize, cs, ps, 2, cs, 0);
+    qs_sink *s = sink_new(fd, vsize, cs, ps, 2, cs, 0);
     CHECK(s != NULL);
     uint64_t offs[2] = {0, 8 * (uint64_t)cs}, lens[2] = {8 * (uint64_t)cs, 3 * (uint64_t)cs};
-    CHECK(qs_sink_set_blocks(s, offs, lens, 2) == 0);
+    qs_sink_err err;
+    CHECK(qs_sink_set_blocks(s, offs, lens, 2, &err) == 0);
+    uint64_t bad_off = ps;
+    CHECK(qs_sink_set_blocks(s, &bad_off, lens, 1, &err) == QS_SINK_EINVAL);
+    CHECK(err.status == QS_SINK_EINVAL && err.block == 0 && err.offset == ps);
     uint8_t *model = calloc(1, vsize);
     uint8_t *data = malloc(64 * ps);
     qs_sink_rec recs[64];
-    qs_sink_err err;
     for (int round = 0; round < 200; round++) {
         size_t n = 1 + rnd() % 64;
         memset(recs, 0, sizeof(recs));
@@ -194,8 +210,13 @@ static void test_sink(void)
     free(data);
     qs_sink_free(s);
     close(fd);
-    CHECK(qs_sink_new(-1, vsize, cs, ps, 2, cs, 0) == NULL);
-    CHECK(qs_sink_new(0, vsize, 3 * cs, ps, 2, cs, 0) == NULL);
+    qs_sink *none = (qs_sink *)1;
+    CHECK(qs_sink_new(&none, -1, vsize, cs, ps, 2, cs, 0, &err) == QS_SINK_EINVAL);
+    CHECK(none == NULL && err.errnum == EBADF && err.value == (uint64_t)-1);
+    CHECK(qs_sink_new(&none, 0, vsize, 3 * cs, ps, 2, cs, 0, &err) == QS_SINK_EINVAL);
+    CHECK(none == NULL && err.value == 3 * cs);
+    CHECK(qs_sink_new(&none, 0, vsize, cs, ps, 0, cs, 0, &err) == QS_SINK_EINVAL);
+    CHECK(err.value == 0);
 }
 
 /* A fresh unlinked temporary file, its first cluster taken (as by an image header). */
@@ -269,15 +290,15 @@ static void test_sink_queue_stress(uint32_t n_slots, int direct)
         close(fd);
         return;
     }
-    qs_sink *s = qs_sink_new(direct ? dfd : fd, vsize, cs, ps, n_slots, cs, direct);
+    qs_sink *s = sink_new(direct ? dfd : fd, vsize, cs, ps, n_slots, cs, direct);
     CHECK(s != NULL);
     uint64_t off0 = 0, len0 = vsize;
-    CHECK(qs_sink_set_blocks(s, &off0, &len0, 1) == 0);
+    qs_sink_err err;
+    CHECK(qs_sink_set_blocks(s, &off0, &len0, 1, &err) == 0);
     uint8_t *model = calloc(1, vsize);
     uint8_t *data = malloc(8 * ps);
     uint8_t *page = malloc(ps);
     qs_sink_rec recs[8];
-    qs_sink_err err;
     uint64_t written = 0;
     for (uint64_t c = 0; c < n_clusters; c++) {
         size_t n = 0, pos = 0;
@@ -402,7 +423,7 @@ static void test_sink_write_errors(void)
     int rofd = open(path, O_RDONLY);
     CHECK(rofd >= 0);
     unlink(path);
-    qs_sink *s = qs_sink_new(rofd, vsize, cs, ps, 1, cs, 0);
+    qs_sink *s = sink_new(rofd, vsize, cs, ps, 1, cs, 0);
     CHECK(s != NULL);
     int rc = fill_clusters(s, 0, 64, cs, &err);
     CHECK(rc == 0 || rc == QS_SINK_EWRITE);
@@ -433,7 +454,7 @@ static void test_sink_write_errors(void)
     lim = old_lim;
     lim.rlim_cur = 4 * (rlim_t)cs;
     CHECK(setrlimit(RLIMIT_FSIZE, &lim) == 0);
-    s = qs_sink_new(wfd, vsize, cs, ps, 1, cs, 0);
+    s = sink_new(wfd, vsize, cs, ps, 1, cs, 0);
     CHECK(s != NULL);
     CHECK(fill_clusters(s, 10, 3, cs, &err) == 0);   /* clusters 10, 11 queued: at cs, 2 cs */
     CHECK(qs_sink_flush(s, &err) == 0);                /* 12 at 3 cs */
@@ -455,7 +476,7 @@ static void test_sink_write_errors(void)
     /* /dev/full: ENOSPC */
     int full = open("/dev/full", O_RDWR);
     if (full >= 0) {
-        s = qs_sink_new(full, vsize, cs, ps, 2, cs, 0);
+        s = sink_new(full, vsize, cs, ps, 2, cs, 0);
         CHECK(s != NULL);
         CHECK(qs_sink_put(s, 3 * (uint64_t)cs, page, 0, &err) == 0);
         CHECK(qs_sink_flush(s, &err) == QS_SINK_EWRITE);
@@ -482,7 +503,7 @@ static void test_sink_free_with_queued_jobs(void)
         CHECK(rofd >= 0);
         unlink(path);
         int failing = round & 1;
-        qs_sink *s = qs_sink_new(failing ? rofd : fd, vsize, cs, ps, 1 + round % 3, cs, 0);
+        qs_sink *s = sink_new(failing ? rofd : fd, vsize, cs, ps, 1 + round % 3, cs, 0);
         CHECK(s != NULL);
         int rc = fill_clusters(s, 0, 256, cs, &err);
         CHECK(rc == 0 || (failing && rc == QS_SINK_EWRITE));
