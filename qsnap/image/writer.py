@@ -265,6 +265,8 @@ class ImageWriter:
                            reftable_clusters=tl.reftable_clusters, meta_offset=self.meta_offset,
                            meta_length=meta_length, meta_crc=meta_crc)
         self._sync()
+        c, n_clusters = sink.counters(), sink.n_clusters
+        sink.close()   # its writer threads go before the fd they write to
         self._close_fds()
         try:
             os.rename(self.tmp_path, self.path)
@@ -272,13 +274,12 @@ class ImageWriter:
             raise _io_error(e, "renaming the image to", self.path) from None
         self._done = True
         self._fsync_dir()
-        c = sink.counters()
         return {
             "path": self.path,
             "file_bytes": tl.end,
             "virtual_size": virtual_size,
             "cluster_size": cs,
-            "data_clusters": int(np.count_nonzero(host_map[:sink.n_clusters])),
+            "data_clusters": int(np.count_nonzero(host_map[:n_clusters])),
             "meta_offset": self.meta_offset,
             "meta_length": meta_length,
             "nonzero_pages": total_nonzero,
