@@ -12,11 +12,12 @@
 # and Python code (including the CLI, which prints the message) already
 # treats MemoryError as the one "out of memory" exception.
 #
-# Interruption: blocking C calls return their module's *_EINTR status after a
-# signal or after a wait slice without progress; the Cython caller then runs
-# _check_signals() (the Python signal handlers: SIGTERM raises Terminated,
-# SIGINT KeyboardInterrupt) and calls again.  Those statuses never reach the
-# functions below.
+# Interruption (csrc/intr.h): C that waits for long calls an _Interrupt's
+# hook every slice it waits and after a signal; the hook takes the GIL and
+# runs the Python signal handlers (SIGTERM raises Terminated, SIGINT
+# KeyboardInterrupt) and the engine's own check.  If one raises, the hook
+# keeps the exception and tells C to stop; C returns its *_EINTR status and
+# the conversion functions below hand back that very exception.
 
 import os as _os
 
@@ -44,9 +45,39 @@ cdef object _no_memory(str what, uint64_t size):
     return MemoryError(f"cannot allocate {what} ({size} bytes)")
 
 
-cdef int _check_signals() except -1 with gil:
-    """Run pending Python signal handlers (after a C *_EINTR status); raises what they raise."""
-    PyErr_CheckSignals()
+cdef class _Interrupt:
+    """The interrupt hook handed to C (``c``): Python signal handlers, then
+    ``check`` (a callable or None, e.g. "has the return path failed?").  The
+    exception either raises waits in ``exc`` for the C call's caller.  Whoever
+    hands ``c`` to C keeps a reference to this object while C may call it."""
+
+    cdef qs_intr c
+    cdef public object check
+    cdef object exc
+
+    def __cinit__(self):
+        self.check = None
+        self.exc = None
+        self.c.fn = _intr_hook
+        self.c.ctx = <void *>self
+
+    cdef object take(self):
+        """The exception that made C stop (returned, not raised)."""
+        exc, self.exc = self.exc, None
+        if exc is None:
+            return RuntimeError("C code interrupted without an exception")
+        return exc
+
+
+cdef int _intr_hook(void *ctx) noexcept with gil:
+    cdef _Interrupt it = <_Interrupt>ctx
+    try:
+        PyErr_CheckSignals()
+        if it.check is not None:
+            it.check()
+    except BaseException as e:
+        it.exc = e
+        return 1
     return 0
 
 
@@ -70,9 +101,11 @@ cdef object _ram_error(const qs_ram_state *st, blocks, buf):
 
 # --- csrc/sink.c ----------------------------------------------------------------
 
-cdef object _sink_error(const qs_sink_err *err, str path, object block_names):
-    """A qs_sink_* status (not QS_SINK_EINTR) with its error struct."""
+cdef object _sink_error(const qs_sink_err *err, str path, object block_names, _Interrupt intr):
+    """A qs_sink_* status with its error struct (``intr``: the sink's hook)."""
     st = err.status
+    if st == QS_SINK_EINTR:
+        return intr.take()
     name = None
     if block_names is not None and err.block < len(block_names):
         name = block_names[err.block]
@@ -111,8 +144,10 @@ cdef object _sink_error(const qs_sink_err *err, str path, object block_names):
 
 # --- csrc/aio.c -----------------------------------------------------------------
 
-cdef object _aio_error(const qs_aio_err *e):
-    """A qs_aio_* status (not QS_AIO_EINTR) with its error struct."""
+cdef object _aio_error(const qs_aio_err *e, _Interrupt intr):
+    """A qs_aio_* status with its error struct (``intr``: the ring's hook)."""
+    if e.code == QS_AIO_EINTR:
+        return intr.take()
     if e.code == QS_AIO_ESHORT:
         return _ImageError(f"image file truncated: {e.value} bytes missing at image offset 0x{e.offset:x}")
     if e.code == QS_AIO_EIO:
@@ -130,8 +165,10 @@ cdef object _aio_error(const qs_aio_err *e):
 
 # --- csrc/emit.c ----------------------------------------------------------------
 
-cdef object _emit_error(const qs_emit_err *e, list names):
-    """A qs_emit_* status (not QS_EMIT_EINTR); ``names``: the blocks' idstrs."""
+cdef object _emit_error(const qs_emit_err *e, list names, _Interrupt intr):
+    """A qs_emit_* status; ``names``: the blocks' idstrs, ``intr``: the emitter's hook."""
+    if e.code == QS_EMIT_EINTR:
+        return intr.take()
     if e.code == QS_EMIT_ECRC:
         name = names[e.block] if e.block < len(names) else f"#{e.block}"
         return _ChecksumError(

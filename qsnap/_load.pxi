@@ -27,11 +27,13 @@ cdef class AioRing:
 
     cdef qs_aio *ring
     cdef bint holding
+    cdef _Interrupt _intr
 
     def __cinit__(self, int fd, extents, size_t buf_size=AIO_DEFAULT_BUF_SIZE,
                   unsigned n_bufs=AIO_DEFAULT_BUFS, unsigned n_threads=AIO_DEFAULT_THREADS):
         self.ring = NULL
         self.holding = False
+        self._intr = _Interrupt()
         arr = _as_exact(extents, _lnp.uint64, "extents").reshape(-1, 2)
         cdef const uint64_t[:, ::1] v = arr
         cdef size_t n = arr.shape[0]
@@ -43,7 +45,8 @@ cdef class AioRing:
         with nogil:
             rc = qs_aio_open(&self.ring, fd, ext, n, buf_size, n_bufs, n_threads, &err)
         if rc != QS_AIO_OK:
-            raise _aio_error(&err)
+            raise _aio_error(&err, self._intr)
+        qs_aio_set_intr(self.ring, &self._intr.c)
 
     def __dealloc__(self):
         if self.ring != NULL:
@@ -73,7 +76,7 @@ cdef class AioRing:
         if rc == QS_AIO_END:
             return None
         if rc != QS_AIO_OK:
-            raise _aio_error(&err)
+            raise _aio_error(&err, self._intr)
         self.holding = True
         return (c.offset, c.first_extent, c.n_extents,
                 PyBytes_FromStringAndSize(<const char *>c.data, c.length))
@@ -83,7 +86,7 @@ cdef class AioRing:
         cdef qs_aio_err err
         _memset(&err, 0, sizeof(err))
         if qs_aio_release(self.ring, &err) != QS_AIO_OK:
-            raise _aio_error(&err)
+            raise _aio_error(&err, self._intr)
         self.holding = False
 
     def __iter__(self):
@@ -125,6 +128,7 @@ cdef class PageEmitter:
     cdef Py_ssize_t n_blocks
     cdef list _keep
     cdef readonly list names
+    cdef _Interrupt intr
 
     def __cinit__(self, int fd, uint32_t page_size=4096):
         cdef qs_emit_err err
@@ -134,9 +138,11 @@ cdef class PageEmitter:
         self.n_blocks = 0
         self._keep = []
         self.names = []
+        self.intr = _Interrupt()
         if qs_emit_init(&self.em, fd, page_size, &err) != QS_EMIT_OK:
             qs_emit_free(&self.em)
             raise self._error(&err)
+        qs_emit_set_intr(&self.em, &self.intr.c)
         self.live = True
 
     def __dealloc__(self):
@@ -145,7 +151,17 @@ cdef class PageEmitter:
         _free(self.blocks)
 
     cdef object _error(self, const qs_emit_err *e):
-        return _emit_error(e, self.names)
+        return _emit_error(e, self.names, self.intr)
+
+    @property
+    def interrupt_check(self):
+        """Called (with no arguments) while a write waits for the reader, after
+        the signal handlers; what it raises ends the write.  None: no check."""
+        return self.intr.check
+
+    @interrupt_check.setter
+    def interrupt_check(self, check):
+        self.intr.check = check
 
     def set_blocks(self, blocks):
         cdef Py_ssize_t i, n = len(blocks)
@@ -328,7 +344,8 @@ cdef class PageEmitter:
             arc = qs_aio_open(&ring, fd, <const qs_extent *>&ev[0, 0], n, buf_size, n_bufs,
                               n_threads, &aerr)
         if arc != QS_AIO_OK:
-            raise _aio_error(&aerr)
+            raise _aio_error(&aerr, self.intr)
+        qs_aio_set_intr(ring, &self.intr.c)
         try:
             while True:
                 with nogil:
@@ -360,7 +377,7 @@ cdef class PageEmitter:
                 if arc == QS_AIO_END:
                     break
                 if arc != QS_AIO_OK:
-                    raise _aio_error(&aerr)
+                    raise _aio_error(&aerr, self.intr)
                 if erc != QS_EMIT_OK:
                     raise self._error(&eerr)
                 PyErr_CheckSignals()

@@ -112,7 +112,7 @@ cdef class HostPager:
                 rc = qs_emit_flush(&self.em.em, &err)
         self.host_pages_sent += count
         if rc != QS_EMIT_OK:
-            raise _emit_error(&err, self.em.names)
+            raise self.em._error(&err)
         return count
 
     def zero_pass(self, Py_ssize_t block, uint64_t hp0, uint64_t hp1, has_data):
@@ -154,7 +154,7 @@ cdef class HostPager:
                     count += 1
         self.host_pages_sent += count
         if rc != QS_EMIT_OK:
-            raise _emit_error(&err, self.em.names)
+            raise self.em._error(&err)
         return count
 
 
@@ -258,7 +258,8 @@ cdef class ClusterPass:
                              n_threads, &aerr)
         if rc != QS_AIO_OK:
             self.ring = NULL
-            raise _aio_error(&aerr)
+            raise _aio_error(&aerr, self.em.intr)
+        qs_aio_set_intr(self.ring, &self.em.intr.c)
 
     def __dealloc__(self):
         if self.ring != NULL:
@@ -344,8 +345,8 @@ cdef class ClusterPass:
         self.host_pages_sent += count
         self.pager.host_pages_sent += count
         if erc != QS_EMIT_OK:
-            raise _emit_error(&eerr, self.em.names)
+            raise self.em._error(&eerr)
         if arc != QS_AIO_OK and arc != QS_AIO_END:
-            raise _aio_error(&aerr)
+            raise _aio_error(&aerr, self.em.intr)
         PyErr_CheckSignals()
         return result

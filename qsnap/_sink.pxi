@@ -97,6 +97,7 @@ cdef class ClusterSink:
     cdef readonly uint32_t cluster_size
     cdef readonly uint32_t page_size
     cdef object _region_offsets
+    cdef _Interrupt _intr
 
     def __cinit__(self, int fd, uint64_t virtual_size, *, uint32_t cluster_size=1 << 20,
                   uint32_t page_size=4096, uint32_t n_slots=32, append_offset=None,
@@ -107,6 +108,7 @@ cdef class ClusterSink:
         cdef int rc
         memset(&err, 0, sizeof(err))
         self._s = NULL
+        self._intr = _Interrupt()
         rc = qs_sink_new(&self._s, fd, virtual_size, cluster_size, page_size, n_slots, app,
                          direct, &err)
         if rc == QS_SINK_EINVAL:
@@ -114,7 +116,8 @@ cdef class ClusterSink:
                              f"0x{virtual_size:x}, cluster size {cluster_size}, page size "
                              f"{page_size}, {n_slots} slots, append offset 0x{app:x}")
         if rc:
-            raise _sink_error(&err, path, None)
+            raise _sink_error(&err, path, None, self._intr)
+        qs_sink_set_intr(self._s, &self._intr.c)
         self.path = path
         self.block_names = list(block_names) if block_names is not None else None
         self.virtual_size = virtual_size
@@ -146,7 +149,7 @@ cdef class ClusterSink:
             raise ValueError(f"block {err.block} region at 0x{err.offset:x} (length 0x{err.value:x}) "
                              f"not cluster aligned or beyond the virtual size 0x{self.virtual_size:x}")
         if rc:
-            raise _sink_error(&err, self.path, None)
+            raise _sink_error(&err, self.path, None, self._intr)
         return 0
 
     def __dealloc__(self):
@@ -207,7 +210,7 @@ cdef class ClusterSink:
         finally:
             PyBuffer_Release(&rv)
         if rc:
-            raise _sink_error(&err, self.path, self.block_names)
+            raise _sink_error(&err, self.path, self.block_names, self._intr)
 
     def put_page(self, uint64_t voff, data=None, int fill=0):
         """Put one page at virtual offset ``voff``: ``data`` (page_size bytes) or None for zero/fill."""
@@ -230,7 +233,7 @@ cdef class ClusterSink:
             finally:
                 PyBuffer_Release(&v)
         if rc:
-            raise _sink_error(&err, self.path, None)
+            raise _sink_error(&err, self.path, None, self._intr)
 
     def get_page(self, uint64_t voff):
         """Current content of the page at ``voff`` (slot, file or zeros), as bytes."""
@@ -244,7 +247,7 @@ cdef class ClusterSink:
         with nogil:
             rc = qs_sink_get(s, voff, &o[0], &err)
         if rc:
-            raise _sink_error(&err, self.path, None)
+            raise _sink_error(&err, self.path, None, self._intr)
         return bytes(out)
 
     def flush(self):
@@ -257,7 +260,7 @@ cdef class ClusterSink:
         with nogil:
             rc = qs_sink_flush(s, &err)
         if rc:
-            raise _sink_error(&err, self.path, None)
+            raise _sink_error(&err, self.path, None, self._intr)
 
     @property
     def n_clusters(self):

@@ -49,6 +49,7 @@ struct qs_aio {
     int holding;             /* the consumer holds read next_consume */
     int cancelled;
     int failed;              /* a read failed: issue no further reads */
+    qs_intr intr;            /* the consumer's interrupt hook */
 };
 
 static int set_err(qs_aio_err *err, int code, int sys_errno, uint64_t offset, uint64_t value)
@@ -264,6 +265,39 @@ int qs_aio_open(qs_aio **out, int fd, const qs_extent *extents, size_t n_extents
     return QS_AIO_OK;
 }
 
+void qs_aio_set_intr(qs_aio *a, const qs_intr *intr)
+{
+    if (intr)
+        a->intr = *intr;
+    else
+        a->intr.fn = NULL;
+}
+
+/* Read `seq` has completed or failed (mu held). */
+static int slot_ready(const qs_aio *a, const qs_slot *s, size_t seq)
+{
+    return s->seq == seq && (s->state == SLOT_DONE || s->state == SLOT_FAILED);
+}
+
+/* Wait (mu held) until read next_consume is ready or the ring is cancelled,
+ * one slice at a time, asking the interrupt hook (without mu) after each.
+ * 0, or 1 when the hook says stop. */
+static int wait_ready(qs_aio *a, const qs_slot *s)
+{
+    while (!a->cancelled && !slot_ready(a, s, a->next_consume)) {
+        struct timespec deadline = qs_intr_deadline();
+        int rc = pthread_cond_timedwait(&a->done_cv, &a->mu, &deadline);
+        if (rc != ETIMEDOUT || a->cancelled || slot_ready(a, s, a->next_consume))
+            continue;
+        pthread_mutex_unlock(&a->mu);
+        int stop = qs_intr_check(&a->intr);
+        pthread_mutex_lock(&a->mu);
+        if (stop)
+            return 1;
+    }
+    return 0;
+}
+
 int qs_aio_next(qs_aio *a, qs_aio_chunk *chunk, qs_aio_err *err)
 {
     int rc;
@@ -277,9 +311,10 @@ int qs_aio_next(qs_aio *a, qs_aio_chunk *chunk, qs_aio_err *err)
         goto out;
     }
     qs_slot *s = &a->slots[a->next_consume % a->n_bufs];
-    while (!a->cancelled
-           && !(s->seq == a->next_consume && (s->state == SLOT_DONE || s->state == SLOT_FAILED)))
-        pthread_cond_wait(&a->done_cv, &a->mu);
+    if (wait_ready(a, s)) {
+        rc = set_err(err, QS_AIO_EINTR, EINTR, a->reads[a->next_consume].offset, 0);
+        goto out;
+    }
     if (a->cancelled) {
         rc = set_err(err, QS_AIO_ECANCELED, 0, a->reads[a->next_consume].offset, 0);
         goto out;

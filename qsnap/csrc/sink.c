@@ -142,6 +142,7 @@ struct qs_sink {
     /* atomics */
     int failed;
     uint64_t bytes_written;
+    qs_intr intr;         /* the caller's interrupt hook */
     /* the caller's: with O_DIRECT, the file is allocated (and long) up to
      * here; 0 once preallocation failed or when not direct */
     uint64_t prealloc_end;
@@ -251,7 +252,14 @@ static int writer_start(qs_sink *s)
         pthread_mutex_destroy(&s->mu);
         return rc;
     }
-    rc = pthread_cond_init(&s->done_cv, NULL);
+    pthread_condattr_t ca;   /* done_cv: timed waits on the monotonic clock */
+    rc = pthread_condattr_init(&ca);
+    if (rc == 0) {
+        rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        if (rc == 0)
+            rc = pthread_cond_init(&s->done_cv, &ca);
+        pthread_condattr_destroy(&ca);
+    }
     if (rc) {
         pthread_cond_destroy(&s->work_cv);
         pthread_mutex_destroy(&s->mu);
@@ -408,6 +416,14 @@ void qs_sink_free(qs_sink *s)
     free(s->blk_len);
     free(s->blk_records);
     free(s);
+}
+
+void qs_sink_set_intr(qs_sink *s, const qs_intr *intr)
+{
+    if (intr)
+        s->intr = *intr;
+    else
+        s->intr.fn = NULL;
 }
 
 int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
@@ -648,35 +664,58 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
-/* Wait on done_cv until cond holds (mu held), counting the time waited. */
-#define WAIT_WRITERS(s, cond)                                        \
-    do {                                                             \
-        if (!(cond)) {                                               \
-            uint64_t t0_ = now_ns();                                 \
-            while (!(cond))                                          \
-                pthread_cond_wait(&(s)->done_cv, &(s)->mu);          \
-            (s)->st.wait_ns += now_ns() - t0_;                       \
-        }                                                            \
+/* Wait on done_cv until cond holds (mu held), counting the time waited: one
+ * slice at a time, asking the interrupt hook (without mu) after each.
+ * `stop` becomes non-zero when the hook says stop (cond may not hold). */
+#define WAIT_WRITERS(s, cond, stop)                                                 \
+    do {                                                                            \
+        (stop) = 0;                                                                 \
+        if (!(cond)) {                                                              \
+            uint64_t t0_ = now_ns();                                                \
+            while (!(cond)) {                                                       \
+                struct timespec dl_ = qs_intr_deadline();                           \
+                if (pthread_cond_timedwait(&(s)->done_cv, &(s)->mu, &dl_) != ETIMEDOUT \
+                    || (cond))                                                      \
+                    continue;                                                       \
+                pthread_mutex_unlock(&(s)->mu);                                     \
+                (stop) = qs_intr_check(&(s)->intr);                                 \
+                pthread_mutex_lock(&(s)->mu);                                       \
+                if (stop)                                                           \
+                    break;                                                          \
+            }                                                                       \
+            (s)->st.wait_ns += now_ns() - t0_;                                      \
+        }                                                                           \
     } while (0)
+
+static int interrupted(qs_sink_err *err, uint64_t voff)
+{
+    return fail(err, QS_SINK_EINTR, EINTR, voff, 0, 0);
+}
 
 /* A free buffer of the pool, waiting for the writer to give one back. There
  * is always one to come: the buffers not free are queued, being written, or
- * (cluster buffers) held by the other slots, of which there are fewer. */
-static uint8_t *take_buf(qs_sink *s, bufpool *p)
+ * (cluster buffers) held by the other slots, of which there are fewer.
+ * QS_SINK_EINTR (nothing taken) when the interrupt hook stops the wait. */
+static int take_buf(qs_sink *s, bufpool *p, uint8_t **out, uint64_t voff, qs_sink_err *err)
 {
+    int stop;
     pthread_mutex_lock(&s->mu);
-    WAIT_WRITERS(s, p->n_free);
-    uint8_t *b = p->free[--p->n_free];
+    WAIT_WRITERS(s, p->n_free, stop);
+    *out = stop ? NULL : p->free[--p->n_free];
     pthread_mutex_unlock(&s->mu);
-    return b;
+    return stop ? interrupted(err, voff) : QS_SINK_OK;
 }
 
-/* Wait until the writers have done every queued job; the first write error, if any. */
+/* Wait until the writers have done every queued job; the first write error,
+ * if any, or QS_SINK_EINTR when the interrupt hook stops the wait. */
 static int drain(qs_sink *s, qs_sink_err *err)
 {
+    int stop;
     pthread_mutex_lock(&s->mu);
-    WAIT_WRITERS(s, !s->q_len && !s->in_flight);
+    WAIT_WRITERS(s, !s->q_len && !s->in_flight, stop);
     pthread_mutex_unlock(&s->mu);
+    if (stop)
+        return interrupted(err, 0);
     return has_failed(s) ? write_error(s, err) : QS_SINK_OK;
 }
 
@@ -764,6 +803,7 @@ static int slot_write_out(qs_sink *s, int32_t slot, qs_sink_err *err)
 static int slot_open(qs_sink *s, uint64_t c, int32_t *out, qs_sink_err *err)
 {
     int32_t victim = 0;
+    int rc;
     for (uint32_t i = 0; i < s->n_slots; i++) {
         if (s->slot_cluster[i] == UINT64_MAX) {
             victim = (int32_t)i;
@@ -772,11 +812,13 @@ static int slot_open(qs_sink *s, uint64_t c, int32_t *out, qs_sink_err *err)
         if (s->slot_stamp[i] < s->slot_stamp[victim])
             victim = (int32_t)i;
     }
-    int rc = slot_write_out(s, victim, err);
+    rc = slot_write_out(s, victim, err);
     if (rc)
         return rc;
 found:
-    s->slot_buf[victim] = take_buf(s, &s->cpool);
+    rc = take_buf(s, &s->cpool, &s->slot_buf[victim], c << s->cluster_bits, err);
+    if (rc)
+        return rc;
     s->slot_cluster[victim] = c;
     s->slot_of[c] = victim;
     *out = victim;
@@ -787,7 +829,10 @@ found:
 static int queue_page(qs_sink *s, uint64_t host_off, uint64_t voff, const uint8_t *data,
                       qs_sink_err *err)
 {
-    wjob j = {JOB_PAGE, take_buf(s, &s->ppool), s->page_size, host_off, voff};
+    wjob j = {JOB_PAGE, NULL, s->page_size, host_off, voff};
+    int rc = take_buf(s, &s->ppool, &j.buf, voff, err);
+    if (rc)
+        return rc;
     if (data)
         memcpy(j.buf, data, s->page_size);
     else
@@ -974,6 +1019,8 @@ int qs_sink_flush(qs_sink *s, qs_sink_err *err)
             break;
     }
     int rc = drain(s, err);
+    if (rc == QS_SINK_EINTR)
+        return rc;   /* writes still in flight: the file is trimmed by the next flush */
     /* the file ends at the append position again (written clusters only) */
     if (s->preallocated && ftruncate(s->fd, (off_t)s->st.append_offset) && rc == QS_SINK_OK)
         rc = fail(err, QS_SINK_EWRITE, errno, 0, s->st.append_offset, 0);

@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "intr.h"
 #include "ramparse.h"
 
 /* The sink consumes the stream parser's page records as they are. */
@@ -47,6 +48,7 @@ enum {
     QS_SINK_EBLOCK = -9,      /* block index out of range; value = block */
     QS_SINK_EINVAL = -10,     /* bad sink parameters; value = the bad one (block = its index) */
     QS_SINK_ETHREAD = -11,    /* pthread_*_init / pthread_create failed (errnum) */
+    QS_SINK_EINTR = -12,      /* a wait for the writers abandoned by the interrupt hook */
 };
 
 typedef struct qs_sink_err {
@@ -86,6 +88,11 @@ int qs_sink_new(qs_sink **out, int fd, uint64_t virtual_size, uint32_t cluster_s
 /* Stops the writer thread: writes still queued are dropped (flush first to
  * keep them). */
 void qs_sink_free(qs_sink *s);
+
+/* The hook called every QS_INTR_SLICE_MS the caller waits for the writers
+ * (intr.h); copied.  When it says stop, the call returns QS_SINK_EINTR with
+ * the page it was putting not stored; the sink may be used or freed. */
+void qs_sink_set_intr(qs_sink *s, const qs_intr *intr);
 
 /* Block regions: offsets[i] (cluster aligned) and lengths[i] (used_length);
  * records address pages by (block, offset). Copies the arrays.  EINVAL names
