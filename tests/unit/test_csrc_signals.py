@@ -135,3 +135,48 @@ def test_interrupt_check_ends_a_write_waiting_for_the_reader():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_postcopy_writer_waiting_for_a_reader_sees_qemu_go_away(image):
+    """QEMU gone (return path closed) while the stream's reader, still there,
+    reads nothing: the postcopy writer ends with the return path's error."""
+    from qsnap.postcopy import load_postcopy
+
+    rp_r, rp_w = os.pipe()
+    out_r, out_w = os.pipe()
+    result = []
+
+    def run():
+        try:
+            load_postcopy(str(image), percent=100, in_fd=rp_r, out_fd=out_w, quiet=True)
+        except BaseException as e:   # noqa: B036 - handed to the test thread
+            result.append(e)
+        else:
+            result.append(None)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        size = fcntl.fcntl(out_r, F_GETPIPE_SZ)
+        buf = bytearray(4)
+        while True:
+            fcntl.ioctl(out_r, termios.FIONREAD, buf)
+            if int.from_bytes(buf, "little") >= size or not t.is_alive():
+                break
+            time.sleep(0.01)   # no event says "pipe full"
+        os.close(rp_w)         # QEMU goes away; the reader of the stream stays
+        rp_w = -1
+        t.join(20)
+        assert not t.is_alive(), "the postcopy writer did not notice the closed return path"
+    finally:
+        if rp_w >= 0:
+            os.close(rp_w)
+        if t.is_alive():
+            os.close(out_r)    # unblock it in any case
+            out_r = -1
+            t.join()
+        for fd in (rp_r, out_w, out_r):
+            if fd >= 0:
+                os.close(fd)
+    assert isinstance(result[0], IOFailure), result
+    assert str(result[0]) == "QEMU closed the return path before the migration completed"
