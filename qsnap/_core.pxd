@@ -7,9 +7,13 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 # --- csrc/intr.h (interruptible waits) --------------------------------------
 
 cdef extern from "intr.h" nogil:
+    enum:
+        QS_INTR_SLICE_MS
+
     ctypedef struct qs_intr:
         int (*fn)(void *ctx) noexcept
         void *ctx
+        int slice_ms
 
 
 # --- csrc/ramparse.h (stream codec) ---------------------------------------

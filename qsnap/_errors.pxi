@@ -60,6 +60,7 @@ cdef class _Interrupt:
         self.exc = None
         self.c.fn = _intr_hook
         self.c.ctx = <void *>self
+        self.c.slice_ms = QS_INTR_SLICE_MS
 
     cdef object take(self):
         """The exception that made C stop (returned, not raised)."""

@@ -274,7 +274,7 @@ void qs_aio_set_intr(qs_aio *a, const qs_intr *intr)
 }
 
 /* Read `seq` has completed or failed (mu held). */
-static int slot_ready(const qs_aio *a, const qs_slot *s, size_t seq)
+static int slot_ready(const qs_slot *s, size_t seq)
 {
     return s->seq == seq && (s->state == SLOT_DONE || s->state == SLOT_FAILED);
 }
@@ -284,10 +284,9 @@ static int slot_ready(const qs_aio *a, const qs_slot *s, size_t seq)
  * 0, or 1 when the hook says stop. */
 static int wait_ready(qs_aio *a, const qs_slot *s)
 {
-    while (!a->cancelled && !slot_ready(a, s, a->next_consume)) {
-        struct timespec deadline = qs_intr_deadline();
-        int rc = pthread_cond_timedwait(&a->done_cv, &a->mu, &deadline);
-        if (rc != ETIMEDOUT || a->cancelled || slot_ready(a, s, a->next_consume))
+    while (!a->cancelled && !slot_ready(s, a->next_consume)) {
+        int rc = qs_intr_cond_wait(&a->intr, &a->done_cv, &a->mu);
+        if (rc != ETIMEDOUT || a->cancelled || slot_ready(s, a->next_consume))
             continue;
         pthread_mutex_unlock(&a->mu);
         int stop = qs_intr_check(&a->intr);

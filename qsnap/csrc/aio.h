@@ -69,7 +69,7 @@ typedef struct qs_aio qs_aio;
 int qs_aio_open(qs_aio **out, int fd, const qs_extent *extents, size_t n_extents,
                 size_t buf_size, unsigned n_bufs, unsigned n_threads, qs_aio_err *err);
 
-/* The hook qs_aio_next calls every QS_INTR_SLICE_MS it waits (intr.h);
+/* The hook qs_aio_next calls every slice it waits (intr.h);
  * copied.  NULL: wait without one. */
 void qs_aio_set_intr(qs_aio *a, const qs_intr *intr);
 

@@ -107,7 +107,7 @@ static int wait_writable(qs_emit *e, qs_emit_err *err)
 {
     struct pollfd p = {.fd = e->fd, .events = POLLOUT, .revents = 0};
     for (;;) {
-        int r = poll(&p, 1, QS_INTR_SLICE_MS);
+        int r = poll(&p, 1, qs_intr_poll_ms(&e->intr));
         if (r > 0)
             return QS_EMIT_OK;   /* writable, or an error writev will report */
         if (r < 0 && errno != EINTR)

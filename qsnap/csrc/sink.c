@@ -673,8 +673,7 @@ static uint64_t now_ns(void)
         if (!(cond)) {                                                              \
             uint64_t t0_ = now_ns();                                                \
             while (!(cond)) {                                                       \
-                struct timespec dl_ = qs_intr_deadline();                           \
-                if (pthread_cond_timedwait(&(s)->done_cv, &(s)->mu, &dl_) != ETIMEDOUT \
+                if (qs_intr_cond_wait(&(s)->intr, &(s)->done_cv, &(s)->mu) != ETIMEDOUT \
                     || (cond))                                                      \
                     continue;                                                       \
                 pthread_mutex_unlock(&(s)->mu);                                     \

@@ -89,7 +89,7 @@ int qs_sink_new(qs_sink **out, int fd, uint64_t virtual_size, uint32_t cluster_s
  * keep them). */
 void qs_sink_free(qs_sink *s);
 
-/* The hook called every QS_INTR_SLICE_MS the caller waits for the writers
+/* The hook called every slice the caller waits for the writers
  * (intr.h); copied.  When it says stop, the call returns QS_SINK_EINTR with
  * the page it was putting not stored; the sink may be used or freed. */
 void qs_sink_set_intr(qs_sink *s, const qs_intr *intr);
