@@ -126,6 +126,7 @@ cdef class PageEmitter:
     cdef bint live
     cdef qs_emit_block *blocks
     cdef Py_ssize_t n_blocks
+    cdef unsigned long blocks_gen    # set_blocks calls: pagers check theirs is current
     cdef list _keep
     cdef readonly list names
     cdef _Interrupt intr
@@ -209,6 +210,7 @@ cdef class PageEmitter:
         _free(self.blocks)
         self.blocks = cb
         self.n_blocks = n
+        self.blocks_gen += 1
         self._keep = keep
         self.names = names
         self.em.last_block = -1

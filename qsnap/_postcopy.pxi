@@ -35,6 +35,7 @@ cdef class HostPager:
     """
 
     cdef PageEmitter em
+    cdef unsigned long blocks_gen
     cdef readonly list sent
     cdef list _tphp
     cdef uint8_t **sentp
@@ -50,6 +51,7 @@ cdef class HostPager:
         self.host_pages_sent = 0
         if len(pages_per_host) != em.n_blocks:
             raise ValueError("pages_per_host must list every block")
+        self.blocks_gen = em.blocks_gen
         cdef Py_ssize_t i
         cdef uint8_t[::1] sv
         self.sentp = <uint8_t **>_calloc(em.n_blocks + 1, sizeof(uint8_t *))
@@ -72,6 +74,13 @@ cdef class HostPager:
         _free(self.sentp)
         _free(self.tphp)
 
+    cdef int _current(self) except -1:
+        """The sent tables are sized for the emitter's blocks of when the pager
+        was made: refuse to run C over blocks set since."""
+        if self.em.blocks_gen != self.blocks_gen:
+            raise ValueError("the emitter's blocks changed after the host pager was made")
+        return 0
+
     def n_host_pages(self, Py_ssize_t block):
         return self.sent[block].shape[0]
 
@@ -82,6 +91,7 @@ cdef class HostPager:
         bytes of target pages ``data_tp0`` onwards and must cover every stored
         page of the range.  Returns the number of host pages sent.
         """
+        self._current()
         cdef const qs_emit_block *b = self.em._block(block)
         cdef uint64_t t = self.tphp[block]
         cdef uint64_t nhp = self.sent[block].shape[0]
@@ -121,6 +131,7 @@ cdef class HostPager:
         ``has_data``: uint8 per host page, 1 = some target page is stored.
         Records are queued, not flushed.  Returns the number of host pages sent.
         """
+        self._current()
         cdef const qs_emit_block *b = self.em._block(block)
         cdef uint8_t[::1] sent = self.sent[block]
         cdef const uint8_t[::1] hd = _as_exact(has_data, _lnp.uint8, "has_data")
@@ -282,6 +293,7 @@ cdef class ClusterPass:
     def step(self, uint64_t stop_bytes=0xFFFFFFFFFFFFFFFF):
         if self.ring == NULL:
             raise ValueError("cluster pass is closed")
+        self.pager._current()
         cdef qs_emit *e = &self.em.em
         cdef uint64_t ps = e.page_size
         cdef uint64_t ppc = self.cs // ps

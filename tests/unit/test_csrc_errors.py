@@ -117,7 +117,8 @@ def test_aio_bad_parameter_and_dtype(tmp_path):
 # --- emitter ---------------------------------------------------------------------
 
 def _block(n_pages=4):
-    return ("pc.ram", 0, n_pages * PS, np.zeros(1, np.uint8), np.zeros(n_pages, np.uint32))
+    return ("pc.ram", 0, n_pages * PS, np.zeros(-(-n_pages // 8), np.uint8),
+            np.zeros(n_pages, np.uint32))
 
 
 def test_emit_read_only_fd_is_ebadf(tmp_path):
@@ -233,3 +234,16 @@ def test_cli_reports_memory_error_with_its_message(monkeypatch, capsys):
     assert cli.main(["info", "x"]) == 1
     err = capsys.readouterr().err
     assert err == "qsnap: error: out of memory: cannot allocate read-ahead buffers (123 bytes)\n"
+
+
+def test_host_pager_refuses_blocks_set_after_it(tmp_path):
+    with open(tmp_path / "out", "wb") as f:
+        em = _core.PageEmitter(f.fileno(), PS)
+        em.set_blocks([_block(4)])
+        pager = _core.HostPager(em, [1])
+        assert pager.zero_pass(0, 0, 1, np.zeros(4, np.uint8)) == 1
+        em.set_blocks([_block(64)])     # the pager's sent table has 4 entries
+        with pytest.raises(ValueError, match="blocks changed after the host pager was made"):
+            pager.zero_pass(0, 0, 64, np.zeros(4, np.uint8))
+        with pytest.raises(ValueError, match="blocks changed after the host pager was made"):
+            pager.emit(0, 0, 64)
