@@ -4,6 +4,18 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 
 
+# --- csrc/intr.h (interruptible waits) --------------------------------------
+
+cdef extern from "intr.h" nogil:
+    enum:
+        QS_INTR_SLICE_MS
+
+    ctypedef struct qs_intr:
+        int (*fn)(void *ctx) noexcept
+        void *ctx
+        int slice_ms
+
+
 # --- csrc/ramparse.h (stream codec) ---------------------------------------
 
 from libc.stdint cimport int32_t
@@ -75,6 +87,8 @@ cdef extern from "csrc/sink.h" nogil:
         QS_SINK_EUNSUPPORTED
         QS_SINK_EBLOCK
         QS_SINK_EINVAL
+        QS_SINK_ETHREAD
+        QS_SINK_EINTR
 
     ctypedef struct qs_sink_err:
         int status
@@ -98,12 +112,13 @@ cdef extern from "csrc/sink.h" nogil:
     ctypedef struct qs_sink:
         pass
 
-    qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
-                         uint32_t page_size, uint32_t n_slots,
-                         uint64_t append_offset, int direct)
+    int qs_sink_new(qs_sink **out, int fd, uint64_t virtual_size, uint32_t cluster_size,
+                    uint32_t page_size, uint32_t n_slots, uint64_t append_offset, int direct,
+                    qs_sink_err *err)
     void qs_sink_free(qs_sink *s)
+    void qs_sink_set_intr(qs_sink *s, const qs_intr *intr)
     int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
-                           const uint64_t *lengths, uint32_t n)
+                           const uint64_t *lengths, uint32_t n, qs_sink_err *err)
     int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
                     qs_sink_err *err)
     int qs_sink_put_batch(qs_sink *s, const qs_sink_rec *recs, size_t n,
@@ -137,6 +152,7 @@ cdef extern from "aio.h" nogil:
         QS_AIO_ESHORT
         QS_AIO_ECANCELED
         QS_AIO_ESTATE
+        QS_AIO_EINTR
 
     ctypedef struct qs_extent:
         uint64_t offset
@@ -160,6 +176,7 @@ cdef extern from "aio.h" nogil:
 
     int qs_aio_open(qs_aio **out, int fd, const qs_extent *extents, size_t n_extents,
                     size_t buf_size, unsigned n_bufs, unsigned n_threads, qs_aio_err *err)
+    void qs_aio_set_intr(qs_aio *a, const qs_intr *intr)
     int qs_aio_next(qs_aio *a, qs_aio_chunk *chunk, qs_aio_err *err)
     int qs_aio_release(qs_aio *a, qs_aio_err *err)
     void qs_aio_cancel(qs_aio *a)
@@ -174,6 +191,7 @@ cdef extern from "emit.h" nogil:
         QS_EMIT_EIO
         QS_EMIT_EINVAL
         QS_EMIT_ENOMEM
+        QS_EMIT_EINTR
 
     ctypedef struct qs_emit_err:
         int code
@@ -205,6 +223,7 @@ cdef extern from "emit.h" nogil:
 
     int qs_emit_init(qs_emit *e, int fd, uint32_t page_size, qs_emit_err *err)
     void qs_emit_free(qs_emit *e)
+    void qs_emit_set_intr(qs_emit *e, const qs_intr *intr)
     int qs_emit_bytes(qs_emit *e, const void *buf, size_t len, qs_emit_err *err)
     int qs_emit_cluster(qs_emit *e, const qs_emit_block *b, uint64_t voff,
                         const uint8_t *data, size_t len, qs_emit_err *err)

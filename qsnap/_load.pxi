@@ -4,44 +4,17 @@
 # PageEmitter wraps csrc/emit.c (PAGE/ZERO records written with writev) and
 # drives the ring over an image's data clusters with the GIL released per
 # buffer.  C status codes become qsnap.errors exceptions in _aio_error and
-# _emit_error only.
+# _emit_error (_errors.pxi) only.
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from cpython.exc cimport PyErr_CheckSignals
 from libc.stdlib cimport calloc as _calloc, free as _free
-
-import os as _os
+from libc.string cimport memset as _memset
 
 import numpy as _lnp
-
-from qsnap.errors import ChecksumError as _ChecksumError
-from qsnap.errors import ImageError as _ImageError
-from qsnap.errors import IOFailure as _IOFailure
 
 AIO_DEFAULT_BUF_SIZE = 1 << 20
 AIO_DEFAULT_BUFS = 8
 AIO_DEFAULT_THREADS = 4
-
-
-def _strerror(int e):
-    return _os.strerror(e) if e else "error"
-
-
-cdef object _aio_error(const qs_aio_err *e):
-    """The one place a C read-ahead error becomes an exception (returned, not raised)."""
-    if e.code == QS_AIO_ESHORT:
-        return _ImageError(f"image file truncated: {e.value} bytes missing at image offset 0x{e.offset:x}")
-    if e.code == QS_AIO_EIO:
-        return _IOFailure(f"cannot read the image: {_strerror(e.sys_errno)} at image offset 0x{e.offset:x}")
-    if e.code == QS_AIO_ECANCELED:
-        return _IOFailure(f"image read-ahead cancelled at image offset 0x{e.offset:x}")
-    if e.code == QS_AIO_ENOMEM:
-        return MemoryError(f"cannot allocate read-ahead buffers ({e.value} bytes)")
-    if e.code == QS_AIO_ETHREAD:
-        return _IOFailure(f"cannot start read-ahead threads: {_strerror(e.sys_errno)}")
-    if e.code == QS_AIO_ESTATE:
-        return RuntimeError(f"read-ahead ring misused at read {e.value}")
-    return ValueError(f"bad read-ahead parameter {e.value} (extent at 0x{e.offset:x})")
 
 
 cdef class AioRing:
@@ -54,21 +27,26 @@ cdef class AioRing:
 
     cdef qs_aio *ring
     cdef bint holding
+    cdef _Interrupt _intr
 
     def __cinit__(self, int fd, extents, size_t buf_size=AIO_DEFAULT_BUF_SIZE,
                   unsigned n_bufs=AIO_DEFAULT_BUFS, unsigned n_threads=AIO_DEFAULT_THREADS):
         self.ring = NULL
         self.holding = False
-        arr = _lnp.ascontiguousarray(_lnp.asarray(extents, dtype=_lnp.uint64).reshape(-1, 2))
+        self._intr = _Interrupt()
+        arr = _as_exact(extents, _lnp.uint64, "extents").reshape(-1, 2)
         cdef const uint64_t[:, ::1] v = arr
         cdef size_t n = arr.shape[0]
         cdef const qs_extent *ext = <const qs_extent *>&v[0, 0] if n else NULL
         cdef qs_aio_err err
+        _memset(&err, 0, sizeof(err))
         cdef int rc
+        _memset(&err, 0, sizeof(err))
         with nogil:
             rc = qs_aio_open(&self.ring, fd, ext, n, buf_size, n_bufs, n_threads, &err)
         if rc != QS_AIO_OK:
-            raise _aio_error(&err)
+            raise _aio_error(&err, self._intr)
+        qs_aio_set_intr(self.ring, &self._intr.c)
 
     def __dealloc__(self):
         if self.ring != NULL:
@@ -90,13 +68,15 @@ cdef class AioRing:
         self._check()
         cdef qs_aio_chunk c
         cdef qs_aio_err err
+        _memset(&err, 0, sizeof(err))
         cdef int rc
+        _memset(&err, 0, sizeof(err))
         with nogil:
             rc = qs_aio_next(self.ring, &c, &err)
         if rc == QS_AIO_END:
             return None
         if rc != QS_AIO_OK:
-            raise _aio_error(&err)
+            raise _aio_error(&err, self._intr)
         self.holding = True
         return (c.offset, c.first_extent, c.n_extents,
                 PyBytes_FromStringAndSize(<const char *>c.data, c.length))
@@ -104,8 +84,9 @@ cdef class AioRing:
     def release(self):
         self._check()
         cdef qs_aio_err err
+        _memset(&err, 0, sizeof(err))
         if qs_aio_release(self.ring, &err) != QS_AIO_OK:
-            raise _aio_error(&err)
+            raise _aio_error(&err, self._intr)
         self.holding = False
 
     def __iter__(self):
@@ -145,19 +126,24 @@ cdef class PageEmitter:
     cdef bint live
     cdef qs_emit_block *blocks
     cdef Py_ssize_t n_blocks
+    cdef unsigned long blocks_gen    # set_blocks calls: pagers check theirs is current
     cdef list _keep
     cdef readonly list names
+    cdef _Interrupt intr
 
     def __cinit__(self, int fd, uint32_t page_size=4096):
         cdef qs_emit_err err
+        _memset(&err, 0, sizeof(err))
         self.live = False
         self.blocks = NULL
         self.n_blocks = 0
         self._keep = []
         self.names = []
+        self.intr = _Interrupt()
         if qs_emit_init(&self.em, fd, page_size, &err) != QS_EMIT_OK:
             qs_emit_free(&self.em)
             raise self._error(&err)
+        qs_emit_set_intr(&self.em, &self.intr.c)
         self.live = True
 
     def __dealloc__(self):
@@ -166,29 +152,28 @@ cdef class PageEmitter:
         _free(self.blocks)
 
     cdef object _error(self, const qs_emit_err *e):
-        """The one place a C emitter error becomes an exception (returned, not raised)."""
-        if e.code == QS_EMIT_ECRC:
-            name = self.names[e.block] if e.block < len(self.names) else f"#{e.block}"
-            return _ChecksumError(
-                f"page checksum mismatch (stored 0x{e.expected:08x}, computed 0x{e.actual:08x}) "
-                f"in block '{name}' page 0x{e.offset:x}")
-        if e.code == QS_EMIT_EPIPE:
-            return _IOFailure(f"the stream reader closed the pipe (EPIPE) after {e.value} bytes")
-        if e.code == QS_EMIT_EIO:
-            return _IOFailure(f"cannot write the stream: {_strerror(e.sys_errno)} after {e.value} bytes")
-        if e.code == QS_EMIT_ENOMEM:
-            return MemoryError("cannot allocate the record arena")
-        return ValueError(f"bad emitter argument 0x{e.offset:x} (value 0x{e.value:x})")
+        return _emit_error(e, self.names, self.intr)
+
+    @property
+    def interrupt_check(self):
+        """Called (with no arguments) while a write waits for the reader, after
+        the signal handlers; what it raises ends the write.  None: no check."""
+        return self.intr.check
+
+    @interrupt_check.setter
+    def interrupt_check(self, check):
+        self.intr.check = check
 
     def set_blocks(self, blocks):
         cdef Py_ssize_t i, n = len(blocks)
         cdef uint64_t ps = self.em.page_size
-        cdef qs_emit_block *cb = <qs_emit_block *>_calloc(n if n else 1, sizeof(qs_emit_block))
+        cdef size_t nbytes = (n if n else 1) * sizeof(qs_emit_block)
+        cdef qs_emit_block *cb = <qs_emit_block *>_calloc(1, nbytes)
         cdef const uint8_t[::1] bm
         cdef const uint32_t[::1] cs
         cdef const uint8_t[::1] ids
         if cb == NULL:
-            raise MemoryError()
+            raise _no_memory("the emitter's block list", nbytes)
         keep = []
         names = []
         try:
@@ -198,8 +183,8 @@ cdef class PageEmitter:
                 if not 1 <= len(raw) <= 255:
                     raise ValueError(f"block idstr length {len(raw)} not in 1..255")
                 npages = (length + ps - 1) // ps
-                bitmap = _lnp.ascontiguousarray(bitmap, dtype=_lnp.uint8)
-                checksums = _lnp.ascontiguousarray(checksums, dtype=_lnp.uint32)
+                bitmap = _as_exact(bitmap, _lnp.uint8, "block bitmap")
+                checksums = _as_exact(checksums, _lnp.uint32, "block checksums")
                 if bitmap.shape[0] * 8 < npages or checksums.shape[0] < npages:
                     raise ValueError(f"bitmap/checksums of block '{raw.decode(errors='replace')}' "
                                      f"too short for {npages} pages")
@@ -225,6 +210,7 @@ cdef class PageEmitter:
         _free(self.blocks)
         self.blocks = cb
         self.n_blocks = n
+        self.blocks_gen += 1
         self._keep = keep
         self.names = names
         self.em.last_block = -1
@@ -266,6 +252,7 @@ cdef class PageEmitter:
         """Queue raw stream bytes (written with the next flush)."""
         cdef const uint8_t[::1] v = memoryview(data).cast("B")
         cdef qs_emit_err err
+        _memset(&err, 0, sizeof(err))
         cdef int rc
         cdef size_t n = v.shape[0]
         if n == 0:
@@ -277,6 +264,7 @@ cdef class PageEmitter:
 
     def flush(self):
         cdef qs_emit_err err
+        _memset(&err, 0, sizeof(err))
         cdef int rc
         with nogil:
             rc = qs_emit_flush(&self.em, &err)
@@ -288,6 +276,7 @@ cdef class PageEmitter:
         cdef const qs_emit_block *b = self._block(block)
         cdef const uint8_t[::1] v = memoryview(data).cast("B")
         cdef qs_emit_err err
+        _memset(&err, 0, sizeof(err))
         cdef int rc
         cdef size_t n = v.shape[0]
         if n == 0:
@@ -302,6 +291,7 @@ cdef class PageEmitter:
         cdef const qs_emit_block *b = self._block(block)
         cdef uint64_t stop = b.n_pages if end is None else end
         cdef qs_emit_err err
+        _memset(&err, 0, sizeof(err))
         cdef int rc
         with nogil:
             rc = qs_emit_zero_range(&self.em, b, first, stop, &err)
@@ -319,9 +309,9 @@ cdef class PageEmitter:
         before the first record, ``part_end`` once ``part_bytes`` of page data
         went out (and after the last).  Returns the number of sections.
         """
-        host = _lnp.ascontiguousarray(host_offsets, dtype=_lnp.uint64)
-        virt = _lnp.ascontiguousarray(virtual_offsets, dtype=_lnp.uint64)
-        blk = _lnp.ascontiguousarray(block_index, dtype=_lnp.uint32)
+        host = _as_exact(host_offsets, _lnp.uint64, "host_offsets")
+        virt = _as_exact(virtual_offsets, _lnp.uint64, "virtual_offsets")
+        blk = _as_exact(block_index, _lnp.uint32, "block_index")
         cdef Py_ssize_t n = host.shape[0]
         if virt.shape[0] != n or blk.shape[0] != n:
             raise ValueError("host_offsets, virtual_offsets and block_index differ in length")
@@ -343,7 +333,9 @@ cdef class PageEmitter:
         cdef uint64_t page_size = self.em.page_size
         cdef qs_aio *ring = NULL
         cdef qs_aio_err aerr
+        _memset(&aerr, 0, sizeof(aerr))
         cdef qs_emit_err eerr
+        _memset(&eerr, 0, sizeof(eerr))
         cdef qs_aio_chunk c
         cdef int arc = QS_AIO_OK, erc = QS_EMIT_OK
         cdef size_t j, k, pos
@@ -354,7 +346,8 @@ cdef class PageEmitter:
             arc = qs_aio_open(&ring, fd, <const qs_extent *>&ev[0, 0], n, buf_size, n_bufs,
                               n_threads, &aerr)
         if arc != QS_AIO_OK:
-            raise _aio_error(&aerr)
+            raise _aio_error(&aerr, self.intr)
+        qs_aio_set_intr(ring, &self.intr.c)
         try:
             while True:
                 with nogil:
@@ -386,7 +379,7 @@ cdef class PageEmitter:
                 if arc == QS_AIO_END:
                     break
                 if arc != QS_AIO_OK:
-                    raise _aio_error(&aerr)
+                    raise _aio_error(&aerr, self.intr)
                 if erc != QS_EMIT_OK:
                     raise self._error(&eerr)
                 PyErr_CheckSignals()

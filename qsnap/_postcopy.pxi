@@ -35,6 +35,7 @@ cdef class HostPager:
     """
 
     cdef PageEmitter em
+    cdef unsigned long blocks_gen
     cdef readonly list sent
     cdef list _tphp
     cdef uint8_t **sentp
@@ -50,12 +51,13 @@ cdef class HostPager:
         self.host_pages_sent = 0
         if len(pages_per_host) != em.n_blocks:
             raise ValueError("pages_per_host must list every block")
+        self.blocks_gen = em.blocks_gen
         cdef Py_ssize_t i
         cdef uint8_t[::1] sv
         self.sentp = <uint8_t **>_calloc(em.n_blocks + 1, sizeof(uint8_t *))
         self.tphp = <uint64_t *>_calloc(em.n_blocks + 1, sizeof(uint64_t))
         if self.sentp == NULL or self.tphp == NULL:
-            raise MemoryError()
+            raise _no_memory("the host page tables", (em.n_blocks + 1) * (sizeof(uint8_t *) + sizeof(uint64_t)))
         for i in range(em.n_blocks):
             t = int(pages_per_host[i])
             if t < 1 or t & (t - 1):
@@ -72,6 +74,13 @@ cdef class HostPager:
         _free(self.sentp)
         _free(self.tphp)
 
+    cdef int _current(self) except -1:
+        """The sent tables are sized for the emitter's blocks of when the pager
+        was made: refuse to run C over blocks set since."""
+        if self.em.blocks_gen != self.blocks_gen:
+            raise ValueError("the emitter's blocks changed after the host pager was made")
+        return 0
+
     def n_host_pages(self, Py_ssize_t block):
         return self.sent[block].shape[0]
 
@@ -82,6 +91,7 @@ cdef class HostPager:
         bytes of target pages ``data_tp0`` onwards and must cover every stored
         page of the range.  Returns the number of host pages sent.
         """
+        self._current()
         cdef const qs_emit_block *b = self.em._block(block)
         cdef uint64_t t = self.tphp[block]
         cdef uint64_t nhp = self.sent[block].shape[0]
@@ -103,6 +113,7 @@ cdef class HostPager:
             raise ValueError("data does not cover the host pages")
         cdef uint64_t count = 0
         cdef qs_emit_err err
+        _memset(&err, 0, sizeof(err))
         cdef int rc
         with nogil:
             rc = qs_emit_host_pages(&self.em.em, b, self.sentp[block], t, hp0, hp1, dp, data_tp0,
@@ -120,9 +131,10 @@ cdef class HostPager:
         ``has_data``: uint8 per host page, 1 = some target page is stored.
         Records are queued, not flushed.  Returns the number of host pages sent.
         """
+        self._current()
         cdef const qs_emit_block *b = self.em._block(block)
         cdef uint8_t[::1] sent = self.sent[block]
-        cdef const uint8_t[::1] hd = _lnp.ascontiguousarray(has_data, dtype=_lnp.uint8)
+        cdef const uint8_t[::1] hd = _as_exact(has_data, _lnp.uint8, "has_data")
         cdef uint64_t t = self._tphp[block]
         cdef uint64_t nhp = sent.shape[0]
         if hd.shape[0] != nhp:
@@ -131,6 +143,7 @@ cdef class HostPager:
             hp1 = nhp
         cdef uint64_t hp = hp0, j, tp1, count = 0
         cdef qs_emit_err err
+        _memset(&err, 0, sizeof(err))
         cdef int rc = QS_EMIT_OK
         with nogil:
             while hp < hp1:
@@ -218,9 +231,9 @@ cdef class ClusterPass:
         cdef uint64_t ps = self.em.em.page_size
         if cluster_size < ps or cluster_size % ps:
             raise ValueError(f"cluster size {cluster_size} not a multiple of the page size")
-        host = _lnp.ascontiguousarray(host_offsets, dtype=_lnp.uint64)
-        self._virt = _lnp.ascontiguousarray(virtual_offsets, dtype=_lnp.uint64)
-        self._bidx = _lnp.ascontiguousarray(block_index, dtype=_lnp.uint32)
+        host = _as_exact(host_offsets, _lnp.uint64, "host_offsets")
+        self._virt = _as_exact(virtual_offsets, _lnp.uint64, "virtual_offsets")
+        self._bidx = _as_exact(block_index, _lnp.uint32, "block_index")
         self.n = host.shape[0]
         if self._virt.shape[0] != self.n or self._bidx.shape[0] != self.n:
             raise ValueError("host_offsets, virtual_offsets and block_index differ in length")
@@ -248,6 +261,7 @@ cdef class ClusterPass:
         ext[:, 1] = cluster_size
         cdef const uint64_t[:, ::1] ev = ext
         cdef qs_aio_err aerr
+        _memset(&aerr, 0, sizeof(aerr))
         cdef int rc
         cdef size_t nn = self.n
         with nogil:
@@ -255,7 +269,8 @@ cdef class ClusterPass:
                              n_threads, &aerr)
         if rc != QS_AIO_OK:
             self.ring = NULL
-            raise _aio_error(&aerr)
+            raise _aio_error(&aerr, self.em.intr)
+        qs_aio_set_intr(self.ring, &self.em.intr.c)
 
     def __dealloc__(self):
         if self.ring != NULL:
@@ -278,11 +293,14 @@ cdef class ClusterPass:
     def step(self, uint64_t stop_bytes=0xFFFFFFFFFFFFFFFF):
         if self.ring == NULL:
             raise ValueError("cluster pass is closed")
+        self.pager._current()
         cdef qs_emit *e = &self.em.em
         cdef uint64_t ps = e.page_size
         cdef uint64_t ppc = self.cs // ps
         cdef qs_aio_err aerr
+        _memset(&aerr, 0, sizeof(aerr))
         cdef qs_emit_err eerr
+        _memset(&eerr, 0, sizeof(eerr))
         cdef int arc = QS_AIO_OK, erc = QS_EMIT_OK, result = _PASS_END
         cdef size_t k
         cdef uint32_t bi
@@ -341,6 +359,6 @@ cdef class ClusterPass:
         if erc != QS_EMIT_OK:
             raise self.em._error(&eerr)
         if arc != QS_AIO_OK and arc != QS_AIO_END:
-            raise _aio_error(&aerr)
+            raise _aio_error(&aerr, self.em.intr)
         PyErr_CheckSignals()
         return result

@@ -2,7 +2,8 @@
 #
 # RamParser runs csrc/ramparse.c over a buffer with the GIL released and writes
 # qs_page_rec structs into a reusable NumPy array of PAGE_REC_DTYPE.  The C
-# status/error codes become qsnap.errors.StreamError in _raise_ram_error only.
+# status/error codes become qsnap.errors.StreamError in _ram_error
+# (_errors.pxi) only.
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from libc.stdlib cimport calloc, free
@@ -10,9 +11,7 @@ from libc.string cimport memcpy
 
 import numpy as _np
 
-from qsnap.errors import StreamError as _StreamError
 from qsnap.stream.events import PAGE_REC_DTYPE
-from qsnap.stream._pyreader import ram_error_message as _ram_error_message
 
 RAM_NEED_MORE = QS_RAM_NEED_MORE
 RAM_EOS = QS_RAM_EOS
@@ -21,10 +20,22 @@ RAM_MEMSIZE = QS_RAM_MEMSIZE
 RAM_ERR = QS_RAM_ERR
 
 
-cdef int _raise_ram_error(qs_ram_state *st, blocks, buf) except -1:
-    """The one place a C RAM-parser error becomes an exception (buf: the parsed buffer)."""
-    raise _StreamError(_ram_error_message(st.err_code, st.err_offset, st.err_value, blocks,
-                                          memoryview(buf).cast("B"), st.last_block))
+cdef int _fill_blocks(qs_block *nb, list blocks) except -1:
+    """Copy (idstr, length) pairs into the C block list (validated: may raise)."""
+    cdef Py_ssize_t i
+    cdef bytes name
+    cdef uint64_t length
+    for i, (name, pylength) in enumerate(blocks):
+        if not 0 < len(name) <= 255:
+            raise ValueError(f"RAM block {i} idstr of length {len(name)} not in 1..255")
+        if not 0 <= pylength < 1 << 64:
+            raise ValueError(f"RAM block '{name.decode(errors='replace')}' length {pylength} "
+                             "out of range")
+        length = pylength
+        nb[i].idlen = <uint8_t>len(name)
+        memcpy(nb[i].idstr, <const char *>name, len(name))
+        nb[i].length = length
+    return 0
 
 
 cdef class RamParser:
@@ -68,18 +79,17 @@ cdef class RamParser:
     def set_blocks(self, blocks):
         """Install the block list: a sequence of (idstr bytes, length)."""
         blocks = [(bytes(n), int(l)) for n, l in blocks]
-        cdef qs_block *nb = <qs_block *>calloc(max(len(blocks), 1), sizeof(qs_block))
+        if len(blocks) > 0x7fffffff:
+            raise ValueError(f"{len(blocks)} RAM blocks, more than the parser takes")
+        cdef size_t nbytes = max(len(blocks), 1) * sizeof(qs_block)
+        cdef qs_block *nb = <qs_block *>calloc(1, nbytes)
         if nb == NULL:
-            raise MemoryError()
-        cdef Py_ssize_t i
-        cdef bytes name
-        for i, (name, length) in enumerate(blocks):
-            if not 0 < len(name) <= 255:
-                free(nb)
-                raise ValueError("bad idstr length")
-            nb[i].idlen = <uint8_t>len(name)
-            memcpy(nb[i].idstr, <const char *>name, len(name))
-            nb[i].length = length
+            raise _no_memory("the RAM block list", nbytes)
+        try:
+            _fill_blocks(nb, blocks)
+        except BaseException:
+            free(nb)
+            raise
         free(self.cblocks)
         self.cblocks = nb
         self.st.blocks = nb
@@ -105,11 +115,14 @@ cdef class RamParser:
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
         try:
             self.st.base_offset = base_offset
+            self.st.err_code = 0
+            self.st.err_offset = 0
+            self.st.err_value = 0
             with nogil:
                 rc = qs_ram_parse(&self.st, <const uint8_t *>view.buf, <size_t>view.len,
                                   out, cap, &n, &consumed)
         finally:
             PyBuffer_Release(&view)
         if rc == QS_RAM_ERR:
-            _raise_ram_error(&self.st, self._blocks, buf)
+            raise _ram_error(&self.st, self._blocks, buf)
         return rc, self.records_array[:n], consumed

@@ -1,17 +1,12 @@
 # Page sink, zero detection and checksum bindings (image side).
 #
 # C status codes from csrc/sink.c become qsnap.errors exceptions in
-# _raise_sink_error() and nowhere else.
-
-import os as _os
+# _sink_error() (_errors.pxi) and nowhere else.
 
 import numpy as _np
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
-from libc.string cimport memcpy
-from libc.errno cimport ENOSPC
-
-from qsnap.errors import IOFailure as _IOFailure, StreamError as _StreamError
+from libc.string cimport memcpy, memset
 
 # The sink takes the parser's records as they are (qs_sink_rec is qs_page_rec).
 SINK_REC_DTYPE = PAGE_REC_DTYPE
@@ -87,44 +82,6 @@ cdef int _crc_pages_into(const void *buf, size_t n, size_t page_size, object out
     return 0
 
 
-cdef str _errtext(int errnum):
-    text = _os.strerror(errnum) if errnum else "I/O error"
-    return text[:1].lower() + text[1:]
-
-
-cdef int _raise_sink_error(qs_sink_err *err, str path, object block_names) except -1:
-    """The one place where sink status codes become exceptions."""
-    st = err.status
-    name = None
-    if block_names is not None and err.block < len(block_names):
-        name = block_names[err.block]
-    where = (f"in block '{name}' page 0x{err.offset:x}" if name is not None
-             else f"at virtual offset 0x{err.voff:x}")
-    if st == QS_SINK_EWRITE:
-        raise _IOFailure(f"{_errtext(err.errnum)} writing {path} at offset 0x{err.host_off:x}")
-    if st == QS_SINK_EREAD:
-        raise _IOFailure(f"{_errtext(err.errnum)} reading {path} at offset 0x{err.host_off:x}")
-    if st == QS_SINK_ENOMEM:
-        raise _IOFailure(f"out of memory in the page sink for {path}")
-    if st == QS_SINK_EBADREC:
-        raise _StreamError(f"unknown RAM record flags 0x{err.value:x} {where}")
-    if st == QS_SINK_EUNSUPPORTED:
-        raise _StreamError(f"unsupported RAM record COMPRESS_PAGE (flags 0x{err.value:x}) {where}; "
-                           "migrate without the compress capability")
-    if st == QS_SINK_EBLOCK:
-        raise _StreamError(f"RAM block index {err.value} out of range "
-                           f"(record {err.rec_index} of the batch)")
-    if st == QS_SINK_ERANGE:
-        if name is not None:
-            raise _StreamError(f"illegal RAM offset 0x{err.value:x} in block '{name}'")
-        raise _StreamError(f"illegal RAM offset 0x{err.value:x} at virtual offset 0x{err.voff:x}")
-    if st == QS_SINK_EDATA:
-        raise _StreamError(f"bad page payload length {err.value} {where}")
-    if st == QS_SINK_EXBZRLE:
-        raise _StreamError(f"malformed XBZRLE encoding at byte {err.value} {where}")
-    raise _StreamError(f"page sink error {st} {where}")
-
-
 cdef class ClusterSink:
     """Collects RAM pages into whole clusters of an image file (csrc/sink.c).
 
@@ -140,17 +97,27 @@ cdef class ClusterSink:
     cdef readonly uint32_t cluster_size
     cdef readonly uint32_t page_size
     cdef object _region_offsets
+    cdef _Interrupt _intr
 
     def __cinit__(self, int fd, uint64_t virtual_size, *, uint32_t cluster_size=1 << 20,
                   uint32_t page_size=4096, uint32_t n_slots=32, append_offset=None,
                   bint direct=False, region_offsets=None, block_lengths=None,
                   block_names=None, str path="<fd>"):
         cdef uint64_t app = cluster_size if append_offset is None else append_offset
-        self._s = qs_sink_new(fd, virtual_size, cluster_size, page_size, n_slots, app, direct)
-        if self._s == NULL:
-            raise ValueError(f"bad page sink parameters: virtual size 0x{virtual_size:x}, "
-                             f"cluster size {cluster_size}, page size {page_size}, "
-                             f"{n_slots} slots, append offset 0x{app:x}")
+        cdef qs_sink_err err
+        cdef int rc
+        memset(&err, 0, sizeof(err))
+        self._s = NULL
+        self._intr = _Interrupt()
+        rc = qs_sink_new(&self._s, fd, virtual_size, cluster_size, page_size, n_slots, app,
+                         direct, &err)
+        if rc == QS_SINK_EINVAL:
+            raise ValueError(f"bad page sink parameter 0x{err.value:x}: fd {fd}, virtual size "
+                             f"0x{virtual_size:x}, cluster size {cluster_size}, page size "
+                             f"{page_size}, {n_slots} slots, append offset 0x{app:x}")
+        if rc:
+            raise _sink_error(&err, path, None, self._intr)
+        qs_sink_set_intr(self._s, &self._intr.c)
         self.path = path
         self.block_names = list(block_names) if block_names is not None else None
         self.virtual_size = virtual_size
@@ -158,10 +125,10 @@ cdef class ClusterSink:
         self.page_size = page_size
         self._region_offsets = None
         if region_offsets is not None:
-            offs = _np.ascontiguousarray(region_offsets, dtype=_np.uint64)
+            offs = _as_exact(region_offsets, _np.uint64, "region_offsets")
             if block_lengths is None:
                 raise ValueError("region_offsets needs block_lengths")
-            lens = _np.ascontiguousarray(block_lengths, dtype=_np.uint64)
+            lens = _as_exact(block_lengths, _np.uint64, "block_lengths")
             if offs.shape != lens.shape or offs.ndim != 1:
                 raise ValueError("region_offsets and block_lengths differ in shape")
             self._set_blocks(offs, lens)
@@ -170,12 +137,19 @@ cdef class ClusterSink:
     cdef int _set_blocks(self, object offs, object lens) except -1:
         cdef const uint64_t[::1] o = offs
         cdef const uint64_t[::1] l = lens
+        cdef qs_sink_err err
         cdef int rc
         if o.shape[0] == 0:
             return 0
-        rc = qs_sink_set_blocks(self._s, &o[0], &l[0], <uint32_t>o.shape[0])
+        if o.shape[0] > 0xffffffff:
+            raise ValueError(f"{o.shape[0]} blocks, more than a sink takes")
+        memset(&err, 0, sizeof(err))
+        rc = qs_sink_set_blocks(self._s, &o[0], &l[0], <uint32_t>o.shape[0], &err)
+        if rc == QS_SINK_EINVAL:
+            raise ValueError(f"block {err.block} region at 0x{err.offset:x} (length 0x{err.value:x}) "
+                             f"not cluster aligned or beyond the virtual size 0x{self.virtual_size:x}")
         if rc:
-            raise ValueError("block regions are not cluster aligned or exceed the virtual size")
+            raise _sink_error(&err, self.path, None, self._intr)
         return 0
 
     def __dealloc__(self):
@@ -208,20 +182,21 @@ cdef class ClusterSink:
         cdef const uint64_t[::1] offs
         cdef uint32_t nb = 0
         cdef qs_sink *s = self._live()
-        if records.dtype.itemsize != 32 or records.dtype.names != SINK_REC_DTYPE.names:
-            raise TypeError(f"records must have the page-record dtype, not {records.dtype}")
+        if not isinstance(records, _np.ndarray) or records.dtype != SINK_REC_DTYPE:
+            raise TypeError(f"records must be an array of the page-record dtype, not "
+                            f"{getattr(records, 'dtype', type(records).__name__)}")
         records = _np.ascontiguousarray(records)
         n = records.shape[0]
         if n == 0:
             return
         if region_offsets is not None:
-            offs = _np.ascontiguousarray(region_offsets, dtype=_np.uint64)
+            offs = _as_exact(region_offsets, _np.uint64, "region_offsets")
             nb = <uint32_t>offs.shape[0]
             if nb:
                 offp = &offs[0]
         elif self._region_offsets is None:
             raise ValueError("the sink has no block regions; pass region_offsets")
-        err.status = 0
+        memset(&err, 0, sizeof(err))
         PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
         try:
             PyObject_GetBuffer(data, &dv, PyBUF_SIMPLE)
@@ -235,7 +210,7 @@ cdef class ClusterSink:
         finally:
             PyBuffer_Release(&rv)
         if rc:
-            _raise_sink_error(&err, self.path, self.block_names)
+            raise _sink_error(&err, self.path, self.block_names, self._intr)
 
     def put_page(self, uint64_t voff, data=None, int fill=0):
         """Put one page at virtual offset ``voff``: ``data`` (page_size bytes) or None for zero/fill."""
@@ -243,7 +218,7 @@ cdef class ClusterSink:
         cdef qs_sink_err err
         cdef int rc
         cdef qs_sink *s = self._live()
-        err.status = 0
+        memset(&err, 0, sizeof(err))
         err.block = 0xffffffff
         if data is None:
             with nogil:
@@ -258,7 +233,7 @@ cdef class ClusterSink:
             finally:
                 PyBuffer_Release(&v)
         if rc:
-            _raise_sink_error(&err, self.path, None)
+            raise _sink_error(&err, self.path, None, self._intr)
 
     def get_page(self, uint64_t voff):
         """Current content of the page at ``voff`` (slot, file or zeros), as bytes."""
@@ -267,11 +242,12 @@ cdef class ClusterSink:
         cdef qs_sink *s = self._live()
         out = bytearray(self.page_size)
         cdef uint8_t[::1] o = out
+        memset(&err, 0, sizeof(err))
         err.block = 0xffffffff
         with nogil:
             rc = qs_sink_get(s, voff, &o[0], &err)
         if rc:
-            _raise_sink_error(&err, self.path, None)
+            raise _sink_error(&err, self.path, None, self._intr)
         return bytes(out)
 
     def flush(self):
@@ -279,11 +255,12 @@ cdef class ClusterSink:
         cdef qs_sink_err err
         cdef int rc
         cdef qs_sink *s = self._live()
+        memset(&err, 0, sizeof(err))
         err.block = 0xffffffff
         with nogil:
             rc = qs_sink_flush(s, &err)
         if rc:
-            _raise_sink_error(&err, self.path, None)
+            raise _sink_error(&err, self.path, None, self._intr)
 
     @property
     def n_clusters(self):

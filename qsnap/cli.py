@@ -213,8 +213,8 @@ def main(argv=None):
         where = f" ({e.filename})" if e.filename else ""
         _report(f"{e.strerror or e}{where}")
         return 1
-    except MemoryError:
-        _report("out of memory")
+    except MemoryError as e:
+        _report(f"out of memory: {e}" if str(e) else "out of memory")
         return 1
     except Exception as e:  # a bug: still one line, and a status that says so
         if debug:

@@ -49,7 +49,6 @@ GROUP_PAGES = 64                 # target pages per background record group
 ZERO_GROUP = 1 << 14             # host pages per ZERO group
 POSTCOPY_PIPE_SIZE = 256 << 10   # a requested page never waits behind more than this
 PING_VALUES = (1, 2, 3, 4)
-WATCHDOG_SECONDS = 0.5
 EARLY_BYTES = 1 << 20            # per block, always sent before LISTEN
 _DEBUG = bool(os.environ.get("QSNAP_PC_DEBUG"))
 
@@ -69,14 +68,13 @@ class ReturnPath(threading.Thread):
     and cover whole host pages (``host_sizes``) inside it.
     """
 
-    def __init__(self, fd, blocks, host_sizes, on_fatal=None, flag=None):
+    def __init__(self, fd, blocks, host_sizes, flag=None):
         super().__init__(name="qsnap-return-path", daemon=True)
         self.fd = fd
         self.flag = flag           # RequestFlag: set after a request is queued or on an error
         self.by_name = {b.idstr: i for i, b in enumerate(blocks) if b.migrated}
         self.blocks = blocks
         self.host_sizes = host_sizes
-        self.on_fatal = on_fatal
         self.requests = collections.deque()   # (t_read, block, start, length)
         self.cond = threading.Condition()
         self.pongs = []
@@ -103,8 +101,6 @@ class ReturnPath(threading.Thread):
                 self.cond.notify_all()
             if self.flag is not None:
                 self.flag.set()
-            if self.on_fatal is not None:
-                self.on_fatal(e)
 
     def _read_messages(self):
         """Decode and handle messages until QEMU closes the return path."""
@@ -187,30 +183,28 @@ def _percentiles(xs):
 
 
 def load_postcopy(image_path, percent=10.0, cache="none", stats_path=None, quiet=False, *,
-                  in_fd=0, out_fd=1, log=sys.stderr, watchdog=None, group_pages=GROUP_PAGES,
+                  in_fd=0, out_fd=1, log=sys.stderr, group_pages=GROUP_PAGES,
                   part_bytes=PART_BYTES, n_bufs=_core.AIO_DEFAULT_BUFS,
                   n_threads=_core.AIO_DEFAULT_THREADS):
     """Write a postcopy migration stream from the image to ``out_fd``; serve ``in_fd`` requests.
 
     Returns the statistics dict (also written as JSON to ``stats_path``).
-    ``watchdog`` (default: on when using stdin/stdout) ends the process within
-    half a second when QEMU goes away while the writer is blocked.
+    When QEMU goes away (the return path fails) the error is raised here, also
+    while a write waits for a stream reader that is still there.
     """
     if not 0 <= percent <= 100:
         raise UsageError(f"postcopy percentage {percent} not in 0..100")
     if group_pages < 1:
         raise UsageError("group_pages must be positive")
-    if watchdog is None:
-        watchdog = in_fd == 0 and out_fd == 1
     t0 = time.monotonic()
     from qsnap.image.reader import Image
 
     if isinstance(image_path, (str, bytes, os.PathLike)):
         with Image.open(image_path) as img:
-            stats = _Postcopy(img, percent, cache, in_fd, out_fd, log, watchdog, group_pages,
+            stats = _Postcopy(img, percent, cache, in_fd, out_fd, log, group_pages,
                               part_bytes, n_bufs, n_threads, t0).run()
     else:
-        stats = _Postcopy(image_path, percent, cache, in_fd, out_fd, log, watchdog, group_pages,
+        stats = _Postcopy(image_path, percent, cache, in_fd, out_fd, log, group_pages,
                           part_bytes, n_bufs, n_threads, t0).run()
     if stats_path:
         with open(stats_path, "w") as f:
@@ -227,7 +221,7 @@ def load_postcopy(image_path, percent=10.0, cache="none", stats_path=None, quiet
 
 
 class _Postcopy:
-    def __init__(self, img, percent, cache, in_fd, out_fd, log, watchdog, group_pages,
+    def __init__(self, img, percent, cache, in_fd, out_fd, log, group_pages,
                  part_bytes, n_bufs, n_threads, t0):
         self.img = img
         self.percent = percent
@@ -235,7 +229,6 @@ class _Postcopy:
         self.in_fd = in_fd
         self.out_fd = out_fd
         self.log = log
-        self.watchdog = watchdog
         self.group_pages = group_pages
         self.part_bytes = part_bytes
         self.n_bufs = n_bufs
@@ -245,8 +238,6 @@ class _Postcopy:
         self.blocks = list(img.blocks)
         self.tps = img.target_page_size
         self.cs = img.cluster_size
-        self.main_done = threading.Event()
-        self._report_lock = threading.Lock()
         self.service = []
         self.requests = 0
         self.requests_ignored = 0
@@ -276,20 +267,11 @@ class _Postcopy:
         # small-page blocks go by data cluster, huge-page blocks by host page
         self.small = [hps <= cs for hps in self.host_sizes]
 
-    def _report_fatal(self, exc):
-        """Return-path thread: QEMU went away or misbehaved. Wake the writer; if it
-        stays blocked, end the process (the CLI cannot print from here)."""
-        if not self.watchdog:
-            return
-        if self.main_done.wait(WATCHDOG_SECONDS):
-            return
-        with self._report_lock:
-            if self.main_done.is_set():
-                return
-            try:
-                os.write(2, f"qsnap: error: {exc}\n".encode())
-            finally:
-                os._exit(getattr(exc, "exit_code", 1))
+    def _check_return_path(self):
+        """Raise the return path's error: QEMU went away or misbehaved.  The
+        emitter calls this while a write waits for the stream's reader."""
+        if self.rp.error is not None:
+            raise self.rp.error
 
     # --- output helpers ---------------------------------------------------------
 
@@ -344,19 +326,14 @@ class _Postcopy:
     # --- main -----------------------------------------------------------------------
 
     def run(self):
-        try:
-            return self._run()
-        finally:
-            self.main_done.set()
-
-    def _run(self):
         self._layout()
         self._setup_output()
         dev = device_state_sections(self.img)
         self.migrated = [i for i, b in enumerate(self.blocks) if b.migrated]
         sys.setswitchinterval(0.0005)
         self.flag = _core.RequestFlag()
-        self.rp = ReturnPath(self.in_fd, self.blocks, self.host_sizes, self._report_fatal, self.flag)
+        self.rp = ReturnPath(self.in_fd, self.blocks, self.host_sizes, self.flag)
+        self.em.interrupt_check = self._check_return_path
         self.rp.start()
         host, virt, bidx = cluster_plan(self.img, self.blocks)
         try:

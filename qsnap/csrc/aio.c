@@ -13,6 +13,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 enum { SLOT_FREE = 0, SLOT_READING, SLOT_DONE, SLOT_FAILED };
@@ -48,6 +49,7 @@ struct qs_aio {
     int holding;             /* the consumer holds read next_consume */
     int cancelled;
     int failed;              /* a read failed: issue no further reads */
+    qs_intr intr;            /* the consumer's interrupt hook */
 };
 
 static int set_err(qs_aio_err *err, int code, int sys_errno, uint64_t offset, uint64_t value)
@@ -129,6 +131,56 @@ static void free_ring(qs_aio *a)
     free(a);
 }
 
+/* The mutex and condition variables (done_cv on the monotonic clock, for
+ * timed waits); 0 or the pthread error, nothing left initialised on error. */
+static int sync_init(qs_aio *a)
+{
+    pthread_condattr_t ca;
+    int rc = pthread_condattr_init(&ca);
+    if (rc)
+        return rc;
+    rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    if (rc)
+        goto out_attr;
+    rc = pthread_mutex_init(&a->mu, NULL);
+    if (rc)
+        goto out_attr;
+    rc = pthread_cond_init(&a->work_cv, NULL);
+    if (rc)
+        goto out_mu;
+    rc = pthread_cond_init(&a->done_cv, &ca);
+    if (rc)
+        goto out_work;
+    pthread_condattr_destroy(&ca);
+    return 0;
+out_work:
+    pthread_cond_destroy(&a->work_cv);
+out_mu:
+    pthread_mutex_destroy(&a->mu);
+out_attr:
+    pthread_condattr_destroy(&ca);
+    return rc;
+}
+
+/* Start n workers with every signal blocked: signals stay with the caller's
+ * thread (the interpreter's), whose blocking calls they interrupt.  0 or the
+ * pthread error; a->n_threads counts those started. */
+static int start_workers(qs_aio *a, unsigned n)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    int rc = pthread_sigmask(SIG_SETMASK, &all, &old);
+    if (rc)
+        return rc;
+    for (unsigned i = 0; i < n && rc == 0; i++) {
+        rc = pthread_create(&a->threads[i], NULL, worker, a);
+        if (rc == 0)
+            a->n_threads++;
+    }
+    int mrc = pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc ? rc : mrc;
+}
+
 int qs_aio_open(qs_aio **out, int fd, const qs_extent *extents, size_t n_extents,
                 size_t buf_size, unsigned n_bufs, unsigned n_threads, qs_aio_err *err)
 {
@@ -155,7 +207,7 @@ int qs_aio_open(qs_aio **out, int fd, const qs_extent *extents, size_t n_extents
     a->reads = malloc((n_extents ? n_extents : 1) * sizeof(qs_read));
     if (!a->reads) {
         free_ring(a);
-        return set_err(err, QS_AIO_ENOMEM, ENOMEM, 0, n_extents);
+        return set_err(err, QS_AIO_ENOMEM, ENOMEM, 0, (n_extents ? n_extents : 1) * sizeof(qs_read));
     }
     for (size_t i = 0; i < n_extents; i++) {
         const qs_extent *x = &extents[i];
@@ -183,7 +235,7 @@ int qs_aio_open(qs_aio **out, int fd, const qs_extent *extents, size_t n_extents
     a->slots = calloc(n_bufs, sizeof(qs_slot));
     if (!a->slots) {
         free_ring(a);
-        return set_err(err, QS_AIO_ENOMEM, ENOMEM, 0, n_bufs);
+        return set_err(err, QS_AIO_ENOMEM, ENOMEM, 0, (uint64_t)n_bufs * sizeof(qs_slot));
     }
     a->n_bufs = n_bufs;
     for (unsigned i = 0; i < n_bufs; i++) {
@@ -197,30 +249,52 @@ int qs_aio_open(qs_aio **out, int fd, const qs_extent *extents, size_t n_extents
     a->threads = calloc(n_threads, sizeof(pthread_t));
     if (!a->threads) {
         free_ring(a);
-        return set_err(err, QS_AIO_ENOMEM, ENOMEM, 0, n_threads);
+        return set_err(err, QS_AIO_ENOMEM, ENOMEM, 0, (uint64_t)n_threads * sizeof(pthread_t));
     }
-    pthread_mutex_init(&a->mu, NULL);
-    pthread_cond_init(&a->work_cv, NULL);
-    pthread_cond_init(&a->done_cv, NULL);
-
-    /* workers never take signals: they stay with the interpreter's thread */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = 0;
-    for (unsigned i = 0; i < n_threads; i++) {
-        rc = pthread_create(&a->threads[i], NULL, worker, a);
-        if (rc)
-            break;
-        a->n_threads++;
+    int rc = sync_init(a);
+    if (rc) {
+        free_ring(a);
+        return set_err(err, QS_AIO_ETHREAD, rc, 0, 0);
     }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    rc = start_workers(a, n_threads);
     if (rc) {
         qs_aio_close(a);
         return set_err(err, QS_AIO_ETHREAD, rc, 0, n_threads);
     }
     *out = a;
     return QS_AIO_OK;
+}
+
+void qs_aio_set_intr(qs_aio *a, const qs_intr *intr)
+{
+    if (intr)
+        a->intr = *intr;
+    else
+        a->intr.fn = NULL;
+}
+
+/* Read `seq` has completed or failed (mu held). */
+static int slot_ready(const qs_slot *s, size_t seq)
+{
+    return s->seq == seq && (s->state == SLOT_DONE || s->state == SLOT_FAILED);
+}
+
+/* Wait (mu held) until read next_consume is ready or the ring is cancelled,
+ * one slice at a time, asking the interrupt hook (without mu) after each.
+ * 0, or 1 when the hook says stop. */
+static int wait_ready(qs_aio *a, const qs_slot *s)
+{
+    while (!a->cancelled && !slot_ready(s, a->next_consume)) {
+        int rc = qs_intr_cond_wait(&a->intr, &a->done_cv, &a->mu);
+        if (rc != ETIMEDOUT || a->cancelled || slot_ready(s, a->next_consume))
+            continue;
+        pthread_mutex_unlock(&a->mu);
+        int stop = qs_intr_check(&a->intr);
+        pthread_mutex_lock(&a->mu);
+        if (stop)
+            return 1;
+    }
+    return 0;
 }
 
 int qs_aio_next(qs_aio *a, qs_aio_chunk *chunk, qs_aio_err *err)
@@ -236,9 +310,10 @@ int qs_aio_next(qs_aio *a, qs_aio_chunk *chunk, qs_aio_err *err)
         goto out;
     }
     qs_slot *s = &a->slots[a->next_consume % a->n_bufs];
-    while (!a->cancelled
-           && !(s->seq == a->next_consume && (s->state == SLOT_DONE || s->state == SLOT_FAILED)))
-        pthread_cond_wait(&a->done_cv, &a->mu);
+    if (wait_ready(a, s)) {
+        rc = set_err(err, QS_AIO_EINTR, EINTR, a->reads[a->next_consume].offset, 0);
+        goto out;
+    }
     if (a->cancelled) {
         rc = set_err(err, QS_AIO_ECANCELED, 0, a->reads[a->next_consume].offset, 0);
         goto out;

@@ -17,6 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "intr.h"
+
 #define QS_AIO_ALIGN 4096
 #define QS_AIO_MAX_BUFS 1024
 #define QS_AIO_MAX_THREADS 64
@@ -31,6 +33,7 @@
 #define QS_AIO_ESHORT -5      /* pread hit end of file (offset = where, value = bytes missing) */
 #define QS_AIO_ECANCELED -6   /* the ring was cancelled */
 #define QS_AIO_ESTATE -7      /* API misuse (release without next, next without release) */
+#define QS_AIO_EINTR -8       /* qs_aio_next abandoned by the interrupt hook (offset = read awaited) */
 
 typedef struct qs_extent {
     uint64_t offset;
@@ -66,10 +69,15 @@ typedef struct qs_aio qs_aio;
 int qs_aio_open(qs_aio **out, int fd, const qs_extent *extents, size_t n_extents,
                 size_t buf_size, unsigned n_bufs, unsigned n_threads, qs_aio_err *err);
 
+/* The hook qs_aio_next calls every slice it waits (intr.h);
+ * copied.  NULL: wait without one. */
+void qs_aio_set_intr(qs_aio *a, const qs_intr *intr);
+
 /*
  * Block until the next read (in order) has completed and describe it in *chunk.
- * Returns QS_AIO_OK, QS_AIO_END after the last one, or a negative error (the
- * error of that read; reads after a failed one are never issued).
+ * Returns QS_AIO_OK, QS_AIO_END after the last one, QS_AIO_EINTR when the
+ * interrupt hook asked to stop waiting (call again to resume), or a negative
+ * error (the error of that read; reads after a failed one are never issued).
  * The buffer stays valid until qs_aio_release().
  */
 int qs_aio_next(qs_aio *a, qs_aio_chunk *chunk, qs_aio_err *err);

@@ -2,9 +2,11 @@
 #include "emit.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "crc32c.h"
@@ -34,9 +36,27 @@ static inline int page_stored(const uint8_t *bitmap, uint64_t i)
     return (bitmap[i >> 3] >> (i & 7)) & 1;
 }
 
+/* A pipe or socket is switched to O_NONBLOCK (restored by qs_emit_free): a
+ * write then never blocks, and waiting for the reader happens in poll(), one
+ * interruptible slice at a time, whichever thread a signal goes to.  Other
+ * files do not block for long, and a terminal is shared with the user's shell. */
+static void set_nonblocking(qs_emit *e)
+{
+    struct stat st;
+    int fl = fcntl(e->fd, F_GETFL);
+    e->blocking = fl < 0 || !(fl & O_NONBLOCK);
+    if (fl < 0 || !e->blocking || fstat(e->fd, &st) || !(S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode)))
+        return;
+    if (fcntl(e->fd, F_SETFL, fl | O_NONBLOCK) == 0) {
+        e->restore_flags = fl;
+        e->blocking = 0;
+    }
+}
+
 int qs_emit_init(qs_emit *e, int fd, uint32_t page_size, qs_emit_err *err)
 {
     memset(e, 0, sizeof(*e));
+    e->restore_flags = -1;
     e->fd = fd;
     e->last_block = -1;
     if (fd < 0)
@@ -44,6 +64,7 @@ int qs_emit_init(qs_emit *e, int fd, uint32_t page_size, qs_emit_err *err)
     if (page_size < 512 || (page_size & (page_size - 1)))
         return set_err(err, QS_EMIT_EINVAL, 0, 0, page_size);
     e->page_size = page_size;
+    set_nonblocking(e);
     e->iov = malloc(QS_EMIT_IOV_MAX * sizeof(struct iovec));
     e->arena = malloc(QS_EMIT_ARENA);
     if (!e->iov || !e->arena) {
@@ -53,8 +74,20 @@ int qs_emit_init(qs_emit *e, int fd, uint32_t page_size, qs_emit_err *err)
     return QS_EMIT_OK;
 }
 
+void qs_emit_set_intr(qs_emit *e, const qs_intr *intr)
+{
+    if (intr)
+        e->intr = *intr;
+    else
+        e->intr.fn = NULL;
+}
+
 void qs_emit_free(qs_emit *e)
 {
+    if (e->restore_flags >= 0) {
+        (void)fcntl(e->fd, F_SETFL, e->restore_flags);
+        e->restore_flags = -1;
+    }
     free(e->iov);
     free(e->arena);
     e->iov = NULL;
@@ -63,16 +96,24 @@ void qs_emit_free(qs_emit *e)
     e->arena_len = 0;
 }
 
-/* Wait until fd is writable (non-blocking output). */
+static int interrupted(qs_emit *e, qs_emit_err *err)
+{
+    return set_err(err, QS_EMIT_EINTR, EINTR, 0, e->bytes_out);
+}
+
+/* Wait until fd is writable (non-blocking output), one slice at a time,
+ * asking the interrupt hook after each slice or signal. */
 static int wait_writable(qs_emit *e, qs_emit_err *err)
 {
     struct pollfd p = {.fd = e->fd, .events = POLLOUT, .revents = 0};
     for (;;) {
-        int r = poll(&p, 1, -1);
-        if (r >= 0)
-            return QS_EMIT_OK;
-        if (errno != EINTR)
+        int r = poll(&p, 1, qs_intr_poll_ms(&e->intr));
+        if (r > 0)
+            return QS_EMIT_OK;   /* writable, or an error writev will report */
+        if (r < 0 && errno != EINTR)
             return set_err(err, QS_EMIT_EIO, errno, 0, e->bytes_out);
+        if (qs_intr_check(&e->intr))
+            return interrupted(e, err);
     }
 }
 
@@ -83,24 +124,25 @@ static int write_error(qs_emit *e, int sys_errno, qs_emit_err *err)
     return set_err(err, QS_EMIT_EIO, sys_errno, 0, e->bytes_out);
 }
 
-int qs_emit_flush(qs_emit *e, qs_emit_err *err)
+/* Write the n iovecs at v completely (v is consumed).  A signal (EINTR, or a
+ * short write on a blocking fd, which only a signal causes on a pipe) and
+ * each slice spent waiting for a non-blocking fd go to the interrupt hook. */
+static int write_iov(qs_emit *e, struct iovec *v, unsigned n, qs_emit_err *err)
 {
-    struct iovec *v = e->iov;
-    unsigned n = e->n_iov;
-    int rc = QS_EMIT_OK;
     while (n) {
-        ssize_t w = writev(e->fd, v, (int)n);
+        int cnt = n > QS_EMIT_IOV_MAX ? QS_EMIT_IOV_MAX : (int)n;
+        ssize_t w = writev(e->fd, v, cnt);
         if (w < 0) {
+            int rc;
             if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                rc = qs_intr_check(&e->intr) ? interrupted(e, err) : QS_EMIT_OK;
+            else if (errno == EAGAIN || errno == EWOULDBLOCK)
                 rc = wait_writable(e, err);
-                if (rc)
-                    break;
-                continue;
-            }
-            rc = write_error(e, errno, err);
-            break;
+            else
+                rc = write_error(e, errno, err);
+            if (rc)
+                return rc;
+            continue;
         }
         e->bytes_out += (uint64_t)w;
         e->writes++;
@@ -114,7 +156,15 @@ int qs_emit_flush(qs_emit *e, qs_emit_err *err)
             v->iov_base = (uint8_t *)v->iov_base + left;
             v->iov_len -= left;
         }
+        if (n && e->blocking && qs_intr_check(&e->intr))
+            return interrupted(e, err);
     }
+    return QS_EMIT_OK;
+}
+
+int qs_emit_flush(qs_emit *e, qs_emit_err *err)
+{
+    int rc = write_iov(e, e->iov, e->n_iov, err);
     e->n_iov = 0;
     e->arena_len = 0;
     return rc;
@@ -122,26 +172,8 @@ int qs_emit_flush(qs_emit *e, qs_emit_err *err)
 
 int qs_emit_write_all(qs_emit *e, const void *buf, size_t len, qs_emit_err *err)
 {
-    const uint8_t *p = buf;
-    while (len) {
-        ssize_t w = write(e->fd, p, len);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                int rc = wait_writable(e, err);
-                if (rc)
-                    return rc;
-                continue;
-            }
-            return write_error(e, errno, err);
-        }
-        e->bytes_out += (uint64_t)w;
-        e->writes++;
-        p += w;
-        len -= (size_t)w;
-    }
-    return QS_EMIT_OK;
+    struct iovec one = {.iov_base = (void *)buf, .iov_len = len};
+    return len ? write_iov(e, &one, 1, err) : QS_EMIT_OK;
 }
 
 /* Room for n arena bytes and `iovs` more iovecs, flushing if needed. */

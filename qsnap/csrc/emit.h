@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "intr.h"
+
 /* migration/ram.c */
 #define QS_RAM_SAVE_FLAG_ZERO 0x002
 #define QS_RAM_SAVE_FLAG_PAGE 0x008
@@ -32,7 +34,9 @@
 #define QS_EMIT_EPIPE -2     /* the reader closed the output */
 #define QS_EMIT_EIO -3       /* write failed (sys_errno) */
 #define QS_EMIT_EINVAL -4    /* bad arguments (offset, value) */
-#define QS_EMIT_ENOMEM -5
+#define QS_EMIT_ENOMEM -5     /* value = bytes asked for */
+#define QS_EMIT_EINTR -6      /* a write abandoned by the interrupt hook (value = bytes written);
+                               * what was queued is dropped: the stream is cut */
 
 #define QS_EMIT_ARENA (256 * 1024)
 #define QS_EMIT_IOV_MAX 1024
@@ -71,10 +75,18 @@ typedef struct qs_emit {
     unsigned n_iov;
     uint8_t *arena;
     size_t arena_len;
+    qs_intr intr;            /* called while a write waits (intr.h) */
+    int blocking;            /* fd is in blocking mode */
+    int restore_flags;       /* file status flags to put back on fd, -1 = none */
 } qs_emit;
 
+/* A pipe or socket fd is switched to O_NONBLOCK until qs_emit_free(). */
 int qs_emit_init(qs_emit *e, int fd, uint32_t page_size, qs_emit_err *err);
 void qs_emit_free(qs_emit *e);
+
+/* The hook called while a write waits for the reader or after a signal
+ * (intr.h); copied.  NULL: none. */
+void qs_emit_set_intr(qs_emit *e, const qs_intr *intr);
 
 /* Queue raw bytes (section headers, EOS, footers) to go before what follows.
  * Copied into the arena (or written at once when larger than the arena). */

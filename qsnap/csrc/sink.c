@@ -142,6 +142,7 @@ struct qs_sink {
     /* atomics */
     int failed;
     uint64_t bytes_written;
+    qs_intr intr;         /* the caller's interrupt hook */
     /* the caller's: with O_DIRECT, the file is allocated (and long) up to
      * here; 0 once preallocation failed or when not direct */
     uint64_t prealloc_end;
@@ -224,40 +225,61 @@ static inline void store_fence(void)
 #endif
 }
 
+static int fail(qs_sink_err *err, int status, int errnum, uint64_t voff,
+                uint64_t host_off, uint64_t value)
+{
+    if (err) {
+        err->status = status;
+        err->errnum = errnum;
+        err->voff = voff;
+        err->host_off = host_off;
+        err->value = value;
+    }
+    return status;
+}
+
 static void *writer_main(void *arg);
 
 /* Start the writer threads (two with O_DIRECT, else one); they take no
- * signals (they stay with the caller's thread). */
+ * signals (they stay with the caller's thread).  0 or the pthread error. */
 static int writer_start(qs_sink *s)
 {
-    if (pthread_mutex_init(&s->mu, NULL))
-        return -1;
-    if (pthread_cond_init(&s->work_cv, NULL)) {
+    int rc = pthread_mutex_init(&s->mu, NULL);
+    if (rc)
+        return rc;
+    rc = pthread_cond_init(&s->work_cv, NULL);
+    if (rc) {
         pthread_mutex_destroy(&s->mu);
-        return -1;
+        return rc;
     }
-    if (pthread_cond_init(&s->done_cv, NULL)) {
+    pthread_condattr_t ca;   /* done_cv: timed waits on the monotonic clock */
+    rc = pthread_condattr_init(&ca);
+    if (rc == 0) {
+        rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        if (rc == 0)
+            rc = pthread_cond_init(&s->done_cv, &ca);
+        pthread_condattr_destroy(&ca);
+    }
+    if (rc) {
         pthread_cond_destroy(&s->work_cv);
         pthread_mutex_destroy(&s->mu);
-        return -1;
+        return rc;
     }
     s->sync_ready = 1;
     sigset_t all, old;
     sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int want = s->direct ? MAX_WRITERS : 1, rc = 0;
+    rc = pthread_sigmask(SIG_SETMASK, &all, &old);
+    if (rc)
+        return rc;
+    int want = s->direct ? MAX_WRITERS : 1;
     while (s->n_writers < want) {
         rc = pthread_create(&s->writer[s->n_writers], NULL, writer_main, s);
         if (rc)
             break;
         s->n_writers++;
     }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc) {
-        errno = rc;
-        return -1;
-    }
-    return 0;
+    int mrc = pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc ? rc : mrc;
 }
 
 /* Whether preallocating the file is cheap: not on memory filesystems, where
@@ -271,20 +293,36 @@ static int prealloc_helps(int fd)
            st.f_type != HUGETLBFS_MAGIC_;
 }
 
-qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
-                     uint32_t page_size, uint32_t n_slots,
-                     uint64_t append_offset, int direct)
+/* The sizes of what qs_sink_new allocates, for an ENOMEM report. */
+static uint64_t sink_bytes(const qs_sink *s, uint32_t n_cbufs, uint32_t n_pbufs)
 {
+    uint64_t nc = s->n_clusters, np = s->n_pages;
+    return sizeof(*s) + nc * (sizeof(uint64_t) + sizeof(int32_t) + sizeof(uint16_t)) +
+           np * sizeof(uint32_t) + 2 * (np / 8 + 1) + (uint64_t)s->q_cap * sizeof(wjob) +
+           (uint64_t)n_cbufs * s->cluster_size + (uint64_t)n_pbufs * s->pbuf_size;
+}
+
+int qs_sink_new(qs_sink **out, int fd, uint64_t virtual_size, uint32_t cluster_size,
+                uint32_t page_size, uint32_t n_slots, uint64_t append_offset, int direct,
+                qs_sink_err *err)
+{
+    *out = NULL;
     int cbits = ilog2_exact(cluster_size), pbits = ilog2_exact(page_size);
-    if (fd < 0 || cbits < 16 || cbits > 21 || pbits < 9 || pbits > cbits ||
-        n_slots == 0 || n_slots > 4096 || virtual_size % cluster_size ||
-        append_offset == 0 || append_offset % cluster_size) {
-        errno = EINVAL;
-        return NULL;
-    }
+    if (fd < 0)
+        return fail(err, QS_SINK_EINVAL, EBADF, 0, 0, (uint64_t)(int64_t)fd);
+    if (cbits < 16 || cbits > 21)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, cluster_size);
+    if (pbits < 9 || pbits > cbits)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, page_size);
+    if (n_slots == 0 || n_slots > 4096)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, n_slots);
+    if (virtual_size % cluster_size)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, virtual_size);
+    if (append_offset == 0 || append_offset % cluster_size)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, append_offset);
     qs_sink *s = calloc(1, sizeof(*s));
     if (!s)
-        return NULL;
+        return fail(err, QS_SINK_ENOMEM, ENOMEM, 0, 0, sizeof(*s));
     s->fd = fd;
     s->direct = direct;
     s->virtual_size = virtual_size;
@@ -322,21 +360,21 @@ qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
     if (pools || !s->host || !s->slot_of || !s->bitmap || !s->crcs || !s->seen ||
         !s->cl_seen || !s->slot_buf ||
         !s->slot_cluster || !s->slot_stamp || !s->bounce || !s->scratch || !s->q) {
+        uint64_t want = sink_bytes(s, n_cbufs, n_pbufs);
         qs_sink_free(s);
-        errno = ENOMEM;
-        return NULL;
+        return fail(err, QS_SINK_ENOMEM, ENOMEM, 0, 0, want);
     }
     for (uint64_t c = 0; c < s->n_clusters; c++)
         s->slot_of[c] = NO_SLOT;
     for (uint32_t i = 0; i < n_slots; i++)
         s->slot_cluster[i] = UINT64_MAX;
-    if (writer_start(s)) {
-        int e = errno;
+    int rc = writer_start(s);
+    if (rc) {
         qs_sink_free(s);
-        errno = e;
-        return NULL;
+        return fail(err, QS_SINK_ETHREAD, rc, 0, 0, 0);
     }
-    return s;
+    *out = s;
+    return QS_SINK_OK;
 }
 
 /* Stop the writers (queued jobs are dropped: only those being written
@@ -380,13 +418,27 @@ void qs_sink_free(qs_sink *s)
     free(s);
 }
 
+void qs_sink_set_intr(qs_sink *s, const qs_intr *intr)
+{
+    if (intr)
+        s->intr = *intr;
+    else
+        s->intr.fn = NULL;
+}
+
 int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
-                       const uint64_t *lengths, uint32_t n)
+                       const uint64_t *lengths, uint32_t n, qs_sink_err *err)
 {
     for (uint32_t i = 0; i < n; i++) {
         if (offsets[i] % s->cluster_size || offsets[i] > s->virtual_size ||
-            lengths[i] > s->virtual_size - offsets[i])
+            lengths[i] > s->virtual_size - offsets[i]) {
+            fail(err, QS_SINK_EINVAL, EINVAL, offsets[i], 0, lengths[i]);
+            if (err) {
+                err->block = i;
+                err->offset = offsets[i];
+            }
             return QS_SINK_EINVAL;
+        }
     }
     uint64_t *o = malloc((n ? n : 1) * sizeof(uint64_t));
     uint64_t *l = malloc((n ? n : 1) * sizeof(uint64_t));
@@ -395,7 +447,7 @@ int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
         free(o);
         free(l);
         free(r);
-        return QS_SINK_ENOMEM;
+        return fail(err, QS_SINK_ENOMEM, ENOMEM, 0, 0, 3 * (uint64_t)(n ? n : 1) * sizeof(uint64_t));
     }
     if (n) {
         memcpy(o, offsets, n * sizeof(uint64_t));
@@ -409,19 +461,6 @@ int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
     s->blk_records = r;
     s->n_blocks = n;
     return QS_SINK_OK;
-}
-
-static int fail(qs_sink_err *err, int status, int errnum, uint64_t voff,
-                uint64_t host_off, uint64_t value)
-{
-    if (err) {
-        err->status = status;
-        err->errnum = errnum;
-        err->voff = voff;
-        err->host_off = host_off;
-        err->value = value;
-    }
-    return status;
 }
 
 /* Write n jobs that are contiguous in the file (one, or a batch of clusters)
@@ -625,35 +664,57 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
-/* Wait on done_cv until cond holds (mu held), counting the time waited. */
-#define WAIT_WRITERS(s, cond)                                        \
-    do {                                                             \
-        if (!(cond)) {                                               \
-            uint64_t t0_ = now_ns();                                 \
-            while (!(cond))                                          \
-                pthread_cond_wait(&(s)->done_cv, &(s)->mu);          \
-            (s)->st.wait_ns += now_ns() - t0_;                       \
-        }                                                            \
+/* Wait on done_cv until cond holds (mu held), counting the time waited: one
+ * slice at a time, asking the interrupt hook (without mu) after each.
+ * `stop` becomes non-zero when the hook says stop (cond may not hold). */
+#define WAIT_WRITERS(s, cond, stop)                                                 \
+    do {                                                                            \
+        (stop) = 0;                                                                 \
+        if (!(cond)) {                                                              \
+            uint64_t t0_ = now_ns();                                                \
+            while (!(cond)) {                                                       \
+                if (qs_intr_cond_wait(&(s)->intr, &(s)->done_cv, &(s)->mu) != ETIMEDOUT \
+                    || (cond))                                                      \
+                    continue;                                                       \
+                pthread_mutex_unlock(&(s)->mu);                                     \
+                (stop) = qs_intr_check(&(s)->intr);                                 \
+                pthread_mutex_lock(&(s)->mu);                                       \
+                if (stop)                                                           \
+                    break;                                                          \
+            }                                                                       \
+            (s)->st.wait_ns += now_ns() - t0_;                                      \
+        }                                                                           \
     } while (0)
+
+static int interrupted(qs_sink_err *err, uint64_t voff)
+{
+    return fail(err, QS_SINK_EINTR, EINTR, voff, 0, 0);
+}
 
 /* A free buffer of the pool, waiting for the writer to give one back. There
  * is always one to come: the buffers not free are queued, being written, or
- * (cluster buffers) held by the other slots, of which there are fewer. */
-static uint8_t *take_buf(qs_sink *s, bufpool *p)
+ * (cluster buffers) held by the other slots, of which there are fewer.
+ * QS_SINK_EINTR (nothing taken) when the interrupt hook stops the wait. */
+static int take_buf(qs_sink *s, bufpool *p, uint8_t **out, uint64_t voff, qs_sink_err *err)
 {
+    int stop;
     pthread_mutex_lock(&s->mu);
-    WAIT_WRITERS(s, p->n_free);
-    uint8_t *b = p->free[--p->n_free];
+    WAIT_WRITERS(s, p->n_free, stop);
+    *out = stop ? NULL : p->free[--p->n_free];
     pthread_mutex_unlock(&s->mu);
-    return b;
+    return stop ? interrupted(err, voff) : QS_SINK_OK;
 }
 
-/* Wait until the writers have done every queued job; the first write error, if any. */
+/* Wait until the writers have done every queued job; the first write error,
+ * if any, or QS_SINK_EINTR when the interrupt hook stops the wait. */
 static int drain(qs_sink *s, qs_sink_err *err)
 {
+    int stop;
     pthread_mutex_lock(&s->mu);
-    WAIT_WRITERS(s, !s->q_len && !s->in_flight);
+    WAIT_WRITERS(s, !s->q_len && !s->in_flight, stop);
     pthread_mutex_unlock(&s->mu);
+    if (stop)
+        return interrupted(err, 0);
     return has_failed(s) ? write_error(s, err) : QS_SINK_OK;
 }
 
@@ -741,6 +802,7 @@ static int slot_write_out(qs_sink *s, int32_t slot, qs_sink_err *err)
 static int slot_open(qs_sink *s, uint64_t c, int32_t *out, qs_sink_err *err)
 {
     int32_t victim = 0;
+    int rc;
     for (uint32_t i = 0; i < s->n_slots; i++) {
         if (s->slot_cluster[i] == UINT64_MAX) {
             victim = (int32_t)i;
@@ -749,11 +811,13 @@ static int slot_open(qs_sink *s, uint64_t c, int32_t *out, qs_sink_err *err)
         if (s->slot_stamp[i] < s->slot_stamp[victim])
             victim = (int32_t)i;
     }
-    int rc = slot_write_out(s, victim, err);
+    rc = slot_write_out(s, victim, err);
     if (rc)
         return rc;
 found:
-    s->slot_buf[victim] = take_buf(s, &s->cpool);
+    rc = take_buf(s, &s->cpool, &s->slot_buf[victim], c << s->cluster_bits, err);
+    if (rc)
+        return rc;
     s->slot_cluster[victim] = c;
     s->slot_of[c] = victim;
     *out = victim;
@@ -764,7 +828,10 @@ found:
 static int queue_page(qs_sink *s, uint64_t host_off, uint64_t voff, const uint8_t *data,
                       qs_sink_err *err)
 {
-    wjob j = {JOB_PAGE, take_buf(s, &s->ppool), s->page_size, host_off, voff};
+    wjob j = {JOB_PAGE, NULL, s->page_size, host_off, voff};
+    int rc = take_buf(s, &s->ppool, &j.buf, voff, err);
+    if (rc)
+        return rc;
     if (data)
         memcpy(j.buf, data, s->page_size);
     else
@@ -951,6 +1018,8 @@ int qs_sink_flush(qs_sink *s, qs_sink_err *err)
             break;
     }
     int rc = drain(s, err);
+    if (rc == QS_SINK_EINTR)
+        return rc;   /* writes still in flight: the file is trimmed by the next flush */
     /* the file ends at the append position again (written clusters only) */
     if (s->preallocated && ftruncate(s->fd, (off_t)s->st.append_offset) && rc == QS_SINK_OK)
         rc = fail(err, QS_SINK_EWRITE, errno, 0, s->st.append_offset, 0);

@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "intr.h"
 #include "ramparse.h"
 
 /* The sink consumes the stream parser's page records as they are. */
@@ -38,14 +39,16 @@ enum {
     QS_SINK_OK = 0,
     QS_SINK_EWRITE = -1,      /* pwrite failed (errnum); host_off = where; voff = its cluster or page */
     QS_SINK_EREAD = -2,       /* pread failed (errnum); host_off = where */
-    QS_SINK_ENOMEM = -3,
+    QS_SINK_ENOMEM = -3,      /* value = bytes asked for */
     QS_SINK_EBADREC = -4,     /* unknown record type; value = flags */
     QS_SINK_ERANGE = -5,      /* page offset outside its block / the space; value = offset */
     QS_SINK_EDATA = -6,       /* payload outside the data buffer or of a bad length; value = data_len */
     QS_SINK_EXBZRLE = -7,     /* malformed XBZRLE encoding; value = byte position in it */
     QS_SINK_EUNSUPPORTED = -8,/* COMPRESS_PAGE; value = flags */
     QS_SINK_EBLOCK = -9,      /* block index out of range; value = block */
-    QS_SINK_EINVAL = -10,     /* bad sink parameters */
+    QS_SINK_EINVAL = -10,     /* bad sink parameters; value = the bad one (block = its index) */
+    QS_SINK_ETHREAD = -11,    /* pthread_*_init / pthread_create failed (errnum) */
+    QS_SINK_EINTR = -12,      /* a wait for the writers abandoned by the interrupt hook */
 };
 
 typedef struct qs_sink_err {
@@ -76,18 +79,26 @@ typedef struct qs_sink qs_sink;
  * 64 KiB .. 2 MiB. page_size: target page size (power of two, 512 ..
  * cluster_size). append_offset: first host offset for data clusters
  * (cluster aligned, > 0). Starts the writer thread; the fd must stay open
- * until qs_sink_free(). Returns NULL with errno set on failure. */
-qs_sink *qs_sink_new(int fd, uint64_t virtual_size, uint32_t cluster_size,
-                     uint32_t page_size, uint32_t n_slots,
-                     uint64_t append_offset, int direct);
+ * until qs_sink_free(). On success *out is the sink and QS_SINK_OK returned;
+ * else *out is NULL and *err says why (EINVAL: value = the bad parameter;
+ * ENOMEM: value = bytes; ETHREAD: errnum). */
+int qs_sink_new(qs_sink **out, int fd, uint64_t virtual_size, uint32_t cluster_size,
+                uint32_t page_size, uint32_t n_slots, uint64_t append_offset, int direct,
+                qs_sink_err *err);
 /* Stops the writer thread: writes still queued are dropped (flush first to
  * keep them). */
 void qs_sink_free(qs_sink *s);
 
+/* The hook called every slice the caller waits for the writers
+ * (intr.h); copied.  When it says stop, the call returns QS_SINK_EINTR with
+ * the page it was putting not stored; the sink may be used or freed. */
+void qs_sink_set_intr(qs_sink *s, const qs_intr *intr);
+
 /* Block regions: offsets[i] (cluster aligned) and lengths[i] (used_length);
- * records address pages by (block, offset). Copies the arrays. */
+ * records address pages by (block, offset). Copies the arrays.  EINVAL names
+ * the block (block, offset = its region offset, value = its length). */
 int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
-                       const uint64_t *lengths, uint32_t n);
+                       const uint64_t *lengths, uint32_t n, qs_sink_err *err);
 
 /* One page at virtual offset voff (page aligned): data (page_size bytes) or
  * NULL for a ZERO record filled with `fill`. Last write wins. */

@@ -212,20 +212,22 @@ class ImageWriter:
                            reftable_clusters=tl.reftable_clusters, meta_offset=self.meta_offset,
                            meta_length=len(region), meta_crc=crc32c(region))
         self._sync()
+        counters, n_clusters = sink.counters(), sink.n_clusters
+        sink.close()   # its writer threads go before the fd they write to
         self._put_in_place()
         return {
             "path": self.path,
             "file_bytes": tl.end,
             "virtual_size": virtual_size,
             "cluster_size": self.cluster_size,
-            "data_clusters": int(np.count_nonzero(host_map[:sink.n_clusters])),
+            "data_clusters": int(np.count_nonzero(host_map[:n_clusters])),
             "meta_offset": self.meta_offset,
             "meta_length": len(region),
             "nonzero_pages": total_nonzero,
             "blocks": len(self.blocks),
             "direct_io": self.direct,
             "seconds": time.monotonic() - self._t0,
-            **sink.counters(),
+            **counters,
         }
 
     def _ram_blocks(self):

@@ -15,7 +15,7 @@ def _build(tmp_path, sanitize):
     if gcc is None:
         pytest.skip("gcc is not installed")
     sources = sorted(str(p) for p in CSRC.glob("*.c")
-                     if p.stem in ("zero", "crc32c", "sink", "xbzrle", "ramparse"))
+                     if p.stem in ("zero", "crc32c", "sink", "xbzrle", "ramparse", "aio", "emit"))
     exe = tmp_path / "csrc_driver"
     cmd = [gcc, *sanitize, "-O1", "-g", "-std=gnu11", "-D_GNU_SOURCE", "-pthread",
            "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", str(HERE / "driver.c"), *sources,
@@ -52,7 +52,8 @@ def _tsan_works(tmp_path):
 
 def test_csrc_under_tsan(tmp_path):
     """The sink's writer threads (two with O_DIRECT) against each other and
-    the caller: no data race."""
+    the caller, the read-ahead ring's workers against its consumer, the
+    emitter against a pipe's reader thread: no data race."""
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed")
     if not _tsan_works(tmp_path):

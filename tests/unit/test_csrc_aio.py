@@ -117,7 +117,7 @@ def test_read_error_names_errno_and_offset(tmp_path):
     d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with _core.AioRing(d, [(4096, 4096)], buf_size=4096) as ring:
-            with pytest.raises(IOFailure, match=r"Is a directory at image offset 0x1000"):
+            with pytest.raises(IOFailure, match=r"cannot read the image: is a directory at image offset 0x1000"):
                 ring.next()
     finally:
         os.close(d)
