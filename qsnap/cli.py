@@ -95,6 +95,31 @@ def build_parser():
     c.add_argument("image", metavar="IMG")
     c.add_argument("--output", choices=("human", "json"), default="human")
 
+    r = sub.add_parser(
+        "restore",
+        help="restore a snapshot image into a QEMU (an -incoming defer one, or one it starts)",
+        description="--qmp SOCK IMG: restore into the QEMU at SOCK, started with -incoming defer. "
+        "--launch IMG: start QEMU from the command line the image recorded (qsnap snapshot), "
+        "restore and run it. Disks run on fresh overlays of the snapshot's frozen images. "
+        "Arguments after -- are added to the launched QEMU's command line.",
+    )
+    r.add_argument("image", metavar="IMG")
+    r.add_argument("extra", nargs="*", metavar="QEMU_ARG", help=argparse.SUPPRESS)
+    r.add_argument("--qmp", metavar="SOCK",
+                   help="QMP socket of the destination (with --launch: where to put the new QEMU's)")
+    r.add_argument("--launch", action="store_true", help="start QEMU from the recorded command line")
+    r.add_argument("--postcopy", type=_percent, nargs="?", const=10.0, default=None, metavar="PCT",
+                   help="restore through postcopy after PCT%% of the non-zero pages (default 10)")
+    r.add_argument("--paused", action="store_true", help="leave the restored guest paused")
+    r.add_argument("--dir", metavar="DIR",
+                   help="the restore's directory (overlays, sockets, logs); default: a new one "
+                   "under $XDG_RUNTIME_DIR or /tmp")
+    r.add_argument("--qemu", metavar="BINARY",
+                   help="with --launch: this QEMU binary instead of the recorded one")
+    r.add_argument("--drop-arg", action="append", default=[], metavar="OPTION",
+                   help="with --launch: remove every OPTION (e.g. -vnc) from the recorded command line")
+    r.add_argument("--output", choices=("human", "json"), default="human")
+
     d = sub.add_parser("demo", help="save and load a synthetic VM, no QEMU needed")
     d.add_argument("--size", type=_size, default=256 << 20, metavar="SIZE",
                    help="guest RAM size of the synthetic VM (default 256M)")
@@ -161,6 +186,27 @@ def _cmd_check(args):
     return report["exit_code"]
 
 
+def _cmd_restore(args):
+    from qsnap.vm import restore
+
+    if args.launch:
+        out = restore.launch(args.image, qmp_path=args.qmp, directory=args.dir, binary=args.qemu,
+                             postcopy=args.postcopy, paused=args.paused, drop=args.drop_arg,
+                             extra=args.extra)
+    else:
+        if not args.qmp:
+            raise UsageError("restore needs --qmp SOCK (a QEMU started with -incoming defer) or --launch")
+        if args.extra or args.qemu or args.drop_arg:
+            raise UsageError("QEMU arguments, --qemu and --drop-arg only go with --launch")
+        out = restore.restore_into(args.qmp, args.image, postcopy=args.postcopy, paused=args.paused,
+                                   directory=args.dir)
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        print(restore.format_summary(out))
+    return 0
+
+
 def _cmd_demo(args):
     from qsnap.demo import run_demo
 
@@ -173,6 +219,7 @@ _COMMANDS = {
     "info": _cmd_info,
     "check": _cmd_check,
     "demo": _cmd_demo,
+    "restore": _cmd_restore,
 }
 
 
@@ -194,7 +241,7 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("no command given (one of: save, load, info, check, demo)")
+            raise UsageError("no command given (one of: save, load, info, check, restore, demo)")
         return _COMMANDS[args.command](args)
     except QsnapError as e:
         if debug:
