@@ -18,7 +18,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from qsnap import __version__
-from qsnap.errors import QsnapError, UsageError
+from qsnap.errors import Interrupted, QsnapError, UsageError
 
 PROG = "qsnap"
 
@@ -71,6 +71,11 @@ def build_parser():
                    help="qcow2 cluster size, 64K..2M (default 1M)")
     s.add_argument("--stats", metavar="FILE", help="write save statistics as JSON to FILE")
     s.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
+    s.add_argument("--vm-info", metavar="FILE",
+                   help="JSON VM record (written by qsnap snapshot) to store in the image")
+    s.add_argument("--report", metavar="FILE",
+                   help="when the save ends, write FILE atomically: "
+                   '{"ok": true, "summary": ...} or {"ok": false, "error": ...}')
 
     ld = sub.add_parser(
         "load",
@@ -131,7 +136,8 @@ def build_parser():
 def _cmd_save(args):
     from qsnap.save import save
 
-    stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet)
+    stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet,
+                 vm_info=args.vm_info, report=args.report)
     if args.stats:
         with open(args.stats, "w") as f:
             json.dump(stats, f, indent=2)
@@ -223,7 +229,7 @@ _COMMANDS = {
 }
 
 
-class Terminated(QsnapError):
+class Terminated(Interrupted):
     """A signal asked qsnap to stop (QEMU cancelling a migration sends SIGTERM)."""
 
     exit_code = 128 + signal.SIGTERM

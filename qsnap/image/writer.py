@@ -171,19 +171,22 @@ class ImageWriter:
         return self.region_offsets
 
     def finish(self, *, header_bytes=b"", pre_ram=b"", device_state=b"", stream_info=None,
-               commands=(), counts=None, machine=None, created=None):
-        """Write metadata and tables, mark the image COMPLETE, rename it over ``path``."""
+               commands=(), counts=None, machine=None, created=None, vm=None):
+        """Write metadata and tables, mark the image COMPLETE, rename it over ``path``.
+
+        ``vm``: the VM record (layout.validate_vm_record) stored as the "vm" key, or None.
+        """
         if self.sink is None:
             raise RuntimeError("finish() before start()")
         try:
             return self._finish(header_bytes, pre_ram, device_state, stream_info or {},
-                                commands, counts or {}, machine, created)
+                                commands, counts or {}, machine, created, vm)
         except BaseException:
             self.abort()
             raise
 
     def _finish(self, header_bytes, pre_ram, device_state, stream_info, commands, counts,
-                machine, created):
+                machine, created, vm):
         sink, cs, tps = self.sink, self.cluster_size, self.target_page_size
         sink.flush()
         records = sink.block_records()
@@ -231,6 +234,8 @@ class ImageWriter:
             "device_state": Blob(device_state),
             "counts": full_counts,
         }
+        if vm is not None:
+            doc["vm"] = vm
         region = layout.build_meta_region(doc)
         meta_length = len(region)
         meta_crc = layout._crc32c(region)
