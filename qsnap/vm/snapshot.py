@@ -68,6 +68,7 @@ class _Snapshot:
         self.workdir = None
         self.migrating = False
         self.events_before = {}
+        self.downtime_ms = None
 
     # -- the whole operation ------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class _Snapshot:
         self._wait_completed()
         if self.mode != "background" and self.was_running:
             self.q.cmd("cont")
+        self.downtime_ms = self._downtime_ms()
         return report
 
     def _stopped(self):
@@ -149,8 +151,11 @@ class _Snapshot:
             self._migrate()  # QEMU stops and resumes the guest itself
             return
         self.q.cmd("stop")
-        self._freeze_disks()
-        self._migrate()
+        overlays.take(self.q, self.disks)
+        self._migrate(record=False)
+        # fingerprinting the frozen images takes milliseconds: do it while QEMU sets
+        # up the stream rather than while the guest waits (qsnap save waits for it)
+        self._write_record()
         self._resume_background()
         self._write_record()  # with the downtime, if the save has not finished yet
 
@@ -278,7 +283,7 @@ class _Snapshot:
 
     def _summary(self, report, seconds):
         return {"image": self.image, "mode": self.mode, "was_running": self.was_running,
-                "downtime_ms": self._downtime_ms(), "seconds": round(seconds, 3),
+                "downtime_ms": self.downtime_ms, "seconds": round(seconds, 3),
                 "ram_only": not self.disks,
                 "disks": [{"device": d.device, "qdev": d.qdev, "frozen": d.image, "overlay": d.overlay}
                           for d in self.disks],
