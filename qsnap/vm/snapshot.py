@@ -229,8 +229,16 @@ class _Snapshot:
         with open(path) as f:
             report = json.load(f)
         if not report.get("ok"):
-            migration.wait_ended(self.q, END_TIMEOUT)
-            self.migrating = False
+            if self.mode == "background":
+                # QEMU 7.2 wedges (QMP `quit` never answers) after migrate_cancel of a
+                # background snapshot: let it finish the stream the save drains.  Its
+                # completion leaves the disks active (bg_migration_completion).
+                migration.wait_ended(self.q, END_TIMEOUT)
+                self.migrating = False
+            else:
+                # cancel before QEMU completes the stream the save drains: a completed
+                # precopy inactivates the disks, and no overlay can be committed back
+                self._cancel_migration()
             raise VmError(f"saving {self.image} failed: {report.get('error')}")
         return report
 
@@ -247,7 +255,9 @@ class _Snapshot:
     def _undo(self, error):
         """Put the VM back as it was: no migration, old disk chain, old run state."""
         problems = []
-        for step in (self._cancel_migration, self._roll_back_disks, self._restore_run_state):
+        # the run state first: `cont` also reactivates disks a completed migration left
+        # inactive, and block-commit needs them active
+        for step in (self._cancel_migration, self._restore_run_state, self._roll_back_disks):
             try:
                 step()
             except Exception as e:  # keep undoing: each step stands alone
@@ -264,6 +274,11 @@ class _Snapshot:
         self.migrating = False
 
     def _roll_back_disks(self):
+        if any(d.made for d in self.disks) and self.q.cmd("query-status")["status"] == "postmigrate":
+            raise VmError("the migration completed before the failure was known, which left the "
+                          "paused VM's disks inactive; they are activated again by `cont`, after "
+                          "which the overlays " + ", ".join(d.overlay for d in self.disks if d.made)
+                          + " can be committed (block-commit)")
         overlays.roll_back(self.q, self.disks)
 
     def _restore_run_state(self):
