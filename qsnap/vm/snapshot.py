@@ -42,6 +42,7 @@ SWITCHOVER_TIMEOUT = 3600.0    # live mode: precopy converging to the switch-ove
 RESUME_TIMEOUT = 60.0
 END_TIMEOUT = 600.0
 POLL = 0.02
+SPAWN_GRACE = 30.0             # s for QEMU's exec: child to show up as qsnap save
 # query-status run states a snapshot can start from; the others (inmigrate,
 # postmigrate after a failed switch-over, shutdown, internal-error...) are refused.
 STARTABLE = {"running": True, "paused": False, "prelaunch": False, "postmigrate": False}
@@ -212,14 +213,17 @@ class _Snapshot:
         the migration, so that nothing is left running)."""
         shown = Progress(sys.stderr, f"qsnap: saving {self.image}") if self.progress else None
         path = self._path("report.json")
+        started = time.monotonic()
+        seen = False
         try:
             while not os.path.exists(path):
-                if not _save_running(path):
-                    if os.path.exists(path):
-                        break
-                    info = migration.wait_ended(self.q, END_TIMEOUT)
-                    raise VmError(f"qsnap save ended without a report (migration {info.get('status')}: "
-                                  f"{info.get('error-desc', 'no reason given')}); see QEMU's stderr")
+                if _save_running(path):
+                    seen = True
+                # QEMU 7.2 returns from `migrate` right after fork(): the save shows up
+                # only once the child has exec'd
+                elif seen or time.monotonic() - started > SPAWN_GRACE:
+                    self._no_report(path)
+                    break
                 if shown:
                     shown.tick(self.q)
                 time.sleep(POLL)
@@ -241,6 +245,16 @@ class _Snapshot:
                 self._cancel_migration()
             raise VmError(f"saving {self.image} failed: {report.get('error')}")
         return report
+
+    def _no_report(self, path):
+        """The save is gone: its report must be there, else VmError with QEMU's view."""
+        if os.path.exists(path):
+            return
+        info = migration.wait_ended(self.q, END_TIMEOUT)
+        if not os.path.exists(path):
+            self.migrating = False
+            raise VmError(f"qsnap save ended without a report (migration {info.get('status')}: "
+                          f"{info.get('error-desc', 'no reason given')}); see QEMU's stderr")
 
     def _wait_completed(self):
         info = migration.wait_ended(self.q, END_TIMEOUT)
