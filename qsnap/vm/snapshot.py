@@ -121,6 +121,7 @@ class _Snapshot:
             settings.set_parameter("max-bandwidth", MAX_BANDWIDTH)
         if self.mode == "live" and self.disks:
             settings.set_capability("pause-before-switchover", True)
+        overlays.prepare(self.disks)
         {"stopped": self._stopped, "live": self._live, "background": self._background}[self.mode]()
         report = self._wait_save()
         self._wait_completed()
@@ -271,7 +272,8 @@ class _Snapshot:
         problems = []
         # the run state first: `cont` also reactivates disks a completed migration left
         # inactive, and block-commit needs them active
-        for step in (self._cancel_migration, self._restore_run_state, self._roll_back_disks):
+        for step in (self._cancel_migration, self._restore_run_state, self._roll_back_disks,
+                     self._discard_overlays):
             try:
                 step()
             except Exception as e:  # keep undoing: each step stands alone
@@ -294,6 +296,9 @@ class _Snapshot:
                           "which the overlays " + ", ".join(d.overlay for d in self.disks if d.made)
                           + " can be committed (block-commit)")
         overlays.roll_back(self.q, self.disks)
+
+    def _discard_overlays(self):
+        overlays.discard(self.disks)
 
     def _restore_run_state(self):
         if self.was_running and self.q.cmd("query-status")["status"] != "running":
