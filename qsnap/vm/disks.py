@@ -115,18 +115,18 @@ def overlay_path(directory, disk, used):
     return os.path.join(directory, name)
 
 
-def put_overlay(qmp, block, path):
-    """A new qcow2 overlay at ``path`` on top of the device's image, made by QEMU itself.
+def overlay_action(block, path, node_name):
+    """The transaction action putting a new qcow2 overlay at ``path`` (node ``node_name``)
+    on top of the device's image; QEMU itself creates the file.
 
     On an incoming QEMU the block graph is still inactive; QEMU accepts
     blockdev-snapshot-sync there, writes nothing to the old image and reopens it
     read-only as the overlay's backing file, so the frozen image is never written.
-    QEMU writes the overlay header (backing file, backing format, size) the same way
-    a snapshot does."""
+    QEMU writes the overlay's header (backing file and format, size) as a snapshot does.
+    Naming the old node by node-name (the device name is "" with -blockdev) makes
+    QEMU require a node name for the new one (blockdev.c external_snapshot_action)."""
     if os.path.lexists(path):
         raise VmError(f"overlay {path} already exists")
-    inserted = block["inserted"]
-    target = ({"node-name": inserted["node-name"]} if inserted.get("node-name")
-              else {"device": block["device"]})
-    qmp.cmd("blockdev-snapshot-sync", dict(target, **{"snapshot-file": path, "format": "qcow2",
-                                                      "mode": "absolute-paths"}))
+    return {"type": "blockdev-snapshot-sync", "data": {
+        "node-name": block["inserted"]["node-name"], "snapshot-node-name": node_name,
+        "snapshot-file": path, "format": "qcow2", "mode": "absolute-paths"}}

@@ -74,6 +74,17 @@ def check_incoming(q):
         raise VmError(f"the QEMU at {q.path} already has an incoming migration ({mig})")
 
 
+def autostarts(q):
+    """True if the QEMU at ``q`` starts the guest itself after an incoming migration
+    (no -S on its command line); None if its command line cannot be read."""
+    try:
+        with open(f"/proc/{q.pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, TypeError):
+        return None
+    return not any(a in (b"-S", b"--S") for a in argv[1:])
+
+
 def machine_type(q):
     """The running machine type: qom-get /machine type minus the "-machine" suffix."""
     t = q.cmd("qom-get", path="/machine", property="type")
@@ -173,6 +184,9 @@ class Restore:
 
     def preflight(self):
         check_incoming(self.q)
+        if self.paused and autostarts(self.q):
+            raise VmError(f"--paused needs a destination started with -S: the QEMU at {self.q.path} "
+                          "starts the guest itself when the restore completes")
         check_machine(self.q, self.facts)
         check_ram(self.q, self.facts)
         return plan_disks(self.q, self.facts)
@@ -189,13 +203,15 @@ class Restore:
         return self.summary()
 
     def _set_caps(self):
-        if self.postcopy is None:
-            return
+        """postcopy-ram for a postcopy restore; events, so that the MIGRATION events tell
+        which states the restore went through.  Both put back by _put_back_caps."""
+        want = {"events": True}
+        if self.postcopy is not None:
+            want["postcopy-ram"] = True
         caps = self.q.cmd("query-migrate-capabilities")
-        self.caps_before = {c["capability"]: c["state"] for c in caps
-                            if c["capability"] == "postcopy-ram"}
+        self.caps_before = {c["capability"]: c["state"] for c in caps if c["capability"] in want}
         self.q.cmd("migrate-set-capabilities",
-                   capabilities=[{"capability": "postcopy-ram", "state": True}])
+                   capabilities=[{"capability": k, "state": v} for k, v in want.items()])
 
     def _put_back_caps(self):
         if not self.caps_before:
@@ -210,15 +226,12 @@ class Restore:
     def _put_overlays(self, plan):
         """All overlays in one transaction: either every disk gets one, or none does."""
         used, actions = set(os.listdir(self.dir)), []
+        tag = os.urandom(4).hex()  # node names unique in the QEMU's block graph
         for block, disk, what in plan:
             if what != "overlay":
                 continue
             path = vmdisks.overlay_path(self.dir, disk, used)
-            inserted = block["inserted"]
-            target = ({"node-name": inserted["node-name"]} if inserted.get("node-name")
-                      else {"device": block["device"]})
-            actions.append({"type": "blockdev-snapshot-sync", "data": dict(
-                target, **{"snapshot-file": path, "format": "qcow2", "mode": "absolute-paths"})})
+            actions.append(vmdisks.overlay_action(block, path, f"qsnap-{tag}-{len(actions)}"))
             self.overlays.append(path)
         if not actions:
             return
@@ -293,7 +306,8 @@ class Restore:
         return {"image": self.facts.path, "pid": self.q.pid, "qmp": self.q.path, "status": status,
                 "seconds": round(total, 3),
                 "seconds_to_run": None if self.seconds_to_run is None else round(self.seconds_to_run, 3),
-                "postcopy": self.postcopy, "dir": self.dir, "overlays": list(self.overlays)}
+                "postcopy": self.postcopy, "dir": self.dir, "overlays": list(self.overlays),
+                "migration_statuses": [e["data"]["status"] for e in self.q.events("MIGRATION")]}
 
     def undo_files(self):
         """After a failure: remove the overlays this restore made if no QEMU uses them.
@@ -379,6 +393,8 @@ def restore_into(qmp_path, img, *, postcopy=None, paused=False, directory=None):
                 raise
         _unlink(job.load_log)
         work.remove_if_empty()
+        if not os.path.isdir(work.path):
+            out["dir"] = None
         out["changes"] = []
         return out
     except BaseException:
