@@ -488,7 +488,9 @@ def _start_failure(proc, facts, binary, log_path):
         text = _tail(log_path).strip()
     except OSError:
         text = ""
-    last = text.splitlines()[-1] if text else f"exit status {proc.returncode}"
+    # QEMU's own error lines start with its program name ("qemu-system-x86_64: -machine ...")
+    own = [ln for ln in text.splitlines() if ln.startswith(os.path.basename(binary) + ":")]
+    last = (own or text.splitlines() or [f"exit status {proc.returncode}"])[-1]
     msg = f"QEMU exited at start-up: {last}; the image was {facts.origin()}"
     known = _binary_machines(binary)
     if facts.machine and known is not None and facts.machine not in known:

@@ -351,6 +351,7 @@ def assert_refused(r, *words):
     lines = error_lines(r.stderr)
     assert r.returncode != 0 and len(lines) == 1, r.stderr.decode()
     assert "Traceback" not in r.stderr.decode()
+    print(lines[0])
     for w in words:
         assert w in lines[0], lines[0]
     return lines[0]
