@@ -100,6 +100,22 @@ def build_parser():
     c.add_argument("image", metavar="IMG")
     c.add_argument("--output", choices=("human", "json"), default="human")
 
+    sn = sub.add_parser(
+        "snapshot",
+        help="snapshot a running VM (RAM, devices, disks) into an image",
+        description="Connects to the VM's QMP socket, saves RAM and device state into IMG "
+        "through migrate exec:qsnap save, and (with --disks=overlay) puts every writable disk "
+        "on a new overlay at the same instant, so that the old images stay frozen with the RAM.",
+    )
+    sn.add_argument("image", metavar="IMG")
+    sn.add_argument("--qmp", required=True, metavar="SOCK", help="QMP unix socket of the VM")
+    sn.add_argument("--mode", choices=("background", "live", "stopped"), default="background",
+                    help="background (default): the guest runs while RAM is written; live: "
+                    "precopy, paused for the switch-over; stopped: paused for the whole save")
+    sn.add_argument("--disks", choices=("overlay", "none"), default="overlay",
+                    help="overlay (default): freeze the disks at the snapshot instant; none: RAM only")
+    sn.add_argument("--output", choices=("human", "json"), default="human")
+
     r = sub.add_parser(
         "restore",
         help="restore a snapshot image into a QEMU (an -incoming defer one, or one it starts)",
@@ -192,6 +208,18 @@ def _cmd_check(args):
     return report["exit_code"]
 
 
+def _cmd_snapshot(args):
+    from qsnap.vm import snapshot
+
+    out = snapshot.snapshot(args.qmp, args.image, mode=args.mode, disks=args.disks,
+                            progress=sys.stderr.isatty())
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        print(snapshot.format_summary(out))
+    return 0
+
+
 def _cmd_restore(args):
     from qsnap.vm import restore
 
@@ -226,6 +254,7 @@ _COMMANDS = {
     "check": _cmd_check,
     "demo": _cmd_demo,
     "restore": _cmd_restore,
+    "snapshot": _cmd_snapshot,
 }
 
 
