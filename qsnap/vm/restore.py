@@ -21,13 +21,12 @@ import time
 
 from qsnap.errors import VmError
 from qsnap.vm import disks as vmdisks
+from qsnap.vm import migration
 from qsnap.vm.qmp import Qmp
 
 POLL = 0.05
 START_TIMEOUT = 30.0          # QEMU start-up until its QMP socket answers
 LOAD_TIMEOUT = 24 * 3600.0    # a stalled load ends when QEMU or qsnap load exits
-ACTIVE_MIGRATION = ("setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
-                    "device", "wait-unplug", "pre-switchover", "cancelling")
 UNIX_PATH_MAX = 107           # sun_path holds 108 bytes with the NUL
 
 
@@ -69,8 +68,8 @@ def check_incoming(q):
     if status != "inmigrate":
         raise VmError(f"the QEMU at {q.path} is {status}, not waiting for an incoming migration: "
                       "start it with -incoming defer")
-    mig = q.cmd("query-migrate").get("status", "none")
-    if mig in ACTIVE_MIGRATION or mig == "completed":
+    mig = migration.status(q)
+    if mig not in ("none", "failed", "cancelled"):
         raise VmError(f"the QEMU at {q.path} already has an incoming migration ({mig})")
 
 
@@ -174,7 +173,7 @@ class Restore:
         self.postcopy, self.paused = postcopy, paused
         self.overlays = []        # files this restore made
         self.overlays_live = False  # QEMU's block graph uses them
-        self.caps_before = None
+        self.settings = None
         self.t0 = time.monotonic()
         self.seconds_to_run = None
 
@@ -205,20 +204,16 @@ class Restore:
     def _set_caps(self):
         """postcopy-ram for a postcopy restore; events, so that the MIGRATION events tell
         which states the restore went through.  Both put back by _put_back_caps."""
-        want = {"events": True}
+        self.settings = migration.Settings(self.q)
+        self.settings.set_capability("events", True)
         if self.postcopy is not None:
-            want["postcopy-ram"] = True
-        caps = self.q.cmd("query-migrate-capabilities")
-        self.caps_before = {c["capability"]: c["state"] for c in caps if c["capability"] in want}
-        self.q.cmd("migrate-set-capabilities",
-                   capabilities=[{"capability": k, "state": v} for k, v in want.items()])
+            self.settings.set_capability("postcopy-ram", True)
 
     def _put_back_caps(self):
-        if not self.caps_before:
+        if self.settings is None:
             return
         try:
-            self.q.cmd("migrate-set-capabilities", capabilities=[
-                {"capability": k, "state": v} for k, v in self.caps_before.items()])
+            self.settings.restore()
         except VmError:
             if self.q_alive():
                 raise

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from qsnap.vm import disks as vmdisks
+from qsnap.vm import overlays
 from qsnap.vm.qmp import Qmp
 from qsnaptest import guests
 from qsnaptest.qemu import BlobGuest, Qemu, parse_size, ram_ranges
@@ -435,3 +436,71 @@ def test_qmp_into_a_qemu_without_the_machine_type(q10_snap, snap, tmp_path):
         r, _ = restore("--qmp", dst.qsnap_qmp, q10_snap)
         assert_refused(r, "QEMU 10.0.2", "pc-i440fx-10.0", "does not provide")
         assert dst.status() == "inmigrate"
+
+
+# --- a Linux guest writing numbered records to its disk --------------------------------------------
+
+@pytest.fixture(scope="module")
+def disk_snap(qemu_bin, tmp_path_factory):
+    """The record-writing guest, snapshotted (background) with qsnap snapshot while it
+    writes; the source goes on writing records on its own overlay meanwhile."""
+    from qsnaptest import diskguest
+
+    try:
+        kernel, initrd = diskguest.files()
+    except guests.GuestUnavailable as e:
+        pytest.skip(f"disk guest unavailable: {e}")
+    d = tmp_path_factory.mktemp("diskguest")
+    disk = diskguest.create_disk(d / "disk.qcow2")
+    sock = d / "src.qmp"
+    with diskguest.DiskGuest(kernel, initrd, disks=[disk], env=qsnap_env(),
+                             args=["-qmp", f"unix:{sock},server=on,wait=off"]) as vm:
+        vm.wait_record(3)
+        img = d / "dg.qsnap"
+        r = run_qsnap("snapshot", "--qmp", sock, "--output=json", img, timeout=600)
+        assert r.returncode == 0, r.stderr.decode()
+        frozen = diskguest.records(disk)
+        later = vm.wait_record(diskguest.contiguous_top(frozen) + 3)  # the source writes on
+        yield d, img, disk, frozen, later
+
+
+@pytest.mark.parametrize("postcopy", [None, 10])
+def test_disk_guest_goes_on_from_the_snapshot(disk_snap, tmp_path, postcopy):
+    from qsnaptest import diskguest
+
+    d, img, disk, frozen, source_later = disk_snap
+    k = diskguest.contiguous_top(frozen)
+    before = img.read_bytes(), disk.read_bytes()
+    r, out = restore("--launch", "--dir", tmp_path / "c", *([f"--postcopy={postcopy}"] if postcopy else []),
+                     img, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()
+    clone = Clone(out)
+    try:
+        assert out["status"] == "running"
+        console = tmp_path / "c" / "console.log"
+        assert any(str(console) in c for c in out["changes"]), out["changes"]
+        deadline = time.monotonic() + 180
+        while True:
+            recs = [int(x) for x in diskguest.REC_RE.findall(console.read_text(errors="replace"))]
+            if recs and recs[-1] >= k + 3:
+                break
+            assert _alive(clone.pid) and time.monotonic() < deadline, console.read_text()[-2000:]
+            time.sleep(0.2)
+        text = console.read_text(errors="replace")
+        assert diskguest.ERROR_MARKER not in text, text[-2000:]
+        # the guest goes on from the snapshot's record: its RAM and disk agree
+        assert recs[0] in (k, k + 1), (recs[:5], k)
+        [overlay] = out["overlays"]
+        clone.hmp('qemu-io d0 "flush"')
+        restored = diskguest.records(overlay)
+        _, top = diskguest.check_continuation(frozen, restored)
+        assert top >= k + 3
+        # the source wrote records after the snapshot too (on its own overlay); the clone
+        # wrote its own, later ones under the same numbers and sees none of the source's
+        source = diskguest.records(overlays.overlay_path(str(disk), str(img)))
+        assert source_later > k and max(source) >= k + 3
+        for n in range(k + 1, k + 3):
+            assert restored[n][1] > source[n][1], (n, restored[n], source[n])
+    finally:
+        clone.kill()
+    assert (img.read_bytes(), disk.read_bytes()) == before
