@@ -139,6 +139,7 @@ class Rewriter:
         self.found = set()  # indices of disks the command line named
         self.used_names = set()
         self.vnc_done = False
+        self.protocol_nodes = {}  # node-name of a rewritten -blockdev protocol node -> disk index
 
     # paths --------------------------------------------------------------------------
     def clone_path(self, old, default):
@@ -170,7 +171,7 @@ class Rewriter:
         out = []
         for a in args:
             out.extend(self.one(a))
-        return out
+        return self.finish_blockdevs(out)
 
     def one(self, a):
         n = a.name
@@ -247,32 +248,52 @@ class Rewriter:
         return Arg(a.name, join_opts(pairs))
 
     def blockdev(self, a):
+        """A -blockdev whose protocol node names a recorded disk's file now names the frozen
+        image; the format node over it (nested, or another -blockdev naming it by node-name,
+        fixed in finish_blockdevs) reads the frozen image's format."""
         tree = _blockdev_tree(a.value)
-        if not self._blockdev_walk(tree, a.value):
+        disk = self._blockdev_walk(tree, a.value)
+        if disk is None:
             return a
-        return Arg(a.name, json.dumps(tree, separators=(",", ":")))
+        if isinstance(tree.get("node-name"), str) and tree.get("filename") is not None:
+            self.protocol_nodes[tree["node-name"]] = disk
+        return _BlockdevArg(a.name, tree, a.value)
 
     def _blockdev_walk(self, node, text):
-        """Rewrite a -blockdev tree in place; True if it named a recorded disk's file."""
-        changed = False
+        """Rewrite a -blockdev tree in place; the index of the disk it names, or None."""
         child = node.get("file")
-        if isinstance(child, dict) and self._blockdev_walk(child, text):
-            # the format node over a rewritten protocol node reads the frozen image's format
-            changed = True
-            i = child.pop("_qsnap_disk")
-            if "backing" in node:
-                raise VmError(f"cannot rewrite -blockdev {text}: it sets its backing chain "
-                              "while the frozen image brings its own")
-            node["driver"] = self.disks[i]["format"]
+        if isinstance(child, dict):
+            i = self._blockdev_walk(child, text)
+            if i is not None:
+                self._set_format(node, i, text)
+                return i
         i = self.disk_for(node.get("filename"))
         if i is not None:
             if node.get("driver") not in ("file", "host_device", None):
                 raise VmError(f"cannot rewrite -blockdev {text}: driver {node.get('driver')} "
                               "for a disk file")
             node["filename"] = self.substitute(i, node["filename"], "-blockdev filename=")
-            node["_qsnap_disk"] = i
-            changed = True
-        return changed
+        return i
+
+    def _set_format(self, node, i, text):
+        if "backing" in node:
+            raise VmError(f"cannot rewrite -blockdev {text}: it sets its backing chain "
+                          "while the frozen image brings its own")
+        node["driver"] = self.disks[i]["format"]
+
+    def finish_blockdevs(self, args):
+        """Format nodes naming a rewritten protocol node by node-name read the frozen format."""
+        out = []
+        for a in args:
+            if a.name == "blockdev" and not isinstance(a, _BlockdevArg):
+                tree = _blockdev_tree(a.value)
+                ref = tree.get("file")
+                if isinstance(ref, str) and ref in self.protocol_nodes:
+                    self._set_format(tree, self.protocol_nodes[ref], a.value)
+                    a = _BlockdevArg(a.name, tree, a.value)
+            out.append(Arg(a.name, json.dumps(a.tree, separators=(",", ":")))
+                       if isinstance(a, _BlockdevArg) else a)
+        return out
 
     # chardevs ------------------------------------------------------------------------
     def chardev(self, a):
@@ -347,6 +368,14 @@ class Rewriter:
         self.note(f"-{a.name}: dropped hostfwd={', hostfwd='.join(fwd)} (host ports would collide "
                   "between clones; add your own after --)")
         return Arg(a.name, join_opts(_without(pairs, "hostfwd"), "type"))
+
+
+class _BlockdevArg(Arg):
+    """A -blockdev being rewritten: its tree, serialised as JSON at the end."""
+
+    def __init__(self, name, tree, original):
+        super().__init__(name, original)
+        self.tree = tree
 
 
 def _is_server(pairs):
