@@ -288,9 +288,9 @@ class Restore:
         why = ""
         try:
             with open(self.load_log, errors="replace") as f:
-                lines = [ln.strip() for ln in f if ln.startswith("qsnap: error:")]
+                lines = [ln[len("qsnap: error:"):].strip() for ln in f if ln.startswith("qsnap: error:")]
             if lines:
-                why = f" ({lines[-1]})"
+                why = f" (qsnap load: {lines[-1]})"
         except OSError:
             pass
         return f"{what}{why}; the image was {self.facts.origin()}"
@@ -311,6 +311,7 @@ class Restore:
             return list(self.overlays)
         for p in self.overlays:
             _unlink(p)
+        self.overlays_live = False
         _unlink(self.load_log)
         return []
 

@@ -504,3 +504,54 @@ def test_disk_guest_goes_on_from_the_snapshot(disk_snap, tmp_path, postcopy):
     finally:
         clone.kill()
     assert (img.read_bytes(), disk.read_bytes()) == before
+
+
+# --- failures after QEMU started ---------------------------------------------------------------------
+
+def test_launch_refusal_after_start_leaves_nothing(snap, tmp_path):
+    """Extra arguments after -- that give the clone other RAM: refused once QEMU is up;
+    QEMU is ended, the directory and its overlays removed."""
+    before = snap.state()
+    work = tmp_path / "big"
+    r, _ = restore("--launch", "--dir", work, snap.img, "--", "-m", "256M")
+    assert_refused(r, "pc.ram", "256 MiB")
+    assert not work.exists() and not procs_using(work)
+    assert snap.state() == before
+
+
+def corrupt_copy(snap, tmp_path):
+    """A copy of the snapshot image with one stored RAM page damaged (a blob's first page)."""
+    from qsnaptest.tools import block, host_offset, qsnap_info
+
+    img = tmp_path / "bad.qsnap"
+    shutil.copyfile(snap.img, img)
+    off = host_offset(img, block(qsnap_info(img))["offset"] + snap.blobs[0].addr)
+    with open(img, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0xFF]))
+    return img
+
+
+def test_load_failure_is_explained_and_cleaned_up(snap, tmp_path):
+    bad = corrupt_copy(snap, tmp_path)
+    before = snap.state()
+    work = tmp_path / "w"
+    r, _ = restore("--launch", "--dir", work, bad)
+    line = assert_refused(r, "exited during the restore", "checksum", "saved by QEMU 7.2")
+    assert not work.exists() and not procs_using(work), line
+    with dest(snap.dir, "dst", disk=snap.frozen) as dst:
+        r, _ = restore("--qmp", dst.qsnap_qmp, "--dir", tmp_path / "q", bad)
+        assert_refused(r, "exited during the restore", "checksum")
+        dst.proc.wait(10)  # QEMU 7.2 exits after a failed incoming migration
+    assert not (tmp_path / "q").exists()
+    assert snap.state() == before
+
+
+def test_qmp_refuses_a_qemu_not_waiting_for_a_migration(snap, tmp_path):
+    sock = tmp_path / "run.qmp"
+    with Qemu(memory=MEMORY, accel="tcg", args=["-qmp", f"unix:{sock},server=on,wait=off"]) as vm:
+        r, _ = restore("--qmp", sock, snap.img)
+        assert_refused(r, "is running, not waiting for an incoming migration", "-incoming defer")
+        assert vm.status() == "running"
