@@ -140,6 +140,7 @@ class Rewriter:
         self.used_names = set()
         self.vnc_done = False
         self.protocol_nodes = {}  # node-name of a rewritten -blockdev protocol node -> disk index
+        self.unsnapped = []       # writable -drive/-hda disks the snapshot did not freeze
 
     # paths --------------------------------------------------------------------------
     def clone_path(self, old, default):
@@ -217,14 +218,19 @@ class Rewriter:
     def substitute(self, i, old, what):
         d = self.disks[i]
         self.found.add(i)
-        self.note(f"{what} {old} -> {d['frozen']} (the snapshot's frozen image, under a new overlay)")
+        if _same_file(old, d["frozen"], self.cwd):
+            self.note(f"{what}{old}: the snapshot's frozen image, under a new overlay")
+        else:
+            self.note(f"{what}{old} -> {d['frozen']} (the snapshot's frozen image, under a new overlay)")
         return d["frozen"]
 
     def legacy_disk(self, a):
         i = self.disk_for(a.value)
         if i is None:
+            if a.name != "cdrom":
+                self.unsnapped.append(a)
             return a
-        return Arg(a.name, self.substitute(i, a.value, "-" + (a.name or "hda")))
+        return Arg(a.name, self.substitute(i, a.value, "-" + (a.name or "hda") + " "))
 
     def drive(self, a):
         pairs = split_opts(a.value)
@@ -235,6 +241,8 @@ class Rewriter:
                 if k == "file.filename" and self.disk_for(_get(pairs, k)) is not None:
                     raise VmError(f"cannot rewrite -drive {a.value}: it names its file with "
                                   "file.filename=; use file=")
+            if _get(pairs, "readonly") not in ("on", "yes", "true") and _get(pairs, "media") != "cdrom":
+                self.unsnapped.append(a)
             return a
         for k, v in pairs:
             if k == "snapshot" and v in ("on", "yes", "true", None):
@@ -437,6 +445,11 @@ def rewrite_for_clone(argv, disks, clone_dir, *, qmp_path, binary=None, cwd=None
             rw.note(f"dropped every -{name} (--drop-arg)")
     rw.used_names.update({"qmp.sock", "qemu.log", "load.log"})
     new = rw.rewrite(kept)
+    if rw.unsnapped:
+        a = rw.unsnapped[0]
+        raise VmError(f"cannot launch: the recorded command line opens {' '.join(a.words())} writable "
+                      "but the snapshot did not freeze that disk, so the clone would write it; "
+                      "drop it (--drop-arg), or start QEMU yourself with -incoming defer and restore with --qmp")
     missing = [d for i, d in enumerate(disks) if i not in rw.found]
     if missing:
         d = missing[0]

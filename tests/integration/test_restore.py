@@ -326,8 +326,9 @@ def test_two_clones_at_once_from_the_same_state(snap, tmp_path):
     before = snap.state()
     a = launch(snap, tmp_path, "a", "--paused")
     try:
-        b = launch(snap, tmp_path, "b", "--paused")
+        b = launch(snap, tmp_path, "b", "--paused", "--qmp", tmp_path / "b.qmp")
         try:
+            assert b.out["qmp"] == str(tmp_path / "b.qmp")
             assert a.pid != b.pid and _alive(a.pid) and _alive(b.pid)
             [oa], [ob] = a.out["overlays"], b.out["overlays"]
             assert oa != ob and Path(oa).parent == tmp_path / "a" and Path(ob).parent == tmp_path / "b"

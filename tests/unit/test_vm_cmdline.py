@@ -44,6 +44,16 @@ def test_drive_file_becomes_the_frozen_image_in_its_format():
     assert any("/vm/base.img -> /snap/disk.qcow2" in c for c in changes)
 
 
+def test_a_writable_disk_the_snapshot_did_not_freeze_is_refused():
+    with pytest.raises(VmError, match="opens -drive file=/vm/other.img writable"):
+        rewrite(["-drive", "file=/vm/base.img", "-drive", "file=/vm/other.img"])
+    with pytest.raises(VmError, match="opens /vm/other.img writable"):
+        rewrite(["-drive", "file=/vm/base.img", "/vm/other.img"])
+    words, _ = rewrite(["-drive", "file=/vm/base.img", "-drive", "file=/vm/ro.img,readonly=on",
+                        "-cdrom", "/iso/x.iso"])
+    assert "file=/vm/ro.img,readonly=on" in words
+
+
 def test_blockdev_keyval_and_json_forms():
     words, _ = rewrite(["-blockdev", "driver=file,filename=/vm/base.img,node-name=f0",
                         "-blockdev", "driver=raw,file=f0,node-name=d0"])
