@@ -270,9 +270,13 @@ class Restore:
             raise VmError(self._load_failure("the destination QEMU exited during the restore")) from None
 
     def _run_guest(self):
-        # At postcopy-active QEMU may still be "inmigrate": cont then only sets
-        # autostart and QEMU starts the guest at the postcopy RUN command.
-        if self.q.cmd("query-status")["status"] != "running":
+        """cont once QEMU has left "inmigrate" (postcopy: after the RUN command): a cont
+        during inmigrate would activate the disks before the device state is loaded
+        (qmp_cont calls bdrv_activate_all first, monitor/qmp-cmds.c)."""
+        status = self.q.cmd("query-status")["status"]
+        if status == "inmigrate":
+            return
+        if status != "running":
             self.q.cmd("cont")
         self.seconds_to_run = time.monotonic() - self.t0
 

@@ -477,7 +477,8 @@ def test_disk_guest_goes_on_from_the_snapshot(disk_snap, tmp_path, postcopy):
     assert r.returncode == 0, r.stderr.decode()
     clone = Clone(out)
     try:
-        assert out["status"] == "running"
+        assert out["status"] == "running" and out["seconds_to_run"] is not None
+        assert ("postcopy-active" in out["migration_statuses"]) == bool(postcopy)
         console = tmp_path / "c" / "console.log"
         assert any(str(console) in c for c in out["changes"]), out["changes"]
         deadline = time.monotonic() + 180
