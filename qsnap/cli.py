@@ -72,7 +72,8 @@ def build_parser():
     s.add_argument("--stats", metavar="FILE", help="write save statistics as JSON to FILE")
     s.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
     s.add_argument("--vm-info", metavar="FILE",
-                   help="JSON VM record (written by qsnap snapshot) to store in the image")
+                   help="JSON VM record (written by qsnap snapshot) to store in the image; "
+                   "read when the image is finished (waiting a few seconds for it to appear)")
     s.add_argument("--report", metavar="FILE",
                    help="when the save ends, write FILE atomically: "
                    '{"ok": true, "summary": ...} or {"ok": false, "error": ...}')

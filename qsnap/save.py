@@ -165,8 +165,17 @@ def drain(fd):
         pass  # the writer is gone: nothing left to drain
 
 
+VM_INFO_WAIT = 5.0  # s: `qsnap snapshot` writes the record while QEMU sets up the stream
+
+
 def read_vm_info(path):
-    """The VM record in the JSON file ``path``, validated (layout.validate_vm_record)."""
+    """The VM record in the JSON file ``path``, validated (layout.validate_vm_record).
+
+    Waits up to VM_INFO_WAIT s for the file to appear: `qsnap snapshot` writes it
+    (atomically) once the disks are frozen, while QEMU already streams."""
+    deadline = time.monotonic() + VM_INFO_WAIT
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         with open(path, "rb") as f:
             text = f.read()

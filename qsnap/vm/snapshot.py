@@ -68,6 +68,7 @@ class _Snapshot:
         self.workdir = None
         self.migrating = False
         self.events_before = {}
+        self.downtime_ms = None
 
     # -- the whole operation ------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class _Snapshot:
         self._wait_completed()
         if self.mode != "background" and self.was_running:
             self.q.cmd("cont")
+        self.downtime_ms = self._downtime_ms()
         return report
 
     def _stopped(self):
@@ -149,8 +151,11 @@ class _Snapshot:
             self._migrate()  # QEMU stops and resumes the guest itself
             return
         self.q.cmd("stop")
-        self._freeze_disks()
-        self._migrate()
+        overlays.take(self.q, self.disks)
+        self._migrate(record=False)
+        # fingerprinting the frozen images takes milliseconds: do it while QEMU sets
+        # up the stream rather than while the guest waits (qsnap save waits for it)
+        self._write_record()
         self._resume_background()
         self._write_record()  # with the downtime, if the save has not finished yet
 
@@ -224,8 +229,16 @@ class _Snapshot:
         with open(path) as f:
             report = json.load(f)
         if not report.get("ok"):
-            migration.wait_ended(self.q, END_TIMEOUT)
-            self.migrating = False
+            if self.mode == "background":
+                # QEMU 7.2 wedges (QMP `quit` never answers) after migrate_cancel of a
+                # background snapshot: let it finish the stream the save drains.  Its
+                # completion leaves the disks active (bg_migration_completion).
+                migration.wait_ended(self.q, END_TIMEOUT)
+                self.migrating = False
+            else:
+                # cancel before QEMU completes the stream the save drains: a completed
+                # precopy inactivates the disks, and no overlay can be committed back
+                self._cancel_migration()
             raise VmError(f"saving {self.image} failed: {report.get('error')}")
         return report
 
@@ -242,7 +255,9 @@ class _Snapshot:
     def _undo(self, error):
         """Put the VM back as it was: no migration, old disk chain, old run state."""
         problems = []
-        for step in (self._cancel_migration, self._roll_back_disks, self._restore_run_state):
+        # the run state first: `cont` also reactivates disks a completed migration left
+        # inactive, and block-commit needs them active
+        for step in (self._cancel_migration, self._restore_run_state, self._roll_back_disks):
             try:
                 step()
             except Exception as e:  # keep undoing: each step stands alone
@@ -259,6 +274,11 @@ class _Snapshot:
         self.migrating = False
 
     def _roll_back_disks(self):
+        if any(d.made for d in self.disks) and self.q.cmd("query-status")["status"] == "postmigrate":
+            raise VmError("the migration completed before the failure was known, which left the "
+                          "paused VM's disks inactive; they are activated again by `cont`, after "
+                          "which the overlays " + ", ".join(d.overlay for d in self.disks if d.made)
+                          + " can be committed (block-commit)")
         overlays.roll_back(self.q, self.disks)
 
     def _restore_run_state(self):
@@ -278,7 +298,7 @@ class _Snapshot:
 
     def _summary(self, report, seconds):
         return {"image": self.image, "mode": self.mode, "was_running": self.was_running,
-                "downtime_ms": self._downtime_ms(), "seconds": round(seconds, 3),
+                "downtime_ms": self.downtime_ms, "seconds": round(seconds, 3),
                 "ram_only": not self.disks,
                 "disks": [{"device": d.device, "qdev": d.qdev, "frozen": d.image, "overlay": d.overlay}
                           for d in self.disks],

@@ -100,6 +100,17 @@ def test_malformed_vm_record_is_refused(stream, tmp_path, bad, where):
     assert json.loads(report.read_text()) == {"ok": False, "error": lines[0].removeprefix("qsnap: error: ")}
 
 
+def test_vm_info_written_after_the_stream_ended_is_waited_for(stream, tmp_path):
+    """qsnap snapshot writes the record while QEMU streams; the save waits for it a while."""
+    info_file, img = tmp_path / "vm.json", tmp_path / "vm.qsnap"
+    timer = threading.Timer(1.0, lambda: info_file.write_text(json.dumps(vm_record())))
+    timer.start()
+    r = save_cli(stream, img, "--vm-info", info_file)
+    timer.join()
+    assert r.returncode == 0, r.stderr
+    assert json.loads(qsnap("info", "--output=json", img).stdout)["vm"] == vm_record()
+
+
 def test_vm_info_not_json_or_missing(stream, tmp_path):
     info_file = tmp_path / "vm.json"
     info_file.write_text("{not json")
