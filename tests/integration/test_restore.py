@@ -62,12 +62,13 @@ def vm_record(vm, disks, was_running=True):
 
 
 def freeze_disk(vm, overlay):
-    """Put d0 on ``overlay``; the record of the old image, now frozen."""
-    block = next(b for b in vm.qmp("query-block") if b["device"] == "d0")
+    """Put disk vd0 on ``overlay``; the record of the old image, now frozen."""
+    block = next(b for b in vm.qmp("query-block") if b["qdev"].startswith("/machine/peripheral/vd0/"))
     frozen = block["inserted"]["image"]["filename"]
     vm.qmp("transaction", actions=[{"type": "blockdev-snapshot-sync", "data": {
-        "device": "d0", "snapshot-file": str(overlay), "format": "qcow2", "mode": "absolute-paths"}}])
-    return {"device": "d0", "qdev": block["qdev"], "node_name": block["inserted"]["node-name"],
+        "node-name": block["inserted"]["node-name"], "snapshot-node-name": "snap-top",
+        "snapshot-file": str(overlay), "format": "qcow2", "mode": "absolute-paths"}}])
+    return {"device": block["device"], "qdev": block["qdev"], "node_name": block["inserted"]["node-name"],
             "frozen": frozen, "format": "qcow2",
             "virtual_size": block["inserted"]["image"]["virtual-size"], "cmdline_file": frozen,
             "fingerprint": vmdisks.fingerprint(frozen)}
@@ -557,3 +558,35 @@ def test_qmp_refuses_a_qemu_not_waiting_for_a_migration(snap, tmp_path):
         r, _ = restore("--qmp", sock, snap.img)
         assert_refused(r, "is running, not waiting for an incoming migration", "-incoming defer")
         assert vm.status() == "running"
+
+
+def test_launch_a_blockdev_vm(snap, tmp_path):
+    """A disk given as -blockdev (no drive id: QMP names it by node only): the clone's
+    -blockdev reads the frozen image, under a new overlay."""
+    disk = make_disk(tmp_path / "bd.qcow2", pattern=0x42)
+    sock = tmp_path / "src.qmp"
+    args = ["-blockdev", f"driver=file,filename={disk},node-name=f0",
+            "-blockdev", "driver=qcow2,file=f0,node-name=d0",
+            # share-rw: HMP qemu-io writes through a second user of the node
+            "-device", "virtio-blk-pci,drive=d0,id=vd0,share-rw=on",
+            "-qmp", f"unix:{sock},server=on,wait=off"]
+    with BlobGuest(memory=MEMORY, blobs=snap.blobs, accel="tcg", env=qsnap_env(), args=args,
+                   name="bd") as vm:
+        vm.wait_bios_done()
+        img, _ = snapshot(vm, tmp_path, "bd")
+        frozen_before = disk.read_bytes()
+        clone = launch(Snap(tmp_path, img, None, snap.blobs, disk), tmp_path, "bdc")
+        try:
+            assert clone.status() == "running"
+            assert any("-blockdev filename=" in c for c in clone.out["changes"]), clone.out["changes"]
+            [overlay] = clone.out["overlays"]
+            [b] = [b for b in clone.cmd("query-block") if b.get("qdev", "").startswith("/machine/peripheral/vd0")]
+            assert b["inserted"]["image"]["filename"] == overlay
+            assert b["inserted"]["image"]["backing-image"]["filename"] == str(disk)
+            assert disk_has_pattern(overlay, 0x42)
+            clone.hmp(f'qemu-io {b["inserted"]["node-name"]} "write -P 0x43 0 1M"')
+            clone.hmp(f'qemu-io {b["inserted"]["node-name"]} "flush"')
+            assert disk_has_pattern(overlay, 0x43)
+        finally:
+            clone.kill()
+        assert disk.read_bytes() == frozen_before
