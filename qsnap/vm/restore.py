@@ -21,7 +21,7 @@ import time
 
 from qsnap.errors import VmError
 from qsnap.vm import disks as vmdisks
-from qsnap.vm import migration
+from qsnap.vm import migration, vmrecord
 from qsnap.vm.qmp import Qmp
 
 POLL = 0.05
@@ -64,6 +64,12 @@ def check_frozen_disks(facts):
 # --- checks on the destination --------------------------------------------------------
 
 def check_incoming(q):
+    """The QEMU waits for an incoming migration that nobody has started yet.
+
+    QEMU 7.2 reports nothing in query-migrate until the first byte of a stream
+    arrives (fill_destination_migration_info, migration/migration.c), so an exec:
+    migration already started shows as a child process of QEMU, and a -incoming
+    other than defer on its command line."""
     status = q.cmd("query-status")["status"]
     if status != "inmigrate":
         raise VmError(f"the QEMU at {q.path} is {status}, not waiting for an incoming migration: "
@@ -71,17 +77,43 @@ def check_incoming(q):
     mig = migration.status(q)
     if mig not in ("none", "failed", "cancelled"):
         raise VmError(f"the QEMU at {q.path} already has an incoming migration ({mig})")
+    argv = vmrecord.read_cmdline(q.pid) or []
+    incoming = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-incoming", "--incoming")]
+    if incoming and incoming[-1] != "defer":
+        raise VmError(f"the QEMU at {q.path} was started with -incoming {incoming[-1]}, not -incoming "
+                      "defer: it waits for that migration, and qsnap restore cannot start its own")
+    kids = _children(q.pid)
+    if kids:
+        pid, cmd = kids[0]
+        raise VmError(f"the QEMU at {q.path} already has an incoming migration running "
+                      f"(its exec: command, pid {pid}: {cmd})")
 
 
 def autostarts(q):
     """True if the QEMU at ``q`` starts the guest itself after an incoming migration
     (no -S on its command line); None if its command line cannot be read."""
-    try:
-        with open(f"/proc/{q.pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except (OSError, TypeError):
+    argv = vmrecord.read_cmdline(q.pid)
+    if argv is None:
         return None
-    return not any(a in (b"-S", b"--S") for a in argv[1:])
+    return not any(a in ("-S", "--S") for a in argv[1:])
+
+
+def _children(pid):
+    """[(pid, command line)] of the live child processes of ``pid``."""
+    out = []
+    if not pid:
+        return out
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            out.append((int(d), " ".join(vmrecord.read_cmdline(int(d)) or ["?"])))
+    return out
 
 
 def machine_type(q):

@@ -590,3 +590,13 @@ def test_launch_a_blockdev_vm(snap, tmp_path):
         finally:
             clone.kill()
         assert disk.read_bytes() == frozen_before
+
+
+def test_qmp_refuses_a_qemu_already_loading_a_migration(snap, tmp_path):
+    with dest(snap.dir, "busy", disk=snap.frozen) as dst:
+        dst.migrate_incoming("exec:sleep 60")  # an incoming migration waiting for its stream
+        r, _ = restore("--qmp", dst.qsnap_qmp, "--dir", tmp_path / "r", snap.img)
+        assert_refused(r, "already has an incoming migration running", "sleep 60")
+        block = next(b for b in dst.qmp("query-block") if b["device"] == "d0")
+        assert block["inserted"]["image"]["filename"] == str(snap.frozen)
+    assert not (tmp_path / "r").exists()
