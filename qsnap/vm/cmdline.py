@@ -139,6 +139,8 @@ class Rewriter:
         self.found = set()  # indices of disks the command line named
         self.used_names = set()
         self.vnc_done = False
+        self.protocol_nodes = {}  # node-name of a rewritten -blockdev protocol node -> disk index
+        self.unsnapped = []       # writable -drive/-hda disks the snapshot did not freeze
 
     # paths --------------------------------------------------------------------------
     def clone_path(self, old, default):
@@ -170,7 +172,7 @@ class Rewriter:
         out = []
         for a in args:
             out.extend(self.one(a))
-        return out
+        return self.finish_blockdevs(out)
 
     def one(self, a):
         n = a.name
@@ -216,14 +218,19 @@ class Rewriter:
     def substitute(self, i, old, what):
         d = self.disks[i]
         self.found.add(i)
-        self.note(f"{what} {old} -> {d['frozen']} (the snapshot's frozen image, under a new overlay)")
+        if _same_file(old, d["frozen"], self.cwd):
+            self.note(f"{what}{old}: the snapshot's frozen image, under a new overlay")
+        else:
+            self.note(f"{what}{old} -> {d['frozen']} (the snapshot's frozen image, under a new overlay)")
         return d["frozen"]
 
     def legacy_disk(self, a):
         i = self.disk_for(a.value)
         if i is None:
+            if a.name != "cdrom":
+                self.unsnapped.append(a)
             return a
-        return Arg(a.name, self.substitute(i, a.value, "-" + (a.name or "hda")))
+        return Arg(a.name, self.substitute(i, a.value, "-" + (a.name or "hda") + " "))
 
     def drive(self, a):
         pairs = split_opts(a.value)
@@ -234,6 +241,8 @@ class Rewriter:
                 if k == "file.filename" and self.disk_for(_get(pairs, k)) is not None:
                     raise VmError(f"cannot rewrite -drive {a.value}: it names its file with "
                                   "file.filename=; use file=")
+            if _get(pairs, "readonly") not in ("on", "yes", "true") and _get(pairs, "media") != "cdrom":
+                self.unsnapped.append(a)
             return a
         for k, v in pairs:
             if k == "snapshot" and v in ("on", "yes", "true", None):
@@ -247,32 +256,52 @@ class Rewriter:
         return Arg(a.name, join_opts(pairs))
 
     def blockdev(self, a):
+        """A -blockdev whose protocol node names a recorded disk's file now names the frozen
+        image; the format node over it (nested, or another -blockdev naming it by node-name,
+        fixed in finish_blockdevs) reads the frozen image's format."""
         tree = _blockdev_tree(a.value)
-        if not self._blockdev_walk(tree, a.value):
+        disk = self._blockdev_walk(tree, a.value)
+        if disk is None:
             return a
-        return Arg(a.name, json.dumps(tree, separators=(",", ":")))
+        if isinstance(tree.get("node-name"), str) and tree.get("filename") is not None:
+            self.protocol_nodes[tree["node-name"]] = disk
+        return _BlockdevArg(a.name, tree, a.value)
 
     def _blockdev_walk(self, node, text):
-        """Rewrite a -blockdev tree in place; True if it named a recorded disk's file."""
-        changed = False
+        """Rewrite a -blockdev tree in place; the index of the disk it names, or None."""
         child = node.get("file")
-        if isinstance(child, dict) and self._blockdev_walk(child, text):
-            # the format node over a rewritten protocol node reads the frozen image's format
-            changed = True
-            i = child.pop("_qsnap_disk")
-            if "backing" in node:
-                raise VmError(f"cannot rewrite -blockdev {text}: it sets its backing chain "
-                              "while the frozen image brings its own")
-            node["driver"] = self.disks[i]["format"]
+        if isinstance(child, dict):
+            i = self._blockdev_walk(child, text)
+            if i is not None:
+                self._set_format(node, i, text)
+                return i
         i = self.disk_for(node.get("filename"))
         if i is not None:
             if node.get("driver") not in ("file", "host_device", None):
                 raise VmError(f"cannot rewrite -blockdev {text}: driver {node.get('driver')} "
                               "for a disk file")
             node["filename"] = self.substitute(i, node["filename"], "-blockdev filename=")
-            node["_qsnap_disk"] = i
-            changed = True
-        return changed
+        return i
+
+    def _set_format(self, node, i, text):
+        if "backing" in node:
+            raise VmError(f"cannot rewrite -blockdev {text}: it sets its backing chain "
+                          "while the frozen image brings its own")
+        node["driver"] = self.disks[i]["format"]
+
+    def finish_blockdevs(self, args):
+        """Format nodes naming a rewritten protocol node by node-name read the frozen format."""
+        out = []
+        for a in args:
+            if a.name == "blockdev" and not isinstance(a, _BlockdevArg):
+                tree = _blockdev_tree(a.value)
+                ref = tree.get("file")
+                if isinstance(ref, str) and ref in self.protocol_nodes:
+                    self._set_format(tree, self.protocol_nodes[ref], a.value)
+                    a = _BlockdevArg(a.name, tree, a.value)
+            out.append(Arg(a.name, json.dumps(a.tree, separators=(",", ":")))
+                       if isinstance(a, _BlockdevArg) else a)
+        return out
 
     # chardevs ------------------------------------------------------------------------
     def chardev(self, a):
@@ -349,6 +378,14 @@ class Rewriter:
         return Arg(a.name, join_opts(_without(pairs, "hostfwd"), "type"))
 
 
+class _BlockdevArg(Arg):
+    """A -blockdev being rewritten: its tree, serialised as JSON at the end."""
+
+    def __init__(self, name, tree, original):
+        super().__init__(name, original)
+        self.tree = tree
+
+
 def _is_server(pairs):
     for k, v in pairs:
         if k == "server" and v in (None, "on", "yes", "true"):
@@ -408,6 +445,11 @@ def rewrite_for_clone(argv, disks, clone_dir, *, qmp_path, binary=None, cwd=None
             rw.note(f"dropped every -{name} (--drop-arg)")
     rw.used_names.update({"qmp.sock", "qemu.log", "load.log"})
     new = rw.rewrite(kept)
+    if rw.unsnapped:
+        a = rw.unsnapped[0]
+        raise VmError(f"cannot launch: the recorded command line opens {' '.join(a.words())} writable "
+                      "but the snapshot did not freeze that disk, so the clone would write it; "
+                      "drop it (--drop-arg), or start QEMU yourself with -incoming defer and restore with --qmp")
     missing = [d for i, d in enumerate(disks) if i not in rw.found]
     if missing:
         d = missing[0]

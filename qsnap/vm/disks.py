@@ -8,6 +8,7 @@ snapshot can then be restored again and again, and as several clones at once.
 """
 import hashlib
 import os
+import time
 
 from qsnap.errors import VmError
 
@@ -29,6 +30,10 @@ def fingerprint(path):
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_4m": h.hexdigest()}
 
 
+def _when(ns):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)) + f".{ns % 10**9:09d}"
+
+
 def disk_name(disk):
     return disk.get("device") or disk.get("qdev") or disk.get("node_name") or "?"
 
@@ -43,11 +48,15 @@ def check_frozen(disk):
                       "the snapshot cannot be restored without it") from None
     except OSError as e:
         raise VmError(f"cannot read frozen image {path} of disk {disk_name(disk)}: {e.strerror}") from None
-    changed = [k for k in ("size", "mtime_ns", "sha256_4m") if got[k] != want[k]]
+    changed = []
+    if got["size"] != want["size"]:
+        changed.append(f"size {want['size']} -> {got['size']} bytes")
+    if got["mtime_ns"] != want["mtime_ns"]:
+        changed.append(f"modified {_when(got['mtime_ns'])}, recorded {_when(want['mtime_ns'])}")
+    if got["sha256_4m"] != want["sha256_4m"]:
+        changed.append("content of its first 4 MiB")
     if changed:
-        what = ", ".join(f"{k} {want[k]} -> {got[k]}" for k in changed if k != "sha256_4m")
-        if "sha256_4m" in changed:
-            what = ", ".join(filter(None, [what, "content of its first 4 MiB"]))
+        what = "; ".join(changed)
         raise VmError(f"frozen image {path} of disk {disk_name(disk)} changed after the snapshot "
                       f"({what}): restoring it would give the guest a disk that does not match its RAM")
 
@@ -115,18 +124,18 @@ def overlay_path(directory, disk, used):
     return os.path.join(directory, name)
 
 
-def put_overlay(qmp, block, path):
-    """A new qcow2 overlay at ``path`` on top of the device's image, made by QEMU itself.
+def overlay_action(block, path, node_name):
+    """The transaction action putting a new qcow2 overlay at ``path`` (node ``node_name``)
+    on top of the device's image; QEMU itself creates the file.
 
     On an incoming QEMU the block graph is still inactive; QEMU accepts
     blockdev-snapshot-sync there, writes nothing to the old image and reopens it
     read-only as the overlay's backing file, so the frozen image is never written.
-    QEMU writes the overlay header (backing file, backing format, size) the same way
-    a snapshot does."""
+    QEMU writes the overlay's header (backing file and format, size) as a snapshot does.
+    Naming the old node by node-name (the device name is "" with -blockdev) makes
+    QEMU require a node name for the new one (blockdev.c external_snapshot_action)."""
     if os.path.lexists(path):
         raise VmError(f"overlay {path} already exists")
-    inserted = block["inserted"]
-    target = ({"node-name": inserted["node-name"]} if inserted.get("node-name")
-              else {"device": block["device"]})
-    qmp.cmd("blockdev-snapshot-sync", dict(target, **{"snapshot-file": path, "format": "qcow2",
-                                                      "mode": "absolute-paths"}))
+    return {"type": "blockdev-snapshot-sync", "data": {
+        "node-name": block["inserted"]["node-name"], "snapshot-node-name": node_name,
+        "snapshot-file": path, "format": "qcow2", "mode": "absolute-paths"}}

@@ -21,13 +21,12 @@ import time
 
 from qsnap.errors import VmError
 from qsnap.vm import disks as vmdisks
+from qsnap.vm import migration, vmrecord
 from qsnap.vm.qmp import Qmp
 
 POLL = 0.05
 START_TIMEOUT = 30.0          # QEMU start-up until its QMP socket answers
 LOAD_TIMEOUT = 24 * 3600.0    # a stalled load ends when QEMU or qsnap load exits
-ACTIVE_MIGRATION = ("setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
-                    "device", "wait-unplug", "pre-switchover", "cancelling")
 UNIX_PATH_MAX = 107           # sun_path holds 108 bytes with the NUL
 
 
@@ -65,13 +64,56 @@ def check_frozen_disks(facts):
 # --- checks on the destination --------------------------------------------------------
 
 def check_incoming(q):
+    """The QEMU waits for an incoming migration that nobody has started yet.
+
+    QEMU 7.2 reports nothing in query-migrate until the first byte of a stream
+    arrives (fill_destination_migration_info, migration/migration.c), so an exec:
+    migration already started shows as a child process of QEMU, and a -incoming
+    other than defer on its command line."""
     status = q.cmd("query-status")["status"]
     if status != "inmigrate":
         raise VmError(f"the QEMU at {q.path} is {status}, not waiting for an incoming migration: "
                       "start it with -incoming defer")
-    mig = q.cmd("query-migrate").get("status", "none")
-    if mig in ACTIVE_MIGRATION or mig == "completed":
+    mig = migration.status(q)
+    if mig not in ("none", "failed", "cancelled"):
         raise VmError(f"the QEMU at {q.path} already has an incoming migration ({mig})")
+    argv = vmrecord.read_cmdline(q.pid) or []
+    incoming = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-incoming", "--incoming")]
+    if incoming and incoming[-1] != "defer":
+        raise VmError(f"the QEMU at {q.path} was started with -incoming {incoming[-1]}, not -incoming "
+                      "defer: it waits for that migration, and qsnap restore cannot start its own")
+    kids = _children(q.pid)
+    if kids:
+        pid, cmd = kids[0]
+        raise VmError(f"the QEMU at {q.path} already has an incoming migration running "
+                      f"(its exec: command, pid {pid}: {cmd})")
+
+
+def autostarts(q):
+    """True if the QEMU at ``q`` starts the guest itself after an incoming migration
+    (no -S on its command line); None if its command line cannot be read."""
+    argv = vmrecord.read_cmdline(q.pid)
+    if argv is None:
+        return None
+    return not any(a in ("-S", "--S") for a in argv[1:])
+
+
+def _children(pid):
+    """[(pid, command line)] of the live child processes of ``pid``."""
+    out = []
+    if not pid:
+        return out
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            out.append((int(d), " ".join(vmrecord.read_cmdline(int(d)) or ["?"])))
+    return out
 
 
 def machine_type(q):
@@ -163,7 +205,7 @@ class Restore:
         self.postcopy, self.paused = postcopy, paused
         self.overlays = []        # files this restore made
         self.overlays_live = False  # QEMU's block graph uses them
-        self.caps_before = None
+        self.settings = None
         self.t0 = time.monotonic()
         self.seconds_to_run = None
 
@@ -173,6 +215,9 @@ class Restore:
 
     def preflight(self):
         check_incoming(self.q)
+        if self.paused and autostarts(self.q):
+            raise VmError(f"--paused needs a destination started with -S: the QEMU at {self.q.path} "
+                          "starts the guest itself when the restore completes")
         check_machine(self.q, self.facts)
         check_ram(self.q, self.facts)
         return plan_disks(self.q, self.facts)
@@ -189,20 +234,18 @@ class Restore:
         return self.summary()
 
     def _set_caps(self):
-        if self.postcopy is None:
-            return
-        caps = self.q.cmd("query-migrate-capabilities")
-        self.caps_before = {c["capability"]: c["state"] for c in caps
-                            if c["capability"] == "postcopy-ram"}
-        self.q.cmd("migrate-set-capabilities",
-                   capabilities=[{"capability": "postcopy-ram", "state": True}])
+        """postcopy-ram for a postcopy restore; events, so that the MIGRATION events tell
+        which states the restore went through.  Both put back by _put_back_caps."""
+        self.settings = migration.Settings(self.q)
+        self.settings.set_capability("events", True)
+        if self.postcopy is not None:
+            self.settings.set_capability("postcopy-ram", True)
 
     def _put_back_caps(self):
-        if not self.caps_before:
+        if self.settings is None:
             return
         try:
-            self.q.cmd("migrate-set-capabilities", capabilities=[
-                {"capability": k, "state": v} for k, v in self.caps_before.items()])
+            self.settings.restore()
         except VmError:
             if self.q_alive():
                 raise
@@ -210,15 +253,12 @@ class Restore:
     def _put_overlays(self, plan):
         """All overlays in one transaction: either every disk gets one, or none does."""
         used, actions = set(os.listdir(self.dir)), []
+        tag = os.urandom(4).hex()  # node names unique in the QEMU's block graph
         for block, disk, what in plan:
             if what != "overlay":
                 continue
             path = vmdisks.overlay_path(self.dir, disk, used)
-            inserted = block["inserted"]
-            target = ({"node-name": inserted["node-name"]} if inserted.get("node-name")
-                      else {"device": block["device"]})
-            actions.append({"type": "blockdev-snapshot-sync", "data": dict(
-                target, **{"snapshot-file": path, "format": "qcow2", "mode": "absolute-paths"})})
+            actions.append(vmdisks.overlay_action(block, path, f"qsnap-{tag}-{len(actions)}"))
             self.overlays.append(path)
         if not actions:
             return
@@ -262,9 +302,13 @@ class Restore:
             raise VmError(self._load_failure("the destination QEMU exited during the restore")) from None
 
     def _run_guest(self):
-        # At postcopy-active QEMU may still be "inmigrate": cont then only sets
-        # autostart and QEMU starts the guest at the postcopy RUN command.
-        if self.q.cmd("query-status")["status"] != "running":
+        """cont once QEMU has left "inmigrate" (postcopy: after the RUN command): a cont
+        during inmigrate would activate the disks before the device state is loaded
+        (qmp_cont calls bdrv_activate_all first, monitor/qmp-cmds.c)."""
+        status = self.q.cmd("query-status")["status"]
+        if status == "inmigrate":
+            return
+        if status != "running":
             self.q.cmd("cont")
         self.seconds_to_run = time.monotonic() - self.t0
 
@@ -280,9 +324,9 @@ class Restore:
         why = ""
         try:
             with open(self.load_log, errors="replace") as f:
-                lines = [ln.strip() for ln in f if ln.startswith("qsnap: error:")]
+                lines = [ln[len("qsnap: error:"):].strip() for ln in f if ln.startswith("qsnap: error:")]
             if lines:
-                why = f" ({lines[-1]})"
+                why = f" (qsnap load: {lines[-1]})"
         except OSError:
             pass
         return f"{what}{why}; the image was {self.facts.origin()}"
@@ -293,7 +337,8 @@ class Restore:
         return {"image": self.facts.path, "pid": self.q.pid, "qmp": self.q.path, "status": status,
                 "seconds": round(total, 3),
                 "seconds_to_run": None if self.seconds_to_run is None else round(self.seconds_to_run, 3),
-                "postcopy": self.postcopy, "dir": self.dir, "overlays": list(self.overlays)}
+                "postcopy": self.postcopy, "dir": self.dir, "overlays": list(self.overlays),
+                "migration_statuses": [e["data"]["status"] for e in self.q.events("MIGRATION")]}
 
     def undo_files(self):
         """After a failure: remove the overlays this restore made if no QEMU uses them.
@@ -302,6 +347,7 @@ class Restore:
             return list(self.overlays)
         for p in self.overlays:
             _unlink(p)
+        self.overlays_live = False
         _unlink(self.load_log)
         return []
 
@@ -379,6 +425,8 @@ def restore_into(qmp_path, img, *, postcopy=None, paused=False, directory=None):
                 raise
         _unlink(job.load_log)
         work.remove_if_empty()
+        if not os.path.isdir(work.path):
+            out["dir"] = None
         out["changes"] = []
         return out
     except BaseException:
@@ -472,7 +520,9 @@ def _start_failure(proc, facts, binary, log_path):
         text = _tail(log_path).strip()
     except OSError:
         text = ""
-    last = text.splitlines()[-1] if text else f"exit status {proc.returncode}"
+    # QEMU's own error lines start with its program name ("qemu-system-x86_64: -machine ...")
+    own = [ln for ln in text.splitlines() if ln.startswith(os.path.basename(binary) + ":")]
+    last = (own or text.splitlines() or [f"exit status {proc.returncode}"])[-1]
     msg = f"QEMU exited at start-up: {last}; the image was {facts.origin()}"
     known = _binary_machines(binary)
     if facts.machine and known is not None and facts.machine not in known:
