@@ -77,6 +77,9 @@ def build_parser():
     s.add_argument("--report", metavar="FILE",
                    help="when the save ends, write FILE atomically: "
                    '{"ok": true, "summary": ...} or {"ok": false, "error": ...}')
+    s.add_argument("--early-exit", action="store_true",
+                   help="exit (and let QEMU go on) once the whole stream is read, finishing "
+                   "the image in a child process; how it ends is only in --report")
 
     ld = sub.add_parser(
         "load",
@@ -151,10 +154,17 @@ def build_parser():
 
 
 def _cmd_save(args):
+    on_stream_end = None
+    if args.early_exit:
+        if not args.report:
+            raise UsageError("save --early-exit needs --report FILE (the only way to learn how it ended)")
+        from qsnap.detach import fork_early_exit
+
+        on_stream_end = fork_early_exit()  # before qsnap.save starts any thread
     from qsnap.save import save
 
     stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet,
-                 vm_info=args.vm_info, report=args.report)
+                 vm_info=args.vm_info, report=args.report, on_stream_end=on_stream_end)
     if args.stats:
         with open(args.stats, "w") as f:
             json.dump(stats, f, indent=2)

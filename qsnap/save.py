@@ -88,7 +88,7 @@ class _StreamFacts:
 
 
 def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=1 << 20, quiet=False,
-         log=sys.stderr, vm_info=None, report=None):
+         log=sys.stderr, vm_info=None, report=None, on_stream_end=None):
     """Save the migration stream read from ``in_fd`` as the image ``path``.
 
     Returns a summary dict.  Raises a QsnapError (and leaves nothing at ``path``
@@ -99,9 +99,11 @@ def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=1 << 20, quiet=F
     when the save ends, ``{"ok": true, "summary": ...}`` or ``{"ok": false,
     "error": "..."}``.  A failed save drains ``in_fd`` to its end before it
     raises, so that QEMU never blocks writing into a pipe nobody reads.
+    ``on_stream_end()`` is called once the whole stream has been read.
     """
     try:
-        summary = _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info)
+        summary = _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info,
+                        on_stream_end)
     except BaseException as e:
         if report:
             write_report(report, {"ok": False, "error": error_line(e)})
@@ -193,7 +195,7 @@ def read_vm_info(path):
     return vm
 
 
-def _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info):
+def _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info, on_stream_end):
     t0 = time.monotonic()
     rp = ReturnPath(out_fd)
     facts = _StreamFacts()
@@ -206,6 +208,9 @@ def _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info):
     try:
         with ImageWriter(path, cluster_size=cluster_size, cache=cache) as img:
             _consume(reader, img, facts, rp)
+            t_end = time.monotonic()  # the last byte of the stream is in
+            if on_stream_end:
+                on_stream_end()
             vm = read_vm_info(vm_info) if vm_info else None
             summary = img.finish(
                 header_bytes=facts.header,
@@ -217,6 +222,7 @@ def _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info):
                 counts={"stream_bytes": reader.offset},
                 vm=vm,
             )
+            summary["finish_seconds"] = time.monotonic() - t_end  # tables, fsync, rename
             tps = img.target_page_size
             summary.setdefault("pages", sum(-(-b.length // tps) for b in facts.mem_size.blocks))
     except QsnapError:

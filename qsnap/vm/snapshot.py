@@ -70,6 +70,7 @@ class _Snapshot:
         self.migrating = False
         self.events_before = {}
         self.downtime_ms = None
+        self.resumed = False
 
     # -- the whole operation ------------------------------------------------------------
 
@@ -125,8 +126,7 @@ class _Snapshot:
         {"stopped": self._stopped, "live": self._live, "background": self._background}[self.mode]()
         report = self._wait_save()
         self._wait_completed()
-        if self.mode != "background" and self.was_running:
-            self.q.cmd("cont")
+        self._resume_when_streamed()
         self.downtime_ms = self._downtime_ms()
         return report
 
@@ -202,7 +202,7 @@ class _Snapshot:
     def _migrate(self, record=True):
         if record and self.record is None:
             self._write_record()
-        args = ["save", "--quiet", "--vm-info", self._path("vm.json"),
+        args = ["save", "--quiet", "--early-exit", "--vm-info", self._path("vm.json"),
                 "--report", self._path("report.json"), self.image]
         self.q.cmd("migrate", uri="exec:" + save_command(args))
         self.migrating = True
@@ -225,6 +225,7 @@ class _Snapshot:
                 elif seen or time.monotonic() - started > SPAWN_GRACE:
                     self._no_report(path)
                     break
+                self._resume_when_streamed()
                 if shown:
                     shown.tick(self.q)
                 time.sleep(POLL)
@@ -246,6 +247,16 @@ class _Snapshot:
                 self._cancel_migration()
             raise VmError(f"saving {self.image} failed: {report.get('error')}")
         return report
+
+    def _resume_when_streamed(self):
+        """live/stopped: the guest runs again as soon as QEMU has sent the whole stream
+        (``completed``), while the save still finishes the image: with --early-exit the
+        save no longer holds QEMU's main loop (see qsnap/detach.py)."""
+        if self.mode == "background" or not self.was_running or self.resumed:
+            return
+        if migration.status(self.q) == "completed":
+            self.q.cmd("cont")
+            self.resumed = True
 
     def _no_report(self, path):
         """The save is gone: its report must be there, else VmError with QEMU's view."""

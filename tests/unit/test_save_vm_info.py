@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -182,3 +183,31 @@ def test_failed_save_drains_stdin_until_eof(tmp_path):
     assert json.loads(report.read_text())["ok"] is False
     assert p.stderr.read().decode().startswith("qsnap: error: ")
     assert not img.exists()
+
+
+def test_early_exit_returns_once_the_stream_is_read(stream, tmp_path):
+    """--early-exit: the process QEMU waits for exits as soon as the stream is consumed;
+    a child finishes the image and writes the report."""
+    img, report = tmp_path / "vm.qsnap", tmp_path / "report.json"
+    with open(stream, "rb") as f:
+        r = qsnap("save", "-q", "--early-exit", "--report", report, img, stdin=f)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 60
+    while not report.exists():
+        assert time.monotonic() < deadline, "no report from the finishing child"
+        time.sleep(0.02)
+    assert json.loads(report.read_text())["ok"] is True
+    assert qsnap("info", img).returncode == 0
+
+
+def test_early_exit_fails_when_the_stream_is_bad(tmp_path):
+    img, report = tmp_path / "vm.qsnap", tmp_path / "report.json"
+    r = qsnap("save", "--early-exit", "--report", report, img, input=b"QEVM\x00\x00\x00\x09garbage")
+    assert r.returncode == 1
+    assert r.stderr.decode().startswith("qsnap: error: ")
+    assert json.loads(report.read_text())["ok"] is False and not img.exists()
+
+
+def test_early_exit_needs_a_report(stream, tmp_path):
+    r = qsnap("save", "--early-exit", tmp_path / "vm.qsnap", input=b"")
+    assert r.returncode == 2 and b"needs --report" in r.stderr
