@@ -43,6 +43,7 @@ RESUME_TIMEOUT = 60.0
 END_TIMEOUT = 600.0
 POLL = 0.02
 SPAWN_GRACE = 30.0             # s for QEMU's exec: child to show up as qsnap save
+SCAN_INTERVAL = 0.25           # s between looks for the save process in /proc
 # query-status run states a snapshot can start from; the others (inmigrate,
 # postmigrate after a failed switch-over, shutdown, internal-error...) are refused.
 STARTABLE = {"running": True, "paused": False, "prelaunch": False, "postmigrate": False}
@@ -71,6 +72,8 @@ class _Snapshot:
         self.events_before = {}
         self.downtime_ms = None
         self.resumed = False
+        self.identity = None  # (QEMU version, package, machine type)
+        self.cmdline = None
 
     # -- the whole operation ------------------------------------------------------------
 
@@ -216,15 +219,18 @@ class _Snapshot:
         path = self._path("report.json")
         started = time.monotonic()
         seen = False
+        next_scan = 0.0
         try:
             while not os.path.exists(path):
-                if _save_running(path):
-                    seen = True
-                # QEMU 7.2 returns from `migrate` right after fork(): the save shows up
-                # only once the child has exec'd
-                elif seen or time.monotonic() - started > SPAWN_GRACE:
-                    self._no_report(path)
-                    break
+                if time.monotonic() >= next_scan:  # a /proc scan costs: not every poll
+                    next_scan = time.monotonic() + SCAN_INTERVAL
+                    if _save_running(path):
+                        seen = True
+                    # QEMU 7.2 returns from `migrate` right after fork(): the save shows
+                    # up only once the child has exec'd
+                    elif seen or time.monotonic() - started > SPAWN_GRACE:
+                        self._no_report(path)
+                        break
                 self._resume_when_streamed()
                 if shown:
                     shown.tick(self.q)
