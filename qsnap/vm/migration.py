@@ -43,14 +43,14 @@ class Settings:
             raise VmError(f"QEMU at {self.qmp.path} has no migration capability {name!r}")
         if self.caps_before[name] == state and name not in self.changed_caps:
             return
-        self.changed_caps.add(name)
         self.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": name, "state": state}])
+        self.changed_caps.add(name)  # only once QEMU took it: a refusal changed nothing
 
     def set_parameter(self, name, value):
         if name not in self.params_before:
             raise VmError(f"QEMU at {self.qmp.path} has no migration parameter {name!r}")
-        self.changed_params.add(name)
         self.qmp.cmd("migrate-set-parameters", {name: value})
+        self.changed_params.add(name)
 
     def restore(self):
         """Put every changed capability and parameter back; VmError naming what could not be."""

@@ -11,6 +11,7 @@ class Progress:
         self.stream = stream
         self.label = label
         self.last = 0.0
+        self.first = None  # (time, bytes done) of the first sample: the rate's origin
         self.shown = False
 
     def tick(self, qmp):
@@ -22,7 +23,11 @@ class Progress:
         ram = info.get("ram")
         if info.get("status") not in ("setup", "active", "pre-switchover", "device") or not ram:
             return
-        self.stream.write("\r" + line(self.label, ram) + "\x1b[K")
+        done = ram.get("total", 0) - ram.get("remaining", 0)
+        if self.first is None:
+            self.first = (now, done)
+        rate = (done - self.first[1]) / (now - self.first[0]) if now > self.first[0] else 0.0
+        self.stream.write("\r" + line(self.label, done, ram.get("total", 0), rate) + "\x1b[K")
         self.stream.flush()
         self.shown = True
 
@@ -33,13 +38,9 @@ class Progress:
             self.shown = False
 
 
-def line(label, ram):
-    """``label: 120.0 of 256.0 MiB RAM, 85.3 MB/s, ETA 2 s`` from query-migrate's "ram"."""
-    done = ram.get("transferred", 0)
-    total = ram.get("total", 0)
-    rate = ram.get("mbps", 0.0) * 1e6 / 8  # bytes/s
+def line(label, done, total, rate):
+    """``label: 120.0 of 256.0 MiB RAM, 85.3 MB/s, ETA 2 s`` (rate in bytes/s)."""
     text = f"{label}: {done / (1 << 20):.1f} of {total / (1 << 20):.1f} MiB RAM, {rate / 1e6:.1f} MB/s"
-    left = ram.get("remaining", 0)
-    if rate > 0 and left:
-        text += f", ETA {left / rate:.0f} s"
+    if rate > 0 and total > done:
+        text += f", ETA {(total - done) / rate:.0f} s"
     return text
