@@ -241,16 +241,7 @@ class _Snapshot:
         with open(path) as f:
             report = json.load(f)
         if not report.get("ok"):
-            if self.mode == "background":
-                # QEMU 7.2 wedges (QMP `quit` never answers) after migrate_cancel of a
-                # background snapshot: let it finish the stream the save drains.  Its
-                # completion leaves the disks active (bg_migration_completion).
-                migration.wait_ended(self.q, END_TIMEOUT)
-                self.migrating = False
-            else:
-                # cancel before QEMU completes the stream the save drains: a completed
-                # precopy inactivates the disks, and no overlay can be committed back
-                self._cancel_migration()
+            self._cancel_migration()
             raise VmError(f"saving {self.image} failed: {report.get('error')}")
         return report
 
@@ -299,12 +290,37 @@ class _Snapshot:
             error.args = (f"{error}; and while undoing it: {'; '.join(problems)}",)
 
     def _cancel_migration(self):
+        """End our migration, and make sure no image of it appears afterwards."""
         if not self.migrating:
             return
-        if migration.status(self.q) not in migration.IDLE_STATUSES:
+        if self.mode == "background":
+            # QEMU 7.2 wedges (QMP `quit` never answers) after migrate_cancel of a
+            # background snapshot: let it finish the stream; the save (failed or not)
+            # reads it to the end.  Its completion leaves the disks active
+            # (bg_migration_completion, migration/migration.c).
+            migration.wait_ended(self.q, END_TIMEOUT)
+        elif migration.status(self.q) not in migration.IDLE_STATUSES:
+            # cancel before QEMU completes: a completed precopy inactivates the disks,
+            # and no overlay can be committed back then
             self.q.cmd("migrate_cancel")
-        migration.wait_ended(self.q, END_TIMEOUT)
+            migration.wait_ended(self.q, END_TIMEOUT)
         self.migrating = False
+        self._drop_finished_image()
+
+    def _drop_finished_image(self):
+        """An interrupted snapshot must not leave an image: wait for the save to end
+        (it may still finish successfully) and remove what it made."""
+        path = self._path("report.json")
+        deadline = time.monotonic() + END_TIMEOUT
+        while _save_running(path) and time.monotonic() < deadline:
+            time.sleep(SCAN_INTERVAL)
+        try:
+            with open(path) as f:
+                finished = json.load(f).get("ok")
+        except (OSError, ValueError):
+            finished = False
+        if finished:
+            _unlink_quiet(self.image)
 
     def _roll_back_disks(self):
         if any(d.made for d in self.disks) and self.q.cmd("query-status")["status"] == "postmigrate":
