@@ -18,7 +18,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from qsnap import __version__
-from qsnap.errors import QsnapError, UsageError
+from qsnap.errors import Interrupted, QsnapError, UsageError
 
 PROG = "qsnap"
 EX_SOFTWARE = 70  # sysexits.h: internal software error
@@ -72,6 +72,15 @@ def build_parser():
                    help="qcow2 cluster size, 64K..2M (default 1M)")
     s.add_argument("--stats", metavar="FILE", help="write save statistics as JSON to FILE")
     s.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
+    s.add_argument("--vm-info", metavar="FILE",
+                   help="JSON VM record (written by qsnap snapshot) to store in the image; "
+                   "read when the image is finished (waiting a few seconds for it to appear)")
+    s.add_argument("--report", metavar="FILE",
+                   help="when the save ends, write FILE atomically: "
+                   '{"ok": true, "summary": ...} or {"ok": false, "error": ...}')
+    s.add_argument("--early-exit", action="store_true",
+                   help="exit (and let QEMU go on) once the whole stream is read, finishing "
+                   "the image in a child process; how it ends is only in --report")
 
     ld = sub.add_parser(
         "load",
@@ -96,6 +105,47 @@ def build_parser():
     c.add_argument("image", metavar="IMG")
     c.add_argument("--output", choices=("human", "json"), default="human")
 
+    sn = sub.add_parser(
+        "snapshot",
+        help="snapshot a running VM (RAM, devices, disks) into an image",
+        description="Connects to the VM's QMP socket, saves RAM and device state into IMG "
+        "through migrate exec:qsnap save, and (with --disks=overlay) puts every writable disk "
+        "on a new overlay at the same instant, so that the old images stay frozen with the RAM.",
+    )
+    sn.add_argument("image", metavar="IMG")
+    sn.add_argument("--qmp", required=True, metavar="SOCK", help="QMP unix socket of the VM")
+    sn.add_argument("--mode", choices=("background", "live", "stopped"), default="background",
+                    help="background (default): the guest runs while RAM is written; live: "
+                    "precopy, paused for the switch-over; stopped: paused for the whole save")
+    sn.add_argument("--disks", choices=("overlay", "none"), default="overlay",
+                    help="overlay (default): freeze the disks at the snapshot instant; none: RAM only")
+    sn.add_argument("--output", choices=("human", "json"), default="human")
+
+    r = sub.add_parser(
+        "restore",
+        help="restore a snapshot image into a QEMU (an -incoming defer one, or one it starts)",
+        description="--qmp SOCK IMG: restore into the QEMU at SOCK, started with -incoming defer. "
+        "--launch IMG: start QEMU from the command line the image recorded (qsnap snapshot), "
+        "restore and run it. Disks run on fresh overlays of the snapshot's frozen images. "
+        "Arguments after -- are added to the launched QEMU's command line.",
+    )
+    r.add_argument("image", metavar="IMG")
+    r.add_argument("extra", nargs="*", metavar="QEMU_ARG", help=argparse.SUPPRESS)
+    r.add_argument("--qmp", metavar="SOCK",
+                   help="QMP socket of the destination (with --launch: where to put the new QEMU's)")
+    r.add_argument("--launch", action="store_true", help="start QEMU from the recorded command line")
+    r.add_argument("--postcopy", type=_percent, nargs="?", const=10.0, default=None, metavar="PCT",
+                   help="restore through postcopy after PCT%% of the non-zero pages (default 10)")
+    r.add_argument("--paused", action="store_true", help="leave the restored guest paused")
+    r.add_argument("--dir", metavar="DIR",
+                   help="the restore's directory (overlays, sockets, logs); default: a new one "
+                   "under $XDG_RUNTIME_DIR or /tmp")
+    r.add_argument("--qemu", metavar="BINARY",
+                   help="with --launch: this QEMU binary instead of the recorded one")
+    r.add_argument("--drop-arg", action="append", default=[], metavar="OPTION",
+                   help="with --launch: remove every OPTION (e.g. -vnc) from the recorded command line")
+    r.add_argument("--output", choices=("human", "json"), default="human")
+
     d = sub.add_parser("demo", help="save and load a synthetic VM, no QEMU needed")
     d.add_argument("--size", type=_size, default=256 << 20, metavar="SIZE",
                    help="guest RAM size of the synthetic VM (default 256M)")
@@ -105,9 +155,17 @@ def build_parser():
 
 
 def _cmd_save(args):
+    on_stream_end = None
+    if args.early_exit:
+        if not args.report:
+            raise UsageError("save --early-exit needs --report FILE (the only way to learn how it ended)")
+        from qsnap.detach import fork_early_exit
+
+        on_stream_end = fork_early_exit()  # before qsnap.save starts any thread
     from qsnap.save import save
 
-    stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet)
+    stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet,
+                 vm_info=args.vm_info, report=args.report, on_stream_end=on_stream_end)
     if args.stats:
         with open(args.stats, "w") as f:
             json.dump(stats, f, indent=2)
@@ -159,6 +217,39 @@ def _cmd_check(args):
     return report["exit_code"]
 
 
+def _cmd_snapshot(args):
+    from qsnap.vm import snapshot
+
+    out = snapshot.snapshot(args.qmp, args.image, mode=args.mode, disks=args.disks,
+                            progress=sys.stderr.isatty())
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        print(snapshot.format_summary(out))
+    return 0
+
+
+def _cmd_restore(args):
+    from qsnap.vm import restore
+
+    if args.launch:
+        out = restore.launch(args.image, qmp_path=args.qmp, directory=args.dir, binary=args.qemu,
+                             postcopy=args.postcopy, paused=args.paused, drop=args.drop_arg,
+                             extra=args.extra)
+    else:
+        if not args.qmp:
+            raise UsageError("restore needs --qmp SOCK (a QEMU started with -incoming defer) or --launch")
+        if args.extra or args.qemu or args.drop_arg:
+            raise UsageError("QEMU arguments, --qemu and --drop-arg only go with --launch")
+        out = restore.restore_into(args.qmp, args.image, postcopy=args.postcopy, paused=args.paused,
+                                   directory=args.dir)
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        print(restore.format_summary(out))
+    return 0
+
+
 def _cmd_demo(args):
     from qsnap.demo import run_demo
 
@@ -171,10 +262,12 @@ _COMMANDS = {
     "info": _cmd_info,
     "check": _cmd_check,
     "demo": _cmd_demo,
+    "restore": _cmd_restore,
+    "snapshot": _cmd_snapshot,
 }
 
 
-class Terminated(QsnapError):
+class Terminated(Interrupted):
     """A signal asked qsnap to stop (QEMU cancelling a migration sends SIGTERM)."""
 
     exit_code = 128 + signal.SIGTERM
@@ -192,7 +285,7 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("no command given (one of: save, load, info, check, demo)")
+            raise UsageError("no command given (one of: save, load, info, check, restore, demo)")
         return _COMMANDS[args.command](args)
     except QsnapError as e:
         if debug:

@@ -43,3 +43,7 @@ class IOFailure(QsnapError):
 class VmError(QsnapError):
     """A QEMU could not be driven: QMP unreachable, busy or not QMP, a command QEMU refused,
     or a VM in a state the operation cannot work in."""
+
+
+class Interrupted(QsnapError):
+    """A signal asked qsnap to stop (SIGTERM from QEMU cancelling a migration, SIGINT)."""

@@ -8,11 +8,14 @@ complete and durable.  stdout carries nothing but return-path replies (PONG,
 SHUT), because QEMU reads the child's stdout as the return path.
 """
 import gc
+import json
 import os
+import stat
 import sys
 import time
 
-from qsnap.errors import IOFailure, QsnapError, StreamError
+from qsnap.errors import ImageError, Interrupted, IOFailure, QsnapError, StreamError, UsageError
+from qsnap.image import layout
 from qsnap.image.writer import ImageWriter
 from qsnap.stream import constants as C
 from qsnap.stream import encode, returnpath
@@ -84,12 +87,114 @@ class _StreamFacts:
 
 
 def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=1 << 20, quiet=False,
-         log=sys.stderr):
+         log=sys.stderr, vm_info=None, report=None, on_stream_end=None):
     """Save the migration stream read from ``in_fd`` as the image ``path``.
 
     Returns a summary dict.  Raises a QsnapError (and leaves nothing at ``path``
     and an earlier file there intact) on any failure.
+
+    ``vm_info``: a JSON file holding the VM record, read when the image is
+    finished and stored as its "vm" key.  ``report``: a file written atomically
+    when the save ends, ``{"ok": true, "summary": ...}`` or ``{"ok": false,
+    "error": "..."}``.  A failed save drains ``in_fd`` to its end before it
+    raises, so that QEMU never blocks writing into a pipe nobody reads.
+    ``on_stream_end()`` is called once the whole stream has been read.
     """
+    try:
+        summary = _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info,
+                        on_stream_end)
+    except BaseException as e:
+        if report:
+            write_report(report, {"ok": False, "error": error_line(e)})
+        if not isinstance(e, (Interrupted, KeyboardInterrupt)):  # a signal means stop now
+            drain(in_fd)
+        raise
+    if report:
+        write_report(report, {"ok": True, "summary": summary})
+    return summary
+
+
+def error_line(e):
+    """The one-line message `qsnap: error:` prints for ``e``."""
+    if isinstance(e, QsnapError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def write_report(path, doc):
+    """Write ``doc`` as JSON to ``path`` atomically (temp file + rename)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2, default=_jsonable)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # never created
+        raise IOFailure(f"cannot write the report {path}: {e.strerror}") from None
+
+
+def _jsonable(value):
+    """numpy scalars in a summary become plain numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+DRAIN_CHUNK = 1 << 20
+
+
+def drain(fd):
+    """Read ``fd`` to its end, discarding it, unless it is a terminal.
+
+    A failed save must not leave QEMU blocked in write() on the pipe: QEMU 7.2
+    wedges (QMP stops answering, the migration stays active) when its exec
+    child dies mid-stream.  The stream is bounded, so this ends."""
+    try:
+        if os.isatty(fd) or stat.S_ISDIR(os.fstat(fd).st_mode):
+            return
+        while os.read(fd, DRAIN_CHUNK):
+            pass
+    except OSError:
+        pass  # the writer is gone: nothing left to drain
+
+
+VM_INFO_WAIT = 5.0  # s: `qsnap snapshot` writes the record while QEMU sets up the stream
+
+
+def read_vm_info(path):
+    """The VM record in the JSON file ``path``, validated (layout.validate_vm_record).
+
+    Waits up to VM_INFO_WAIT s for the file to appear: `qsnap snapshot` writes it
+    (atomically) once the disks are frozen, while QEMU already streams."""
+    deadline = time.monotonic() + VM_INFO_WAIT
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read the VM record --vm-info {path}: {e.strerror}") from None
+    try:
+        vm = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"bad VM record in --vm-info {path}: not JSON: {e}") from None
+    try:
+        layout.validate_vm_record(vm, path="vm")
+    except ImageError as e:
+        detail = str(e).removeprefix("bad image metadata: ")
+        raise UsageError(f"bad VM record in --vm-info {path}: {detail}") from None
+    return vm
+
+
+def _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info, on_stream_end):
     t0 = time.monotonic()
     rp = ReturnPath(out_fd)
     facts = _StreamFacts()
@@ -102,6 +207,10 @@ def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=1 << 20, quiet=F
     try:
         with ImageWriter(path, cluster_size=cluster_size, cache=cache) as img:
             _consume(reader, img, facts, rp)
+            t_end = time.monotonic()  # the last byte of the stream is in
+            if on_stream_end:
+                on_stream_end()
+            vm = read_vm_info(vm_info) if vm_info else None
             summary = img.finish(
                 header_bytes=facts.header,
                 pre_ram=bytes(facts.pre_ram),
@@ -110,7 +219,9 @@ def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=1 << 20, quiet=F
                 commands=facts.commands,
                 machine=facts.configuration.machine if facts.configuration else None,
                 counts={"stream_bytes": reader.offset},
+                vm=vm,
             )
+            summary["finish_seconds"] = time.monotonic() - t_end  # tables, fsync, rename
             tps = img.target_page_size
             summary.setdefault("pages", sum(-(-b.length // tps) for b in facts.mem_size.blocks))
     except QsnapError:

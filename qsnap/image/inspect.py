@@ -57,7 +57,7 @@ def describe(path):
         return {"path": os.fspath(path), "format_version": peek["format_version"], "complete": False,
                 "page_size": None, "cluster_size": peek["cluster_size"], "machine": None,
                 "device_state_bytes": None, "file_bytes": peek["file_bytes"], "ram_blocks": [],
-                "device_sections": None}
+                "device_sections": None, "vm": None}
     with Image.open(path) as img:
         info = img.info()
         info["device_sections"] = device_sections(img.device_state,
@@ -108,7 +108,26 @@ def format_info(info):
         lines.append(f"    {'name':<32} {'instance':>8} {'version':>8}")
         for s in secs:
             lines.append(f"    {str(s['name']):<32} {str(s['instance']):>8} {str(s['version']):>8}")
+    if info.get("vm"):
+        lines += _format_vm(info["vm"])
     return "\n".join(lines)
+
+
+def _format_vm(vm):
+    """The VM record of a `qsnap snapshot` image, for humans."""
+    downtime = "unknown" if vm["downtime_ms"] is None else f"{vm['downtime_ms']:.1f} ms"
+    lines = ["VM:",
+             f"    QEMU: {vm['qemu_version'] or 'unknown'} ({vm['qemu_package'] or 'no package'})",
+             f"    machine: {vm['machine'] or 'unknown'}",
+             f"    snapshot mode: {vm['mode']}, {'running' if vm['was_running'] else 'paused'} "
+             f"before, downtime {downtime}",
+             f"    command line: {' '.join(vm['cmdline']) if vm['cmdline'] else 'unknown'}"]
+    if vm["ram_only"]:
+        lines.append("    disks: none (RAM only)")
+    for d in vm["disks"]:
+        name = d["device"] or d["qdev"] or d["node_name"]
+        lines.append(f"    disk {name}: {d['frozen']} ({d['format']}, {_size(d['virtual_size'])})")
+    return lines
 
 
 # --- check ------------------------------------------------------------------------

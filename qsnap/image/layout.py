@@ -187,6 +187,7 @@ def get_blob(region, ref, what):
 BLOB = "blob"
 UINT = "uint"
 U32 = "u32"
+NUMBER = "number"  # a non-negative int or float (JSON has one number type)
 _MISSING = object()
 
 
@@ -211,6 +212,9 @@ def _check(value, kind, path, ctx):
     if kind == UINT or kind == U32:
         if type(value) is not int or value < 0 or value >= (1 << (32 if kind == U32 else 64)):
             _bad(path, f"must be an unsigned integer, not {value!r}")
+    elif kind == NUMBER:
+        if type(value) not in (int, float) or not value >= 0 or value == float("inf"):
+            _bad(path, f"must be a non-negative number, not {value!r}")
     elif kind is bool:
         if type(value) is not bool:
             _bad(path, f"must be true or false, not {value!r}")
@@ -269,6 +273,40 @@ TOP_SCHEMA = {
 }
 
 
+# The optional "vm" key: what `qsnap snapshot` knew of the VM (docs/image-format.md).
+# Images saved by a plain `qsnap save` have none and stay valid.
+VM_MODES = ("background", "live", "stopped")
+FINGERPRINT_SCHEMA = {"size": UINT, "mtime_ns": UINT, "sha256_4m": str}
+DISK_SCHEMA = {
+    "device": str, "qdev": (str, None), "node_name": (str, None), "frozen": str, "format": str,
+    "virtual_size": UINT, "cmdline_file": (str, None), "fingerprint": FINGERPRINT_SCHEMA,
+}
+VM_SCHEMA = {
+    "qemu_version": (str, None), "qemu_package": (str, None), "machine": (str, None),
+    "cmdline": (list, None), "mode": str, "was_running": bool, "downtime_ms": (NUMBER, None),
+    "ram_only": bool, "disks": list,
+}
+
+
+def validate_vm_record(vm, path="meta.vm"):
+    """Strict check of a VM record (the image's "vm" key, or a --vm-info file)."""
+    _check(vm, VM_SCHEMA, path, {})
+    if vm["mode"] not in VM_MODES:
+        _bad(f"{path}.mode", f"is {vm['mode']!r}, expected one of {', '.join(VM_MODES)}")
+    if vm["cmdline"] is not None and (not vm["cmdline"] or any(type(a) is not str for a in vm["cmdline"])):
+        _bad(f"{path}.cmdline", "must be null or a non-empty list of strings")
+    for i, d in enumerate(vm["disks"]):
+        where = f"{path}.disks[{i}]"
+        _check(d, DISK_SCHEMA, where, {})
+        if not d["frozen"].startswith("/"):
+            _bad(f"{where}.frozen", f"{d['frozen']!r} is not an absolute path")
+        digest = d["fingerprint"]["sha256_4m"]
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            _bad(f"{where}.fingerprint.sha256_4m", f"{digest!r} is not 64 lowercase hex digits")
+    if vm["ram_only"] and vm["disks"]:
+        _bad(f"{path}.disks", f"lists {len(vm['disks'])} disks in a RAM-only snapshot")
+
+
 def _pow2(n):
     return n > 0 and n & (n - 1) == 0
 
@@ -277,6 +315,8 @@ def validate_meta(doc, region_length, json_end):
     """Strict check of the metadata JSON (types, ranges, blob bounds, block layout)."""
     ctx = {"region_length": region_length, "blob_start": align_up(json_end, BLOB_ALIGN)}
     _check(doc, TOP_SCHEMA, "meta", ctx)
+    if "vm" in doc:
+        validate_vm_record(doc["vm"])
     if doc["format_version"] != FORMAT_VERSION:
         _bad("meta.format_version", f"is {doc['format_version']}, expected {FORMAT_VERSION}")
     if doc["checksum"] != CHECKSUM_NAME:

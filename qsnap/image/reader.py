@@ -494,4 +494,5 @@ class Image:
                             "offset": b.offset, "nonzero_pages": b.nonzero_pages,
                             "migrated": b.migrated} for b in self.blocks],
             "counts": dict(m["counts"]),
+            "vm": m.get("vm"),
         }

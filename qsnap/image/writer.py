@@ -171,19 +171,22 @@ class ImageWriter:
         return self.region_offsets
 
     def finish(self, *, header_bytes=b"", pre_ram=b"", device_state=b"", stream_info=None,
-               commands=(), counts=None, machine=None, created=None):
-        """Write metadata and tables, mark the image COMPLETE, rename it over ``path``."""
+               commands=(), counts=None, machine=None, created=None, vm=None):
+        """Write metadata and tables, mark the image COMPLETE, rename it over ``path``.
+
+        ``vm``: the VM record (layout.validate_vm_record) stored as the "vm" key, or None.
+        """
         if self.sink is None:
             raise RuntimeError("finish() before start()")
         try:
             return self._finish(header_bytes, pre_ram, device_state, stream_info or {},
-                                commands, counts or {}, machine, created)
+                                commands, counts or {}, machine, created, vm)
         except BaseException:
             self.abort()
             raise
 
     def _finish(self, header_bytes, pre_ram, device_state, stream_info, commands, counts,
-                machine, created):
+                machine, created, vm):
         sink = self.sink
         sink.flush()
         ram_blocks, total_nonzero, n_records = self._ram_blocks()
@@ -204,6 +207,8 @@ class ImageWriter:
             "device_state": Blob(device_state),
             "counts": full_counts,
         }
+        if vm is not None:
+            doc["vm"] = vm
         region = layout.build_meta_region(doc)
         host_map, pos, virtual_size = self._write_metadata(region)
         tl, l1_size = self._write_tables(host_map, pos, virtual_size)

@@ -1,0 +1,141 @@
+"""Disks of a VM: fingerprints of frozen images, finding a recorded disk on a QEMU,
+fresh overlays on top of frozen images.
+
+A frozen image is the disk layer a snapshot left behind (the guest's disk at the
+snapshot instant).  It must never be written again, so a restored VM always runs
+on a fresh qcow2 overlay whose backing file is the frozen image; the same
+snapshot can then be restored again and again, and as several clones at once.
+"""
+import hashlib
+import os
+import time
+
+from qsnap.errors import VmError
+
+FINGERPRINT_HEAD = 4 << 20  # bytes hashed at the start of a frozen image
+
+
+def fingerprint(path):
+    """{"size", "mtime_ns", "sha256_4m"} of a file: detects a frozen image changed after the snapshot."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        left = FINGERPRINT_HEAD
+        while left:
+            buf = f.read(min(left, 1 << 20))
+            if not buf:
+                break
+            h.update(buf)
+            left -= len(buf)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_4m": h.hexdigest()}
+
+
+def _when(ns):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)) + f".{ns % 10**9:09d}"
+
+
+def disk_name(disk):
+    return disk.get("device") or disk.get("qdev") or disk.get("node_name") or "?"
+
+
+def check_frozen(disk):
+    """VmError unless the disk's frozen image exists and still has its recorded fingerprint."""
+    path, want = disk["frozen"], disk["fingerprint"]
+    try:
+        got = fingerprint(path)
+    except FileNotFoundError:
+        raise VmError(f"frozen image {path} of disk {disk_name(disk)} is missing: "
+                      "the snapshot cannot be restored without it") from None
+    except OSError as e:
+        raise VmError(f"cannot read frozen image {path} of disk {disk_name(disk)}: {e.strerror}") from None
+    changed = []
+    if got["size"] != want["size"]:
+        changed.append(f"size {want['size']} -> {got['size']} bytes")
+    if got["mtime_ns"] != want["mtime_ns"]:
+        changed.append(f"modified {_when(got['mtime_ns'])}, recorded {_when(want['mtime_ns'])}")
+    if got["sha256_4m"] != want["sha256_4m"]:
+        changed.append("content of its first 4 MiB")
+    if changed:
+        what = "; ".join(changed)
+        raise VmError(f"frozen image {path} of disk {disk_name(disk)} changed after the snapshot "
+                      f"({what}): restoring it would give the guest a disk that does not match its RAM")
+
+
+def chain(image):
+    """Filenames of a query-block ``inserted.image`` and its backing images, top first."""
+    out = []
+    while image:
+        out.append(image.get("filename"))
+        image = image.get("backing-image")
+    return out
+
+
+def find_device(blocks, disk):
+    """The query-block entry of the recorded ``disk`` on a QEMU, or VmError.
+
+    Matched by qdev path (stable across QEMUs started from the same command line),
+    else by the -drive id."""
+    for key in ("qdev", "device"):
+        want = disk.get(key)
+        if not want:
+            continue
+        for b in blocks:
+            if b.get(key) == want:
+                return b
+    raise VmError(f"the destination QEMU has no disk device {disk_name(disk)} "
+                  f"(qdev {disk.get('qdev') or '-'}): start it with the snapshot's devices")
+
+
+def same_path(a, b):
+    if not a or not b:
+        return False
+    if os.path.normpath(a) == os.path.normpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def plan_overlay(block, disk):
+    """What the restore does for one disk: "overlay" (its image is the frozen one),
+    "keep" (it already runs on an overlay of the frozen image), or VmError."""
+    inserted = block.get("inserted")
+    if not inserted:
+        raise VmError(f"disk {disk_name(disk)} of the destination has no medium")
+    files = chain(inserted.get("image"))
+    if same_path(files[0], disk["frozen"]):
+        return "overlay"
+    if any(same_path(f, disk["frozen"]) for f in files[1:]):
+        return "keep"
+    raise VmError(f"disk {disk_name(disk)} of the destination uses {files[0]}, not the snapshot's "
+                  f"frozen image {disk['frozen']} (or an overlay of it): start QEMU with that disk "
+                  f"on {disk['frozen']}")
+
+
+def overlay_path(directory, disk, used):
+    """<directory>/<frozen stem>.overlay.qcow2, unique within ``used``."""
+    stem = os.path.splitext(os.path.basename(disk["frozen"]))[0] or "disk"
+    name, n = f"{stem}.overlay.qcow2", 1
+    while name in used:
+        n += 1
+        name = f"{stem}.{n}.overlay.qcow2"
+    used.add(name)
+    return os.path.join(directory, name)
+
+
+def overlay_action(block, path, node_name):
+    """The transaction action putting a new qcow2 overlay at ``path`` (node ``node_name``)
+    on top of the device's image; QEMU itself creates the file.
+
+    On an incoming QEMU the block graph is still inactive; QEMU accepts
+    blockdev-snapshot-sync there, writes nothing to the old image and reopens it
+    read-only as the overlay's backing file, so the frozen image is never written.
+    QEMU writes the overlay's header (backing file and format, size) as a snapshot does.
+    Naming the old node by node-name (the device name is "" with -blockdev) makes
+    QEMU require a node name for the new one (blockdev.c external_snapshot_action)."""
+    if os.path.lexists(path):
+        raise VmError(f"overlay {path} already exists")
+    return {"type": "blockdev-snapshot-sync", "data": {
+        "node-name": block["inserted"]["node-name"], "snapshot-node-name": node_name,
+        "snapshot-file": path, "format": "qcow2", "mode": "absolute-paths"}}

@@ -1,0 +1,578 @@
+"""qsnap restore: bring a snapshot image back into a QEMU.
+
+``restore_into(qmp_path, img)``: into a QEMU the user started with ``-incoming defer``.
+``launch(img)``: start QEMU from the command line the image recorded, then restore.
+
+Both check everything they can before the guest's state moves (run state, machine
+type, RAM blocks, disks and their frozen images), put each disk on a fresh overlay
+of its frozen image (so the snapshot stays untouched and restores any number of
+times), then load the image through the same path a user would:
+``migrate-incoming "exec:qsnap load IMG"``.
+"""
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from qsnap.errors import VmError
+from qsnap.vm import disks as vmdisks
+from qsnap.vm import migration, vmrecord
+from qsnap.vm.qmp import Qmp
+
+POLL = 0.05
+START_TIMEOUT = 30.0          # QEMU start-up until its QMP socket answers
+LOAD_TIMEOUT = 24 * 3600.0    # a stalled load ends when QEMU or qsnap load exits
+UNIX_PATH_MAX = 107           # sun_path holds 108 bytes with the NUL
+
+
+# --- what the image says --------------------------------------------------------------
+
+class ImageFacts:
+    """What a restore needs to know about an image: machine, RAM blocks, VM record."""
+
+    def __init__(self, path):
+        from qsnap.image.reader import Image
+
+        self.path = os.path.abspath(path)
+        with Image.open(self.path) as img:
+            info = img.info()
+            self.vm = img.meta.get("vm")
+        self.blocks = [(b["idstr"], b["length"]) for b in info["ram_blocks"]]
+        self.machine = (self.vm or {}).get("machine") or info["machine"]
+        self.qemu_version = (self.vm or {}).get("qemu_version")
+        self.disks = list((self.vm or {}).get("disks") or [])
+
+    def origin(self):
+        """'saved by QEMU 10.0.2 with machine type pc-i440fx-10.0' (what is known of it)."""
+        who = f"QEMU {self.qemu_version}" if self.qemu_version else "a QEMU"
+        return f"saved by {who} with machine type {self.machine or 'unknown'}"
+
+    def was_running(self):
+        return self.vm is None or bool(self.vm.get("was_running", True))
+
+
+def check_frozen_disks(facts):
+    for d in facts.disks:
+        vmdisks.check_frozen(d)
+
+
+# --- checks on the destination --------------------------------------------------------
+
+def check_incoming(q):
+    """The QEMU waits for an incoming migration that nobody has started yet.
+
+    QEMU 7.2 reports nothing in query-migrate until the first byte of a stream
+    arrives (fill_destination_migration_info, migration/migration.c), so an exec:
+    migration already started shows as a child process of QEMU, and a -incoming
+    other than defer on its command line."""
+    status = q.cmd("query-status")["status"]
+    if status != "inmigrate":
+        raise VmError(f"the QEMU at {q.path} is {status}, not waiting for an incoming migration: "
+                      "start it with -incoming defer")
+    mig = migration.status(q)
+    if mig not in ("none", "failed", "cancelled"):
+        raise VmError(f"the QEMU at {q.path} already has an incoming migration ({mig})")
+    argv = vmrecord.read_cmdline(q.pid) or []
+    incoming = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-incoming", "--incoming")]
+    if incoming and incoming[-1] != "defer":
+        raise VmError(f"the QEMU at {q.path} was started with -incoming {incoming[-1]}, not -incoming "
+                      "defer: it waits for that migration, and qsnap restore cannot start its own")
+    kids = _children(q.pid)
+    if kids:
+        pid, cmd = kids[0]
+        raise VmError(f"the QEMU at {q.path} already has an incoming migration running "
+                      f"(its exec: command, pid {pid}: {cmd})")
+
+
+def autostarts(q):
+    """True if the QEMU at ``q`` starts the guest itself after an incoming migration
+    (no -S on its command line); None if its command line cannot be read."""
+    argv = vmrecord.read_cmdline(q.pid)
+    if argv is None:
+        return None
+    return not any(a in ("-S", "--S") for a in argv[1:])
+
+
+def _children(pid):
+    """[(pid, command line)] of the live child processes of ``pid``."""
+    out = []
+    if not pid:
+        return out
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            out.append((int(d), " ".join(vmrecord.read_cmdline(int(d)) or ["?"])))
+    return out
+
+
+def machine_type(q):
+    """The running machine type: qom-get /machine type minus the "-machine" suffix."""
+    t = q.cmd("qom-get", path="/machine", property="type")
+    return t[:-len("-machine")] if t.endswith("-machine") else t
+
+
+def qemu_version(q):
+    v = q.cmd("query-version")["qemu"]
+    return f"{v['major']}.{v['minor']}.{v['micro']}"
+
+
+def check_machine(q, facts):
+    if not facts.machine:
+        return
+    have = machine_type(q)
+    if have == facts.machine:
+        return
+    names = {m["name"] for m in q.cmd("query-machines")} | {
+        m.get("alias") for m in q.cmd("query-machines") if m.get("alias")}
+    if facts.machine not in names:
+        raise VmError(f"the image was {facts.origin()}, which QEMU {qemu_version(q)} does not "
+                      "provide: restore it with a QEMU that does")
+    raise VmError(f"the destination's machine type is {have}, the image's is {facts.machine} "
+                  f"({facts.origin()}): start QEMU with -machine {facts.machine}")
+
+
+_RAMBLOCK_LINE = re.compile(r"^\s*(\S+)\s+\d+\s*\S*B\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)")
+
+
+def ram_blocks(q):
+    """{idstr: (used, max)} from HMP ``info ramblock`` (QMP has no such query)."""
+    text = q.cmd("human-monitor-command", {"command-line": "info ramblock"})
+    out = {}
+    for line in text.splitlines():
+        m = _RAMBLOCK_LINE.match(line)
+        if m:
+            out[m.group(1)] = (int(m.group(3), 16), int(m.group(4), 16))
+    if not out:
+        raise VmError(f"cannot read the RAM blocks of the QEMU at {q.path} (info ramblock said {text!r})")
+    return out
+
+
+def _mib(n):
+    return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def check_ram(q, facts):
+    """The destination's RAM blocks must be the image's, with sizes QEMU can load.
+
+    A resizable block (ACPI tables: used < max) may take another used length up to
+    its max (ram_load_precopy calls qemu_ram_resize, migration/ram.c)."""
+    have = ram_blocks(q)
+    for idstr, length in facts.blocks:
+        if idstr not in have:
+            raise VmError(f"the destination has no RAM block {idstr} of {_mib(length)} the image holds "
+                          "(started with other devices?)")
+        used, most = have[idstr]
+        if length != used and not (used < most and length <= most):
+            hint = " (started with another -m?)" if idstr.endswith("ram") else ""
+            raise VmError(f"RAM block {idstr} is {_mib(length)} in the image, {_mib(used)} on the "
+                          f"destination{hint}")
+    extra = sorted(set(have) - {i for i, _ in facts.blocks})
+    if extra:
+        raise VmError(f"the destination has RAM block {extra[0]} ({_mib(have[extra[0]][0])}) that the "
+                      "image does not (started with other devices?)")
+
+
+def plan_disks(q, facts):
+    """[(query-block entry, recorded disk, "overlay" | "keep")] or VmError."""
+    if not facts.disks:
+        return []
+    blocks = q.cmd("query-block")
+    plan = []
+    for d in facts.disks:
+        b = vmdisks.find_device(blocks, d)
+        plan.append((b, d, vmdisks.plan_overlay(b, d)))
+    return plan
+
+
+# --- the restore -----------------------------------------------------------------------
+
+class Restore:
+    """One restore into a connected ``-incoming defer`` QEMU; ``run()`` returns its summary."""
+
+    def __init__(self, q, facts, workdir, *, postcopy=None, paused=False):
+        self.q, self.facts, self.dir = q, facts, workdir
+        self.postcopy, self.paused = postcopy, paused
+        self.overlays = []        # files this restore made
+        self.overlays_live = False  # QEMU's block graph uses them
+        self.settings = None
+        self.t0 = time.monotonic()
+        self.seconds_to_run = None
+
+    @property
+    def load_log(self):
+        return os.path.join(self.dir, "load.log")
+
+    def preflight(self):
+        check_incoming(self.q)
+        if self.paused and autostarts(self.q):
+            raise VmError(f"--paused needs a destination started with -S: the QEMU at {self.q.path} "
+                          "starts the guest itself when the restore completes")
+        check_machine(self.q, self.facts)
+        check_ram(self.q, self.facts)
+        return plan_disks(self.q, self.facts)
+
+    def run(self):
+        plan = self.preflight()
+        self._set_caps()
+        try:
+            self._put_overlays(plan)
+            self._start_load()
+            self._wait()
+        finally:
+            self._put_back_caps()
+        return self.summary()
+
+    def _set_caps(self):
+        """postcopy-ram for a postcopy restore; events, so that the MIGRATION events tell
+        which states the restore went through.  Both put back by _put_back_caps."""
+        self.settings = migration.Settings(self.q)
+        self.settings.set_capability("events", True)
+        if self.postcopy is not None:
+            self.settings.set_capability("postcopy-ram", True)
+
+    def _put_back_caps(self):
+        if self.settings is None:
+            return
+        try:
+            self.settings.restore()
+        except VmError:
+            if self.q_alive():
+                raise
+
+    def _put_overlays(self, plan):
+        """All overlays in one transaction: either every disk gets one, or none does."""
+        used, actions = set(os.listdir(self.dir)), []
+        tag = os.urandom(4).hex()  # node names unique in the QEMU's block graph
+        for block, disk, what in plan:
+            if what != "overlay":
+                continue
+            path = vmdisks.overlay_path(self.dir, disk, used)
+            actions.append(vmdisks.overlay_action(block, path, f"qsnap-{tag}-{len(actions)}"))
+            self.overlays.append(path)
+        if not actions:
+            return
+        try:
+            self.q.cmd("transaction", actions=actions)
+        except VmError as e:
+            raise VmError(f"cannot put the disks on fresh overlays: {e}") from None
+        self.overlays_live = True
+
+    def _load_command(self):
+        args = [sys.executable, "-m", "qsnap", "load", "-q"]
+        if self.postcopy is not None:
+            args.append(f"--postcopy={self.postcopy:g}")
+        args.append(self.facts.path)
+        return " ".join(shlex.quote(a) for a in args) + f" 2>>{shlex.quote(self.load_log)}"
+
+    def _start_load(self):
+        self.q.cmd("migrate-incoming", uri="exec:" + self._load_command())
+
+    def _wait(self):
+        want_running = not self.paused and self.facts.was_running()
+        deadline = time.monotonic() + LOAD_TIMEOUT
+        while True:
+            status = self._migration_status()
+            if status in ("postcopy-active", "completed") and want_running and self.seconds_to_run is None:
+                self._run_guest()
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise VmError(self._load_failure(f"the incoming migration {status}"))
+            if time.monotonic() > deadline:
+                raise VmError(f"the restore is still {status} after {LOAD_TIMEOUT:g} s")
+            time.sleep(POLL)
+
+    def _migration_status(self):
+        try:
+            return self.q.cmd("query-migrate").get("status", "none")
+        except VmError:
+            if self.q_alive():
+                raise
+            raise VmError(self._load_failure("the destination QEMU exited during the restore")) from None
+
+    def _run_guest(self):
+        """cont once QEMU has left "inmigrate" (postcopy: after the RUN command): a cont
+        during inmigrate would activate the disks before the device state is loaded
+        (qmp_cont calls bdrv_activate_all first, monitor/qmp-cmds.c)."""
+        status = self.q.cmd("query-status")["status"]
+        if status == "inmigrate":
+            return
+        if status != "running":
+            self.q.cmd("cont")
+        self.seconds_to_run = time.monotonic() - self.t0
+
+    def q_alive(self):
+        try:
+            self.q.cmd("query-status", timeout=5)
+            return True
+        except VmError:
+            return False
+
+    def _load_failure(self, what):
+        """One line: what happened, qsnap load's own error if it gave one, where the image came from."""
+        why = ""
+        try:
+            with open(self.load_log, errors="replace") as f:
+                lines = [ln[len("qsnap: error:"):].strip() for ln in f if ln.startswith("qsnap: error:")]
+            if lines:
+                why = f" (qsnap load: {lines[-1]})"
+        except OSError:
+            pass
+        return f"{what}{why}; the image was {self.facts.origin()}"
+
+    def summary(self):
+        status = self.q.cmd("query-status")["status"]
+        total = time.monotonic() - self.t0
+        return {"image": self.facts.path, "pid": self.q.pid, "qmp": self.q.path, "status": status,
+                "seconds": round(total, 3),
+                "seconds_to_run": None if self.seconds_to_run is None else round(self.seconds_to_run, 3),
+                "postcopy": self.postcopy, "dir": self.dir, "overlays": list(self.overlays),
+                "migration_statuses": [e["data"]["status"] for e in self.q.events("MIGRATION")]}
+
+    def undo_files(self):
+        """After a failure: remove the overlays this restore made if no QEMU uses them.
+        Returns the overlays left behind (a live QEMU still has them open)."""
+        if self.overlays_live and self.q_alive():
+            return list(self.overlays)
+        for p in self.overlays:
+            _unlink(p)
+        self.overlays_live = False
+        _unlink(self.load_log)
+        return []
+
+
+# --- work directories ----------------------------------------------------------------------
+
+class WorkDir:
+    """The per-restore directory: ``--dir`` or a fresh one under $XDG_RUNTIME_DIR or /tmp."""
+
+    def __init__(self, path, stem):
+        self.created = False
+        if path is None:
+            base = os.environ.get("XDG_RUNTIME_DIR")
+            base = base if base and os.path.isdir(base) else tempfile.gettempdir()
+            self.path = tempfile.mkdtemp(prefix=f"qsnap-{stem}-", dir=base)
+            self.created = True
+            return
+        self.path = os.path.abspath(path)
+        try:
+            os.mkdir(self.path, 0o700)
+            self.created = True
+        except FileExistsError:
+            if not os.path.isdir(self.path):
+                raise VmError(f"--dir {self.path} exists and is not a directory") from None
+            if os.listdir(self.path):
+                raise VmError(f"--dir {self.path} is not empty: each restore needs its own directory")
+        except OSError as e:
+            raise VmError(f"cannot create --dir {self.path}: {e.strerror}") from None
+
+    def remove(self):
+        """Remove what the restore put there (and the directory if the restore made it)."""
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for name in os.listdir(self.path):
+            p = os.path.join(self.path, name)
+            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else _unlink(p)
+
+    def remove_if_empty(self):
+        if self.created:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass  # overlays live there
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _stem(img):
+    return os.path.splitext(os.path.basename(img))[0] or "vm"
+
+
+# --- qsnap restore --qmp SOCK IMG ---------------------------------------------------------
+
+def restore_into(qmp_path, img, *, postcopy=None, paused=False, directory=None):
+    """Restore ``img`` into the ``-incoming defer`` QEMU at ``qmp_path``; the summary dict."""
+    facts = ImageFacts(img)
+    check_frozen_disks(facts)
+    work = WorkDir(directory, _stem(img))
+    job = None
+    try:
+        with Qmp(qmp_path) as q:
+            job = Restore(q, facts, work.path, postcopy=postcopy, paused=paused)
+            try:
+                out = job.run()
+            except BaseException as e:
+                left = job.undo_files()
+                if left and isinstance(e, VmError):
+                    raise VmError(f"{e}; the destination QEMU now runs its disks on {', '.join(left)}") from None
+                raise
+        _unlink(job.load_log)
+        work.remove_if_empty()
+        if not os.path.isdir(work.path):
+            out["dir"] = None
+        out["changes"] = []
+        return out
+    except BaseException:
+        if job is None or not job.overlays_live:
+            work.remove()
+        raise
+
+
+# --- qsnap restore --launch IMG --------------------------------------------------------------
+
+def launch(img, *, qmp_path=None, directory=None, binary=None, postcopy=None, paused=False,
+           drop=(), extra=()):
+    """Start QEMU from the command line ``img`` recorded, restore into it; the summary dict."""
+    from qsnap.vm.cmdline import rewrite_for_clone
+
+    facts = ImageFacts(img)
+    argv = (facts.vm or {}).get("cmdline")
+    if not argv:
+        why = "has no VM record (saved by plain qsnap save)" if facts.vm is None else "recorded no command line"
+        raise VmError(f"image {facts.path} {why}: start QEMU yourself with the VM's command line plus "
+                      "-incoming defer and restore with qsnap restore --qmp SOCK IMG")
+    check_frozen_disks(facts)
+    work = WorkDir(directory, _stem(img))
+    proc = None
+    try:
+        qmp = os.path.abspath(qmp_path) if qmp_path else os.path.join(work.path, "qmp.sock")
+        _check_socket_path(qmp)
+        words, changes = rewrite_for_clone(argv, facts.disks, work.path, qmp_path=qmp,
+                                           binary=binary, cwd=os.getcwd(), drop=drop)
+        words += list(extra)
+        log_path = os.path.join(work.path, "qemu.log")
+        proc = _start_qemu(words, log_path)
+        q = _connect(qmp, proc, facts, words[0], log_path)
+        try:
+            out = Restore(q, facts, work.path, postcopy=postcopy, paused=paused).run()
+        finally:
+            q.close()
+        out["changes"] = changes
+        out["pid"] = proc.pid
+        return out
+    except BaseException:
+        if proc is not None:
+            _kill(proc)
+        if qmp_path:
+            _unlink(os.path.abspath(qmp_path))
+        work.remove()
+        raise
+
+
+def _check_socket_path(path):
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise VmError(f"QMP socket path {path} is longer than a unix socket allows "
+                      f"({UNIX_PATH_MAX} bytes): use a shorter --dir or --qmp")
+    if os.path.lexists(path):
+        raise VmError(f"QMP socket path {path} already exists")
+
+
+def _start_qemu(words, log_path):
+    """QEMU in its own session (it outlives qsnap), its output in ``log_path``."""
+    try:
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(words, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, close_fds=True)
+    except OSError as e:
+        raise VmError(f"cannot start {words[0]}: {e.strerror}") from None
+
+
+def _connect(path, proc, facts, binary, log_path):
+    """A Qmp session to the QEMU just started, or VmError saying why QEMU did not come up."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise VmError(_start_failure(proc, facts, binary, log_path))
+        if os.path.exists(path):
+            try:
+                return Qmp(path).connect()  # the caller closes it
+            except VmError:
+                if proc.poll() is not None:
+                    raise VmError(_start_failure(proc, facts, binary, log_path)) from None
+                if time.monotonic() > deadline:
+                    raise
+        if time.monotonic() > deadline:
+            raise VmError(f"QEMU (pid {proc.pid}) did not open its QMP socket {path} within "
+                          f"{START_TIMEOUT:g} s")
+        time.sleep(POLL)
+
+
+def _start_failure(proc, facts, binary, log_path):
+    """Why QEMU exited at start-up: its own last error line, and whether it knows the machine."""
+    try:
+        text = _tail(log_path).strip()
+    except OSError:
+        text = ""
+    # QEMU's own error lines start with its program name ("qemu-system-x86_64: -machine ...")
+    own = [ln for ln in text.splitlines() if ln.startswith(os.path.basename(binary) + ":")]
+    last = (own or text.splitlines() or [f"exit status {proc.returncode}"])[-1]
+    msg = f"QEMU exited at start-up: {last}; the image was {facts.origin()}"
+    known = _binary_machines(binary)
+    if facts.machine and known is not None and facts.machine not in known:
+        msg += f", which {binary} ({_binary_version(binary)}) does not provide"
+    return msg
+
+
+def _tail(path, n=4096):
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - n))
+        return f.read().decode(errors="replace")
+
+
+def _binary_machines(binary):
+    try:
+        r = subprocess.run([binary, "-machine", "help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {ln.split()[0] for ln in r.stdout.splitlines()[1:] if ln.strip()}
+
+
+def _binary_version(binary):
+    try:
+        r = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown version"
+    m = re.search(r"version (\S+)", r.stdout)
+    return f"QEMU {m.group(1)}" if m else "unknown version"
+
+
+def _kill(proc):
+    """End the QEMU this restore started (its whole session: exec: children too)."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def format_summary(out):
+    """The human summary of a restore."""
+    lines = [f"restored {out['image']} in {out['seconds']:.2f} s: QEMU pid {out['pid']}, "
+             f"QMP {out['qmp']}, guest {out['status']}"]
+    lines += [f"  disk overlay: {p}" for p in out["overlays"]]
+    lines += [f"  changed: {c}" for c in out.get("changes", ())]
+    return "\n".join(lines)

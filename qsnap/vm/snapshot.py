@@ -1,0 +1,425 @@
+"""qsnap snapshot: RAM, devices and disks of a running VM, consistent to the instant.
+
+The RAM and device state go through ``migrate "exec:qsnap save IMG"``; the disks go
+on in new qcow2 overlays made in one QMP transaction while the guest is paused at
+exactly the instant the RAM snapshot stands for (libvirt does the same):
+
+- stopped:    stop -> overlays -> migrate -> the save's report -> cont
+- live:       migrate (pause-before-switchover) -> status pre-switchover (QEMU has
+              stopped the guest) -> overlays -> migrate-continue -> report -> cont
+- background: stop -> overlays -> migrate (background-snapshot) -> the guest resumes
+              once QEMU saved the device state and write-protected RAM (see
+              _resume_background) -> report
+
+A paused VM is saved as stopped and stays paused.  Every migration capability and
+parameter changed is put back on every path; a failure after the overlays commits
+them back; the VM ends in the run state it had.  The wait is for the save's own
+--report, not for QEMU's ``completed``: QEMU 10.0 reports ``completed`` before the
+image is renamed into place, and without a return path QEMU never learns of a
+failure after the last byte.
+"""
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+
+import qsnap
+from qsnap.errors import VmError
+from qsnap.vm import migration, overlays, vmrecord
+from qsnap.vm.progress import Progress
+from qsnap.vm.qmp import Qmp
+
+MODES = ("background", "live", "stopped")
+# QEMU >= 9.0 resumes a background snapshot's VM into the run state it found
+# (vm_resume(s->vm_old_state) in bg_migration_vm_start_bh, migration/migration.c);
+# before, it always started it (vm_start()).
+BG_KEEPS_RUNSTATE = (9, 0)
+MAX_BANDWIDTH = 16 << 30       # bytes/s: no rate limit for the snapshot's stream
+SWITCHOVER_TIMEOUT = 3600.0    # live mode: precopy converging to the switch-over
+RESUME_TIMEOUT = 60.0
+END_TIMEOUT = 600.0
+POLL = 0.02
+SPAWN_GRACE = 30.0             # s for QEMU's exec: child to show up as qsnap save
+SCAN_INTERVAL = 0.25           # s between looks for the save process in /proc
+# query-status run states a snapshot can start from; the others (inmigrate,
+# postmigrate after a failed switch-over, shutdown, internal-error...) are refused.
+STARTABLE = {"running": True, "paused": False, "prelaunch": False, "postmigrate": False}
+
+
+def snapshot(qmp_path, image, *, mode="background", disks="overlay", progress=None):
+    """Snapshot the VM whose QMP socket is ``qmp_path`` into ``image``; the summary dict."""
+    if mode not in MODES:
+        raise VmError(f"unknown snapshot mode {mode!r} (one of {', '.join(MODES)})")
+    return _Snapshot(qmp_path, os.path.abspath(image), mode, disks == "overlay", progress).run()
+
+
+class _Snapshot:
+    def __init__(self, qmp_path, image, mode, with_disks, progress):
+        self.qmp_path = qmp_path
+        self.image = image
+        self.mode = mode
+        self.with_disks = with_disks
+        self.progress = progress
+        self.q = None
+        self.disks = []
+        self.was_running = False
+        self.record = None
+        self.workdir = None
+        self.migrating = False
+        self.events_before = {}
+        self.downtime_ms = None
+        self.resumed = False
+        self.identity = None  # (QEMU version, package, machine type)
+        self.cmdline = None
+
+    # -- the whole operation ------------------------------------------------------------
+
+    def run(self):
+        t0 = time.monotonic()
+        with Qmp(self.qmp_path) as q:
+            self.q = q
+            self._preflight()
+            settings = migration.Settings(q)
+            self.workdir = tempfile.mkdtemp(prefix="qsnap-snapshot-")
+            try:
+                try:
+                    report = self._take(settings)
+                except BaseException as e:
+                    self._undo(e)
+                    raise
+                finally:
+                    settings.restore()
+            finally:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        return self._summary(report, time.monotonic() - t0)
+
+    # -- before touching the VM ---------------------------------------------------------
+
+    def _preflight(self):
+        q = self.q
+        _check_image_dir(self.image)
+        migration.require_idle(q)
+        status = q.cmd("query-status")["status"]
+        if status not in STARTABLE:
+            raise VmError(f"the VM at {q.path} is {status!r}: a snapshot needs a running or paused VM")
+        self.was_running = STARTABLE[status]
+        if not self.was_running:
+            self.mode = "stopped"  # its RAM cannot change: the plain stopped save is exact
+        if self.mode == "background":
+            migration.probe_capability(q, "background-snapshot")
+        if self.with_disks:
+            self.disks = overlays.plan(overlays.writable_disks(q), self.image)
+        self.identity = vmrecord.qemu_identity(q)
+        self.cmdline = vmrecord.read_cmdline(q.pid)
+
+    # -- taking it ----------------------------------------------------------------------
+
+    def _take(self, settings):
+        self.events_before = {n: len(self.q.events(n)) for n in ("STOP", "RESUME")}
+        if self.mode == "background":
+            settings.set_capability("background-snapshot", True)
+        else:
+            settings.set_parameter("max-bandwidth", MAX_BANDWIDTH)
+        if self.mode == "live" and self.disks:
+            settings.set_capability("pause-before-switchover", True)
+        overlays.prepare(self.disks)
+        {"stopped": self._stopped, "live": self._live, "background": self._background}[self.mode]()
+        report = self._wait_save()
+        self._wait_completed()
+        self._resume_when_streamed()
+        self.downtime_ms = self._downtime_ms()
+        return report
+
+    def _stopped(self):
+        if self.was_running:
+            self.q.cmd("stop")
+        self._freeze_disks()
+        self._migrate()
+
+    def _live(self):
+        if not self.disks:
+            self._write_record()
+            self._migrate()
+            return
+        self._migrate(record=False)
+        migration.wait_status(self.q, ("pre-switchover",), SWITCHOVER_TIMEOUT,
+                              "waiting for the switch-over")
+        self._freeze_disks()
+        self.q.cmd("migrate-continue", state="pre-switchover")
+
+    def _background(self):
+        if not self.disks:
+            self._write_record()
+            self._migrate()  # QEMU stops and resumes the guest itself
+            return
+        self.q.cmd("stop")
+        overlays.take(self.q, self.disks)
+        self._migrate(record=False)
+        # fingerprinting the frozen images takes milliseconds: do it while QEMU sets
+        # up the stream rather than while the guest waits (qsnap save waits for it)
+        self._write_record()
+        self._resume_background()
+        self._write_record()  # with the downtime, if the save has not finished yet
+
+    def _resume_background(self):
+        """Let the guest run again once QEMU has saved the device state.
+
+        QEMU < 9.0 starts the VM itself (a RESUME event).  QEMU >= 9.0 puts back the
+        run state it found, paused, so we ``cont``, but only after its bg thread has
+        saved the device state and write-protected RAM under the BQL: it sends RAM
+        pages only after that (bg_migration_thread, migration/migration.c), so the
+        first page counted in query-migrate is the signal."""
+        version = tuple(int(x) for x in self.identity[0].split(".")[:2])
+        if version < BG_KEEPS_RUNSTATE:
+            self.q.wait_event("RESUME", RESUME_TIMEOUT, since=self.events_before["RESUME"])
+            return
+        deadline = time.monotonic() + RESUME_TIMEOUT
+        while True:
+            info = self.q.cmd("query-migrate")
+            if migration.ram_pages_sent(info) > 0 or info.get("status") == "completed":
+                break
+            if info.get("status") in ("failed", "cancelled"):
+                break  # the VM is resumed by _undo
+            if time.monotonic() > deadline:
+                raise VmError(f"QEMU sent no RAM page within {RESUME_TIMEOUT:g} s of the "
+                              "background snapshot's start")
+            time.sleep(migration.POLL)
+        if self.q.cmd("query-status")["status"] != "running":
+            self.q.cmd("cont")
+
+    def _freeze_disks(self):
+        overlays.take(self.q, self.disks)
+        self.record = None
+        self._write_record()
+
+    def _write_record(self):
+        if self.record is None:
+            self.record = vmrecord.build(self.identity, self.cmdline, self.mode, self.was_running,
+                                         self.disks)
+        self.record["downtime_ms"] = self._downtime_ms()
+        vmrecord.write(self._path("vm.json"), self.record)
+
+    def _migrate(self, record=True):
+        if record and self.record is None:
+            self._write_record()
+        args = ["save", "--quiet", "--early-exit", "--vm-info", self._path("vm.json"),
+                "--report", self._path("report.json"), self.image]
+        self.q.cmd("migrate", uri="exec:" + save_command(args))
+        self.migrating = True
+
+    # -- waiting for the save -----------------------------------------------------------
+
+    def _wait_save(self):
+        """The save's report; VmError with its error when it failed (after QEMU ended
+        the migration, so that nothing is left running)."""
+        shown = Progress(sys.stderr, f"qsnap: saving {self.image}") if self.progress else None
+        path = self._path("report.json")
+        started = time.monotonic()
+        seen = False
+        next_scan = 0.0
+        try:
+            while not os.path.exists(path):
+                if time.monotonic() >= next_scan:  # a /proc scan costs: not every poll
+                    next_scan = time.monotonic() + SCAN_INTERVAL
+                    if _save_running(path):
+                        seen = True
+                    # QEMU 7.2 returns from `migrate` right after fork(): the save shows
+                    # up only once the child has exec'd
+                    elif seen or time.monotonic() - started > SPAWN_GRACE:
+                        self._no_report(path)
+                        break
+                self._resume_when_streamed()
+                if shown:
+                    shown.tick(self.q)
+                time.sleep(POLL)
+        finally:
+            if shown:
+                shown.done()
+        with open(path) as f:
+            report = json.load(f)
+        if not report.get("ok"):
+            self._cancel_migration()
+            raise VmError(f"saving {self.image} failed: {report.get('error')}")
+        return report
+
+    def _resume_when_streamed(self):
+        """live/stopped: the guest runs again as soon as QEMU has sent the whole stream
+        (``completed``), while the save still finishes the image: with --early-exit the
+        save no longer holds QEMU's main loop (see qsnap/detach.py)."""
+        if self.mode == "background" or not self.was_running or self.resumed:
+            return
+        if migration.status(self.q) == "completed":
+            self.q.cmd("cont")
+            self.resumed = True
+
+    def _no_report(self, path):
+        """The save is gone: its report must be there, else VmError with QEMU's view."""
+        if os.path.exists(path):
+            return
+        info = migration.wait_ended(self.q, END_TIMEOUT)
+        if not os.path.exists(path):
+            self.migrating = False
+            raise VmError(f"qsnap save ended without a report (migration {info.get('status')}: "
+                          f"{info.get('error-desc', 'no reason given')}); see QEMU's stderr")
+
+    def _wait_completed(self):
+        info = migration.wait_ended(self.q, END_TIMEOUT)
+        self.migrating = False
+        if info.get("status") != "completed":
+            _unlink_quiet(self.image)  # QEMU failed it: the image does not stand for the VM
+            raise VmError(f"the migration {info.get('status')} after qsnap save finished: "
+                          f"{info.get('error-desc', 'no reason given')}")
+
+    # -- failure ------------------------------------------------------------------------
+
+    def _undo(self, error):
+        """Put the VM back as it was: no migration, old disk chain, old run state."""
+        problems = []
+        # the run state first: `cont` also reactivates disks a completed migration left
+        # inactive, and block-commit needs them active
+        for step in (self._cancel_migration, self._restore_run_state, self._roll_back_disks,
+                     self._discard_overlays):
+            try:
+                step()
+            except Exception as e:  # keep undoing: each step stands alone
+                problems.append(str(e))
+        if problems and isinstance(error, VmError):
+            error.args = (f"{error}; and while undoing it: {'; '.join(problems)}",)
+
+    def _cancel_migration(self):
+        """End our migration, and make sure no image of it appears afterwards."""
+        if not self.migrating:
+            return
+        if self.mode == "background":
+            # QEMU 7.2 wedges (QMP `quit` never answers) after migrate_cancel of a
+            # background snapshot: let it finish the stream; the save (failed or not)
+            # reads it to the end.  Its completion leaves the disks active
+            # (bg_migration_completion, migration/migration.c).
+            migration.wait_ended(self.q, END_TIMEOUT)
+        elif migration.status(self.q) not in migration.IDLE_STATUSES:
+            # cancel before QEMU completes: a completed precopy inactivates the disks,
+            # and no overlay can be committed back then
+            self.q.cmd("migrate_cancel")
+            migration.wait_ended(self.q, END_TIMEOUT)
+        self.migrating = False
+        self._drop_finished_image()
+
+    def _drop_finished_image(self):
+        """An interrupted snapshot must not leave an image: wait for the save to end
+        (it may still finish successfully) and remove what it made."""
+        path = self._path("report.json")
+        deadline = time.monotonic() + END_TIMEOUT
+        while _save_running(path) and time.monotonic() < deadline:
+            time.sleep(SCAN_INTERVAL)
+        try:
+            with open(path) as f:
+                finished = json.load(f).get("ok")
+        except (OSError, ValueError):
+            finished = False
+        if finished:
+            _unlink_quiet(self.image)
+
+    def _roll_back_disks(self):
+        if any(d.made for d in self.disks) and self.q.cmd("query-status")["status"] == "postmigrate":
+            raise VmError("the migration completed before the failure was known, which left the "
+                          "paused VM's disks inactive; they are activated again by `cont`, after "
+                          "which the overlays " + ", ".join(d.overlay for d in self.disks if d.made)
+                          + " can be committed (block-commit)")
+        overlays.roll_back(self.q, self.disks)
+
+    def _discard_overlays(self):
+        overlays.discard(self.disks)
+
+    def _restore_run_state(self):
+        if self.was_running and self.q.cmd("query-status")["status"] != "running":
+            self.q.cmd("cont")
+
+    # -- results ------------------------------------------------------------------------
+
+    def _downtime_ms(self):
+        """Guest-visible pause: QEMU's STOP event -> the next RESUME event, or None."""
+        stops = self.q.events("STOP")[self.events_before.get("STOP", 0):]
+        resumes = self.q.events("RESUME")[self.events_before.get("RESUME", 0):]
+        if not stops or not resumes:
+            return None
+        t0, t1 = _stamp(stops[0]), _stamp(resumes[-1])
+        return round((t1 - t0) * 1000, 3) if t1 >= t0 else None
+
+    def _summary(self, report, seconds):
+        return {"image": self.image, "mode": self.mode, "was_running": self.was_running,
+                "downtime_ms": self.downtime_ms, "seconds": round(seconds, 3),
+                "ram_only": not self.disks,
+                "disks": [{"device": d.device, "qdev": d.qdev, "frozen": d.image, "overlay": d.overlay}
+                          for d in self.disks],
+                "image_bytes": report.get("summary", {}).get("file_bytes")}
+
+    def _path(self, name):
+        return os.path.join(self.workdir, name)
+
+
+def save_command(args):
+    """The shell command QEMU runs for ``exec:``: this qsnap, with this interpreter."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(qsnap.__file__)))
+    argv = [sys.executable, "-m", "qsnap"] + [str(a) for a in args]
+    return (f"PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}} exec "
+            + " ".join(shlex.quote(a) for a in argv))
+
+
+def _check_image_dir(image):
+    d = os.path.dirname(image)
+    if not os.path.isdir(d):
+        raise VmError(f"cannot save {image}: directory {d} does not exist")
+    if os.path.isdir(image):
+        raise VmError(f"cannot save {image}: it is a directory")
+    try:  # the real test: access() says yes to root even on a read-only mount... sometimes
+        fd, probe = tempfile.mkstemp(prefix=".qsnap-probe-", dir=d)
+    except OSError as e:
+        raise VmError(f"cannot save {image}: cannot create files in {d}: {e.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _save_running(report_path):
+    """True while a process whose command line names ``report_path`` (our qsnap save) lives."""
+    needle = report_path.encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle in f.read():
+                    with open(f"/proc/{pid}/stat", "rb") as s:
+                        stat = s.read()
+                    if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z":
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def _stamp(event):
+    ts = event["timestamp"]
+    return ts["seconds"] + ts["microseconds"] / 1e6
+
+
+def _unlink_quiet(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def format_summary(s):
+    """Human lines of a snapshot summary."""
+    downtime = "n/a" if s["downtime_ms"] is None else f"{s['downtime_ms']:.1f} ms"
+    state = "" if s["was_running"] else " (VM paused, left paused)"
+    lines = [f"snapshot {s['image']}: mode {s['mode']}{state}, downtime {downtime}, "
+             f"{s['seconds']:.2f} s"]
+    if s["ram_only"]:
+        lines.append("disks: none (RAM only)")
+    for d in s["disks"]:
+        lines.append(f"disk {d['device'] or d['qdev']}: frozen {d['frozen']}, VM now on {d['overlay']}")
+    return "\n".join(lines)

@@ -1,0 +1,436 @@
+"""`qsnap snapshot` against real QEMU: RAM and disks consistent to the instant, the VM
+going on, and every failure leaving the VM as it was.
+
+The consistency tests use the disk guest (qsnaptest.diskguest, TCG): it writes record
+N to sector N and keeps N in RAM.  A snapshot's frozen disk holds records 1..K; its
+RAM, restored into a QEMU whose disk is a fresh overlay of the frozen image, must go
+on from record K+1 without rewriting any of 1..K.  The failure tests use a blob guest
+with two disks (KVM, fast).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qsnaptest import diskguest, guests
+from qsnaptest.qemu import BlobGuest, QemuError
+from qsnaptest.tools import (block, check_blobs_in_raw, error_lines, qemu_img_raw, qsnap_cmd,
+                             qsnap_env, qsnap_info, run_qsnap, wait_for)
+
+Q10 = Path("/tmp/q10/root/usr/bin/qemu-system-x86_64")
+Q10_ARGS = ["-L", "/tmp/q10/root/usr/share/qemu", "-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]
+
+
+def second_monitor(path):
+    """A QMP socket for qsnap beside the harness's own (a QMP socket serves one client)."""
+    return ["-chardev", f"socket,id=qsnapmon,path={path},server=on,wait=off",
+            "-mon", "chardev=qsnapmon,mode=control"]
+
+
+def snapshot(sock, img, *args):
+    return run_qsnap("snapshot", "--qmp", sock, *args, img, timeout=900)
+
+
+def one_error(r):
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode != 0, err
+    assert "Traceback" not in err, err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def block_files(vm):
+    return {b["device"]: b["inserted"]["file"] for b in vm.qmp("query-block") if b.get("inserted")}
+
+
+def migration_settings(vm):
+    return vm.qmp("query-migrate-capabilities"), vm.qmp("query-migrate-parameters")
+
+
+def assert_quits(vm):
+    """The VM still answers QMP `quit` and exits (QEMU 7.2 can wedge after a failed save)."""
+    try:
+        vm.qmp("quit")
+    except QemuError:
+        pass  # the connection may close before the reply
+    assert vm.proc.wait(20) == 0
+
+
+# --- the disk guest: consistency in every mode -----------------------------------------
+
+@pytest.fixture(scope="module")
+def disk_guest_files(qemu_bin):
+    try:
+        return diskguest.files()
+    except guests.GuestUnavailable as e:
+        pytest.skip(f"disk guest unavailable: {e}")
+
+
+def qemu_builds():
+    """The harness's QEMU, and QEMU 10.0 where it is unpacked (its background snapshot
+    leaves a VM paused that it found paused, so qsnap must resume it)."""
+    builds = [pytest.param(None, id="qemu-default")]
+    if Q10.exists():
+        builds.append(pytest.param(Q10, id="qemu10.0"))
+    return builds
+
+
+def build_kw(binary):
+    """Qemu(...) arguments that run ``binary`` (None: the harness's default)."""
+    return {"binary": str(binary), "args": list(Q10_ARGS)} if binary else {"args": []}
+
+
+@pytest.fixture(scope="module", params=qemu_builds())
+def source(request, disk_guest_files, tmp_path_factory):
+    """One running disk guest; each mode's test snapshots it in turn (so later snapshots
+    freeze the overlay an earlier one made: chains are covered too)."""
+    d = tmp_path_factory.mktemp("source")
+    disk = diskguest.create_disk(d / "disk.qcow2")
+    sock = d / "qsnap.qmp"
+    kw = build_kw(request.param)
+    kw["args"] += second_monitor(sock)
+    vm = diskguest.DiskGuest(*disk_guest_files, disks=[disk], env=qsnap_env(), name="src", **kw)
+    vm.start()
+    try:
+        vm.wait_record(3, timeout=300)
+        vm.sock = sock
+        vm.dir = d
+        yield vm
+    finally:
+        vm.shutdown()
+
+
+def restore_from(img, frozen, kernel_initrd, where, binary):
+    """A -incoming defer QEMU with the source's command line, its disk a fresh overlay of
+    the frozen image, loaded with plain `qsnap load` and running."""
+    disk = diskguest.create_overlay(where / "restored.qcow2", frozen)
+    dst = diskguest.DiskGuest(*kernel_initrd, disks=[disk], incoming=True, env=qsnap_env(), name="dst",
+                              **build_kw(binary))
+    dst.start()
+    try:
+        dst.migrate_incoming("exec:" + qsnap_cmd("load", img))
+        dst.wait_migration(timeout=600)
+        if dst.status() != "running":  # a snapshot stopped by qsnap records "paused"
+            dst.cont()
+    except BaseException:
+        dst.shutdown()
+        raise
+    return dst, disk
+
+
+@pytest.mark.parametrize("mode", ["background", "live", "stopped"])
+def test_snapshot_disk_guest(source, disk_guest_files, mode, tmp_path):
+    caps = migration_settings(source)
+    before = source.last_record()
+    img = tmp_path / f"{mode}.qsnap"
+    r = snapshot(source.sock, img, f"--mode={mode}", "--output=json")
+    assert r.returncode == 0, r.stderr.decode()
+    out = json.loads(r.stdout)
+    assert out["mode"] == mode and out["was_running"] and not out["ram_only"]
+    (disk,) = out["disks"]
+    frozen, overlay = Path(disk["frozen"]), Path(disk["overlay"])
+    assert overlay == frozen.parent / f"{frozen.stem}.{mode}.qcow2" and overlay.exists()
+    assert list(block_files(source).values()) == [str(overlay)]
+    assert migration_settings(source) == caps
+    assert source.status() == "running"
+
+    # the source goes on writing, into the overlay
+    at_snapshot = source.last_record()
+    assert at_snapshot >= before
+    source.wait_record(at_snapshot + 3)
+
+    # the frozen image holds 1..K; the source's disk has gone beyond it
+    frozen_recs = diskguest.records(frozen)
+    k = diskguest.contiguous_top(frozen_recs)
+    assert before <= k <= at_snapshot + 1
+    source_recs = diskguest.records(overlay)
+    assert diskguest.contiguous_top(source_recs) > k
+
+    vm = qsnap_info(img)["vm"]
+    assert vm["mode"] == mode and vm["was_running"] is True and vm["disks"][0]["frozen"] == str(frozen)
+    assert vm["machine"] == source.machine and vm["cmdline"][0] == source.binary
+
+    # the image's RAM goes on from record K+1 on the frozen disk, and sees none of the
+    # records the source wrote after the snapshot
+    binary = source.binary if source.binary == str(Q10) else None
+    restore_started = int(time.time())
+    assert all(stamp <= restore_started for _, stamp in source_recs.values())
+    dst, restored_disk = restore_from(img, frozen, disk_guest_files, tmp_path, binary)
+    try:
+        dst.wait_record(k + 3, timeout=300)
+        restored = diskguest.records(restored_disk)
+        k2, m = diskguest.check_continuation(frozen_recs, restored)
+        assert k2 == k and m >= k + 3
+        first = dst.recs()[0]
+        assert first in (k, k + 1), (first, k)  # k: the snapshot fell between write and print
+        # record K+1 may carry the clock the guest read before the snapshot instant; every
+        # later one was written by the restored guest (the RTC follows the host clock)
+        late = [n for n in range(k + 2, m + 1) if restored[n][1] < restore_started]
+        assert late == [], f"records {late} were written before the restore began"
+        assert dst.errors() == [] and source.errors() == []
+    finally:
+        dst.shutdown()
+
+
+# --- blob guests: RAM only, failures, downtime -----------------------------------------
+
+def blob_vm(tmp_path, *, memory="64M", layout=((16 << 20, 1 << 20),), disks=2, binary=None,
+            paused=False):
+    blobs = guests.make_blobs(tmp_path / "blobs", list(layout))
+    files = [diskguest.create_disk(tmp_path / f"d{i}.qcow2") for i in range(disks)]
+    sock = tmp_path / "qsnap.qmp"
+    args = diskguest.drive_args(files) + second_monitor(sock)
+    kw = build_kw(binary)
+    vm = BlobGuest(memory=memory, blobs=blobs, args=args + kw.pop("args"), env=qsnap_env(),
+                   accel="kvm", paused=paused, **kw)
+    vm.start()
+    vm.sock, vm.disk_files = sock, files
+    return vm
+
+
+@pytest.mark.parametrize("binary", qemu_builds())
+def test_background_with_disks_resumes_the_guest(tmp_path, binary):
+    """QEMU >= 9.0 keeps a paused VM paused after a background snapshot; qsnap pauses it
+    for the overlays, so it must resume it, and only once QEMU saved the device state."""
+    vm = blob_vm(tmp_path, binary=binary)
+    try:
+        caps = migration_settings(vm)
+        r = snapshot(vm.sock, tmp_path / "snap.qsnap", "--output=json")
+        assert r.returncode == 0, r.stderr.decode()
+        out = json.loads(r.stdout)
+        assert vm.status() == "running"
+        assert out["downtime_ms"] is not None and out["downtime_ms"] > 0
+        assert sorted(block_files(vm).values()) == [str(tmp_path / "d0.snap.qcow2"),
+                                                   str(tmp_path / "d1.snap.qcow2")]
+        assert migration_settings(vm) == caps
+        info = qsnap_info(tmp_path / "snap.qsnap")
+        assert [d["frozen"] for d in info["vm"]["disks"]] == [str(f) for f in vm.disk_files]
+        assert info["vm"]["downtime_ms"] == out["downtime_ms"]
+        vm.verify_blobs()
+        assert_quits(vm)
+    finally:
+        vm.shutdown()
+
+
+def test_ram_only_snapshot_holds_the_blobs(tmp_path):
+    layout = [(16 << 20, 1 << 20), (24 << 20, 256 << 10)]
+    vm = blob_vm(tmp_path, layout=layout)
+    try:
+        files = block_files(vm)
+        img = tmp_path / "ram.qsnap"
+        r = snapshot(vm.sock, img, "--disks=none", "--output=json")
+        assert r.returncode == 0, r.stderr.decode()
+        out = json.loads(r.stdout)
+        assert out["ram_only"] and out["disks"] == []
+        assert block_files(vm) == files and vm.status() == "running"
+        info = qsnap_info(img)
+        assert info["vm"]["ram_only"] is True and info["vm"]["disks"] == []
+        raw = qemu_img_raw(img, tmp_path / "ram.raw")
+        check_blobs_in_raw(raw, block(info)["offset"], vm.blobs)
+    finally:
+        vm.shutdown()
+
+
+def test_paused_vm_is_saved_stopped_and_stays_paused(tmp_path):
+    vm = blob_vm(tmp_path, paused=True)
+    try:
+        r = snapshot(vm.sock, tmp_path / "p.qsnap", "--mode=background", "--output=json")
+        assert r.returncode == 0, r.stderr.decode()
+        out = json.loads(r.stdout)
+        assert out["mode"] == "stopped" and out["was_running"] is False
+        assert vm.status() in ("paused", "prelaunch", "postmigrate")
+        assert qsnap_info(tmp_path / "p.qsnap")["vm"]["was_running"] is False
+    finally:
+        vm.shutdown()
+
+
+class Unchanged:
+    """Snapshot the VM's state a failed snapshot must leave as it was."""
+
+    def __init__(self, vm, img):
+        self.vm, self.img = vm, Path(img)
+        self.settings = migration_settings(vm)
+        self.status = vm.status()
+        self.files = block_files(vm)
+        self.listing = sorted(os.listdir(vm.disk_files[0].parent))
+
+    def check(self):
+        vm = self.vm
+        assert migration_settings(vm) == self.settings
+        assert vm.status() == self.status
+        assert block_files(vm) == self.files
+        assert not self.img.exists()
+        assert sorted(os.listdir(vm.disk_files[0].parent)) == self.listing  # no stray overlay
+        assert_quits(vm)
+
+
+def test_bad_socket_path(tmp_path):
+    r = snapshot(tmp_path / "nothing.qmp", tmp_path / "x.qsnap")
+    assert "does not exist" in one_error(r)
+    assert not (tmp_path / "x.qsnap").exists()
+
+
+def test_socket_that_is_not_qmp(tmp_path):
+    path = str(tmp_path / "fake.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        conn.sendall(b"220 hello, this is not QEMU\r\n")
+        conn.recv(100)
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        r = snapshot(path, tmp_path / "x.qsnap")
+        assert "does not speak QMP" in one_error(r)
+        assert not (tmp_path / "x.qsnap").exists()
+    finally:
+        srv.close()
+
+
+def test_migration_already_active(tmp_path):
+    vm = blob_vm(tmp_path)
+    try:
+        vm.set_parameters(max_bandwidth=1 << 20)  # 64 MiB at 1 MiB/s: active for a while
+        vm.migrate("exec:cat > /dev/null")
+        state = Unchanged(vm, tmp_path / "x.qsnap")
+        err = one_error(snapshot(vm.sock, tmp_path / "x.qsnap"))
+        assert "a migration is already active" in err
+        assert vm.query_migrate()["status"] in ("setup", "active")
+        vm.qmp("migrate_cancel")
+        vm.wait_migration(("cancelled",))
+        state.status = vm.status()
+        state.check()
+    finally:
+        vm.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["background", "live", "stopped"])
+def test_full_filesystem_during_the_snapshot(tmp_path, mode):
+    """IMG on an 8 MiB tmpfs, 24 MiB of random RAM: the save runs out of space mid-way.
+    The overlays are committed back and removed, the VM runs on its old images."""
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "none", str(full)], check=True)
+    vm = None
+    try:
+        vm = blob_vm(tmp_path, layout=[(16 << 20, 24 << 20)])
+        img = full / "snap.qsnap"
+        state = Unchanged(vm, img)
+        err = one_error(snapshot(vm.sock, img, f"--mode={mode}"))
+        assert f"saving {img} failed" in err and "space" in err.lower(), err
+        assert os.listdir(full) == []
+        vm.verify_blobs()
+        state.check()
+    finally:
+        if vm:
+            vm.shutdown()
+        subprocess.run(["umount", str(full)], check=False)
+
+
+@pytest.mark.parametrize("mode", ["background", "live"])
+def test_interrupted_snapshot_leaves_the_vm_as_it_was(tmp_path, mode):
+    """SIGINT while the image is being written: one error line, no image, the overlays
+    committed back, the VM running with its settings (and QEMU 7.2 not wedged)."""
+    vm = blob_vm(tmp_path, memory="256M", layout=[(16 << 20, 128 << 20)])
+    try:
+        vm.set_parameters(max_bandwidth=32 << 20)  # live: ~4 s of precopy
+        img = tmp_path / "snap.qsnap"
+        state = Unchanged(vm, img)
+        p = subprocess.Popen([sys.executable, "-m", "qsnap", "snapshot", "--qmp", str(vm.sock),
+                              f"--mode={mode}", str(img)], env=qsnap_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: any("save" in argv for _, argv in vm.descendants()), 60, "qsnap save")
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=300)
+        r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        assert one_error(r) == "qsnap: error: interrupted"
+        vm.wait_no_descendants(60)
+        state.check()
+    finally:
+        vm.shutdown()
+
+
+def test_image_directory_not_writable(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "none", str(ro)], check=True)
+    vm = None
+    try:
+        vm = blob_vm(tmp_path)
+        state = Unchanged(vm, ro / "snap.qsnap")
+        err = one_error(snapshot(vm.sock, ro / "snap.qsnap"))
+        assert f"cannot create files in {ro}" in err
+        state.check()
+    finally:
+        if vm:
+            vm.shutdown()
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_existing_overlay_is_refused_beforehand(tmp_path):
+    vm = blob_vm(tmp_path)
+    try:
+        taken = tmp_path / "d1.snap.qcow2"
+        taken.write_bytes(b"somebody's file")
+        state = Unchanged(vm, tmp_path / "snap.qsnap")
+        err = one_error(snapshot(vm.sock, tmp_path / "snap.qsnap"))
+        assert f"overlay {taken} for disk d1 already exists" in err
+        assert taken.read_bytes() == b"somebody's file"
+        state.check()
+    finally:
+        vm.shutdown()
+
+
+def test_snapshot_after_a_snapshot_and_quit(tmp_path):
+    """Two background snapshots in a row (QEMU 7.2 wedged on the second when its exec
+    child failed), the second freezing the first's overlays; QEMU still quits."""
+    vm = blob_vm(tmp_path)
+    try:
+        for name in ("one", "two"):
+            r = snapshot(vm.sock, tmp_path / f"{name}.qsnap")
+            assert r.returncode == 0, r.stderr.decode()
+        assert sorted(block_files(vm).values()) == [str(tmp_path / "d0.one.two.qcow2"),
+                                                   str(tmp_path / "d1.one.two.qcow2")]
+        frozen = [d["frozen"] for d in qsnap_info(tmp_path / "two.qsnap")["vm"]["disks"]]
+        assert frozen == [str(tmp_path / "d0.one.qcow2"), str(tmp_path / "d1.one.qcow2")]
+        assert_quits(vm)
+    finally:
+        vm.shutdown()
+
+
+def test_downtime_background_two_disks(tmp_path, capsys):
+    """Measured, not asserted against a target (speed targets live in bench/)."""
+    vm = blob_vm(tmp_path, memory="256M")
+    try:
+        r = snapshot(vm.sock, tmp_path / "d.qsnap", "--output=json")
+        assert r.returncode == 0, r.stderr.decode()
+        ms = json.loads(r.stdout)["downtime_ms"]
+        assert ms is not None and ms > 0
+        with capsys.disabled():
+            print(f"\n    background snapshot, 256 MiB, two disks: downtime {ms:.1f} ms")
+    finally:
+        vm.shutdown()
+
+
+def test_progress_only_on_a_terminal(tmp_path):
+    vm = blob_vm(tmp_path, disks=0)
+    try:
+        r = snapshot(vm.sock, tmp_path / "s.qsnap")
+        assert r.returncode == 0 and r.stderr == b"", r.stderr
+        assert r.stdout.decode().startswith(f"snapshot {tmp_path / 's.qsnap'}: mode background")
+        assert "disks: none (RAM only)" in r.stdout.decode()
+    finally:
+        vm.shutdown()
+

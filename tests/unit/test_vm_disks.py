@@ -1,0 +1,71 @@
+"""Frozen-image fingerprints and the overlay plan of a restore (qsnap.vm.disks)."""
+import os
+
+import pytest
+
+from qsnap.errors import VmError
+from qsnap.vm import disks
+
+
+def recorded(tmp_path, data=b"x" * 5000):
+    frozen = tmp_path / "frozen.qcow2"
+    frozen.write_bytes(data)
+    return {"device": "d0", "qdev": "/machine/peripheral/vd0/virtio-backend", "frozen": str(frozen),
+            "format": "qcow2", "fingerprint": disks.fingerprint(frozen)}
+
+
+def test_fingerprint_hashes_the_first_4_mib_only(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"a" * (5 << 20))
+    fp = disks.fingerprint(p)
+    with open(p, "r+b") as f:
+        f.seek(4 << 20)
+        f.write(b"b")
+    os.utime(p, ns=(fp["mtime_ns"], fp["mtime_ns"]))
+    assert disks.fingerprint(p) == fp  # past 4 MiB: size and mtime must catch it
+    assert fp["size"] == 5 << 20 and len(fp["sha256_4m"]) == 64
+
+
+def test_check_frozen_names_the_image_and_what_changed(tmp_path):
+    d = recorded(tmp_path)
+    disks.check_frozen(d)
+    st = os.stat(d["frozen"])
+    with open(d["frozen"], "r+b") as f:
+        f.write(b"y")
+    os.utime(d["frozen"], ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(VmError, match=r"frozen\.qcow2 of disk d0 changed after the snapshot \(content"):
+        disks.check_frozen(d)
+    os.unlink(d["frozen"])
+    with pytest.raises(VmError, match="frozen.qcow2 of disk d0 is missing"):
+        disks.check_frozen(d)
+
+
+def block(*files, qdev="/machine/peripheral/vd0/virtio-backend"):
+    image = None
+    for f in reversed(files):
+        image = {"filename": f, **({"backing-image": image} if image else {})}
+    return {"device": "", "qdev": qdev, "inserted": {"node-name": "n1", "image": image}}
+
+
+def test_plan_overlay(tmp_path):
+    d = recorded(tmp_path)
+    assert disks.plan_overlay(block(d["frozen"]), d) == "overlay"
+    assert disks.plan_overlay(block("/mine/over.qcow2", d["frozen"]), d) == "keep"
+    with pytest.raises(VmError, match="uses /vm/base.img, not the snapshot's frozen image"):
+        disks.plan_overlay(block("/vm/base.img"), d)
+    with pytest.raises(VmError, match="has no disk device d0"):
+        disks.find_device([block(d["frozen"], qdev="/other")], d)
+    assert disks.find_device([block(d["frozen"])], d)["inserted"]["node-name"] == "n1"
+
+
+def test_overlay_action_names_the_new_node_and_refuses_an_existing_file(tmp_path):
+    d = recorded(tmp_path)
+    used = set()
+    p1, p2 = disks.overlay_path(str(tmp_path), d, used), disks.overlay_path(str(tmp_path), d, used)
+    assert p1 != p2 and p1.endswith("frozen.overlay.qcow2")
+    act = disks.overlay_action(block(d["frozen"]), p1, "qsnap-x-0")
+    assert act["data"] == {"node-name": "n1", "snapshot-node-name": "qsnap-x-0", "snapshot-file": p1,
+                           "format": "qcow2", "mode": "absolute-paths"}
+    open(p1, "w").close()
+    with pytest.raises(VmError, match="already exists"):
+        disks.overlay_action(block(d["frozen"]), p1, "qsnap-x-0")

@@ -1,0 +1,111 @@
+"""Pieces of `qsnap snapshot` that need no QEMU: naming, settings put back, output."""
+import shlex
+
+import pytest
+
+from qsnap.errors import VmError
+from qsnap.vm import migration, overlays, progress, snapshot
+
+
+class FakeQmp:
+    """Answers the migration settings commands like QEMU does; can refuse one."""
+
+    path = "/run/fake.qmp"
+
+    def __init__(self, refuse=None):
+        self.caps = {"background-snapshot": False, "pause-before-switchover": False, "events": True}
+        self.params = {"max-bandwidth": 33554432, "downtime-limit": 300}
+        self.refuse = refuse
+
+    def cmd(self, name, arguments=None, **kw):
+        args = dict(arguments or {}, **kw)
+        if name == self.refuse:
+            raise VmError(f"QEMU refused {name}: no")
+        if name == "query-migrate-capabilities":
+            return [{"capability": k, "state": v} for k, v in self.caps.items()]
+        if name == "query-migrate-parameters":
+            return dict(self.params)
+        if name == "migrate-set-capabilities":
+            for c in args["capabilities"]:
+                self.caps[c["capability"]] = c["state"]
+            return {}
+        if name == "migrate-set-parameters":
+            self.params.update(args)
+            return {}
+        raise AssertionError(name)
+
+
+def test_settings_put_back_what_changed():
+    q = FakeQmp()
+    before = (dict(q.caps), dict(q.params))
+    s = migration.Settings(q)
+    s.set_capability("background-snapshot", True)
+    s.set_parameter("max-bandwidth", 16 << 30)
+    assert q.caps["background-snapshot"] is True and q.params["max-bandwidth"] == 16 << 30
+    s.restore()
+    assert (q.caps, q.params) == before
+    s.restore()  # idempotent
+    assert (q.caps, q.params) == before
+
+
+def test_settings_refuse_unknown_names():
+    s = migration.Settings(FakeQmp())
+    with pytest.raises(VmError, match="no migration capability 'x-nope'"):
+        s.set_capability("x-nope", True)
+    with pytest.raises(VmError, match="no migration parameter 'x-nope'"):
+        s.set_parameter("x-nope", 1)
+
+
+def test_probe_capability_says_why_and_changes_nothing():
+    q = FakeQmp(refuse="migrate-set-capabilities")
+    with pytest.raises(VmError, match="cannot take a background-snapshot snapshot: QEMU refused"):
+        migration.probe_capability(q, "background-snapshot")
+    assert q.caps["background-snapshot"] is False
+
+
+def test_overlay_named_after_the_snapshot_beside_the_disk():
+    assert overlays.overlay_path("/vm/disk.qcow2", "/snap/monday.qsnap") == "/vm/disk.monday.qcow2"
+    assert overlays.overlay_path("/vm/disk.monday.qcow2", "tue.qsnap") == "/vm/disk.monday.tue.qcow2"
+
+
+def test_plan_refuses_an_existing_overlay_and_non_files(tmp_path):
+    disk = tmp_path / "d.qcow2"
+    disk.write_bytes(b"x")
+    d = overlays.Disk(device="d0", qdev=None, node_name="#b1", image=str(disk), format="qcow2",
+                      virtual_size=1 << 20, chain=[str(disk)])
+    overlays.plan([d], str(tmp_path / "s.qsnap"))
+    assert d.overlay == str(tmp_path / "d.s.qcow2")
+    (tmp_path / "d.s.qcow2").write_bytes(b"")
+    with pytest.raises(VmError, match=r"overlay .*d\.s\.qcow2 for disk d0 already exists"):
+        overlays.plan([d], str(tmp_path / "s.qsnap"))
+    nbd = overlays.Disk(device="d1", qdev=None, node_name="#b2", image="nbd://host/x", format="raw",
+                        virtual_size=1, chain=[])
+    with pytest.raises(VmError, match="not a local image file"):
+        overlays.plan([nbd], str(tmp_path / "s.qsnap"))
+
+
+def test_progress_line():
+    assert progress.line("saving", 64 << 20, 256 << 20, 96e6) == \
+        "saving: 64.0 of 256.0 MiB RAM, 96.0 MB/s, ETA 2 s"
+    assert progress.line("saving", 0, 256 << 20, 0.0) == "saving: 0.0 of 256.0 MiB RAM, 0.0 MB/s"
+
+
+def test_save_command_runs_this_qsnap():
+    cmd = snapshot.save_command(["save", "--report", "/tmp/a b/r.json", "/img/x.qsnap"])
+    words = shlex.split(cmd)
+    assert words[0].startswith("PYTHONPATH=") and words[1] == "exec"
+    assert words[3:] == ["-m", "qsnap", "save", "--report", "/tmp/a b/r.json", "/img/x.qsnap"]
+
+
+def test_human_summary():
+    s = {"image": "/s/x.qsnap", "mode": "background", "was_running": True, "downtime_ms": 12.34,
+         "seconds": 3.2, "ram_only": False,
+         "disks": [{"device": "d0", "qdev": None, "frozen": "/vm/d.qcow2", "overlay": "/vm/d.x.qcow2"}]}
+    assert snapshot.format_summary(s) == (
+        "snapshot /s/x.qsnap: mode background, downtime 12.3 ms, 3.20 s\n"
+        "disk d0: frozen /vm/d.qcow2, VM now on /vm/d.x.qcow2")
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(VmError, match="unknown snapshot mode 'fast'"):
+        snapshot.snapshot("/nonexistent.qmp", "/tmp/x.qsnap", mode="fast")
