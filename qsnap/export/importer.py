@@ -30,11 +30,8 @@ def import_mapped_ram(in_path, image, *, cache="auto", cluster_size=1 << 20, qui
     if os.path.abspath(in_path) == os.path.abspath(image):
         os.close(fd)
         raise UsageError(f"the input {in_path} and the image are the same file")
-    try:
-        with os.fdopen(fd, "rb", buffering=0) as src:
-            summary = _import(src, image, cache, cluster_size)
-    finally:
-        pass
+    with os.fdopen(fd, "rb", buffering=0) as src:
+        summary = _import(src, image, cache, cluster_size)
     summary["seconds"] = time.monotonic() - t0
     if not quiet:
         log.write(f"qsnap: imported {in_path} to {image}: {summary.get('nonzero_pages', 0)} pages "

@@ -76,7 +76,7 @@ class PageSource:
 
     def _extent(self, b, wanted, i):
         """Clusters wanted[i:j] that are consecutive both in the block and in the file."""
-        img, cs = self.img, self.img.cluster_size
+        cs = self.img.cluster_size
         hosts = [self._host(b, wanted[i])]
         j = i + 1
         while (j < len(wanted) and (j - i + 1) * cs <= self.read_bytes
