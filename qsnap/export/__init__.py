@@ -33,7 +33,7 @@ def export(image, out_path, fmt, *, log=sys.stderr, quiet=False):
             from qsnap.export.cpustate import NotesUnavailable, cpu_states
             from qsnap.export.elf import write_elf
             try:
-                cpus = cpu_states(img.device_state)
+                cpus = cpu_states(img.device_state, img.stream_info.get("footers", True))
             except NotesUnavailable as e:
                 cpus, missing = [], str(e)
                 _warn(log, f"{image}: the core has no CPU notes (NT_PRSTATUS, QEMU): {e}")

@@ -52,13 +52,15 @@ class CpuState:
         return bool(self.hflags & HF_LMA_MASK)
 
 
-def cpu_states(device_state):
-    """[CpuState] by CPU index; raises NotesUnavailable saying why not."""
+def cpu_states(device_state, footers=True):
+    """[CpuState] by CPU index; raises NotesUnavailable saying why not.
+
+    ``footers``: the stream had section footers (the image's stream_info says)."""
     try:
         desc = find_vmdescription(device_state)
         if desc is None:
             raise NotesUnavailable("the device state has no VMDESCRIPTION")
-        sections = decode_sections(device_state, desc)
+        sections = decode_sections(device_state, desc, footers)
     except StreamError as e:
         raise NotesUnavailable(f"the device state cannot be decoded: {e}") from None
     cpus = sorted((s for s in sections if s.idstr == "cpu"), key=lambda s: s.instance_id)

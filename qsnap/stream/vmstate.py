@@ -94,11 +94,13 @@ class _Cursor:
         return bytes(self.take(n, what)).decode("latin-1")
 
 
-def decode_sections(data, desc):
+def decode_sections(data, desc, footers=True):
     """Decode every FULL section of ``data`` up to its EOF; returns [VmstateSection].
 
-    Raises StreamError when a section is not in ``desc`` or its payload does not
-    match the sizes the description gives."""
+    ``footers``: the stream ends each section with a footer (``7e be32 id``,
+    machine types since 2.9); it is checked, so a payload shorter or longer
+    than the description says is caught. Raises StreamError when a section is
+    not in ``desc`` or its payload does not match the sizes the description gives."""
     if desc is None:
         raise StreamError("the device state has no VMDESCRIPTION to decode its sections with")
     by_key = {}
@@ -125,14 +127,16 @@ def decode_sections(data, desc):
             raise StreamError(f"section '{idstr}' instance {instance_id} at device-state offset 0x{off:x} "
                               "is not in the VMDESCRIPTION")
         fields = _decode_vmsd(cur, d, f"section '{idstr}'", 0)
-        _footer(cur, sid, idstr)
+        if footers:
+            _footer(cur, sid, idstr)
         out.append(VmstateSection(idstr, instance_id, version_id, off, fields))
 
 
 def _footer(cur, sid, idstr):
-    if cur.peek() != QEMU_VM_SECTION_FOOTER:
-        return  # a stream without footers (machine types before 2.9 / -global migration.send-section-footer=off)
     at = cur.pos
+    if cur.peek() != QEMU_VM_SECTION_FOOTER or cur.pos + 5 > len(cur.data):
+        raise StreamError(f"section '{idstr}': no section footer at device-state offset 0x{at:x}; "
+                          "the VMDESCRIPTION sizes do not match the payload")
     cur.pos += 1
     got = cur.be32("section footer")
     if got != sid:
