@@ -28,22 +28,7 @@ def export(image, out_path, fmt, *, log=sys.stderr, quiet=False):
         raise UsageError(f"unknown export format {fmt!r} (one of: {', '.join(FORMATS)})")
     t0 = time.monotonic()
     with Image.open(image) as img, PageSource(img) as pages, AtomicOutput(out_path) as out:
-        missing = None
-        if fmt == "elf":
-            from qsnap.export.cpustate import NotesUnavailable, cpu_states
-            from qsnap.export.elf import write_elf
-            try:
-                cpus = cpu_states(img.device_state, img.stream_info.get("footers", True))
-            except NotesUnavailable as e:
-                cpus, missing = [], str(e)
-                _warn(log, f"{image}: the core has no CPU notes (NT_PRSTATUS, QEMU): {e}")
-            size = write_elf(img, pages, out, cpus)
-        elif fmt == "raw":
-            from qsnap.export.raw import write_raw
-            size = write_raw(img, pages, out)
-        else:
-            from qsnap.export.mapped_ram import write_mapped_ram
-            size = write_mapped_ram(img, pages, out)
+        size, missing = _WRITERS[fmt](img, pages, out, log)
         out.commit()
         stored = sum(b.nonzero_pages for b in img.blocks) * img.target_page_size
     summary = {"path": str(out_path), "format": fmt, "file_bytes": size, "data_bytes": stored,
@@ -53,6 +38,35 @@ def export(image, out_path, fmt, *, log=sys.stderr, quiet=False):
                   f"({stored / 1e6:.1f} MB of data) in {summary['seconds']:.2f} s\n")
         log.flush()
     return summary
+
+
+def _elf(img, pages, out, log):
+    """The core, with CPU notes when the device state can be decoded, else a warning."""
+    from qsnap.export.cpustate import NotesUnavailable, cpu_states
+    from qsnap.export.elf import write_elf
+
+    missing = None
+    try:
+        cpus = cpu_states(img.device_state, img.stream_info.get("footers", True))
+    except NotesUnavailable as e:
+        cpus, missing = [], str(e)
+        _warn(log, f"{img.path}: the core has no CPU notes (NT_PRSTATUS, QEMU): {e}")
+    return write_elf(img, pages, out, cpus), missing
+
+
+def _raw(img, pages, out, log):
+    from qsnap.export.raw import write_raw
+
+    return write_raw(img, pages, out), None
+
+
+def _mapped_ram(img, pages, out, log):
+    from qsnap.export.mapped_ram import write_mapped_ram
+
+    return write_mapped_ram(img, pages, out), None
+
+
+_WRITERS = {"elf": _elf, "raw": _raw, "mapped-ram": _mapped_ram}
 
 
 def _warn(log, message):
