@@ -81,8 +81,12 @@ def assert_same_registers(ours, qemu):
     assert len(gprs_q) == len(gprs_o) > 0
     assert ours.machine == qemu.machine
     for q, o in zip(gprs_q, gprs_o):
-        names = [k for k in q if k not in ("eflags", "orig_rax")]
-        assert {k: hex(o[k]) for k in names} == {k: hex(q[k]) for k in names}
+        assert {k: hex(v) for k, v in o.items()} == {k: hex(v) for k, v in q.items()}
+    # the whole QEMUCPUState: segments with bases, limits and flags, cr0-cr4, kernel_gs_base
+    for q, o in zip(qemu.qemu_notes(), ours.qemu_notes()):
+        assert len(q) == len(o) == 440
+        diff = [i for i in range(0, 440, 8) if q[i:i + 8] != o[i:i + 8]]
+        assert not diff, f"QEMU note differs at byte offsets {diff}"
 
 
 def readelf_notes(path):
