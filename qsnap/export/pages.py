@@ -5,6 +5,9 @@ its region in virtual order, several host-contiguous clusters per read; each
 stored page is checked against its crc32c before it leaves this module, so a
 corrupt page never reaches an export file. Memory is bounded by one read.
 """
+import collections
+import concurrent.futures
+import itertools
 import os
 
 import numpy as np
@@ -14,6 +17,7 @@ from qsnap.errors import ChecksumError, ImageError, IOFailure
 from qsnap.image.layout import pages_of
 
 READ_BYTES = 8 << 20
+PREFETCH = 2  # reads in flight ahead of the writer: memory is (PREFETCH + 1) * READ_BYTES
 
 
 def stored_bits(block, tps):
@@ -55,24 +59,52 @@ class PageSource:
         self.close()
 
     def runs(self, bi):
-        """Yield (offset in block, memoryview) for runs of consecutive stored pages of block ``bi``."""
-        img, b = self.img, self.img.blocks[bi]
-        tps, cs = img.target_page_size, img.cluster_size
-        ppc = cs // tps
-        bits = stored_bits(b, tps)
+        """Yield (offset in block, memoryview) for runs of consecutive stored pages of block ``bi``.
+
+        The next reads (and their checksums) run in a helper thread while the
+        caller writes the current one: pread, crc32c and the caller's pwrite
+        all release the GIL."""
+        b = self.img.blocks[bi]
+        bits = stored_bits(b, self.img.target_page_size)
+        extents = iter(self._extents(b, bits))
+        pending = collections.deque()
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qsnap-read") as pool:
+            try:
+                for e in itertools.islice(extents, PREFETCH):
+                    pending.append(pool.submit(self._load, b, *e))
+                while pending:
+                    p0, buf, crcs = pending.popleft().result()
+                    for e in itertools.islice(extents, 1):
+                        pending.append(pool.submit(self._load, b, *e))
+                    yield from self._checked_runs(b, bits, p0, buf, crcs)
+            finally:
+                for f in pending:
+                    f.cancel()
+
+    def _extents(self, b, bits):
+        """(first page, end page, host offset) of each read: clusters consecutive
+        both in the block and in the file, up to ``read_bytes``."""
+        ppc = self.img.cluster_size // self.img.target_page_size
         n = len(bits)
         wanted = [c for c in range(-(-n // ppc)) if bits[c * ppc:(c + 1) * ppc].any()]
         i = 0
         while i < len(wanted):
             j, hosts = self._extent(b, wanted, i)
-            p0, p1 = wanted[i] * ppc, min(n, wanted[j - 1] * ppc + ppc)
-            buf = self._pread((p1 - p0) * tps, hosts[0], b, p0 * tps)
-            sel = bits[p0:p1]
-            self._verify(b, buf, p0, sel)
-            mv = memoryview(buf)
-            for s, e in _runs(sel):
-                yield (p0 + s) * tps, mv[s * tps:e * tps]
+            yield wanted[i] * ppc, min(n, wanted[j - 1] * ppc + ppc), hosts[0]
             i = j
+
+    def _load(self, b, p0, p1, host):
+        tps = self.img.target_page_size
+        buf = self._pread((p1 - p0) * tps, host, b, p0 * tps)
+        return p0, buf, page_crcs(buf, tps)
+
+    def _checked_runs(self, b, bits, p0, buf, crcs):
+        tps = self.img.target_page_size
+        sel = bits[p0:p0 + len(crcs)]
+        self._verify(b, crcs, p0, sel)
+        mv = memoryview(buf)
+        for s, e in _runs(sel):
+            yield (p0 + s) * tps, mv[s * tps:e * tps]
 
     def _extent(self, b, wanted, i):
         """Clusters wanted[i:j] that are consecutive both in the block and in the file."""
@@ -106,9 +138,8 @@ class PageSource:
                              f"(image offset 0x{offset:x})")
         return data
 
-    def _verify(self, b, buf, p0, sel):
+    def _verify(self, b, got, p0, sel):
         tps = self.img.target_page_size
-        got = page_crcs(buf, tps)
         bad = np.flatnonzero(sel & (got != b.checksums[p0:p0 + len(sel)]))
         if len(bad):
             po = (p0 + int(bad[0])) * tps
@@ -127,4 +158,4 @@ def write_ranges(pages, out, ranges, offsets):
             for r, off in parts:
                 lo, hi = max(boff, r.block_offset), min(end, r.block_offset + r.length)
                 if lo < hi:
-                    out.pwrite(data[lo - boff:hi - boff], off + lo - r.block_offset)
+                    out.write_behind(data[lo - boff:hi - boff], off + lo - r.block_offset)
