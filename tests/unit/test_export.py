@@ -377,3 +377,26 @@ def test_qsnap_errors_are_qsnap_errors(tmp_path):
         export(tmp_path / "nothing", tmp_path / "o", "elf")
     with pytest.raises(ImageError):
         guest_ranges([RamBlock("other", 4096)], "pc-i440fx-7.2")
+
+
+@pytest.mark.parametrize("fmt", ["elf", "mapped-ram"])
+def test_disk_full_keeps_the_older_output(image, tmp_path, monkeypatch, fmt):
+    """A write failing on a writer thread ends the export with one IOFailure naming the file."""
+    import errno
+
+    from qsnap.errors import IOFailure
+    from qsnap.export import output
+
+    out = tmp_path / "out"
+    out.write_bytes(b"older export")
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if offset >= MIB:  # the header goes through, page data does not
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+    monkeypatch.setattr(output.os, "pwrite", pwrite)
+    with pytest.raises(IOFailure, match=r"no space left on device writing .*\.out\.qsnap-"):
+        export(image, out, fmt, quiet=True)
+    assert out.read_bytes() == b"older export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "vm.img", "vm.img.stream"]
