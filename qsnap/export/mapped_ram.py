@@ -159,4 +159,4 @@ def _write_block(img, pages, out, bi, bitmap_offset, pages_offset):
     bm = np.packbits(bits, bitorder="little").tobytes()
     out.pwrite(bm + bytes(bitmap_size(b.length, img.target_page_size) - len(bm)), bitmap_offset)
     for boff, data in pages.runs(bi):
-        out.write_behind(data, pages_offset + boff)
+        out.pwrite(data, pages_offset + boff)

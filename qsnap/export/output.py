@@ -5,18 +5,9 @@ rename cannot cross filesystems); commit() fsyncs it, renames it over the
 target and fsyncs the directory. Any failure before that removes the
 temporary file and leaves an older file at the target as it was.
 """
-import collections
-import concurrent.futures
 import os
 
 from qsnap.errors import IOFailure
-
-# write_behind(): pwrites in flight on helper threads. Several requests at once
-# let the kernel's writeback and the page-cache copies of the data overlap, as
-# qemu-img convert does with its parallel requests; the data of at most
-# MAX_PENDING writes is held.
-WRITERS = 4
-MAX_PENDING = 6
 
 
 def _io_error(e, what, path, offset=None):
@@ -38,8 +29,6 @@ class AtomicOutput:
         self.tmp_path = None
         self.fd = -1
         self._committed = False
-        self._pool = None
-        self._pending = collections.deque()
         if os.path.isdir(self.path):
             raise IOFailure(f"output {self.path} is a directory")
         for _ in range(100):
@@ -69,31 +58,7 @@ class AtomicOutput:
         except OSError as e:
             raise _io_error(e, "writing", self.tmp_path, offset + done) from None
 
-    def write_behind(self, buf, offset):
-        """pwrite on a helper thread; ``buf`` must not change until drain().
-        An error surfaces on a later write_behind(), drain() or commit()."""
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(WRITERS, thread_name_prefix="qsnap-write")
-        while len(self._pending) >= MAX_PENDING:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self.pwrite, buf, offset))
-
-    def drain(self):
-        """Wait for every write_behind(); raise the first failure."""
-        while self._pending:
-            self._pending.popleft().result()
-
-    def _stop_writers(self):
-        for f in self._pending:
-            f.cancel()
-        self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
     def commit(self):
-        self.drain()
-        self._stop_writers()
         try:
             os.fsync(self.fd)
         except OSError as e:
@@ -120,7 +85,6 @@ class AtomicOutput:
             os.close(dfd)
 
     def abort(self):
-        self._stop_writers()  # before the fd closes: no write may land on a reused fd number
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -38,6 +38,7 @@ class PageSource:
     def __init__(self, img, read_bytes=READ_BYTES):
         self.img = img
         self.read_bytes = max(read_bytes, img.cluster_size)
+        self._bufs = None
         try:
             self.fd = os.open(img.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -61,22 +62,26 @@ class PageSource:
     def runs(self, bi):
         """Yield (offset in block, memoryview) for runs of consecutive stored pages of block ``bi``.
 
-        The next reads (and their checksums) run in a helper thread while the
-        caller writes the current one: pread, crc32c and the caller's pwrite
-        all release the GIL."""
+        A view is valid until the next one is asked for: the read buffers are
+        reused (PREFETCH + 1 of them, allocated once; fresh 8 MiB buffers would
+        cost a page fault per page). The next reads and their checksums run in
+        a helper thread while the caller writes the current one: pread, crc32c
+        and the caller's pwrite all release the GIL."""
         b = self.img.blocks[bi]
         bits = stored_bits(b, self.img.target_page_size)
-        extents = iter(self._extents(b, bits))
+        extents = enumerate(self._extents(b, bits))
+        if self._bufs is None:
+            self._bufs = [bytearray(self.read_bytes) for _ in range(PREFETCH + 1)]
         pending = collections.deque()
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qsnap-read") as pool:
             try:
-                for e in itertools.islice(extents, PREFETCH):
-                    pending.append(pool.submit(self._load, b, *e))
+                for k, e in itertools.islice(extents, PREFETCH):
+                    pending.append(pool.submit(self._load, b, *e, self._bufs[k % len(self._bufs)]))
                 while pending:
-                    p0, buf, crcs = pending.popleft().result()
-                    for e in itertools.islice(extents, 1):
-                        pending.append(pool.submit(self._load, b, *e))
-                    yield from self._checked_runs(b, bits, p0, buf, crcs)
+                    p0, view, crcs = pending.popleft().result()
+                    for k, e in itertools.islice(extents, 1):
+                        pending.append(pool.submit(self._load, b, *e, self._bufs[k % len(self._bufs)]))
+                    yield from self._checked_runs(b, bits, p0, view, crcs)
             finally:
                 for f in pending:
                     f.cancel()
@@ -93,16 +98,15 @@ class PageSource:
             yield wanted[i] * ppc, min(n, wanted[j - 1] * ppc + ppc), hosts[0]
             i = j
 
-    def _load(self, b, p0, p1, host):
+    def _load(self, b, p0, p1, host, buf):
         tps = self.img.target_page_size
-        buf = self._pread((p1 - p0) * tps, host, b, p0 * tps)
-        return p0, buf, page_crcs(buf, tps)
+        view = self._pread(memoryview(buf)[:(p1 - p0) * tps], host, b, p0 * tps)
+        return p0, view, page_crcs(view, tps)
 
-    def _checked_runs(self, b, bits, p0, buf, crcs):
+    def _checked_runs(self, b, bits, p0, mv, crcs):
         tps = self.img.target_page_size
         sel = bits[p0:p0 + len(crcs)]
         self._verify(b, crcs, p0, sel)
-        mv = memoryview(buf)
         for s, e in _runs(sel):
             yield (p0 + s) * tps, mv[s * tps:e * tps]
 
@@ -128,15 +132,21 @@ class PageSource:
                              f"but no data cluster (virtual offset 0x{voff:x})")
         return h
 
-    def _pread(self, length, offset, b, block_offset):
+    def _pread(self, view, offset, b, block_offset):
+        """Fill ``view`` from the image at ``offset``; returns it."""
+        done = 0
         try:
-            data = os.pread(self.fd, length, offset)
+            while done < len(view):
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
         except OSError as e:
             raise IOFailure(f"cannot read image {self.img.path} at offset 0x{offset:x}: {e.strerror}") from None
-        if len(data) != length:
+        if done != len(view):
             raise ImageError(f"image {self.img.path} ends inside block '{b.idstr}' page 0x{block_offset:x} "
                              f"(image offset 0x{offset:x})")
-        return data
+        return view
 
     def _verify(self, b, got, p0, sel):
         tps = self.img.target_page_size
@@ -158,4 +168,4 @@ def write_ranges(pages, out, ranges, offsets):
             for r, off in parts:
                 lo, hi = max(boff, r.block_offset), min(end, r.block_offset + r.length)
                 if lo < hi:
-                    out.write_behind(data[lo - boff:hi - boff], off + lo - r.block_offset)
+                    out.pwrite(data[lo - boff:hi - boff], off + lo - r.block_offset)
