@@ -10,6 +10,7 @@ Every output is written beside its target and renamed over it when complete
 (output.py); pages are read in large runs and checked against their crc32c
 (pages.py).
 """
+import os
 import sys
 import time
 
@@ -26,6 +27,7 @@ def export(image, out_path, fmt, *, log=sys.stderr, quiet=False):
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r} (one of: {', '.join(FORMATS)})")
+    _refuse_same_file(image, out_path)
     t0 = time.monotonic()
     with Image.open(image) as img, PageSource(img) as pages, AtomicOutput(out_path) as out:
         size, missing = _WRITERS[fmt](img, pages, out, log)
@@ -69,6 +71,16 @@ def _mapped_ram(img, pages, out, log):
 _WRITERS = {"elf": _elf, "raw": _raw, "mapped-ram": _mapped_ram}
 
 
+def _refuse_same_file(src, out_path):
+    """Renaming the output over its own source would destroy the source."""
+    try:
+        same = os.path.samefile(src, out_path)
+    except OSError:
+        return  # one of them does not exist yet: nothing to destroy
+    if same:
+        raise UsageError(f"the output {out_path} is the input {src} itself")
+
+
 def _warn(log, message):
     log.write(f"qsnap: warning: {message}\n")
     log.flush()
@@ -76,4 +88,6 @@ def _warn(log, message):
 
 def import_mapped_ram(in_path, image, **kw):
     from qsnap.export.importer import import_mapped_ram as run
+
+    _refuse_same_file(in_path, image)
     return run(in_path, image, **kw)

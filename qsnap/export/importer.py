@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from qsnap.errors import IOFailure, UsageError
+from qsnap.errors import IOFailure
 from qsnap.export.mapped_ram import MAPPED_RAM_CAPABILITY, file_header
 from qsnap.image.writer import ImageWriter
 from qsnap.save import ReturnPath, _consume, _StreamFacts
@@ -27,9 +27,6 @@ def import_mapped_ram(in_path, image, *, cache="auto", cluster_size=1 << 20, qui
         fd = os.open(in_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise IOFailure(f"cannot open {in_path}: {e.strerror}") from None
-    if os.path.abspath(in_path) == os.path.abspath(image):
-        os.close(fd)
-        raise UsageError(f"the input {in_path} and the image are the same file")
     with os.fdopen(fd, "rb", buffering=0) as src:
         summary = _import(src, image, cache, cluster_size)
     summary["seconds"] = time.monotonic() - t0

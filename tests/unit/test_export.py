@@ -352,6 +352,8 @@ def test_interrupted_export_leaves_nothing(image, tmp_path, monkeypatch):
     (["export", "--format=elf", "{img}", "{tmp}"], "is a directory"),
     (["import", "{img}", "{tmp}/o"], "not a migration stream"),
     (["import", "{tmp}/missing", "{tmp}/o"], "missing"),
+    (["export", "--format=raw", "{img}", "{img}"], "is the input"),
+    (["import", "{img}", "{img}"], "is the input"),
 ])
 def test_bad_input_gets_one_error_line(image, tmp_path, args, what):
     r = qsnap(*[a.format(tmp=tmp_path, img=image) for a in args])
@@ -359,6 +361,8 @@ def test_bad_input_gets_one_error_line(image, tmp_path, args, what):
     assert r.returncode != 0 and len(lines) == 1, r.stderr
     assert lines[0].startswith("qsnap: error: ") and what in lines[0], lines[0]
     assert not (tmp_path / "o").exists()
+    with Image.open(image) as img:  # the input is never harmed
+        assert not img.verify_all()
 
 
 def test_truncated_mapped_ram_input_is_refused(image, tmp_path):
