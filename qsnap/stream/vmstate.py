@@ -34,8 +34,10 @@ _INT_TYPES = {
     "bool": False, "uint8": False, "uint16": False, "uint32": False, "uint64": False,
     "int8": True, "int16": True, "int32": True, "int64": True,
 }
-# a described struct may not nest deeper than this (bad JSON must not recurse forever)
+# a described struct may not nest deeper than this (bad JSON must not recurse forever),
+# nor an array have more elements (QEMU's largest are a few thousand)
 _MAX_DEPTH = 32
+_MAX_ARRAY = 1 << 20
 
 
 @dataclass
@@ -104,8 +106,10 @@ def decode_sections(data, desc, footers=True):
     if desc is None:
         raise StreamError("the device state has no VMDESCRIPTION to decode its sections with")
     by_key = {}
+    if not isinstance(desc, dict) or not isinstance(desc.get("devices"), list):
+        raise StreamError("the VMDESCRIPTION has no device list")
     for d in desc["devices"]:
-        if isinstance(d, dict) and "name" in d:
+        if isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("instance_id", 0), int):
             by_key[(d["name"], d.get("instance_id", 0))] = d
     cur = _Cursor(data)
     out = []
@@ -147,16 +151,25 @@ def _footer(cur, sid, idstr):
 def _decode_vmsd(cur, desc, where, depth):
     if depth > _MAX_DEPTH:
         raise StreamError(f"{where}: VMDESCRIPTION nests deeper than {_MAX_DEPTH}")
+    fields = desc.get("fields") or []
+    if not isinstance(fields, list):
+        raise StreamError(f"{where}: VMDESCRIPTION 'fields' is not a list")
     out = {}
-    for f in desc.get("fields") or ():
-        name = f.get("name", "?")
+    for f in fields:
+        if not isinstance(f, dict):
+            raise StreamError(f"{where}: VMDESCRIPTION field {f!r:.40} is not an object")
+        name = str(f.get("name", "?"))
         n = f.get("array_len")
         if n is None:
             out[name] = _decode_field(cur, f, f"{where} field '{name}'", depth)
+        elif not isinstance(n, int) or not 0 <= n <= _MAX_ARRAY:
+            raise StreamError(f"{where} field '{name}': bad array_len {n!r:.40}")
         else:
-            out[name] = [_decode_field(cur, f, f"{where} field '{name}[{i}]'", depth) for i in range(int(n))]
+            out[name] = [_decode_field(cur, f, f"{where} field '{name}[{i}]'", depth) for i in range(n)]
     subs = desc.get("subsections")
     if subs:
+        if not isinstance(subs, list):
+            raise StreamError(f"{where}: VMDESCRIPTION 'subsections' is not a list")
         out["subsections"] = _decode_subsections(cur, subs, where, depth)
     return out
 
@@ -164,7 +177,7 @@ def _decode_vmsd(cur, desc, where, depth):
 def _decode_subsections(cur, subs, where, depth):
     """Subsections follow the fields: ``05 counted-name be32 version payload``
     (vmstate.c vmstate_subsection_save), in the order the description lists them."""
-    by_name = {s.get("vmsd_name"): s for s in subs if isinstance(s, dict)}
+    by_name = {str(s.get("vmsd_name")): s for s in subs if isinstance(s, dict)}
     out = {}
     while len(out) < len(by_name) and cur.peek() == QEMU_VM_SUBSECTION:
         at = cur.pos
@@ -181,7 +194,9 @@ def _decode_subsections(cur, subs, where, depth):
 
 def _decode_field(cur, f, where, depth):
     size = f.get("size")
-    nested = f.get("struct") if isinstance(f.get("struct"), dict) else (f if "fields" in f else None)
+    if "struct" in f and not isinstance(f["struct"], dict):
+        raise StreamError(f"{where}: VMDESCRIPTION 'struct' is not an object")
+    nested = f.get("struct") or (f if "fields" in f else None)
     if nested is not None:
         start = cur.pos
         value = _decode_vmsd(cur, nested, where, depth + 1)
@@ -189,7 +204,7 @@ def _decode_field(cur, f, where, depth):
             raise StreamError(f"{where}: decoded {cur.pos - start} bytes but the VMDESCRIPTION "
                               f"says {size} (device-state offset 0x{start:x})")
         return value
-    if not isinstance(size, int) or size < 0:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise StreamError(f"{where}: VMDESCRIPTION gives no size")
     raw = cur.take(size, where)
     signed = _INT_TYPES.get(f.get("type"))

@@ -6,6 +6,7 @@ import pathlib
 import struct
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from qsnap.errors import StreamError
 from qsnap.stream.events import DeviceState
@@ -84,3 +85,23 @@ def test_real_qemu_72_device_state():
     assert cpu.version_id == 12 and len(cpu.fields["env.regs"]) == 16
     assert cpu.fields["env.segs"][1]["selector"] < 0x10000  # CS
     assert {"selector", "base", "limit", "flags"} == set(cpu.fields["env.gdt"])
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2, 40) | st.text(max_size=6),
+                     lambda c: st.lists(c, max_size=4) | st.dictionaries(
+                         st.sampled_from(["name", "fields", "size", "type", "array_len", "struct",
+                                          "subsections", "vmsd_name", "instance_id"]), c, max_size=5),
+                     max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=_json, payload=st.binary(max_size=40))
+def test_any_description_gives_a_value_or_a_stream_error(field, payload):
+    """Whatever the JSON says, the decoder returns or raises StreamError, nothing else."""
+    desc = [{"name": "dev", "instance_id": 0, "vmsd_name": "dev", "version": 1,
+             "fields": [field] if not isinstance(field, list) else field}]
+    data = tail([("dev", 0, 1, payload)], desc)
+    try:
+        decode_sections(data, find_vmdescription(data))
+    except StreamError:
+        pass
