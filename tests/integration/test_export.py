@@ -158,6 +158,32 @@ def test_blob_raw_is_guest_physical(blob_cores, tmp_path):
             assert f.read(len(b.data)) == b.data
 
 
+# 3.5 GiB: the smallest pc-i440fx guest whose RAM is split around the PCI hole
+# (3 GiB below, 512 MiB from 4 GiB); one blob in each part
+BIG_MEMORY = "3584M"
+BIG_LAYOUT = [(32 * MIB, 2 * MIB), ((1 << 32) + 100 * MIB + 0x777, 2 * MIB)]
+
+
+@pytest.mark.slow
+def test_blob_elf_above_4g_matches_dump_guest_memory(qemu_bin, tmp_path):
+    blobs = guests.make_blobs(tmp_path / "blobs", BIG_LAYOUT, SEED + 2)
+    img = tmp_path / "vm.qsnap"
+    vm = qsnaptools.blob_guest(blobs, BIG_MEMORY)
+    try:
+        save_stopped(vm, img)
+        qemu = dump_guest_memory(vm, tmp_path / "qemu.core")
+    finally:
+        vm.shutdown()
+    ours = read_core(export(img, tmp_path / "qsnap.core", "elf"))
+    assert [(s.paddr, s.memsz) for s in ours.loads if s.paddr != (1 << 32) - 0x40000] == \
+        [(0, 3 << 30), (1 << 32, 512 * MIB)]
+    assert_same_loads(ours, qemu)
+    assert_same_registers(ours, qemu)
+    for b in blobs:
+        assert ours.read_gpa(b.addr, len(b.data)) == b.data
+    os.unlink(qemu.path)  # 3.5 GiB of mostly zeros
+
+
 @pytest.fixture(scope="module")
 def linux_cores(linux_guest_files, tmp_path_factory):
     d = tmp_path_factory.mktemp("export-linux")
