@@ -158,6 +158,22 @@ def test_blob_raw_is_guest_physical(blob_cores, tmp_path):
             assert f.read(len(b.data)) == b.data
 
 
+def test_q35_blob_elf_matches_dump_guest_memory(qemu_bin, tmp_path):
+    blobs = guests.make_blobs(tmp_path / "blobs", LAYOUT, SEED + 3)
+    img = tmp_path / "vm.qsnap"
+    vm = qsnaptools.blob_guest(blobs, MEMORY, machine="pc-q35-7.2")
+    try:
+        save_stopped(vm, img)
+        qemu = dump_guest_memory(vm, tmp_path / "qemu.core")
+    finally:
+        vm.shutdown()
+    ours = read_core(export(img, tmp_path / "qsnap.core", "elf"))
+    assert_same_loads(ours, qemu)
+    assert_same_registers(ours, qemu)
+    for b in blobs:
+        assert ours.read_gpa(b.addr, len(b.data)) == b.data
+
+
 # 3.5 GiB: the smallest pc-i440fx guest whose RAM is split around the PCI hole
 # (3 GiB below, 512 MiB from 4 GiB); one blob in each part
 BIG_MEMORY = "3584M"
