@@ -306,3 +306,15 @@ def test_q10_mapped_ram_import(q10_blobs, tmp_path, multifd):
     compare_ram(qsnap_ram, qemu_ram, "qsnap load of the import vs QEMU 10.0's own mapped-ram restore")
     for b in q10_blobs:
         assert qsnap_ram[b.addr:b.addr + len(b.data)] == b.data
+
+
+def test_q72_snapshot_restores_in_q10_through_mapped_ram(qemu10, blob_cores, tmp_path):
+    """An image saved from QEMU 7.2, exported to mapped-ram, restores in QEMU 10.0
+    (same machine type): the way onto QEMU's fastest restore path for old snapshots."""
+    blobs, img, _ours, _qemu = blob_cores
+    out = export(img, tmp_path / "vm.mapped-ram", "mapped-ram")
+    with q10(machine="pc-i440fx-7.2", name="dst-72", incoming=True, paused=True) as dst:
+        dst.set_capabilities({"mapped-ram": True})
+        dst.migrate_incoming(f"file:{out}")
+        dst.wait_migration(timeout=180)
+        BlobGuest.verify_blobs(dst, blobs)
