@@ -3,7 +3,8 @@
 Every export walks the image the same way: per block, the data clusters of
 its region in virtual order, several host-contiguous clusters per read; each
 stored page is checked against its crc32c before it leaves this module, so a
-corrupt page never reaches an export file. Memory is bounded by one read.
+corrupt page never reaches an export file. Memory is bounded by PREFETCH + 1
+reads of up to READ_BYTES.
 """
 import collections
 import concurrent.futures
@@ -33,7 +34,8 @@ def _runs(mask):
 
 
 class PageSource:
-    """Stored pages of an open ``qsnap.image.reader.Image``."""
+    """Stored pages of an open ``qsnap.image.reader.Image``; one runs() iteration at a time
+    (they share the read buffers)."""
 
     def __init__(self, img, read_bytes=READ_BYTES):
         self.img = img
