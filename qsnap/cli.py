@@ -1,10 +1,10 @@
 """Command line: argument parsing and error reporting only.
 
 Every failure ends as one line ``qsnap: error: <message>`` on stderr and a
-non-zero exit status; ``--debug`` shows the traceback instead.
+non-zero exit status (the QsnapError's own, 70 for anything else, which is a
+bug); ``--debug`` shows the traceback instead.
 """
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -21,6 +21,7 @@ from qsnap import __version__
 from qsnap.errors import QsnapError, UsageError
 
 PROG = "qsnap"
+EX_SOFTWARE = 70  # sysexits.h: internal software error
 
 
 def _size(text):
@@ -149,9 +150,6 @@ def _cmd_save(args):
 
 def _cmd_load(args):
     if args.postcopy is not None:
-        if importlib.util.find_spec("qsnap.postcopy") is None:
-            raise UsageError("load --postcopy is not built yet in this version; "
-                             "use a precopy load (without --postcopy)")
         from qsnap.postcopy import load_postcopy
 
         load_postcopy(args.image, percent=args.postcopy, cache=args.cache,
@@ -268,6 +266,12 @@ def main(argv=None):
     except MemoryError:
         _report("out of memory")
         return 1
+    except Exception as e:  # a bug: still one line, and a status that says so
+        if debug:
+            raise
+        text = " ".join(str(e).splitlines())  # one line, whatever the message holds
+        _report(f"internal error: {type(e).__name__}: {text} (run with --debug for the traceback)")
+        return EX_SOFTWARE
 
 
 def _report(message):

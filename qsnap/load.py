@@ -19,20 +19,18 @@ raises ChecksumError and that page never reaches QEMU.  Memory use is bounded by
 the read-ahead buffers plus the per-block bitmaps and checksum arrays.  Only
 stderr carries messages; stdout is the stream.
 """
-import errno
 import fcntl
-import mmap
 import os
 import stat
-import struct
 import sys
 import time
 
-import numpy as np
-
 from qsnap import _core
-from qsnap.errors import ImageError, IOFailure, UsageError
+from qsnap.errors import ImageError
+from qsnap.image import pages
+from qsnap.image.pages import cluster_plan, open_data
 from qsnap.stream import constants as C
+from qsnap.stream import encode
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1 << 20
@@ -41,43 +39,13 @@ ZERO_PAGES_PER_PART = 4 << 20   # ZERO records per SECTION_PART (~36-40 MB of re
 ZERO_PAGES_PER_CALL = 1 << 18
 
 
-def _be32(v):
-    return struct.pack(">I", v)
-
-
-def _be64(v):
-    return struct.pack(">Q", v)
-
-
-def _counted(s):
-    raw = s.encode() if isinstance(s, str) else bytes(s)
-    return bytes([len(raw)]) + raw
-
-
-class _Framing:
-    """Section framing of the RAM section (savevm.c save_section_header/footer)."""
-
-    def __init__(self, info):
-        rs = info["ram_section"]
-        if rs is None:
-            raise ImageError("the image records no RAM section (meta.stream.ram_section is null)")
-        self.section_id = rs["section_id"]
-        self.instance_id = rs.get("instance_id", 0)
-        self.version_id = rs.get("version_id", C.RAM_SECTION_VERSION)
-        self.footers = bool(info.get("footers", True))
-        sid = _be32(self.section_id)
-        self.footer = bytes([C.QEMU_VM_SECTION_FOOTER]) + sid if self.footers else b""
-        self.eos = _be64(C.RAM_SAVE_FLAG_EOS)
-        self.part_start = bytes([C.QEMU_VM_SECTION_PART]) + sid
-        self.section_close = self.eos + self.footer
-
-    def start(self, payload):
-        return (bytes([C.QEMU_VM_SECTION_START]) + _be32(self.section_id)
-                + _counted(C.RAM_SECTION_IDSTR) + _be32(self.instance_id) + _be32(self.version_id)
-                + payload + self.section_close)
-
-    def end(self):
-        return bytes([C.QEMU_VM_SECTION_END]) + _be32(self.section_id) + self.section_close
+def ram_framing(info):
+    """Framing of the RAM section as the saved stream had it (savevm.c save_section_header/footer)."""
+    rs = info["ram_section"]
+    if rs is None:
+        raise ImageError("the image records no RAM section (meta.stream.ram_section is null)")
+    return encode.RamFraming(rs["section_id"], rs.get("instance_id", 0),
+                             rs.get("version_id", C.RAM_SECTION_VERSION), bool(info.get("footers", True)))
 
 
 def mem_size_record(blocks, info, host_page_size=None):
@@ -93,58 +61,15 @@ def mem_size_record(blocks, info, host_page_size=None):
     if declared is not None and declared != total:
         raise ImageError(f"mem_size_total {declared} differs from the sum of block lengths {total}")
     ignore_shared = "x-ignore-shared" in (info.get("capabilities") or [])
-    out = [_be64(total | C.RAM_SAVE_FLAG_MEM_SIZE)]
-    for b in blocks:
-        out.append(_counted(b.idstr) + _be64(b.length))
-        if host_page_size is not None and b.page_size != host_page_size:
-            out.append(_be64(b.page_size))
-        if ignore_shared:
+    if ignore_shared:
+        for b in blocks:
             if b.gpa is None:
                 raise ImageError(f"block '{b.idstr}' has no GPA but x-ignore-shared is on")
-            out.append(_be64(b.gpa))
-    return b"".join(out)
+    return encode.mem_size(blocks, host_page_size=host_page_size, gpa_fields=ignore_shared)
 
 
-def _open_image_data(path, cache, log):
-    """fd for the data reads: O_DIRECT for cache='none' unless the filesystem refuses."""
-    if cache not in ("none", "writeback"):
-        raise UsageError(f"cache mode '{cache}' is not one of none, writeback")
-    if cache == "none" and hasattr(os, "O_DIRECT"):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise IOFailure(f"cannot open image {path}: {e.strerror}") from None
-        else:
-            if _direct_read_works(fd):
-                return fd, True
-            os.close(fd)
-        log.write(f"qsnap: note: {path}: the filesystem refuses O_DIRECT, reading through the page cache\n")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise IOFailure(f"cannot open image {path}: {e.strerror}") from None
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    except (OSError, AttributeError):
-        pass
-    return fd, False
-
-
-def _direct_read_works(fd):
-    buf = mmap.mmap(-1, 4096)  # page aligned
-    try:
-        os.preadv(fd, [buf], 0)
-        return True
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            return False
-        raise IOFailure(f"cannot read the image: {e.strerror} at image offset 0x0") from None
-    finally:
-        buf.close()
-
-
-def _grow_pipe(fd):
+def grow_pipe(fd):
+    """A bigger stdout pipe: fewer, larger writes to QEMU."""
     try:
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
             fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
@@ -152,30 +77,10 @@ def _grow_pipe(fd):
         pass
 
 
-def _cluster_plan(img, blocks):
-    """(host, virtual, block index) of every data cluster inside a RAM region, host order."""
-    dc = np.asarray(img.data_clusters())
-    if dc.size == 0:
-        z = np.zeros(0, np.uint64)
-        return z, z, np.zeros(0, np.uint32)
-    if dc.dtype.names:
-        host = np.asarray(dc[dc.dtype.names[0]], np.uint64)
-        virt = np.asarray(dc[dc.dtype.names[1]], np.uint64)
-    else:
-        dc = dc.reshape(-1, 2)
-        host = dc[:, 0].astype(np.uint64)
-        virt = dc[:, 1].astype(np.uint64)
-    order = np.argsort(host, kind="stable")
-    host, virt = host[order], virt[order]
-    cs = img.cluster_size
-    starts = np.array([b.offset for b in blocks], np.uint64)
-    ends = np.array([b.offset + -(-b.length // cs) * cs for b in blocks], np.uint64)
-    by_start = np.argsort(starts, kind="stable")
-    pos = np.searchsorted(starts[by_start], virt, side="right") - 1
-    inside = pos >= 0
-    idx = np.where(inside, by_start[np.maximum(pos, 0)], 0)
-    inside &= virt < ends[idx]                 # metadata-region clusters are not pages
-    return host[inside], virt[inside], idx[inside].astype(np.uint32)
+# The old private names: tests of the postcopy cluster pass call the plan, and
+# tests replace the O_DIRECT probe to see the page-cache fallback.
+_cluster_plan = cluster_plan
+_direct_read_works = pages.direct_read_works_probe
 
 
 def load(image_path, out_fd=1, *, cache="none", quiet=False, log=sys.stderr,
@@ -205,14 +110,14 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
     cs = img.cluster_size
     if buf_size is None:
         buf_size = max(_core.AIO_DEFAULT_BUF_SIZE, cs)
-    framing = _Framing(info)
+    framing = ram_framing(info)
 
-    _grow_pipe(out_fd)
+    grow_pipe(out_fd)
     em = _core.PageEmitter(out_fd, page_size)
     em.set_blocks([(b.idstr, b.offset, b.length, b.bitmap, b.checksums) for b in blocks])
-    host, virt, bidx = _cluster_plan(img, blocks)
+    host, virt, bidx = cluster_plan(img, blocks)
 
-    fd, direct = _open_image_data(img.path, cache, log)
+    fd, direct = open_data(img.path, cache, log, lambda fd: _direct_read_works(fd))
     try:
         em.bytes(img.header_bytes)
         em.bytes(img.pre_ram)
@@ -227,7 +132,7 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
         os.close(fd)
     parts += _send_zero_pages(em, blocks, framing)
     if info.get("switchover_start"):
-        em.bytes(struct.pack(">BHH", C.QEMU_VM_COMMAND, C.MIG_CMD_SWITCHOVER_START, 0))
+        em.bytes(encode.switchover_start())
     if info.get("ram_end", True):
         em.bytes(framing.end())
     em.flush()

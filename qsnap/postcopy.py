@@ -30,7 +30,6 @@ import json
 import math
 import mmap
 import os
-import struct
 import sys
 import threading
 import time
@@ -39,9 +38,11 @@ import numpy as np
 
 from qsnap import _core
 from qsnap.errors import ImageError, IOFailure, ProtocolError, QsnapError, UsageError
-from qsnap.load import (PART_BYTES, _cluster_plan, _Framing, _grow_pipe, _open_image_data,
-                        mem_size_record)
+from qsnap.image.pages import cluster_plan, open_data, read_target_pages
+from qsnap.load import PART_BYTES, grow_pipe, mem_size_record, ram_framing
 from qsnap.stream import constants as C
+from qsnap.stream import encode, returnpath
+from qsnap.stream.tail import device_sections
 
 HOST_PAGE_SIZE = mmap.PAGESIZE
 GROUP_PAGES = 64                 # target pages per background record group
@@ -52,53 +53,13 @@ WATCHDOG_SECONDS = 0.5
 EARLY_BYTES = 1 << 20            # per block, always sent before LISTEN
 _DEBUG = bool(os.environ.get("QSNAP_PC_DEBUG"))
 
-_RP_FIXED_LEN = {
-    C.MIG_RP_MSG_SHUT: 4,
-    C.MIG_RP_MSG_PONG: 4,
-    C.MIG_RP_MSG_REQ_PAGES: 12,
-    C.MIG_RP_MSG_RESUME_ACK: 4,
-    C.MIG_RP_MSG_SWITCHOVER_ACK: 0,
-}
-
-
-def _cmd(cmd, payload=b""):
-    return struct.pack(">BHH", C.QEMU_VM_COMMAND, cmd, len(payload)) + payload
-
-
-def _ping(v):
-    return _cmd(C.MIG_CMD_PING, struct.pack(">I", v))
-
 
 def device_state_sections(img):
     """The image's device state without its EOF and VMDESCRIPTION (FULL sections only)."""
-    from qsnap.stream.reader import StreamReader
-
-    r = StreamReader(_EmptySource())
-    r.uses_footers = bool(img.stream_info.get("footers", True))
     try:
-        eof_pos, _ = r._check_tail(img.device_state, 0)
+        return device_sections(img.device_state, bool(img.stream_info.get("footers", True)))
     except QsnapError as e:
         raise ImageError(f"bad device state in {img.path}: {e}") from None
-    return img.device_state[:eof_pos]
-
-
-class _EmptySource:
-    def read(self, n=-1):
-        return b""
-
-    def readinto(self, b):
-        return 0
-
-
-def discard_commands(idstr, ranges):
-    """POSTCOPY_RAM_DISCARD commands for (start, length) byte ranges, 12 per command."""
-    raw = idstr.encode()
-    head = bytes([C.POSTCOPY_RAM_DISCARD_VERSION, len(raw)]) + raw + b"\0"
-    out = []
-    for i in range(0, len(ranges), C.MAX_DISCARDS_PER_COMMAND):
-        body = b"".join(struct.pack(">QQ", s, n) for s, n in ranges[i:i + C.MAX_DISCARDS_PER_COMMAND])
-        out.append(_cmd(C.MIG_CMD_POSTCOPY_RAM_DISCARD, head + body))
-    return b"".join(out)
 
 
 class ReturnPath(threading.Thread):
@@ -126,26 +87,10 @@ class ReturnPath(threading.Thread):
         self.messages = 0
         self.switchover_acks = 0
         self._last_block = None
-        self._offset = 0
 
     def run(self):
-        buf = bytearray()
         try:
-            while True:
-                try:
-                    chunk = os.read(self.fd, 65536)
-                except InterruptedError:
-                    continue
-                except OSError as e:
-                    raise IOFailure(f"cannot read the return path: {e.strerror}") from None
-                if not chunk:
-                    break
-                buf += chunk
-                pos = self._parse(buf)
-                del buf[:pos]
-            if buf:
-                raise ProtocolError(f"return path closed inside a message ({len(buf)} bytes "
-                                    f"at return-path offset 0x{self._offset:x})")
+            self._read_messages()
             with self.cond:
                 self.closed = True
                 self.cond.notify_all()
@@ -161,82 +106,75 @@ class ReturnPath(threading.Thread):
             if self.on_fatal is not None:
                 self.on_fatal(e)
 
-    def _parse(self, buf):
-        pos = 0
-        n = len(buf)
-        while n - pos >= 4:
-            typ, ln = struct.unpack_from(">HH", buf, pos)
-            off = self._offset
-            name = C.MIG_RP_MSG_NAMES.get(typ, "unknown")
-            if typ == C.MIG_RP_MSG_INVALID or typ >= C.MIG_RP_MSG_MAX:
-                raise ProtocolError(f"return-path message type {typ} ({name}) length {ln} "
-                                    f"out of range at return-path offset 0x{off:x}")
-            if ln > C.MIG_RP_MAX_LEN:
-                raise ProtocolError(f"return-path message {name} length {ln} exceeds "
-                                    f"{C.MIG_RP_MAX_LEN} at return-path offset 0x{off:x}")
-            fixed = _RP_FIXED_LEN.get(typ)
-            if fixed is not None and ln != fixed:
-                raise ProtocolError(f"return-path message {name} with bad length {ln} "
-                                    f"(expected {fixed}) at return-path offset 0x{off:x}")
-            if n - pos - 4 < ln:
+    def _read_messages(self):
+        """Decode and handle messages until QEMU closes the return path."""
+        decoder = returnpath.Decoder()
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                raise IOFailure(f"cannot read the return path: {e.strerror}") from None
+            if not chunk:
                 break
-            payload = bytes(buf[pos + 4:pos + 4 + ln])
-            pos += 4 + ln
-            self._offset += 4 + ln
-            self.messages += 1
-            if _DEBUG:
-                os.write(2, f"rp {typ} {ln} {bytes(buf[pos - ln:pos]).hex()} t={time.monotonic():.3f}\n".encode())
-            self._handle(typ, name, ln, payload, off)
-        return pos
+            for msg in decoder.feed(chunk):
+                self.messages += 1
+                if _DEBUG:
+                    os.write(2, f"rp {msg.type} {len(msg.payload)} {msg.payload.hex()} "
+                                f"t={time.monotonic():.3f}\n".encode())
+                self._handle(msg)
+        decoder.close()
 
-    def _handle(self, typ, name, ln, p, off):
-        where = f"at return-path offset 0x{off:x}"
+    def _handle(self, msg):
+        where = f"at return-path offset 0x{msg.offset:x}"
+        typ = msg.type
         if typ == C.MIG_RP_MSG_PONG:
-            v = struct.unpack(">I", p)[0]
-            if v not in PING_VALUES or v in self.pongs:
-                raise ProtocolError(f"unexpected PONG value {v} {where}")
+            if msg.value not in PING_VALUES or msg.value in self.pongs:
+                raise ProtocolError(f"unexpected PONG value {msg.value} {where}")
             with self.cond:
-                self.pongs.append(v)
+                self.pongs.append(msg.value)
                 self.cond.notify_all()
         elif typ == C.MIG_RP_MSG_SHUT:
-            v = struct.unpack(">I", p)[0]
-            if v:
-                raise ProtocolError(f"QEMU reported an error on the return path (SHUT {v})")
+            if msg.value:
+                raise ProtocolError(f"QEMU reported an error on the return path (SHUT {msg.value})")
             if not self.stream_done:
                 raise ProtocolError(f"SHUT before the stream ended {where}")
             with self.cond:
-                self.shut = v
+                self.shut = msg.value
                 self.cond.notify_all()
         elif typ == C.MIG_RP_MSG_SWITCHOVER_ACK:
             self.switchover_acks += 1
         elif typ in (C.MIG_RP_MSG_REQ_PAGES_ID, C.MIG_RP_MSG_REQ_PAGES):
-            t = time.monotonic()
-            start, length = struct.unpack_from(">QI", p)
-            if typ == C.MIG_RP_MSG_REQ_PAGES_ID:
-                if ln < 14 or p[12] == 0 or ln != 13 + p[12]:
-                    raise ProtocolError(f"REQ_PAGES_ID with bad length {ln} {where}")
-                idstr = p[13:].decode("utf-8", "replace")
-                bi = self.by_name.get(idstr)
-                if bi is None:
-                    raise ProtocolError(f"REQ_PAGES_ID for unknown RAM block '{idstr}' {where}")
-                self._last_block = bi
-            else:
-                bi = self._last_block
-                if bi is None:
-                    raise ProtocolError(f"REQ_PAGES without a previous REQ_PAGES_ID {where}")
-            b = self.blocks[bi]
-            hps = self.host_sizes[bi]
-            if length == 0 or start % hps or length % hps or start + length > b.length:
-                raise ProtocolError(f"{name} for start 0x{start:x} length 0x{length:x} misaligned "
-                                    f"(page size 0x{hps:x}) or outside block '{b.idstr}' "
-                                    f"(length 0x{b.length:x}) {where}")
-            with self.cond:
-                self.requests.append((t, bi, start, length))
-                self.cond.notify_all()
-            if self.flag is not None:
-                self.flag.set()
+            self._request(msg, where)
         else:
-            raise ProtocolError(f"unexpected return-path message {name} (type {typ}) length {ln} {where}")
+            raise ProtocolError(f"unexpected return-path message {msg.name} (type {typ}) "
+                                f"length {len(msg.payload)} {where}")
+
+    def _request(self, msg, where):
+        """Check a page request against the image and queue it for the writer."""
+        t = time.monotonic()
+        if msg.idstr is not None:
+            bi = self.by_name.get(msg.idstr)
+            if bi is None:
+                raise ProtocolError(f"REQ_PAGES_ID for unknown RAM block '{msg.idstr}' {where}")
+            self._last_block = bi
+        else:
+            bi = self._last_block
+            if bi is None:
+                raise ProtocolError(f"REQ_PAGES without a previous REQ_PAGES_ID {where}")
+        b = self.blocks[bi]
+        hps = self.host_sizes[bi]
+        start, length = msg.start, msg.length
+        if length == 0 or start % hps or length % hps or start + length > b.length:
+            raise ProtocolError(f"{msg.name} for start 0x{start:x} length 0x{length:x} misaligned "
+                                f"(page size 0x{hps:x}) or outside block '{b.idstr}' "
+                                f"(length 0x{b.length:x}) {where}")
+        with self.cond:
+            self.requests.append((t, bi, start, length))
+            self.cond.notify_all()
+        if self.flag is not None:
+            self.flag.set()
 
 
 def _percentiles(xs):
@@ -371,35 +309,12 @@ class _Postcopy:
             self.em.bytes(self.framing.section_close)
             self._part_open = False
 
-    def _read_pages(self, bi, tp0, tp1):
-        """Image bytes of target pages [tp0, tp1) of block bi (pread, unallocated -> zeros)."""
-        b, tps, cs = self.blocks[bi], self.tps, self.cs
-        img = self.img
-        v = b.offset + tp0 * tps
-        end = b.offset + tp1 * tps
-        parts = []
-        while v < end:
-            n = min(end - v, cs - (v & (cs - 1)))
-            h = img.host_offset(v)
-            if h:
-                try:
-                    d = os.pread(self.req_fd, n, h)
-                except OSError as e:
-                    raise IOFailure(f"cannot read the image: {e.strerror} at image offset "
-                                    f"0x{h:x}") from None
-                if len(d) != n:
-                    raise ImageError(f"image file truncated at image offset 0x{h:x}")
-                parts.append(d)
-            else:
-                parts.append(bytes(n))
-            v += n
-        return b"".join(parts)
-
     def _send_host_pages(self, bi, hp0, hp1):
         """Read and send the unsent host pages [hp0, hp1) of block bi."""
         t = self.tphp[bi]
         tp0, tp1 = hp0 * t, min(hp1 * t, self.n_pages[bi])
-        data = self._read_pages(bi, tp0, tp1) if self.has_data[bi][hp0:hp1].any() else None
+        data = (read_target_pages(self.img, self.req_fd, self.blocks[bi], tp0, tp1)
+                if self.has_data[bi][hp0:hp1].any() else None)
         return self.pager.emit(bi, hp0, hp1, data, tp0)
 
     # --- requests -----------------------------------------------------------------
@@ -435,155 +350,188 @@ class _Postcopy:
             self.main_done.set()
 
     def _run(self):
-        img, info, blocks = self.img, self.info, self.blocks
         self._layout()
-        self.framing = framing = _Framing(info)
-        _grow_pipe(self.out_fd)
-        try:
-            import fcntl
-            fcntl.fcntl(self.out_fd, 1031, POSTCOPY_PIPE_SIZE)  # F_SETPIPE_SZ
-        except OSError:
-            pass
-        self.em = em = _core.PageEmitter(self.out_fd, self.tps)
-        em.set_blocks([(b.idstr, b.offset, b.length, b.bitmap, b.checksums) for b in blocks])
-        self.pager = pager = _core.HostPager(em, self.tphp)
-        for i, b in enumerate(blocks):
-            if not b.migrated:
-                pager.sent[i][:] = 1
-        dev = device_state_sections(img)
-        migrated = [i for i, b in enumerate(blocks) if b.migrated]
-        summary = 0
-        for i in migrated or range(len(blocks)):
-            summary |= self.host_sizes[i]
+        self._setup_output()
+        dev = device_state_sections(self.img)
+        self.migrated = [i for i, b in enumerate(self.blocks) if b.migrated]
         sys.setswitchinterval(0.0005)
-
         self.flag = _core.RequestFlag()
-        self.rp = rp = ReturnPath(self.in_fd, blocks, self.host_sizes, self._report_fatal, self.flag)
-        rp.start()
-        host, virt, bidx = _cluster_plan(img, blocks)
+        self.rp = ReturnPath(self.in_fd, self.blocks, self.host_sizes, self._report_fatal, self.flag)
+        self.rp.start()
+        host, virt, bidx = cluster_plan(self.img, self.blocks)
         try:
-            self.req_fd = os.open(img.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.req_fd = os.open(self.img.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise IOFailure(f"cannot open image {img.path}: {e.strerror}") from None
-        fd, direct = _open_image_data(img.path, self.cache, self.log)
+            raise IOFailure(f"cannot open image {self.img.path}: {e.strerror}") from None
+        fd, direct = open_data(self.img.path, self.cache, self.log)
         try:
-            # setup: header, return path, ADVISE (before any RAM data), RAM START
-            em.bytes(img.header_bytes)
-            em.bytes(_cmd(C.MIG_CMD_OPEN_RETURN_PATH))
-            em.bytes(_ping(1))
-            em.bytes(_cmd(C.MIG_CMD_POSTCOPY_ADVISE, struct.pack(">QQ", summary, self.tps)))
-            em.bytes(img.pre_ram)
-            em.bytes(framing.start(mem_size_record(blocks, info, HOST_PAGE_SIZE)))
-            em.flush()
-
-            # precopy share, chosen by host order of the data clusters
-            total_nz = sum(b.nonzero_pages for i, b in enumerate(blocks) if b.migrated)
-            target = math.ceil(total_nz * self.percent / 100.0)
-            keep = np.zeros(len(host), bool)
-            huge_pre = []
-            acc = 0
-            ppc = self.cs // self.tps
-            if target:
-                for k in range(len(host)):
-                    if acc >= target:
-                        break
-                    bi = int(bidx[k])
-                    if not self.small[bi] or not blocks[bi].migrated:
-                        continue
-                    p0 = (int(virt[k]) - blocks[bi].offset) // self.tps
-                    p1 = min(p0 + ppc, self.n_pages[bi])
-                    keep[k] = True
-                    acc += int(self.cum[bi][p1] - self.cum[bi][p0])
-                for bi in migrated:
-                    if self.small[bi]:
-                        continue
-                    for hp in np.flatnonzero(self.has_data[bi]):
-                        if acc >= target:
-                            break
-                        t = self.tphp[bi]
-                        acc += int(self.cum[bi][min((hp + 1) * t, self.n_pages[bi])]
-                                   - self.cum[bi][hp * t])
-                        huge_pre.append((bi, int(hp)))
-            self._cluster_pass(fd, host[keep], virt[keep], bidx[keep], serve=False)
-            # Legacy low memory and the small ROM blocks always go before LISTEN:
-            # QEMU's listen thread can block on a fault there (pc.ram 0xc0000 while
-            # the main thread loads the PAM state), and a faulted listen thread
-            # cannot read the page it waits for.  QEMU's own source sends them
-            # in its first precopy pass (it walks RAM upwards).
-            for bi in migrated:
-                hps = self.host_sizes[bi]
-                n = -(-min(EARLY_BYTES, blocks[bi].length) // hps)
-                if n:
-                    self._part()
-                    self._send_host_pages(bi, 0, n)
-            for bi, hp in huge_pre:
-                self._part()
-                self._send_host_pages(bi, hp, hp + 1)
-            self._close_part()
-            pages_precopy = em.pages + em.zero_pages
-            precopy_data = pages_precopy > 0
-
-            if info.get("switchover_start"):
-                em.bytes(_cmd(C.MIG_CMD_SWITCHOVER_START))
-            n_ranges = 0
-            if precopy_data:
-                # THP may have populated neighbours of precopy pages: discard every
-                # range not sent (the first discard also turns THP off).
-                for bi in migrated:
-                    ranges = self._unsent_ranges(bi)
-                    n_ranges += len(ranges)
-                    em.bytes(discard_commands(blocks[bi].idstr, ranges))
-            em.bytes(_ping(2))
-            blob = (_cmd(C.MIG_CMD_POSTCOPY_LISTEN) + dev + _ping(3) + _cmd(C.MIG_CMD_POSTCOPY_RUN))
-            em.bytes(_cmd(C.MIG_CMD_PACKAGED, struct.pack(">I", len(blob))))
-            em.bytes(blob)
-            em.bytes(_ping(4))
-            em.flush()
+            self._negotiate()
+            keep = self._send_precopy_share(fd, host, virt, bidx)
+            pages_precopy = self.em.pages + self.em.zero_pages
+            n_ranges = self._hand_over(dev, precopy_data=pages_precopy > 0)
             t_handover = time.monotonic() - self.t0
-            em.last_block = -1   # the source resets CONTINUE at the switch to postcopy
-
-            # postcopy: requested pages first, then zero host pages, then data
-            self._serve()
-            for bi in migrated:
-                nhp = pager.n_host_pages(bi)
-                for hp in range(0, nhp, ZERO_GROUP):
-                    self._serve()
-                    self._part()
-                    pager.zero_pass(bi, hp, hp + ZERO_GROUP, self.has_data[bi])
-                    em.flush()
-            self._cluster_pass(fd, host[~keep], virt[~keep], bidx[~keep], serve=True)
-            for bi in migrated:
-                if self.small[bi]:
-                    continue
-                for hp in np.flatnonzero(self.has_data[bi] & (pager.sent[bi] == 0)):
-                    self._serve()
-                    self._part()
-                    self._send_host_pages(bi, int(hp), int(hp) + 1)
-            self._serve()
-            for bi in migrated:
-                left = np.flatnonzero(pager.sent[bi] == 0)
-                if len(left):
-                    raise ImageError(f"host page 0x{int(left[0]) * self.host_sizes[bi]:x} of block "
-                                     f"'{blocks[bi].idstr}' has no data cluster")
-            self._close_part()
-            rp.stream_done = True
-            em.bytes(framing.end())
-            em.bytes(bytes([C.QEMU_VM_EOF]))
-            em.flush()
+            self._send_postcopy(fd, host[~keep], virt[~keep], bidx[~keep])
         finally:
             os.close(fd)
             os.close(self.req_fd)
         t_stream = time.monotonic() - self.t0
         self._close_output()
-        # QEMU's last message is SHUT; then it closes the channel
+        self._wait_shut()
+        return self._stats(pages_precopy, t_handover, n_ranges, direct, t_stream)
+
+    def _setup_output(self):
+        """The RAM framing, stdout's pipe size, the C emitter and host-page tracker."""
+        self.framing = ram_framing(self.info)
+        grow_pipe(self.out_fd)
+        try:
+            import fcntl
+            fcntl.fcntl(self.out_fd, 1031, POSTCOPY_PIPE_SIZE)  # F_SETPIPE_SZ
+        except OSError:
+            pass
+        self.em = _core.PageEmitter(self.out_fd, self.tps)
+        self.em.set_blocks([(b.idstr, b.offset, b.length, b.bitmap, b.checksums) for b in self.blocks])
+        self.pager = _core.HostPager(self.em, self.tphp)
+        for i, b in enumerate(self.blocks):
+            if not b.migrated:
+                self.pager.sent[i][:] = 1
+
+    def _negotiate(self):
+        """Header, return path, ADVISE (before any RAM data), RAM START."""
+        em, img = self.em, self.img
+        summary = 0
+        for i in self.migrated or range(len(self.blocks)):
+            summary |= self.host_sizes[i]
+        em.bytes(img.header_bytes)
+        em.bytes(encode.open_return_path())
+        em.bytes(encode.ping(1))
+        em.bytes(encode.postcopy_advise(summary, self.tps))
+        em.bytes(img.pre_ram)
+        em.bytes(self.framing.start(mem_size_record(self.blocks, self.info, HOST_PAGE_SIZE)))
+        em.flush()
+
+    def _precopy_plan(self, host, virt, bidx):
+        """Which data clusters (a mask over the plan) and huge host pages go before
+        LISTEN: host order, until ``percent`` of the non-zero pages."""
+        blocks = self.blocks
+        total_nz = sum(b.nonzero_pages for b in blocks if b.migrated)
+        target = math.ceil(total_nz * self.percent / 100.0)
+        keep = np.zeros(len(host), bool)
+        huge_pre = []
+        if not target:
+            return keep, huge_pre
+        acc = 0
+        ppc = self.cs // self.tps
+        for k in range(len(host)):
+            if acc >= target:
+                break
+            bi = int(bidx[k])
+            if not self.small[bi] or not blocks[bi].migrated:
+                continue
+            p0 = (int(virt[k]) - blocks[bi].offset) // self.tps
+            p1 = min(p0 + ppc, self.n_pages[bi])
+            keep[k] = True
+            acc += int(self.cum[bi][p1] - self.cum[bi][p0])
+        for bi in self.migrated:
+            if self.small[bi]:
+                continue
+            for hp in np.flatnonzero(self.has_data[bi]):
+                if acc >= target:
+                    break
+                t = self.tphp[bi]
+                acc += int(self.cum[bi][min((hp + 1) * t, self.n_pages[bi])] - self.cum[bi][hp * t])
+                huge_pre.append((bi, int(hp)))
+        return keep, huge_pre
+
+    def _send_precopy_share(self, fd, host, virt, bidx):
+        """The precopy pages; returns the mask of data clusters sent."""
+        keep, huge_pre = self._precopy_plan(host, virt, bidx)
+        self._cluster_pass(fd, host[keep], virt[keep], bidx[keep], serve=False)
+        # Legacy low memory and the small ROM blocks always go before LISTEN:
+        # QEMU's listen thread can block on a fault there (pc.ram 0xc0000 while
+        # the main thread loads the PAM state), and a faulted listen thread
+        # cannot read the page it waits for.  QEMU's own source sends them
+        # in its first precopy pass (it walks RAM upwards).
+        for bi in self.migrated:
+            hps = self.host_sizes[bi]
+            n = -(-min(EARLY_BYTES, self.blocks[bi].length) // hps)
+            if n:
+                self._part()
+                self._send_host_pages(bi, 0, n)
+        for bi, hp in huge_pre:
+            self._part()
+            self._send_host_pages(bi, hp, hp + 1)
+        self._close_part()
+        return keep
+
+    def _hand_over(self, dev, precopy_data):
+        """Discards, then LISTEN + device state + RUN in one PACKAGED; returns the discard count."""
+        em = self.em
+        if self.info.get("switchover_start"):
+            em.bytes(encode.switchover_start())
+        n_ranges = 0
+        if precopy_data:
+            # THP may have populated neighbours of precopy pages: discard every
+            # range not sent (the first discard also turns THP off).
+            for bi in self.migrated:
+                ranges = self._unsent_ranges(bi)
+                n_ranges += len(ranges)
+                em.bytes(encode.ram_discard(self.blocks[bi].idstr, ranges))
+        em.bytes(encode.ping(2))
+        blob = encode.postcopy_listen() + dev + encode.ping(3) + encode.postcopy_run()
+        em.bytes(encode.packaged_header(len(blob)))
+        em.bytes(blob)
+        em.bytes(encode.ping(4))
+        em.flush()
+        em.last_block = -1   # the source resets CONTINUE at the switch to postcopy
+        return n_ranges
+
+    def _send_postcopy(self, fd, host, virt, bidx):
+        """Requested pages first, then zero host pages, then data; END and EOF."""
+        em, pager = self.em, self.pager
+        self._serve()
+        for bi in self.migrated:
+            nhp = pager.n_host_pages(bi)
+            for hp in range(0, nhp, ZERO_GROUP):
+                self._serve()
+                self._part()
+                pager.zero_pass(bi, hp, hp + ZERO_GROUP, self.has_data[bi])
+                em.flush()
+        self._cluster_pass(fd, host, virt, bidx, serve=True)
+        for bi in self.migrated:
+            if self.small[bi]:
+                continue
+            for hp in np.flatnonzero(self.has_data[bi] & (pager.sent[bi] == 0)):
+                self._serve()
+                self._part()
+                self._send_host_pages(bi, int(hp), int(hp) + 1)
+        self._serve()
+        self._check_all_sent()
+        self._close_part()
+        self.rp.stream_done = True
+        em.bytes(self.framing.end())
+        em.bytes(encode.eof())
+        em.flush()
+
+    def _check_all_sent(self):
+        for bi in self.migrated:
+            left = np.flatnonzero(self.pager.sent[bi] == 0)
+            if len(left):
+                raise ImageError(f"host page 0x{int(left[0]) * self.host_sizes[bi]:x} of block "
+                                 f"'{self.blocks[bi].idstr}' has no data cluster")
+
+    def _wait_shut(self):
+        """QEMU's last message is SHUT; then it closes the channel."""
+        rp = self.rp
         with rp.cond:
             while rp.shut is None and not rp.closed:
                 rp.cond.wait(1.0)
         if rp.error is not None:
             raise rp.error
-        elapsed = time.monotonic() - self.t0
+
+    def _stats(self, pages_precopy, t_handover, n_ranges, direct, t_stream):
+        em, rp = self.em, self.rp
         return {
-            "image": str(img.path),
+            "image": str(self.img.path),
             "percent": self.percent,
             "handover_seconds": t_handover,
             "requests": self.requests,
@@ -598,7 +546,7 @@ class _Postcopy:
             "stream_bytes": em.bytes_out,
             "direct_io": direct,
             "stream_seconds": t_stream,
-            "seconds": elapsed,
+            "seconds": time.monotonic() - self.t0,
             "pongs": list(rp.pongs),
             "shut": rp.shut,
         }

@@ -9,13 +9,13 @@ SHUT), because QEMU reads the child's stdout as the return path.
 """
 import gc
 import os
-import struct
 import sys
 import time
 
 from qsnap.errors import IOFailure, QsnapError, StreamError
 from qsnap.image.writer import ImageWriter
 from qsnap.stream import constants as C
+from qsnap.stream import encode, returnpath
 from qsnap.stream import events as ev
 from qsnap.stream.reader import StreamReader
 
@@ -35,10 +35,9 @@ class ReturnPath:
         self.fd = fd
         self.open = False
 
-    def send(self, msg_type, payload):
+    def send(self, data):
         if not self.open:
             return
-        data = struct.pack(">HH", msg_type, len(payload)) + payload
         try:
             while data:
                 n = os.write(self.fd, data)
@@ -47,10 +46,10 @@ class ReturnPath:
             raise IOFailure(f"cannot write to the return path (stdout): {e.strerror}") from None
 
     def pong(self, value):
-        self.send(C.MIG_RP_MSG_PONG, struct.pack(">I", value))
+        self.send(returnpath.pong(value))
 
     def shut(self, error):
-        self.send(C.MIG_RP_MSG_SHUT, struct.pack(">I", 1 if error else 0))
+        self.send(returnpath.shut(1 if error else 0))
 
 
 class _StreamFacts:
@@ -79,7 +78,8 @@ class _StreamFacts:
             "switchover_start": self.switchover_start,
             "return_path": any(c == C.MIG_CMD_OPEN_RETURN_PATH for c, _ in self.commands),
             "postcopy_advise": self.postcopy_advise,
-            "capabilities": list(conf.capabilities) if conf else [],
+            "capabilities": [c for c in conf.capabilities
+                             if c != C.MIGRATION_CAPABILITY_MAPPED_RAM] if conf else [],
             "mem_size_total": self.mem_size.total,
         }
 
@@ -168,10 +168,10 @@ def _consume(reader, img, facts, rp):
         elif isinstance(e, ev.Command):
             _command(e, facts, rp, ram_started=ram_id is not None)
         elif isinstance(e, ev.FileHeader):
-            facts.header = struct.pack(">II", C.QEMU_VM_FILE_MAGIC, e.version)
+            facts.header = encode.file_header(e.version)
         elif isinstance(e, ev.Configuration):
             facts.configuration = e
-            facts.header += e.raw
+            facts.header += _loadable_configuration(e)
         elif isinstance(e, ev.PreRamSection):
             facts.pre_ram += e.raw
         elif isinstance(e, ev.DeviceState):
@@ -185,15 +185,25 @@ def _consume(reader, img, facts, rp):
         raise StreamError(f"stream ended without device state at stream offset 0x{reader.offset:x}")
 
 
+def _loadable_configuration(conf):
+    """The configuration as the image keeps it. A mapped-ram file (read from a
+    file: qsnap import) is stored without the mapped-ram capability: qsnap load
+    regenerates an ordinary precopy stream, and a destination with mapped-ram
+    off refuses a stream that announces it (savevm.c configuration_validate_capabilities)."""
+    if C.MIGRATION_CAPABILITY_MAPPED_RAM not in conf.capabilities:
+        return conf.raw
+    return encode.without_capability(conf, C.MIGRATION_CAPABILITY_MAPPED_RAM)
+
+
 def _command(e, facts, rp, ram_started):
     cmd = e.cmd
     if cmd == C.MIG_CMD_OPEN_RETURN_PATH:
         rp.open = True
     elif cmd == C.MIG_CMD_PING:
-        rp.pong(struct.unpack(">I", e.payload)[0])
+        rp.pong(e.ping_value)
     elif cmd == C.MIG_CMD_POSTCOPY_ADVISE:
-        if len(e.payload) == 16:
-            facts.postcopy_advise = list(struct.unpack(">QQ", e.payload))
+        if e.advise is not None:
+            facts.postcopy_advise = list(e.advise)
     elif cmd == C.MIG_CMD_SWITCHOVER_START and ram_started:
         facts.switchover_start = True
     elif cmd not in _PREFIX_COMMANDS:

@@ -57,7 +57,7 @@ def cpu_states(device_state, footers=True):
 
     ``footers``: the stream had section footers (the image's stream_info says)."""
     try:
-        desc = find_vmdescription(device_state)
+        desc = find_vmdescription(device_state, footers)
         if desc is None:
             raise NotesUnavailable("the device state has no VMDESCRIPTION")
         sections = decode_sections(device_state, desc, footers)

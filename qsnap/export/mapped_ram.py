@@ -25,41 +25,25 @@ non-zero ones) are written and have their bit set; the destination leaves the
 others as they are, zero in a fresh QEMU.
 """
 import io
-import struct
 
 import numpy as np
 
 from qsnap.errors import ImageError, StreamError
 from qsnap.export.pages import stored_bits
 from qsnap.stream import constants as C
+from qsnap.stream import encode
 from qsnap.stream.events import Configuration
 from qsnap.stream.reader import StreamReader
-from qsnap.stream.writer import StreamWriter
 
-# ram.c: MappedRamHeader, packed, big-endian
-MAPPED_RAM_HDR = struct.Struct(">IQQQ")
-MAPPED_RAM_CAPABILITY = "mapped-ram"
-# savevm.c: capabilities checked against the destination's (migrate_..._validate)
-VALIDATED_CAPABILITIES = ("x-ignore-shared", MAPPED_RAM_CAPABILITY)
-
-
-def _be32(v):
-    return struct.pack(">I", v)
-
-
-def _be64(v):
-    return struct.pack(">Q", v)
-
-
-def _counted(s):
-    raw = s.encode() if isinstance(s, str) else bytes(s)
-    return bytes([len(raw)]) + raw
+# savevm.c: the capabilities checked against the destination's; those that are
+# on are listed in configuration/capabilities
+VALIDATED_CAPABILITIES = ("x-ignore-shared", C.MIGRATION_CAPABILITY_MAPPED_RAM)
 
 
 def parse_configuration(header_bytes):
     """The Configuration record of an image's saved stream header."""
     # the reader peeks past the configuration for the next record: give it an EOF byte
-    reader = StreamReader(io.BytesIO(bytes(header_bytes) + bytes([C.QEMU_VM_EOF])))
+    reader = StreamReader(io.BytesIO(bytes(header_bytes) + encode.eof()))
     try:
         for e in reader:
             if isinstance(e, Configuration):
@@ -75,88 +59,66 @@ def parse_configuration(header_bytes):
 def file_header(header_bytes, capabilities):
     """Stream header + configuration with ``capabilities`` (the validated ones that are on)."""
     conf = parse_configuration(header_bytes)
-    out = io.BytesIO()
-    w = StreamWriter(out)
-    w.header()
-    w.configuration(conf.machine, capabilities=capabilities, uuid=conf.uuid,
-                    target_page_bits=conf.target_page_bits)
-    return out.getvalue()
-
-
-def bitmap_size(length, page_size):
-    """ram.c: BITS_TO_LONGS(num_pages) * sizeof(unsigned long)."""
-    pages = -(-length // page_size)
-    return -(-pages // 64) * 8
-
-
-class _Framing:
-    """savevm.c save_section_header / save_section_footer for the RAM section."""
-
-    def __init__(self, info):
-        rs = info.get("ram_section")
-        if not rs:
-            raise ImageError("the image records no RAM section (meta.stream.ram_section is null)")
-        self.sid = _be32(rs["section_id"])
-        self.instance_id = rs.get("instance_id", 0)
-        self.version_id = rs.get("version_id", C.RAM_SECTION_VERSION)
-        self.footer = bytes([C.QEMU_VM_SECTION_FOOTER]) + self.sid if info.get("footers", True) else b""
-
-    def start(self):
-        return (bytes([C.QEMU_VM_SECTION_START]) + self.sid + _counted(C.RAM_SECTION_IDSTR)
-                + _be32(self.instance_id) + _be32(self.version_id))
-
-    def close(self):
-        return _be64(C.RAM_SAVE_FLAG_EOS) + self.footer
-
-    def end(self):
-        return bytes([C.QEMU_VM_SECTION_END]) + self.sid + self.close()
+    return encode.file_header() + encode.configuration(conf.machine, capabilities, conf.uuid,
+                                                       conf.target_page_bits)
 
 
 def write_mapped_ram(img, pages, out):
     """Write ``img`` as a mapped-ram stream to ``out`` (an AtomicOutput); returns the file size."""
     info = img.stream_info
     tps = img.target_page_size
-    framing = _Framing(info)
-    ignore_shared = "x-ignore-shared" in (info.get("capabilities") or [])
-    caps = [c for c in VALIDATED_CAPABILITIES if c == MAPPED_RAM_CAPABILITY or
-            c in (info.get("capabilities") or [])]
-    head = file_header(img.header_bytes, caps) + img.pre_ram + framing.start()
-    head += _be64(sum(b.length for b in img.blocks) | C.RAM_SAVE_FLAG_MEM_SIZE)
-    pos = 0
-    regions = []
+    rs = info.get("ram_section")
+    if not rs:
+        raise ImageError("the image records no RAM section (meta.stream.ram_section is null)")
+    framing = encode.RamFraming(rs["section_id"], rs.get("instance_id", 0),
+                                rs.get("version_id", C.RAM_SECTION_VERSION), bool(info.get("footers", True)))
+    saved_caps = info.get("capabilities") or []
+    caps = [c for c in VALIDATED_CAPABILITIES if c == C.MIGRATION_CAPABILITY_MAPPED_RAM or c in saved_caps]
+    head = (file_header(img.header_bytes, caps) + img.pre_ram
+            + encode.section_start(framing.section_id, C.RAM_SECTION_IDSTR, framing.instance_id,
+                                   framing.version_id)
+            + encode.be64(sum(b.length for b in img.blocks) | C.RAM_SAVE_FLAG_MEM_SIZE))
+    pos, regions = 0, []
     for b in img.blocks:
-        entry = _counted(b.idstr) + _be64(b.length)
-        if ignore_shared:
-            if b.gpa is None:
-                raise ImageError(f"block '{b.idstr}' has no GPA but x-ignore-shared is on")
-            entry += _be64(b.gpa)
-        hdr_at = pos + len(head) + len(entry)
-        bitmap_offset = hdr_at + MAPPED_RAM_HDR.size
-        pages_offset = -(-(bitmap_offset + bitmap_size(b.length, tps))
-                         // C.MAPPED_RAM_FILE_OFFSET_ALIGNMENT) * C.MAPPED_RAM_FILE_OFFSET_ALIGNMENT
-        entry += MAPPED_RAM_HDR.pack(C.MAPPED_RAM_HDR_VERSION, tps, bitmap_offset, pages_offset)
-        out.pwrite(head + entry, pos)
+        entry = _block_entry(b, "x-ignore-shared" in saved_caps)
+        bitmap_offset = pos + len(head) + len(entry) + C.MAPPED_RAM_HDR_SIZE
+        pages_offset = _round_up(bitmap_offset + encode.mapped_ram_bitmap_size(b.length, tps),
+                                 C.MAPPED_RAM_FILE_OFFSET_ALIGNMENT)
+        out.pwrite(head + entry + encode.mapped_ram_header(tps, bitmap_offset, pages_offset), pos)
         regions.append((bitmap_offset, pages_offset))
-        pos = pages_offset + b.length
-        head = b""
-    tail = framing.close()
+        pos, head = pages_offset + b.length, b""
+    tail = framing.section_close
     if info.get("switchover_start"):
-        tail += struct.pack(">BHH", C.QEMU_VM_COMMAND, C.MIG_CMD_SWITCHOVER_START, 0)
+        tail += encode.switchover_start()
     if info.get("ram_end", True):
-        tail += framing.end()
+        tail += encode.section_end(framing.section_id) + framing.section_close
     tail += img.device_state
-    out.pwrite(head + tail, pos)
-    size = pos + len(head) + len(tail)
-    out.size(size)
+    out.pwrite(tail, pos)
+    out.size(pos + len(tail))
     for bi, (bitmap_offset, pages_offset) in enumerate(regions):
         _write_block(img, pages, out, bi, bitmap_offset, pages_offset)
-    return size
+    return pos + len(tail)
+
+
+def _round_up(v, align):
+    return -(-v // align) * align
+
+
+def _block_entry(b, gpa_field):
+    """idstr and used_length of a block's MEM_SIZE entry [+ its GPA with x-ignore-shared]."""
+    entry = encode.idstr(b.idstr) + encode.be64(b.length)
+    if gpa_field:
+        if b.gpa is None:
+            raise ImageError(f"block '{b.idstr}' has no GPA but x-ignore-shared is on")
+        entry += encode.be64(b.gpa)
+    return entry
 
 
 def _write_block(img, pages, out, bi, bitmap_offset, pages_offset):
     b = img.blocks[bi]
     bits = stored_bits(b, img.target_page_size)
     bm = np.packbits(bits, bitorder="little").tobytes()
-    out.pwrite(bm + bytes(bitmap_size(b.length, img.target_page_size) - len(bm)), bitmap_offset)
+    out.pwrite(bm + bytes(encode.mapped_ram_bitmap_size(b.length, img.target_page_size) - len(bm)),
+               bitmap_offset)
     for boff, data in pages.runs(bi):
         out.pwrite(data, pages_offset + boff)

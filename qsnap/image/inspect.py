@@ -8,16 +8,16 @@ structures and data clusters and compared with the refcount table and blocks
 as in QEMU's qcow2_check_refcounts), then opens the image with the strict
 reader and verifies every checksum with large cluster-aligned reads.
 """
-import json
 import os
 import sys
 
 import numpy as np
 
-from qsnap.errors import ImageError, IOFailure
+from qsnap.errors import ImageError, IOFailure, StreamError
 from qsnap.image import layout, qcow2
 from qsnap.image.qcow2 import L1E_OFFSET_MASK, L2E_OFFSET_MASK, REFT_OFFSET_MASK, REFCOUNT_ORDER
-from qsnap.image.reader import Image, _pread, _read_header, peek_header
+from qsnap.image.reader import Image, peek_header, pread_exact, read_header
+from qsnap.stream.tail import parse_tail
 
 # Exit statuses of `qsnap check`, as `qemu-img check` uses them.
 CHECK_OK = 0
@@ -26,27 +26,18 @@ CHECK_CORRUPT = 2
 CHECK_LEAKS = 3
 
 MAX_LISTED = 100          # problems listed in a report
-MAX_VMDESC = 64 << 20     # largest VMDESCRIPTION JSON parsed for `info`
 
 
 # --- info -------------------------------------------------------------------------
 
-def device_sections(device_state):
-    """[{name, instance, version}] from the VMDESCRIPTION JSON at the end of the saved
-    device state (``06 be32 len json`` reaching the end), or None when there is none."""
-    data = bytes(device_state)
-    n = len(data)
-    p = data.rfind(b"\x06")  # valid JSON text holds no raw 0x06 byte
-    if p < 1 or p + 5 > n or data[p - 1] != 0x00:
-        return None
-    jl = int.from_bytes(data[p + 1:p + 5], "big")
-    if jl != n - p - 5 or jl > MAX_VMDESC:
-        return None
+def device_sections(device_state, footers):
+    """[{name, instance, version}] from the VMDESCRIPTION at the end of the saved
+    device state, or None when there is none or the tail does not parse."""
     try:
-        desc = json.loads(data[p + 5:].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        _, desc = parse_tail(bytes(device_state), 0, footers)
+    except StreamError:
         return None
-    devices = desc.get("devices") if isinstance(desc, dict) else None
+    devices = desc.get("devices") if desc is not None else None
     if not isinstance(devices, list):
         return None
     out = []
@@ -69,7 +60,8 @@ def describe(path):
                 "device_sections": None}
     with Image.open(path) as img:
         info = img.info()
-        info["device_sections"] = device_sections(img.device_state)
+        info["device_sections"] = device_sections(img.device_state,
+                                                   bool(img.stream_info.get("footers", True)))
     tps = info["page_size"]
     pages = sum((b["length"] + tps - 1) // tps for b in info["ram_blocks"])
     stored = sum(b["nonzero_pages"] for b in info["ram_blocks"])
@@ -174,7 +166,7 @@ class _Walk:
         if l1_size != qcow2.l1_size_for(vsize, self.cb):
             self.error(f"L1 size {l1_size} at image offset 0x24 does not match virtual size 0x{vsize:x}")
         elif self.ref("L1 table", l1_off, l1_size * 8, 0x28):
-            l1 = np.frombuffer(_pread(fd, l1_size * 8, l1_off, path), ">u8").astype(np.uint64)
+            l1 = np.frombuffer(pread_exact(fd, l1_size * 8, l1_off, path), ">u8").astype(np.uint64)
             self._zero_tail("L1 table", l1_off + l1_size * 8, qcow2.align_up(l1_off + l1_size * 8, cs))
             for i in np.flatnonzero(l1).tolist():
                 e, at = int(l1[i]), l1_off + 8 * i
@@ -191,7 +183,7 @@ class _Walk:
         rt_off, rt_clusters = hdr["refcount_table_offset"], hdr["refcount_table_clusters"]
         if not self.ref("refcount table", rt_off, rt_clusters * cs, 0x30):
             return
-        rt = np.frombuffer(_pread(fd, rt_clusters * cs, rt_off, path), ">u8").astype(np.uint64)
+        rt = np.frombuffer(pread_exact(fd, rt_clusters * cs, rt_off, path), ">u8").astype(np.uint64)
         per_block = cs * 8 // (1 << REFCOUNT_ORDER)
         stored = np.zeros(self.n, dtype=np.uint32)
         for i in np.flatnonzero(rt).tolist():
@@ -202,7 +194,7 @@ class _Walk:
             rb_off = e & REFT_OFFSET_MASK
             if not self.ref("refcount block", rb_off, cs, at):
                 continue
-            counts = np.frombuffer(_pread(fd, cs, rb_off, path), ">u2").astype(np.uint32)
+            counts = np.frombuffer(pread_exact(fd, cs, rb_off, path), ">u2").astype(np.uint32)
             first = i * per_block
             if first >= self.n:
                 beyond = np.flatnonzero(counts)
@@ -220,7 +212,7 @@ class _Walk:
         """Unused bytes [start, end) of a qsnap-written cluster must be zero."""
         if start >= end or end > self.size:
             return
-        buf = _pread(self.fd, end - start, start, self.path)
+        buf = pread_exact(self.fd, end - start, start, self.path)
         nz = np.flatnonzero(np.frombuffer(buf, np.uint8))
         if len(nz):
             self.error(f"non-zero byte in the unused part of the {what} at image offset "
@@ -228,7 +220,7 @@ class _Walk:
 
     def _l2(self, l2_off, first_virt, n_virt):
         cs = self.cs
-        l2 = np.frombuffer(_pread(self.fd, cs, l2_off, self.path), ">u8").astype(np.uint64)
+        l2 = np.frombuffer(pread_exact(self.fd, cs, l2_off, self.path), ">u8").astype(np.uint64)
         for j in np.flatnonzero(l2).tolist():
             e, at = int(l2[j]), l2_off + 8 * j
             if e & qcow2.QCOW_OFLAG_COMPRESSED:
@@ -265,7 +257,7 @@ class _Walk:
 
 def _foreign(fd, path, size):
     """Why the file is not a qsnap image at all (wrong magic, no qsnap extension), or None."""
-    head = _pread(fd, min(size, 4096), 0, path) if size else b""
+    head = pread_exact(fd, min(size, 4096), 0, path) if size else b""
     if len(head) < qcow2.HEADER.size:
         return f"not a qsnap image: {path} is too short for a qcow2 header ({size} bytes)"
     hdr = qcow2.HEADER.unpack(head)
@@ -294,7 +286,7 @@ def check_image(path, progress=False):
             report.update(exit_code=CHECK_NOT_CHECKED, problems=[foreign])
             return report
         try:
-            hdr, ext, ext_off = _read_header(fd, path, size)
+            hdr, ext, ext_off = read_header(fd, path, size)
         except ImageError as e:  # a qsnap image whose header is damaged
             report.update(checked=True, exit_code=CHECK_CORRUPT, problems=[str(e)], corruptions=1)
             return report
@@ -329,7 +321,7 @@ def check_image(path, progress=False):
             end = img.meta_offset + img.meta_length
             tail = qcow2.align_up(end, img.cluster_size) - end
             h = img.host_offset(end - 1) + 1
-            if tail and h > 1 and any(_pread(img._fd, tail, h, path)):
+            if tail and h > 1 and any(pread_exact(img.fd, tail, h, path)):
                 bad.append(f"non-zero bytes after the metadata region at image offset 0x{h:x}")
             report["checksum_errors"] = len(bad)
             errors += bad

@@ -39,7 +39,7 @@ class BlockInfo:
         return bool((self.bitmap[page_index >> 3] >> (page_index & 7)) & 1)
 
 
-def _pread(fd, length, offset, path):
+def pread_exact(fd, length, offset, path):
     try:
         data = os.pread(fd, length, offset)
     except OSError as e:
@@ -49,9 +49,9 @@ def _pread(fd, length, offset, path):
     return data
 
 
-def _read_header(fd, path, file_size):
+def read_header(fd, path, file_size):
     """Parse and check the qcow2 header and the qsnap extension. Returns (hdr, ext, ext_off)."""
-    head = _pread(fd, min(file_size, 4096), 0, path) if file_size else b""
+    head = pread_exact(fd, min(file_size, 4096), 0, path) if file_size else b""
     if len(head) < qcow2.HEADER.size:
         raise ImageError(f"not a qsnap image: {path} is too short for a qcow2 header ({file_size} bytes)")
     hdr = qcow2.HEADER.unpack(head)
@@ -102,7 +102,7 @@ def peek_header(path):
         raise IOFailure(f"{os.strerror(e.errno).lower()} opening {path}") from None
     try:
         size = os.fstat(fd).st_size
-        hdr, ext, _ = _read_header(fd, path, size)
+        hdr, ext, _ = read_header(fd, path, size)
         return {"qsnap": True, "complete": bool(ext["flags"] & layout.QSNAP_FLAG_COMPLETE),
                 "format_version": ext["format_version"], "virtual_size": hdr["size"],
                 "cluster_size": 1 << hdr["cluster_bits"], "file_bytes": size, "error": None}
@@ -134,6 +134,11 @@ class Image:
             raise
         return img
 
+    @property
+    def fd(self):
+        """The image file's descriptor (read only; -1 once closed)."""
+        return self._fd
+
     def close(self):
         if self._fd >= 0:
             os.close(self._fd)
@@ -157,7 +162,7 @@ class Image:
     def _load(self):
         fd, path = self._fd, self.path
         self.file_bytes = size = os.fstat(fd).st_size
-        hdr, ext, ext_off = _read_header(fd, path, size)
+        hdr, ext, ext_off = read_header(fd, path, size)
         self.header = hdr
         self.ext = ext
         cb = hdr["cluster_bits"]
@@ -167,63 +172,62 @@ class Image:
             raise ImageError("incomplete image (the save did not finish)")
         if size % cs:
             raise ImageError(f"file length 0x{size:x} is not a multiple of the cluster size {cs}")
-        meta_clusters = {0}  # host clusters holding qcow2 metadata
+        self.meta_clusters = {0}  # host clusters holding qcow2 metadata
+        self._check_tables(hdr)
+        self._map_clusters(hdr)
+        region, doc = self._read_metadata(ext, ext_off)
+        self._load_blocks(region, doc)
+        self._check_ram_clusters()
+        self.header_bytes = layout.get_blob(region, doc["stream"]["header"], "stream.header")
+        self.pre_ram = layout.get_blob(region, doc["stream"]["pre_ram"], "stream.pre_ram")
+        self.device_state = layout.get_blob(region, doc["device_state"], "device_state")
+        self.stream_info = doc["stream"]
 
-        def check_table(what, off, nbytes, at):
-            if off % cs or off == 0 or off + nbytes > size:
-                raise ImageError(f"{what} offset 0x{off:x} (at image offset 0x{at:x}) is "
-                                 f"unaligned or outside the file (0x{size:x} bytes)")
-            for c in range(off // cs, (off + max(nbytes, 1) + cs - 1) // cs):
-                if c in meta_clusters:
-                    raise ImageError(f"{what} at 0x{off:x} overlaps other metadata "
-                                     f"(at image offset 0x{at:x})")
-                meta_clusters.add(c)
+    def _claim_table(self, what, off, nbytes, at):
+        """A metadata table must be cluster aligned, inside the file, and overlap no other."""
+        cs, size = self.cluster_size, self.file_bytes
+        if off % cs or off == 0 or off + nbytes > size:
+            raise ImageError(f"{what} offset 0x{off:x} (at image offset 0x{at:x}) is "
+                             f"unaligned or outside the file (0x{size:x} bytes)")
+        for c in range(off // cs, (off + max(nbytes, 1) + cs - 1) // cs):
+            if c in self.meta_clusters:
+                raise ImageError(f"{what} at 0x{off:x} overlaps other metadata "
+                                 f"(at image offset 0x{at:x})")
+            self.meta_clusters.add(c)
 
+    def _check_tables(self, hdr):
+        """Virtual size, L1 table, refcount table and refcount blocks."""
+        cs, cb = self.cluster_size, self.cluster_bits
         vsize = hdr["size"]
         if vsize % cs:
             raise ImageError(f"virtual size 0x{vsize:x} at image offset 0x18 is not cluster aligned")
         l1_size = hdr["l1_size"]
         if l1_size < qcow2.l1_size_for(vsize, cb) or l1_size > (1 << 25):
             raise ImageError(f"L1 size {l1_size} at image offset 0x24 does not match virtual size 0x{vsize:x}")
-        check_table("L1 table", hdr["l1_table_offset"], l1_size * 8, 0x28)
+        self._claim_table("L1 table", hdr["l1_table_offset"], l1_size * 8, 0x28)
         rt_off, rt_clusters = hdr["refcount_table_offset"], hdr["refcount_table_clusters"]
-        check_table("refcount table", rt_off, rt_clusters * cs, 0x30)
-        rt = np.frombuffer(_pread(fd, rt_clusters * cs, rt_off, path), dtype=">u8").astype(np.uint64)
+        self._claim_table("refcount table", rt_off, rt_clusters * cs, 0x30)
+        rt = np.frombuffer(pread_exact(self._fd, rt_clusters * cs, rt_off, self.path),
+                           dtype=">u8").astype(np.uint64)
         for i in np.flatnonzero(rt):
-            check_table("refcount block", int(rt[i]) & REFT_OFFSET_MASK, cs, rt_off + 8 * int(i))
+            self._claim_table("refcount block", int(rt[i]) & REFT_OFFSET_MASK, cs, rt_off + 8 * int(i))
+        self.virtual_size = vsize
 
-        l1 = np.frombuffer(_pread(fd, l1_size * 8, hdr["l1_table_offset"], path),
+    def _map_clusters(self, hdr):
+        """Read every L2 table: the sparse virtual -> host cluster map."""
+        cs = self.cluster_size
+        l1_off = hdr["l1_table_offset"]
+        l1 = np.frombuffer(pread_exact(self._fd, hdr["l1_size"] * 8, l1_off, self.path),
                            dtype=">u8").astype(np.uint64)
         l2_entries = cs // 8
-        n_clusters = vsize // cs
+        n_clusters = self.virtual_size // cs
         # Sparse map: only the L2 tables present in the file are kept (each one a distinct
         # host cluster), so memory is bounded by the file size whatever l1_size says.
         l2_tables = {}
         virt_parts, host_parts = [], []
         for i in np.flatnonzero(l1):
             i = int(i)
-            at = hdr["l1_table_offset"] + 8 * i
-            e = int(l1[i])
-            if e & L1E_RESERVED_MASK:
-                raise ImageError(f"L1 entry 0x{e:016x} has reserved bits set at image offset 0x{at:x}")
-            l2_off = e & L1E_OFFSET_MASK
-            check_table("L2 table", l2_off, cs, at)
-            l2 = np.frombuffer(_pread(fd, cs, l2_off, path), dtype=">u8").astype(np.uint64)
-            bad = np.flatnonzero(l2 & np.uint64(QCOW_OFLAG_COMPRESSED))
-            if len(bad):
-                raise ImageError(f"compressed L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
-                                 f"0x{l2_off + 8 * int(bad[0]):x}")
-            bad = np.flatnonzero(l2 & np.uint64(L2E_STD_RESERVED_MASK | QCOW_OFLAG_ZERO))
-            if len(bad):
-                raise ImageError(f"L2 entry 0x{int(l2[bad[0]]):016x} has reserved or zero-flag bits "
-                                 f"at image offset 0x{l2_off + 8 * int(bad[0]):x}")
-            offs = l2 & np.uint64(L2E_OFFSET_MASK)
-            bad = np.flatnonzero((l2 != 0) & ((offs == 0) | (offs % np.uint64(cs) != 0)
-                                              | (offs > np.uint64(size - cs))))
-            if len(bad):
-                raise ImageError(f"L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
-                                 f"0x{l2_off + 8 * int(bad[0]):x} points outside the file "
-                                 f"(0x{size:x} bytes) or is unaligned")
+            offs = self._read_l2(int(l1[i]), l1_off + 8 * i)
             used = np.flatnonzero(offs)
             if not len(used):
                 continue
@@ -236,6 +240,40 @@ class Image:
             host_parts.append(offs[used])
         mapped = np.concatenate(virt_parts) if virt_parts else np.zeros(0, np.uint64)
         offs = np.concatenate(host_parts) if host_parts else np.zeros(0, np.uint64)
+        self._check_mapping(mapped, offs)
+        self._l2_tables = l2_tables
+        self._l2_bits = self.cluster_bits - 3
+        self._mapped_virt = mapped      # virtual cluster index of every mapped cluster
+        self._mapped_host = offs        # its host offset
+
+    def _read_l2(self, e, at):
+        """Host offsets of the L2 table of L1 entry ``e`` (read at image offset ``at``)."""
+        cs, size = self.cluster_size, self.file_bytes
+        if e & L1E_RESERVED_MASK:
+            raise ImageError(f"L1 entry 0x{e:016x} has reserved bits set at image offset 0x{at:x}")
+        l2_off = e & L1E_OFFSET_MASK
+        self._claim_table("L2 table", l2_off, cs, at)
+        l2 = np.frombuffer(pread_exact(self._fd, cs, l2_off, self.path), dtype=">u8").astype(np.uint64)
+        bad = np.flatnonzero(l2 & np.uint64(QCOW_OFLAG_COMPRESSED))
+        if len(bad):
+            raise ImageError(f"compressed L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
+                             f"0x{l2_off + 8 * int(bad[0]):x}")
+        bad = np.flatnonzero(l2 & np.uint64(L2E_STD_RESERVED_MASK | QCOW_OFLAG_ZERO))
+        if len(bad):
+            raise ImageError(f"L2 entry 0x{int(l2[bad[0]]):016x} has reserved or zero-flag bits "
+                             f"at image offset 0x{l2_off + 8 * int(bad[0]):x}")
+        offs = l2 & np.uint64(L2E_OFFSET_MASK)
+        bad = np.flatnonzero((l2 != 0) & ((offs == 0) | (offs % np.uint64(cs) != 0)
+                                          | (offs > np.uint64(size - cs))))
+        if len(bad):
+            raise ImageError(f"L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
+                             f"0x{l2_off + 8 * int(bad[0]):x} points outside the file "
+                             f"(0x{size:x} bytes) or is unaligned")
+        return offs
+
+    def _check_mapping(self, mapped, offs):
+        """No host cluster mapped twice, none inside qcow2 metadata."""
+        cs = self.cluster_size
         order = np.argsort(offs, kind="stable")
         srt = offs[order]
         dup = np.flatnonzero(srt[1:] == srt[:-1])
@@ -244,20 +282,16 @@ class Image:
             v1, v2 = int(mapped[order[dup[0]]]), int(mapped[order[dup[0] + 1]])
             raise ImageError(f"host cluster 0x{h:x} is mapped twice (virtual offsets 0x{v1 * cs:x} "
                              f"and 0x{v2 * cs:x})")
-        meta_arr = np.array(sorted(meta_clusters), dtype=np.uint64) * np.uint64(cs)
+        meta_arr = np.array(sorted(self.meta_clusters), dtype=np.uint64) * np.uint64(cs)
         clash = np.flatnonzero(np.isin(offs, meta_arr))
         if len(clash):
             v = int(mapped[clash[0]])
             raise ImageError(f"data cluster at image offset 0x{int(offs[clash[0]]):x} (virtual "
                              f"offset 0x{v * cs:x}) overlaps qcow2 metadata")
-        self._l2_tables = l2_tables
-        self._l2_bits = cb - 3
-        self._mapped_virt = mapped      # virtual cluster index of every mapped cluster
-        self._mapped_host = offs        # its host offset
-        self.meta_clusters = meta_clusters
-        self.virtual_size = vsize
 
-        # metadata region
+    def _read_metadata(self, ext, ext_off):
+        """The metadata region, checksum checked and parsed: (region bytes, document)."""
+        cs, size, vsize = self.cluster_size, self.file_bytes, self.virtual_size
         mo, ml = ext["meta_offset"], ext["meta_length"]
         if mo % cs or ml < layout.META_HEAD.size or mo + ml > vsize:
             raise ImageError(f"metadata region 0x{mo:x}+0x{ml:x} (header extension at image offset "
@@ -281,10 +315,14 @@ class Image:
             raise ImageError(f"RAM block regions end at 0x{regions_end:x}, past the metadata region "
                              f"at 0x{mo:x}")
         self.meta = doc
-        self.target_page_size = tps = doc["target_page_size"]
+        self.target_page_size = doc["target_page_size"]
         self.meta_offset = mo
         self.meta_length = ml
         self._region = region
+        return region, doc
+
+    def _load_blocks(self, region, doc):
+        tps = self.target_page_size
         blocks = []
         for i, b in enumerate(doc["ram_blocks"]):
             bitmap = np.frombuffer(layout.get_blob(region, b["bitmap"], f"ram_blocks[{i}].bitmap"),
@@ -300,21 +338,19 @@ class Image:
                                     b["nonzero_pages"], b["migrated"], b["page_size_on_wire"],
                                     b["gpa"], bitmap, crcs))
         self.blocks = blocks
-        # every data cluster below the metadata region belongs to a block's region
-        cb = self.cluster_bits
+
+    def _check_ram_clusters(self):
+        """Every data cluster below the metadata region belongs to a block's region."""
+        cb, cs, blocks = self.cluster_bits, self.cluster_size, self.blocks
         starts = np.array([b.offset >> cb for b in blocks], dtype=np.uint64)
         ends = np.array([(b.offset + b.length + cs - 1) >> cb for b in blocks], dtype=np.uint64)
-        ram = self._mapped_virt[self._mapped_virt < np.uint64(mo >> cb)]
+        ram = self._mapped_virt[self._mapped_virt < np.uint64(self.meta_offset >> cb)]
         k = np.searchsorted(starts, ram, side="right").astype(np.int64) - 1
         outside = (k < 0) | (ram >= ends[np.maximum(k, 0)] if len(ends) else True)
         if np.any(outside):
             v = int(ram[np.flatnonzero(outside)[0]])
             raise ImageError(f"data cluster at image offset 0x{self._cluster_host(v):x} maps virtual "
                              f"offset 0x{v << cb:x}, outside every RAM block")
-        self.header_bytes = layout.get_blob(region, doc["stream"]["header"], "stream.header")
-        self.pre_ram = layout.get_blob(region, doc["stream"]["pre_ram"], "stream.pre_ram")
-        self.device_state = layout.get_blob(region, doc["device_state"], "device_state")
-        self.stream_info = doc["stream"]
 
     # --- access ------------------------------------------------------------------
 
@@ -338,7 +374,7 @@ class Image:
             n = min(length - pos, cs - (v & (cs - 1)))
             h = self._cluster_host(v >> self.cluster_bits)
             if h:
-                out[pos:pos + n] = _pread(self._fd, n, h + (v & (cs - 1)), self.path)
+                out[pos:pos + n] = pread_exact(self._fd, n, h + (v & (cs - 1)), self.path)
             pos += n
         return bytes(out)
 
@@ -371,7 +407,7 @@ class Image:
         if not h:
             raise ImageError(f"stored page 0x{offset:x} of block '{b.idstr}' has no data cluster "
                              f"(virtual offset 0x{voff:x})")
-        data = _pread(self._fd, tps, h, self.path)
+        data = pread_exact(self._fd, tps, h, self.path)
         crc = crc32c(data)
         if crc != int(b.checksums[p]):
             raise ChecksumError(f"checksum mismatch in block '{b.idstr}' page 0x{offset:x} "
@@ -401,7 +437,7 @@ class Image:
             while (j < total and (j - i) * cs < VERIFY_READ
                    and int(pairs[j, 0]) == int(pairs[j - 1, 0]) + cs):
                 j += 1
-            buf = _pread(self._fd, (j - i) * cs, int(pairs[i, 0]), self.path)
+            buf = pread_exact(self._fd, (j - i) * cs, int(pairs[i, 0]), self.path)
             crcs = page_crcs(buf, tps)
             for k in range(i, j):
                 vc = int(pairs[k, 1]) >> cb

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 
 import qsnap
-from qsnap._core import ClusterSink
+from qsnap._core import ClusterSink, crc32c
 from qsnap.errors import IOFailure, UsageError
 from qsnap.image import layout, qcow2
 from qsnap.image.layout import Blob, block_field, pages_of
@@ -184,8 +184,53 @@ class ImageWriter:
 
     def _finish(self, header_bytes, pre_ram, device_state, stream_info, commands, counts,
                 machine, created):
-        sink, cs, tps = self.sink, self.cluster_size, self.target_page_size
+        sink = self.sink
         sink.flush()
+        ram_blocks, total_nonzero, n_records = self._ram_blocks()
+        full_counts = {"pages": n_records, "nonzero_pages": total_nonzero,
+                       "zero_pages": n_records - min(n_records, total_nonzero),
+                       "page_records": n_records, "stream_bytes": 0}
+        full_counts.update(counts)
+        doc = {
+            "format_version": layout.FORMAT_VERSION,
+            "qsnap_version": qsnap.__version__,
+            "created": created or layout.iso_utc_now(),
+            "machine": machine,
+            "target_page_size": self.target_page_size,
+            "cluster_size": self.cluster_size,
+            "checksum": layout.CHECKSUM_NAME,
+            "stream": self._stream_doc(header_bytes, pre_ram, commands, stream_info),
+            "ram_blocks": ram_blocks,
+            "device_state": Blob(device_state),
+            "counts": full_counts,
+        }
+        region = layout.build_meta_region(doc)
+        host_map, pos, virtual_size = self._write_metadata(region)
+        tl, l1_size = self._write_tables(host_map, pos, virtual_size)
+        self._write_header(complete=True, size=virtual_size, l1_size=l1_size,
+                           l1_offset=tl.l1_offset, reftable_offset=tl.reftable_offset,
+                           reftable_clusters=tl.reftable_clusters, meta_offset=self.meta_offset,
+                           meta_length=len(region), meta_crc=crc32c(region))
+        self._sync()
+        self._put_in_place()
+        return {
+            "path": self.path,
+            "file_bytes": tl.end,
+            "virtual_size": virtual_size,
+            "cluster_size": self.cluster_size,
+            "data_clusters": int(np.count_nonzero(host_map[:sink.n_clusters])),
+            "meta_offset": self.meta_offset,
+            "meta_length": len(region),
+            "nonzero_pages": total_nonzero,
+            "blocks": len(self.blocks),
+            "direct_io": self.direct,
+            "seconds": time.monotonic() - self._t0,
+            **sink.counters(),
+        }
+
+    def _ram_blocks(self):
+        """Metadata of every block (bitmap and checksums from the sink), pages stored, records seen."""
+        sink, tps = self.sink, self.target_page_size
         records = sink.block_records()
         ram_blocks = []
         total_nonzero = 0
@@ -204,6 +249,11 @@ class ImageWriter:
                 "bitmap": Blob(bitmap.tobytes()),
                 "checksums": Blob(crcs.astype("<u4").tobytes()),
             })
+        n_records = int(records.sum()) if len(records) else 0
+        return ram_blocks, total_nonzero, n_records
+
+    def _stream_doc(self, header_bytes, pre_ram, commands, stream_info):
+        """meta.stream: what regenerates the stream besides pages and device state."""
         stream = {
             "header": Blob(header_bytes), "pre_ram": Blob(pre_ram),
             "commands": [[int(c), p.hex() if isinstance(p, (bytes, bytearray, memoryview)) else str(p)]
@@ -213,31 +263,14 @@ class ImageWriter:
             "mem_size_total": sum(b["length"] for b in self.blocks),
         }
         stream.update({k: v for k, v in stream_info.items() if k not in ("header", "pre_ram", "commands")})
-        n_records = int(records.sum()) if len(records) else 0
-        full_counts = {"pages": n_records, "nonzero_pages": total_nonzero,
-                       "zero_pages": n_records - min(n_records, total_nonzero),
-                       "page_records": n_records, "stream_bytes": 0}
-        full_counts.update(counts)
-        doc = {
-            "format_version": layout.FORMAT_VERSION,
-            "qsnap_version": qsnap.__version__,
-            "created": created or layout.iso_utc_now(),
-            "machine": machine,
-            "target_page_size": tps,
-            "cluster_size": cs,
-            "checksum": layout.CHECKSUM_NAME,
-            "stream": stream,
-            "ram_blocks": ram_blocks,
-            "device_state": Blob(device_state),
-            "counts": full_counts,
-        }
-        region = layout.build_meta_region(doc)
+        return stream
+
+    def _write_metadata(self, region):
+        """Metadata clusters, appended after the data clusters: (host map, next offset, virtual size)."""
+        sink, cs = self.sink, self.cluster_size
         meta_length = len(region)
-        meta_crc = layout._crc32c(region)
         meta_clusters = qcow2.size_to_clusters(meta_length, cs)
         virtual_size = self.meta_offset + meta_clusters * cs
-
-        # metadata clusters, appended after the data clusters
         pos = sink.append_offset
         host_map = np.zeros(virtual_size // cs, dtype=np.uint64)
         host_map[:sink.n_clusters] = sink.host_map()
@@ -246,9 +279,11 @@ class ImageWriter:
         first_meta = self.meta_offset // cs
         host_map[first_meta:first_meta + meta_clusters] = \
             pos + np.arange(meta_clusters, dtype=np.uint64) * np.uint64(cs)
-        pos += meta_clusters * cs
+        return host_map, pos + meta_clusters * cs, virtual_size
 
-        # L2 tables, L1, refcount blocks and table
+    def _write_tables(self, host_map, pos, virtual_size):
+        """L2 tables, L1, refcount blocks and table from ``pos`` on, synced: (table layout, l1_size)."""
+        cs = self.cluster_size
         l1_indices, l2 = qcow2.build_l2_tables(host_map, self.cluster_bits)
         l1_size = qcow2.l1_size_for(virtual_size, self.cluster_bits)
         tl = qcow2.plan_tables(pos, len(l1_indices), l1_size, cs)
@@ -259,12 +294,10 @@ class ImageWriter:
         self._pwrite(refblocks, tl.refblock_offset)
         self._pwrite(reftable, tl.reftable_offset)
         self._sync()
+        return tl, l1_size
 
-        self._write_header(complete=True, size=virtual_size, l1_size=l1_size,
-                           l1_offset=tl.l1_offset, reftable_offset=tl.reftable_offset,
-                           reftable_clusters=tl.reftable_clusters, meta_offset=self.meta_offset,
-                           meta_length=meta_length, meta_crc=meta_crc)
-        self._sync()
+    def _put_in_place(self):
+        """The complete, synced image replaces whatever was at ``path``."""
         self._close_fds()
         try:
             os.rename(self.tmp_path, self.path)
@@ -272,21 +305,6 @@ class ImageWriter:
             raise _io_error(e, "renaming the image to", self.path) from None
         self._done = True
         self._fsync_dir()
-        c = sink.counters()
-        return {
-            "path": self.path,
-            "file_bytes": tl.end,
-            "virtual_size": virtual_size,
-            "cluster_size": cs,
-            "data_clusters": int(np.count_nonzero(host_map[:sink.n_clusters])),
-            "meta_offset": self.meta_offset,
-            "meta_length": meta_length,
-            "nonzero_pages": total_nonzero,
-            "blocks": len(self.blocks),
-            "direct_io": self.direct,
-            "seconds": time.monotonic() - self._t0,
-            **c,
-        }
 
     def _fsync_dir(self):
         try:

@@ -57,6 +57,10 @@ class PyRamState:
         self.err_value = 0
 
 
+class _RamError(Exception):
+    """A record the C parser would fail with QS_RAM_ERR (code, offset, value)."""
+
+
 def py_ram_parse(st: PyRamState, buf, cap: int):
     """Parse RAM records from ``buf``; returns (status, records, consumed).
 
@@ -65,114 +69,124 @@ def py_ram_parse(st: PyRamState, buf, cap: int):
     """
     mv = memoryview(buf).cast("B")
     length = len(mv)
-    ps = st.page_size
-    mask = ps - 1
-    bound = ps + ps // 1000 + 64
+    mask = st.page_size - 1
     out = []
     pos = 0
     status = QS_RAM_NEED_MORE
     st.err_code = QS_RAM_E_NONE
-    blocks = st.blocks
-    nb = len(blocks)
-
-    def err(code, off, value):
-        st.err_code = code
-        st.err_offset = off
-        st.err_value = value
+    try:
+        while True:
+            if len(out) >= cap:
+                status = QS_RAM_FULL
+                break
+            if length - pos < 8:
+                break
+            word = int.from_bytes(mv[pos : pos + 8], "big")
+            flags = word & mask
+            addr = word & ~mask & 0xFFFFFFFFFFFFFFFF
+            kind = flags & ~RAM_SAVE_FLAG_CONTINUE
+            if kind == RAM_SAVE_FLAG_EOS:
+                pos += 8
+                status = QS_RAM_EOS
+                break
+            if kind == RAM_SAVE_FLAG_MEM_SIZE:
+                status = QS_RAM_MEMSIZE
+                break
+            if kind == RAM_SAVE_FLAG_MULTIFD_FLUSH:
+                out.append((addr, 0, 0, NO_BLOCK, flags, 0))
+                pos += 8
+                continue
+            if kind not in _PAGE_KINDS:
+                raise _RamError(QS_RAM_E_FLAGS, st.base_offset + pos, flags)
+            rec = _page_record(st, mv, pos, addr, flags, kind)
+            if rec is None:
+                break
+            pos, record = rec
+            out.append(record)
+    except _RamError as e:
+        st.err_code, st.err_offset, st.err_value = e.args
         return QS_RAM_ERR, np.zeros(0, PAGE_REC_DTYPE), 0
+    return status, _records(out), pos
 
-    while True:
-        if len(out) >= cap:
-            status = QS_RAM_FULL
-            break
-        if length - pos < 8:
-            break
-        rec_abs = st.base_offset + pos
-        word = int.from_bytes(mv[pos : pos + 8], "big")
-        flags = word & mask
-        addr = word & ~mask & 0xFFFFFFFFFFFFFFFF
-        kind = flags & ~RAM_SAVE_FLAG_CONTINUE
-        p = pos + 8
-        if kind == RAM_SAVE_FLAG_EOS:
-            pos = p
-            status = QS_RAM_EOS
-            break
-        if kind == RAM_SAVE_FLAG_MEM_SIZE:
-            status = QS_RAM_MEMSIZE
-            break
-        if kind == RAM_SAVE_FLAG_MULTIFD_FLUSH:
-            out.append((addr, 0, 0, NO_BLOCK, flags, 0))
-            pos = p
-            continue
-        if kind not in _PAGE_KINDS:
-            return err(QS_RAM_E_FLAGS, rec_abs, flags)
-        if flags & RAM_SAVE_FLAG_CONTINUE:
-            if st.last_block < 0 or st.last_block >= nb:
-                return err(QS_RAM_E_NO_BLOCK, rec_abs, flags)
-            block = st.last_block
-        else:
-            if length - p < 1:
-                break
-            idlen = mv[p]
-            if idlen == 0:
-                return err(QS_RAM_E_IDLEN_ZERO, rec_abs, 0)
-            if length - p - 1 < idlen:
-                break
-            name = bytes(mv[p + 1 : p + 1 + idlen])
-            block = -1
-            for i, (bname, _blen) in enumerate(blocks):
-                if bname == name:
-                    block = i
-                    break
-            if block < 0:
-                return err(QS_RAM_E_UNKNOWN_BLOCK, rec_abs, p)
-            p += 1 + idlen
-        fill = dpos = dlen = 0
-        if kind == RAM_SAVE_FLAG_ZERO:
-            if length - p < 1:
-                break
-            fill = mv[p]
-            p += 1
-        elif kind == RAM_SAVE_FLAG_PAGE:
-            if length - p < ps:
-                break
-            dpos, dlen = p, ps
-            p += ps
-        elif kind == RAM_SAVE_FLAG_XBZRLE:
-            if length - p < 3:
-                break
-            if mv[p] != 0x01:
-                return err(QS_RAM_E_XBZRLE_ENC, rec_abs, mv[p])
-            n = (mv[p + 1] << 8) | mv[p + 2]
-            if n > ps:
-                return err(QS_RAM_E_XBZRLE_LEN, rec_abs, n)
-            p += 3
-            if length - p < n:
-                break
-            dpos, dlen = p, n
-            p += n
-        else:
-            if length - p < 4:
-                break
-            n = int.from_bytes(mv[p : p + 4], "big")
-            if n > bound:
-                return err(QS_RAM_E_COMPRESS_LEN, rec_abs, n)
-            p += 4
-            if length - p < n:
-                break
-            dpos, dlen = p, n
-            p += n
-        st.last_block = block
-        if addr >= blocks[block][1]:
-            return err(QS_RAM_E_OFFSET, rec_abs, addr)
-        out.append((addr, dpos, dlen, block, flags, fill))
-        pos = p
+
+def _page_record(st, mv, pos, addr, flags, kind):
+    """(end, record tuple) of the ZERO/PAGE/XBZRLE/COMPRESS_PAGE record at ``pos``,
+    or None when ``mv`` ends inside it."""
+    length = len(mv)
+    rec_abs = st.base_offset + pos
+    p = pos + 8
+    if flags & RAM_SAVE_FLAG_CONTINUE:
+        if st.last_block < 0 or st.last_block >= len(st.blocks):
+            raise _RamError(QS_RAM_E_NO_BLOCK, rec_abs, flags)
+        block = st.last_block
+    else:
+        if length - p < 1:
+            return None
+        idlen = mv[p]
+        if idlen == 0:
+            raise _RamError(QS_RAM_E_IDLEN_ZERO, rec_abs, 0)
+        if length - p - 1 < idlen:
+            return None
+        block = _block_index(st.blocks, bytes(mv[p + 1 : p + 1 + idlen]))
+        if block < 0:
+            raise _RamError(QS_RAM_E_UNKNOWN_BLOCK, rec_abs, p)
+        p += 1 + idlen
+    payload = _payload(mv, p, kind, st.page_size, rec_abs)
+    if payload is None:
+        return None
+    end, dpos, dlen, fill = payload
+    st.last_block = block
+    if addr >= st.blocks[block][1]:
+        raise _RamError(QS_RAM_E_OFFSET, rec_abs, addr)
+    return end, (addr, dpos, dlen, block, flags, fill)
+
+
+def _block_index(blocks, name):
+    for i, (bname, _blen) in enumerate(blocks):
+        if bname == name:
+            return i
+    return -1
+
+
+def _payload(mv, p, kind, ps, rec_abs):
+    """(end, data_pos, data_len, fill) of the payload at ``p``, or None when incomplete."""
+    length = len(mv)
+    if kind == RAM_SAVE_FLAG_ZERO:
+        if length - p < 1:
+            return None
+        return p + 1, 0, 0, mv[p]
+    if kind == RAM_SAVE_FLAG_PAGE:
+        if length - p < ps:
+            return None
+        return p + ps, p, ps, 0
+    if kind == RAM_SAVE_FLAG_XBZRLE:
+        if length - p < 3:
+            return None
+        if mv[p] != 0x01:
+            raise _RamError(QS_RAM_E_XBZRLE_ENC, rec_abs, mv[p])
+        n = (mv[p + 1] << 8) | mv[p + 2]
+        if n > ps:
+            raise _RamError(QS_RAM_E_XBZRLE_LEN, rec_abs, n)
+        p += 3
+    else:  # COMPRESS_PAGE: be32 length, at most compressBound(page size)
+        if length - p < 4:
+            return None
+        n = int.from_bytes(mv[p : p + 4], "big")
+        if n > ps + ps // 1000 + 64:
+            raise _RamError(QS_RAM_E_COMPRESS_LEN, rec_abs, n)
+        p += 4
+    if length - p < n:
+        return None
+    return p + n, p, n, 0
+
+
+def _records(out):
     recs = np.zeros(len(out), PAGE_REC_DTYPE)
     if out:
         arr = np.array(out, dtype=np.uint64)
         for i, name in enumerate(("offset", "data_pos", "data_len", "block", "flags", "fill")):
             recs[name] = arr[:, i]
-    return status, recs, pos
+    return recs
 
 
 def flag_names(flags: int) -> str:

@@ -13,6 +13,8 @@ import numpy as np
 
 from .constants import (
     MIG_CMD_NAMES,
+    MIG_CMD_PING,
+    MIG_CMD_POSTCOPY_ADVISE,
     RAM_SAVE_FLAG_COMPRESS_PAGE,
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_PAGE,
@@ -70,6 +72,20 @@ class Command:
     @property
     def name(self) -> str:
         return MIG_CMD_NAMES.get(self.cmd, "cmd%d" % self.cmd)
+
+    @property
+    def ping_value(self) -> Optional[int]:
+        """The be32 value of a PING (savevm.c qemu_savevm_send_ping), else None."""
+        if self.cmd != MIG_CMD_PING or len(self.payload) != 4:
+            return None
+        return int.from_bytes(self.payload, "big")
+
+    @property
+    def advise(self) -> Optional[Tuple[int, int]]:
+        """(host page-size summary, target page size) of a 16-byte POSTCOPY_ADVISE, else None."""
+        if self.cmd != MIG_CMD_POSTCOPY_ADVISE or len(self.payload) != 16:
+            return None
+        return int.from_bytes(self.payload[:8], "big"), int.from_bytes(self.payload[8:], "big")
 
 
 @dataclass

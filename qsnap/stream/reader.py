@@ -11,17 +11,14 @@ migration/ram.c (ram_load_precopy); see /work/shared/docs/migration-stream.md.
 
 Device sections (SECTION_FULL) are not self-delimiting.  The reader never
 interprets them: everything from the first FULL/EOF byte after the RAM START to
-the end of input is returned verbatim as one ``DeviceState``.  It is checked by
-walking the FULL sections from footer to footer (``7E <be32 id>`` followed by
-0x04 or 0x00) when the stream uses footers, and by the trailing VMDESCRIPTION
-(``06 be32 len json`` reaching exactly the end of input) when present.  FULL
-sections *before* the RAM START (8.0+ early setup) are delimited the same way
-and are supported only in streams with footers.
+the end of input is returned verbatim as one ``DeviceState``, checked by
+:func:`qsnap.stream.tail.parse_tail`.  FULL sections *before* the RAM START
+(8.0+ early setup) are delimited by their footers and are supported only in
+streams with footers.
 """
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
 import struct
@@ -52,13 +49,14 @@ from .constants import (
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
     QEMU_VM_SUBSECTION,
-    QEMU_VM_VMDESCRIPTION,
     RAM_SAVE_FLAG_PAGE,
     RAM_SECTION_IDSTR,
     RAM_SECTION_VERSION,
     SECTION_TYPE_NAMES,
     TARGET_PAGE_SIZE_DEFAULT,
 )
+from .tail import parse_tail
+from .tail import truncated as _truncated
 from .events import (
     Command,
     Configuration,
@@ -101,12 +99,6 @@ def _make_parser(pure, cap, page_size):
     if pure:
         return _pyreader.PyRamParser(cap, page_size)
     return RamParser(cap, page_size)
-
-
-def _truncated(n, what, offset):
-    return StreamError(
-        "truncated stream: expected %d more bytes for %s at stream offset 0x%x" % (n, what, offset)
-    )
 
 
 class _Input:
@@ -336,16 +328,7 @@ class StreamReader:
 
     def _events(self):
         inp = self._in
-        magic = inp.be32("file header")
-        if magic != QEMU_VM_FILE_MAGIC:
-            raise StreamError("not a migration stream: bad magic 0x%08x at stream offset 0x0" % magic)
-        version = inp.be32("file header")
-        if version == QEMU_VM_FILE_VERSION_COMPAT:
-            raise StreamError("obsolete stream version 0x%x (SaveVM v2) at stream offset 0x4" % version)
-        if version != QEMU_VM_FILE_VERSION:
-            raise StreamError("unsupported stream version 0x%x at stream offset 0x4" % version)
-        yield FileHeader(0, version)
-
+        yield self._file_header()
         if inp.peek_u8("section type") == QEMU_VM_CONFIGURATION:
             self.configuration = self._configuration()
             yield self.configuration
@@ -358,33 +341,9 @@ class StreamReader:
                 self.commands.append(cmd)
                 yield cmd
             elif t == QEMU_VM_SECTION_START:
-                hdr = self._full_header()
-                if hdr.idstr != RAM_SECTION_IDSTR.decode():
-                    raise StreamError("unsupported iterable section %r at stream offset 0x%x" % (hdr.idstr, off))
-                if self.ram_section_id is not None:
-                    raise StreamError("second RAM SECTION_START at stream offset 0x%x" % off)
-                if hdr.version_id != RAM_SECTION_VERSION:
-                    raise StreamError(
-                        "unsupported RAM section version %d at stream offset 0x%x" % (hdr.version_id, off)
-                    )
-                if hdr.instance_id != 0:
-                    raise StreamError(
-                        "unknown RAM section instance %d at stream offset 0x%x" % (hdr.instance_id, off)
-                    )
-                self.ram_section_id = hdr.section_id
-                yield hdr
-                yield from self._ram_payload(hdr.section_id, True)
-                yield from self._footer(hdr.section_id)
+                yield from self._ram_start(off)
             elif t in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
-                inp.pos += 1
-                sid = inp.be32("section id")
-                if self.ram_section_id is None or sid != self.ram_section_id:
-                    raise StreamError(
-                        "%s for unknown section id %d at stream offset 0x%x" % (SECTION_TYPE_NAMES[t], sid, off)
-                    )
-                yield SectionHeader(off, t, sid, None, None, None)
-                yield from self._ram_payload(sid, False)
-                yield from self._footer(sid)
+                yield from self._ram_part_or_end(off, t)
             elif t == QEMU_VM_SECTION_FULL and self.ram_section_id is None:
                 yield self._pre_ram_section()
             elif t in (QEMU_VM_SECTION_FULL, QEMU_VM_EOF):
@@ -398,6 +357,51 @@ class StreamReader:
                     "unknown section type 0x%02x (%s) at stream offset 0x%x"
                     % (t, SECTION_TYPE_NAMES.get(t, "unknown"), off)
                 )
+
+    def _file_header(self):
+        inp = self._in
+        magic = inp.be32("file header")
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise StreamError("not a migration stream: bad magic 0x%08x at stream offset 0x0" % magic)
+        version = inp.be32("file header")
+        if version == QEMU_VM_FILE_VERSION_COMPAT:
+            raise StreamError("obsolete stream version 0x%x (SaveVM v2) at stream offset 0x4" % version)
+        if version != QEMU_VM_FILE_VERSION:
+            raise StreamError("unsupported stream version 0x%x at stream offset 0x4" % version)
+        return FileHeader(0, version)
+
+    def _ram_start(self, off):
+        """SECTION_START of the one iterable section qsnap supports: RAM."""
+        hdr = self._full_header()
+        if hdr.idstr != RAM_SECTION_IDSTR.decode():
+            raise StreamError("unsupported iterable section %r at stream offset 0x%x" % (hdr.idstr, off))
+        if self.ram_section_id is not None:
+            raise StreamError("second RAM SECTION_START at stream offset 0x%x" % off)
+        if hdr.version_id != RAM_SECTION_VERSION:
+            raise StreamError(
+                "unsupported RAM section version %d at stream offset 0x%x" % (hdr.version_id, off)
+            )
+        if hdr.instance_id != 0:
+            raise StreamError(
+                "unknown RAM section instance %d at stream offset 0x%x" % (hdr.instance_id, off)
+            )
+        self.ram_section_id = hdr.section_id
+        yield hdr
+        yield from self._ram_payload(hdr.section_id, True)
+        yield from self._footer(hdr.section_id)
+
+    def _ram_part_or_end(self, off, t):
+        """SECTION_PART/END: only of the RAM section a START opened."""
+        inp = self._in
+        inp.pos += 1
+        sid = inp.be32("section id")
+        if self.ram_section_id is None or sid != self.ram_section_id:
+            raise StreamError(
+                "%s for unknown section id %d at stream offset 0x%x" % (SECTION_TYPE_NAMES[t], sid, off)
+            )
+        yield SectionHeader(off, t, sid, None, None, None)
+        yield from self._ram_payload(sid, False)
+        yield from self._footer(sid)
 
     def _idstr(self, what):
         off = self._in.offset
@@ -555,6 +559,13 @@ class StreamReader:
         while True:
             data = inp.mv[inp.pos : inp.end]
             status, recs, consumed = parser.parse(data, inp.offset)
+            if self.blocks is None and (len(recs) or status == _pyreader.QS_RAM_EOS):
+                # RAM_SAVE_FLAG_MEM_SIZE opens a RAM section (migration/ram.c,
+                # ram_load_precopy): no record may come before the block list.
+                raise StreamError(
+                    "RAM record (flags 0x%x) before the MEM_SIZE record at stream offset 0x%x"
+                    % (self._first_flags(recs, data), inp.offset)
+                )
             if len(recs):
                 if self._mapped_ram():
                     raise StreamError(
@@ -577,6 +588,11 @@ class StreamReader:
             need = max(_pyreader.record_need(inp.mv[inp.pos : inp.end], parser.page_size), inp.avail + 1)
             if not inp.fill(need):
                 raise _truncated(need - inp.avail, "RAM record", inp.offset)
+
+    def _first_flags(self, recs, data):
+        if len(recs):
+            return int(recs["flags"][0])
+        return int.from_bytes(data[:8], "big") & (self.page_size - 1)
 
     def _mapped_ram(self):
         return self.configuration is not None and "mapped-ram" in self.configuration.capabilities
@@ -728,7 +744,7 @@ class StreamReader:
         ):
             until = lambda parts: self._tail_complete(parts, off)  # noqa: E731
         data = inp.read_rest(self.max_device_state, "device state", until)
-        eof_pos, vmdesc = self._check_tail(data, off)
+        eof_pos, vmdesc = parse_tail(data, off, self.uses_footers)
         return DeviceState(off, data, vmdesc, eof_pos)
 
     def _tail_complete(self, parts, off):
@@ -737,110 +753,7 @@ class StreamReader:
         if not parts or not parts[-1].endswith(b"}"):
             return False
         try:
-            _, vmdesc = self._check_tail(b"".join(parts), off)
+            _, vmdesc = parse_tail(b"".join(parts), off, self.uses_footers)
         except StreamError:
             return False
         return vmdesc is not None
-
-    def _check_tail(self, data, off):
-        n = len(data)
-        vmdesc = None
-        if self.uses_footers:
-            # walk FULL sections footer to footer
-            i = 0
-            while True:
-                if i >= n:
-                    raise _truncated(1, "section type", off + i)
-                t = data[i]
-                if t == QEMU_VM_EOF:
-                    eof_pos = i
-                    break
-                if t != QEMU_VM_SECTION_FULL:
-                    raise StreamError(
-                        "unexpected section type 0x%02x in device state at stream offset 0x%x" % (t, off + i)
-                    )
-                if n - i < 6:
-                    raise _truncated(6 - (n - i), "SECTION_FULL header", off + i)
-                sid = int.from_bytes(data[i + 1 : i + 5], "big")
-                pat = bytes([QEMU_VM_SECTION_FOOTER]) + sid.to_bytes(4, "big")
-                j = i + 6 + data[i + 5]
-                while True:
-                    j = data.find(pat, j)
-                    if j < 0 or j + 5 >= n:
-                        raise _truncated(1, "footer of SECTION_FULL id %d" % sid, off + n)
-                    nxt = data[j + 5]
-                    if nxt == QEMU_VM_SECTION_FULL and self._plausible_full(data, j + 5):
-                        break
-                    if nxt == QEMU_VM_EOF and self._plausible_end(data, j + 5):
-                        break
-                    j += 1
-                i = j + 5
-        else:
-            eof_pos = None
-        rest_start = None
-        if eof_pos is not None:
-            rest_start = eof_pos + 1
-        else:
-            # no footers: the end is either EOF or EOF + VMDESCRIPTION
-            end = n
-            for _ in range(16):
-                p = data.rfind(b"\x00\x06", 0, end)
-                if p < 0:
-                    break
-                if p + 6 <= n and int.from_bytes(data[p + 2 : p + 6], "big") == n - p - 6:
-                    eof_pos = p
-                    break
-                end = p + 1
-            if eof_pos is None:
-                if n == 0 or data[-1] != QEMU_VM_EOF:
-                    raise StreamError("device state at stream offset 0x%x does not end with EOF" % off)
-                eof_pos = n - 1
-            rest_start = eof_pos + 1
-        rest = data[rest_start:]
-        if rest:
-            if rest[0] != QEMU_VM_VMDESCRIPTION:
-                raise StreamError(
-                    "unexpected byte 0x%02x after EOF at stream offset 0x%x" % (rest[0], off + rest_start)
-                )
-            if len(rest) < 5:
-                raise _truncated(5 - len(rest), "VMDESCRIPTION", off + rest_start)
-            jl = int.from_bytes(rest[1:5], "big")
-            if jl > len(rest) - 5:
-                raise _truncated(jl - (len(rest) - 5), "VMDESCRIPTION JSON", off + rest_start)
-            if jl < len(rest) - 5:
-                raise StreamError(
-                    "%d unexpected bytes after VMDESCRIPTION at stream offset 0x%x"
-                    % (len(rest) - 5 - jl, off + rest_start + 5 + jl)
-                )
-            try:
-                vmdesc = json.loads(rest[5:].decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise StreamError("bad VMDESCRIPTION JSON at stream offset 0x%x: %s" % (off + rest_start, e)) from None
-            if not isinstance(vmdesc, dict):
-                raise StreamError("VMDESCRIPTION is not a JSON object at stream offset 0x%x" % (off + rest_start))
-        return eof_pos, vmdesc
-
-    @staticmethod
-    def _plausible_full(data, i):
-        """A SECTION_FULL header at data[i]: id, idstr of printable ASCII."""
-        n = len(data)
-        if i + 6 > n:
-            return True  # truncated: let the walk report it
-        ln = data[i + 5]
-        if ln == 0:
-            return False
-        name = data[i + 6 : i + 6 + ln]
-        return all(0x20 < c < 0x7F for c in name)
-
-    @staticmethod
-    def _plausible_end(data, i):
-        """EOF at data[i]: end of input, or a VMDESCRIPTION reaching exactly the end."""
-        n = len(data)
-        if i + 1 == n:
-            return True
-        if data[i + 1] != QEMU_VM_VMDESCRIPTION:
-            return False
-        if i + 6 > n:
-            return True  # truncated VMDESCRIPTION: reported later
-        jl = int.from_bytes(data[i + 2 : i + 6], "big")
-        return i + 6 + jl >= n - 0 and data[i + 6 : i + 7] in (b"{", b"")

@@ -20,7 +20,6 @@ from ..errors import UsageError
 from .constants import (
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_PART,
-    RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_ZERO,
 )
@@ -229,51 +228,81 @@ def synth_stream(out, *, blocks=DEFAULT_BLOCKS, zero_share=0.5, data="random", m
     w.mem_size(rblocks)
     w.eos()
     w.footer(section_id)
+    _RamWriter(w, g, res, section_id, part_pages, seed).sections(mode, passes)
+    res.device_state = _device_state(ps, footers, seed, section_id, vmdescription)
+    w.raw(res.device_state)
+    res.total = w.bytes_written
+    return res
 
-    zero_page = bytes(ps)
-    pending = []
-    pending_len = [0]
 
-    def flush():
-        if pending:
-            w.raw(b"".join(pending))
-            pending.clear()
-            pending_len[0] = 0
+class _RamWriter:
+    """The RAM PART/END sections of a synthetic stream, records batched into large writes."""
 
-    def emit(bi, idx, k):
-        """Records for pages ``idx`` of block bi in pass k, in that order."""
-        b = rblocks[bi]
-        idb = b.idstr.encode()
-        if k == 0:
-            zero = g.zero0(bi, idx)
+    def __init__(self, w, g, res, section_id, part_pages, seed):
+        self.w = w
+        self.g = g
+        self.res = res
+        self.section_id = section_id
+        self.part_pages = part_pages
+        self.seed = seed
+        self.ps = w.page_size
+        self.zero_page = bytes(self.ps)
+        self.pending = []
+        self.pending_len = 0
+
+    def sections(self, mode, passes):
+        w, section_id = self.w, self.section_id
+        if mode == "background":
+            self.part_pass(0, QEMU_VM_SECTION_PART, mode)
+        elif mode == "precopy-stopped":
+            self.part_pass(0, QEMU_VM_SECTION_PART, mode)
+            w.section_end(section_id)
+            w.eos()
+            w.footer(section_id)
         else:
-            zero = g.rezero(bi, idx, k)
+            for k in range(passes - 1):
+                self.part_pass(k, QEMU_VM_SECTION_PART, mode)
+            w.section_end(section_id)
+            if passes >= 1:
+                self.part_pass(passes - 1, QEMU_VM_SECTION_END, mode)
+            self.flush()
+            w.eos()
+            w.footer(section_id)
+        self.flush()
+
+    def flush(self):
+        if self.pending:
+            self.w.raw(b"".join(self.pending))
+            self.pending.clear()
+            self.pending_len = 0
+
+    def emit(self, bi, idx, k):
+        """Records for pages ``idx`` of block bi in pass k, in that order."""
+        w, g, res, ps = self.w, self.g, self.res, self.ps
+        idb = g.blocks[bi].idstr.encode()
+        zero = g.zero0(bi, idx) if k == 0 else g.rezero(bi, idx, k)
         as_page = g.as_page(bi, idx, k) & zero
         for i, z, ap in zip(idx.tolist(), zero.tolist(), as_page.tolist()):
             off = i * ps
-            if idb == w._last_block:
-                head = struct.pack(">Q", off | (RAM_SAVE_FLAG_ZERO if z and not ap else RAM_SAVE_FLAG_PAGE)
-                                   | RAM_SAVE_FLAG_CONTINUE)
-            else:
-                w._last_block = idb
-                head = struct.pack(">Q", off | (RAM_SAVE_FLAG_ZERO if z and not ap else RAM_SAVE_FLAG_PAGE)) + \
-                    bytes([len(idb)]) + idb
+            flag = RAM_SAVE_FLAG_ZERO if z and not ap else RAM_SAVE_FLAG_PAGE
+            head = w.record_head(idb, off, flag)
             if z and not ap:
-                pending.append(head + b"\0")
+                self.pending.append(head + b"\0")
                 res.zero_records += 1
-                pending_len[0] += 9
+                self.pending_len += 9
             else:
-                pending.append(head)
-                pending.append(zero_page if z else g.content(bi, i, k))
+                self.pending.append(head)
+                self.pending.append(self.zero_page if z else g.content(bi, i, k))
                 res.page_records += 1
                 res.zero_payload_pages += bool(z)
-                pending_len[0] += 8 + ps
-            if pending_len[0] >= 4 * MiB:
-                flush()
+                self.pending_len += 8 + ps
+            if self.pending_len >= 4 * MiB:
+                self.flush()
 
-    def pages_of_pass(k):
+    def pages_of_pass(self, k, mode):
         """Yield (bi, idx) chunks of pages sent in pass k."""
-        for bi, b in enumerate(rblocks):
+        g, ps, part_pages = self.g, self.ps, self.part_pages
+        for bi, b in enumerate(g.blocks):
             n = b.length // ps
             for c in range(0, n, part_pages):
                 idx = np.arange(c, min(n, c + part_pages), dtype=np.uint64)
@@ -281,40 +310,25 @@ def synth_stream(out, *, blocks=DEFAULT_BLOCKS, zero_share=0.5, data="random", m
                     idx = idx[g.dirty(bi, idx, k)]
                 elif mode == "background" and len(idx) > 4:
                     # faulted pages first: move ~3% to the front
-                    h = _unit(_mix(seed, 6, bi, idx)) < 0.03
+                    h = _unit(_mix(self.seed, 6, bi, idx)) < 0.03
                     idx = np.concatenate((idx[h][::-1], idx[~h]))
                 if len(idx):
                     yield bi, idx
 
-    def part_pass(k, kind):
-        for bi, idx in pages_of_pass(k):
+    def part_pass(self, k, kind, mode):
+        w, section_id = self.w, self.section_id
+        for bi, idx in self.pages_of_pass(k, mode):
             if kind == QEMU_VM_SECTION_PART:
                 w.section_part(section_id)
-            emit(bi, idx, k)
+            self.emit(bi, idx, k)
             if kind == QEMU_VM_SECTION_PART:
-                flush()
+                self.flush()
                 w.eos()
                 w.footer(section_id)
 
-    if mode == "background":
-        part_pass(0, QEMU_VM_SECTION_PART)
-    elif mode == "precopy-stopped":
-        part_pass(0, QEMU_VM_SECTION_PART)
-        w.section_end(section_id)
-        w.eos()
-        w.footer(section_id)
-    else:
-        for k in range(passes - 1):
-            part_pass(k, QEMU_VM_SECTION_PART)
-        w.section_end(section_id)
-        if passes >= 1:
-            part_pass(passes - 1, QEMU_VM_SECTION_END)
-        flush()
-        w.eos()
-        w.footer(section_id)
-    flush()
 
-    # device state: FULL sections, EOF, VMDESCRIPTION
+def _device_state(ps, footers, seed, section_id, vmdescription):
+    """FULL sections of DEVICES (random payloads), EOF, VMDESCRIPTION."""
     tail = io.BytesIO()
     tw = StreamWriter(tail, page_size=ps, footers=footers)
     rng = np.random.default_rng(seed + 1)
@@ -332,7 +346,4 @@ def synth_stream(out, *, blocks=DEFAULT_BLOCKS, zero_share=0.5, data="random", m
     tw.eof()
     if vmdescription:
         tw.vmdescription(json.dumps({"page_size": ps, "devices": desc}, separators=(",", ":")).encode())
-    res.device_state = tail.getvalue()
-    w.raw(res.device_state)
-    res.total = w.bytes_written
-    return res
+    return tail.getvalue()

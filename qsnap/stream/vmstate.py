@@ -17,7 +17,6 @@ keyed by field name, anything else the raw bytes. Subsections are dicts under
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from ..errors import StreamError
@@ -26,8 +25,8 @@ from .constants import (
     QEMU_VM_SECTION_FOOTER,
     QEMU_VM_SECTION_FULL,
     QEMU_VM_SUBSECTION,
-    QEMU_VM_VMDESCRIPTION,
 )
+from .tail import parse_tail
 
 # vmstate field types read as integers (migration/vmstate-types.c names)
 _INT_TYPES = {
@@ -51,26 +50,15 @@ class VmstateSection:
     fields: dict = field(default_factory=dict)
 
 
-def find_vmdescription(data):
+def find_vmdescription(data, footers=True):
     """The VMDESCRIPTION JSON (a dict) that ends ``data``, or None when there is none.
 
     ``data`` is the device state as an image keeps it: FULL sections, EOF,
-    optionally ``06 be32 len JSON`` (savevm.c qemu_savevm_state_complete_precopy)."""
-    end = len(data)
-    for _ in range(64):
-        p = data.rfind(bytes([QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION]), 0, end)
-        if p < 0:
-            return None
-        if p + 6 <= len(data) and int.from_bytes(data[p + 2:p + 6], "big") == len(data) - p - 6:
-            try:
-                desc = json.loads(bytes(data[p + 6:]).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise StreamError(f"bad VMDESCRIPTION JSON at device-state offset 0x{p + 1:x}: {e}") from None
-            if not isinstance(desc, dict) or not isinstance(desc.get("devices"), list):
-                raise StreamError(f"VMDESCRIPTION at device-state offset 0x{p + 1:x} has no device list")
-            return desc
-        end = p + 1
-    return None
+    optionally ``06 be32 len JSON`` (stream/tail.py finds it)."""
+    desc = parse_tail(data, 0, footers)[1]
+    if desc is not None and not isinstance(desc.get("devices"), list):
+        raise StreamError("the VMDESCRIPTION has no device list")
+    return desc
 
 
 class _Cursor:

@@ -15,47 +15,22 @@ import struct
 import numpy as np
 
 from ..errors import IOFailure, StreamError
+from . import encode
 from .constants import (
     ENCODING_FLAG_XBZRLE,
-    IDSTR_MAX,
-    MAX_DISCARDS_PER_COMMAND,
-    MIG_CMD_OPEN_RETURN_PATH,
-    MIG_CMD_PACKAGED,
-    MIG_CMD_PING,
-    MIG_CMD_POSTCOPY_ADVISE,
-    MIG_CMD_POSTCOPY_LISTEN,
-    MIG_CMD_POSTCOPY_RAM_DISCARD,
-    MIG_CMD_POSTCOPY_RUN,
-    MIG_CMD_SWITCHOVER_START,
-    POSTCOPY_RAM_DISCARD_VERSION,
-    QEMU_VM_COMMAND,
     QEMU_VM_CONFIGURATION,
-    QEMU_VM_EOF,
-    QEMU_VM_FILE_MAGIC,
     QEMU_VM_SECTION_END,
-    QEMU_VM_SECTION_FOOTER,
-    QEMU_VM_SECTION_FULL,
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
     QEMU_VM_SUBSECTION,
-    QEMU_VM_VMDESCRIPTION,
     RAM_SAVE_FLAG_CONTINUE,
-    RAM_SAVE_FLAG_EOS,
-    RAM_SAVE_FLAG_MEM_SIZE,
-    RAM_SAVE_FLAG_MULTIFD_FLUSH,
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_XBZRLE,
     RAM_SAVE_FLAG_ZERO,
 )
 
 HOST_PAGE_SIZE = 4096
-
-
-def _idstr(name):
-    b = name.encode() if isinstance(name, str) else bytes(name)
-    if not 0 < len(b) <= IDSTR_MAX:
-        raise StreamError("idstr %r must be 1..255 bytes" % (name,))
-    return bytes([len(b)]) + b
+_idstr = encode.idstr
 
 
 class StreamWriter:
@@ -95,7 +70,7 @@ class StreamWriter:
     # -- header, configuration, commands ---------------------------------------
 
     def header(self, version=3):
-        self.raw(struct.pack(">II", QEMU_VM_FILE_MAGIC, version))
+        self.raw(encode.file_header(version))
 
     def configuration(self, machine, capabilities=(), uuid=None, target_page_bits=None):
         m = machine.encode()
@@ -116,58 +91,50 @@ class StreamWriter:
         self.raw(b"".join(parts))
 
     def command(self, cmd, payload=b""):
-        if len(payload) > 0xFFFF:
-            raise StreamError("command payload of %d bytes is too long" % len(payload))
-        self.raw(struct.pack(">BHH", QEMU_VM_COMMAND, cmd, len(payload)) + bytes(payload))
+        self.raw(encode.command(cmd, payload))
 
     def open_return_path(self):
-        self.command(MIG_CMD_OPEN_RETURN_PATH)
+        self.raw(encode.open_return_path())
 
     def ping(self, value):
-        self.command(MIG_CMD_PING, struct.pack(">I", value))
+        self.raw(encode.ping(value))
 
     def postcopy_advise(self, summary, tps=4096):
-        self.command(MIG_CMD_POSTCOPY_ADVISE, struct.pack(">QQ", summary, tps))
+        self.raw(encode.postcopy_advise(summary, tps))
 
     def postcopy_advise_empty(self):
-        self.command(MIG_CMD_POSTCOPY_ADVISE)
+        self.raw(encode.postcopy_advise_empty())
 
     def postcopy_listen(self):
-        self.command(MIG_CMD_POSTCOPY_LISTEN)
+        self.raw(encode.postcopy_listen())
 
     def postcopy_run(self):
-        self.command(MIG_CMD_POSTCOPY_RUN)
+        self.raw(encode.postcopy_run())
 
     def switchover_start(self):
-        self.command(MIG_CMD_SWITCHOVER_START)
+        self.raw(encode.switchover_start())
 
     def ram_discard(self, idstr, ranges):
         """POSTCOPY_RAM_DISCARD commands for (start, length) byte ranges, 12 per command."""
-        head = bytes([POSTCOPY_RAM_DISCARD_VERSION]) + _idstr(idstr) + b"\0"
-        ranges = list(ranges)
-        for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
-            body = b"".join(struct.pack(">QQ", s, l) for s, l in ranges[i : i + MAX_DISCARDS_PER_COMMAND])
-            self.command(MIG_CMD_POSTCOPY_RAM_DISCARD, head + body)
+        self.raw(encode.ram_discard(idstr, ranges))
 
     def packaged(self, blob):
-        self.command(MIG_CMD_PACKAGED, struct.pack(">I", len(blob)))
-        self.raw(bytes(blob))
+        self.raw(encode.packaged(blob))
 
     # -- sections --------------------------------------------------------------
 
     def section_start(self, section_id, idstr, instance_id=0, version_id=4):
-        self.raw(bytes([QEMU_VM_SECTION_START]) + struct.pack(">I", section_id) + _idstr(idstr)
-                 + struct.pack(">II", instance_id, version_id))
+        self.raw(encode.section_start(section_id, idstr, instance_id, version_id))
 
     def section_part(self, section_id):
-        self.raw(struct.pack(">BI", QEMU_VM_SECTION_PART, section_id))
+        self.raw(encode.section_part(section_id))
 
     def section_end(self, section_id):
-        self.raw(struct.pack(">BI", QEMU_VM_SECTION_END, section_id))
+        self.raw(encode.section_end(section_id))
 
     def footer(self, section_id):
         if self.footers:
-            self.raw(struct.pack(">BI", QEMU_VM_SECTION_FOOTER, section_id))
+            self.raw(encode.section_footer(section_id))
 
     end_section = footer
 
@@ -186,15 +153,14 @@ class StreamWriter:
         self.footer(section_id)
 
     def section_full(self, section_id, idstr, instance_id, version_id, payload):
-        self.raw(bytes([QEMU_VM_SECTION_FULL]) + struct.pack(">I", section_id) + _idstr(idstr)
-                 + struct.pack(">II", instance_id, version_id) + bytes(payload))
+        self.raw(encode.section_full(section_id, idstr, instance_id, version_id) + bytes(payload))
         self.footer(section_id)
 
     def eof(self):
-        self.raw(bytes([QEMU_VM_EOF]))
+        self.raw(encode.eof())
 
     def vmdescription(self, json_bytes):
-        self.raw(struct.pack(">BI", QEMU_VM_VMDESCRIPTION, len(json_bytes)) + bytes(json_bytes))
+        self.raw(encode.vmdescription(json_bytes))
 
     # -- RAM records -------------------------------------------------------------
 
@@ -203,17 +169,12 @@ class StreamWriter:
         total = sum(b.length for b in blocks)
         if total & (self.page_size - 1):
             raise StreamError("MEM_SIZE total 0x%x is not page aligned" % total)
-        parts = [struct.pack(">Q", total | RAM_SAVE_FLAG_MEM_SIZE)]
-        for b in blocks:
-            parts.append(_idstr(b.idstr) + struct.pack(">Q", b.length))
-            if page_size_fields and b.page_size is not None and b.page_size != HOST_PAGE_SIZE:
-                parts.append(struct.pack(">Q", b.page_size))
-            if gpa_fields:
-                parts.append(struct.pack(">Q", b.gpa or 0))
-        self.raw(b"".join(parts))
+        self.raw(encode.mem_size(blocks, host_page_size=HOST_PAGE_SIZE if page_size_fields else None,
+                                 gpa_fields=gpa_fields))
         self._last_block = None
 
-    def _word_and_id(self, idstr, offset, flag, use_continue):
+    def record_head(self, idstr, offset, flag, use_continue=None):
+        """The be64 word of a page record and, unless CONTINUE applies, its block idstr."""
         if offset & (self.page_size - 1):
             raise StreamError("page offset 0x%x is not page aligned" % offset)
         idb = idstr.encode() if isinstance(idstr, str) else bytes(idstr)
@@ -226,22 +187,22 @@ class StreamWriter:
     def page(self, idstr, offset, data, *, use_continue=None):
         if len(data) != self.page_size:
             raise StreamError("page data must be %d bytes, got %d" % (self.page_size, len(data)))
-        self.raw(self._word_and_id(idstr, offset, RAM_SAVE_FLAG_PAGE, use_continue) + bytes(data))
+        self.raw(self.record_head(idstr, offset, RAM_SAVE_FLAG_PAGE, use_continue) + bytes(data))
 
     def zero(self, idstr, offset, fill=0, *, use_continue=None):
-        self.raw(self._word_and_id(idstr, offset, RAM_SAVE_FLAG_ZERO, use_continue) + bytes([fill]))
+        self.raw(self.record_head(idstr, offset, RAM_SAVE_FLAG_ZERO, use_continue) + bytes([fill]))
 
     def xbzrle(self, idstr, offset, encoded, *, use_continue=None):
         if len(encoded) > self.page_size:
             raise StreamError("XBZRLE data of %d bytes exceeds the page size" % len(encoded))
-        self.raw(self._word_and_id(idstr, offset, RAM_SAVE_FLAG_XBZRLE, use_continue)
+        self.raw(self.record_head(idstr, offset, RAM_SAVE_FLAG_XBZRLE, use_continue)
                  + struct.pack(">BH", ENCODING_FLAG_XBZRLE, len(encoded)) + bytes(encoded))
 
     def eos(self):
-        self.raw(struct.pack(">Q", RAM_SAVE_FLAG_EOS))
+        self.raw(encode.ram_eos())
 
     def multifd_flush(self):
-        self.raw(struct.pack(">Q", RAM_SAVE_FLAG_MULTIFD_FLUSH))
+        self.raw(encode.multifd_flush())
 
     def write_pages(self, idstr, offsets, data_buffer):
         """Bulk PAGE records for one block: page i of ``data_buffer`` at ``offsets[i]``.
@@ -263,7 +224,7 @@ class StreamWriter:
             for i in range(n):
                 self.page(idstr, int(offsets[i]), data[i * ps : (i + 1) * ps].tobytes())
             return
-        first = self._word_and_id(idstr, int(offsets[0]), RAM_SAVE_FLAG_PAGE, None)
+        first = self.record_head(idstr, int(offsets[0]), RAM_SAVE_FLAG_PAGE, None)
         self.raw(first + data[:ps].tobytes())
         if n > 1:
             rec = np.empty((n - 1, 8 + ps), np.uint8)

@@ -1,4 +1,5 @@
 """The command line: usage errors and bad input end as one `qsnap: error:` line."""
+import signal
 import subprocess
 import sys
 
@@ -63,3 +64,53 @@ def test_debug_shows_traceback(tmp_path):
     r = run("--debug", "info", str(tmp_path / "nope"))
     assert r.returncode != 0
     assert "Traceback" in r.stderr.decode()
+
+
+@pytest.fixture(autouse=True)
+def keep_sigterm_handler():
+    """cli.main() installs its SIGTERM handler; give pytest its own back."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _raise_value_error(args):
+    raise ValueError("block list is odd")
+
+
+def test_internal_error_is_one_line_and_exit_70(tmp_path, monkeypatch, capsys):
+    from qsnap import cli
+
+    monkeypatch.setitem(cli._COMMANDS, "info", _raise_value_error)
+    status = cli.main(["info", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert status == cli.EX_SOFTWARE == 70
+    assert err == ("qsnap: error: internal error: ValueError: block list is odd "
+                   "(run with --debug for the traceback)\n")
+
+
+def test_internal_error_with_debug_raises(tmp_path, monkeypatch):
+    from qsnap import cli
+
+    monkeypatch.setitem(cli._COMMANDS, "info", _raise_value_error)
+    with pytest.raises(ValueError, match="block list is odd"):
+        cli.main(["--debug", "info", str(tmp_path / "x")])
+
+
+def test_qsnap_error_keeps_its_exit_status(tmp_path, capsys):
+    from qsnap import cli
+
+    assert cli.main(["save", "--bogus", "x"]) == 2
+    assert capsys.readouterr().err.startswith("qsnap: error: ")
+
+
+def test_internal_error_message_stays_on_one_line(tmp_path, monkeypatch, capsys):
+    from qsnap import cli
+
+    def raise_multiline(args):
+        raise KeyError("first\nsecond")
+
+    monkeypatch.setitem(cli._COMMANDS, "info", raise_multiline)
+    assert cli.main(["info", str(tmp_path / "x")]) == 70
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("qsnap: error: internal error: KeyError: "), err

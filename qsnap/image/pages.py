@@ -1,0 +1,106 @@
+"""Page and cluster reads of a qsnap image for the load and postcopy engines.
+
+Which data clusters hold RAM and in what order to read them (host order, so the
+disk reads sequentially), how to open the image for those reads (O_DIRECT where
+the filesystem allows it), and reading a run of target pages by pread.
+"""
+import errno
+import mmap
+import os
+
+import numpy as np
+
+from qsnap.errors import ImageError, IOFailure, UsageError
+
+
+def open_data(path, cache, log, direct_read_works=None):
+    """(fd, direct) for the data reads: O_DIRECT for cache='none' unless the filesystem refuses.
+
+    ``direct_read_works(fd)`` decides whether an O_DIRECT fd can be read
+    (default: try one aligned read)."""
+    probe = direct_read_works or direct_read_works_probe
+    if cache not in ("none", "writeback"):
+        raise UsageError(f"cache mode '{cache}' is not one of none, writeback")
+    if cache == "none" and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise IOFailure(f"cannot open image {path}: {e.strerror}") from None
+        else:
+            if probe(fd):
+                return fd, True
+            os.close(fd)
+        log.write(f"qsnap: note: {path}: the filesystem refuses O_DIRECT, reading through the page cache\n")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise IOFailure(f"cannot open image {path}: {e.strerror}") from None
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except (OSError, AttributeError):
+        pass
+    return fd, False
+
+
+def direct_read_works_probe(fd):
+    buf = mmap.mmap(-1, 4096)  # page aligned
+    try:
+        os.preadv(fd, [buf], 0)
+        return True
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise IOFailure(f"cannot read the image: {e.strerror} at image offset 0x0") from None
+    finally:
+        buf.close()
+
+
+def cluster_plan(img, blocks):
+    """(host, virtual, block index) of every data cluster inside a RAM region, host order."""
+    dc = np.asarray(img.data_clusters())
+    if dc.size == 0:
+        z = np.zeros(0, np.uint64)
+        return z, z, np.zeros(0, np.uint32)
+    if dc.dtype.names:
+        host = np.asarray(dc[dc.dtype.names[0]], np.uint64)
+        virt = np.asarray(dc[dc.dtype.names[1]], np.uint64)
+    else:
+        dc = dc.reshape(-1, 2)
+        host = dc[:, 0].astype(np.uint64)
+        virt = dc[:, 1].astype(np.uint64)
+    order = np.argsort(host, kind="stable")
+    host, virt = host[order], virt[order]
+    cs = img.cluster_size
+    starts = np.array([b.offset for b in blocks], np.uint64)
+    ends = np.array([b.offset + -(-b.length // cs) * cs for b in blocks], np.uint64)
+    by_start = np.argsort(starts, kind="stable")
+    pos = np.searchsorted(starts[by_start], virt, side="right") - 1
+    inside = pos >= 0
+    idx = np.where(inside, by_start[np.maximum(pos, 0)], 0)
+    inside &= virt < ends[idx]                 # metadata-region clusters are not pages
+    return host[inside], virt[inside], idx[inside].astype(np.uint32)
+
+
+def read_target_pages(img, fd, block, tp0, tp1):
+    """Image bytes of target pages [tp0, tp1) of ``block`` (pread on ``fd``, unallocated -> zeros)."""
+    tps, cs = img.target_page_size, img.cluster_size
+    v = block.offset + tp0 * tps
+    end = block.offset + tp1 * tps
+    parts = []
+    while v < end:
+        n = min(end - v, cs - (v & (cs - 1)))
+        h = img.host_offset(v)
+        if h:
+            try:
+                d = os.pread(fd, n, h)
+            except OSError as e:
+                raise IOFailure(f"cannot read the image: {e.strerror} at image offset "
+                                f"0x{h:x}") from None
+            if len(d) != n:
+                raise ImageError(f"image file truncated at image offset 0x{h:x}")
+            parts.append(d)
+        else:
+            parts.append(bytes(n))
+        v += n
+    return b"".join(parts)
