@@ -1,9 +1,8 @@
 """Seeds and structure maps shared by the fuzz harnesses and the corruption tests.
 
-Seeds are real QEMU 7.2 streams (/work/shared/fixtures/*72*.gz and
-tests/data/bg72-blob.stream.gz) and images saved from them with
-``qsnap.save.save``.  Nothing large is committed: images are made on demand
-in a cache directory.
+Seeds are real QEMU 7.2 streams (tests/data/*72*.stream.gz, see its README;
+../shared/fixtures only where tests/data lacks a name) and images saved from
+them with ``qsnap.save.save``.  Images are made on demand in a cache directory.
 """
 import gzip
 import json
@@ -21,15 +20,24 @@ if str(REPO) not in sys.path:  # run from a checkout (python tests/fuzz/fuzz_*.p
     sys.path.insert(0, str(REPO))
 
 
+DATA_DIR = REPO / "tests" / "data"
 FIXTURES_DIR = (REPO / ".." / "shared" / "fixtures").resolve()
-BLOB_STREAM = REPO / "tests" / "data" / "bg72-blob.stream.gz"
+BLOB_STREAM = DATA_DIR / "bg72-blob.stream.gz"
 
 # Streams a plain StreamReader over a byte buffer accepts (mapped-ram needs a file).
 STREAM_NAMES = ("pc72", "bg72", "rp72", "hp72", "is72", "uuid72", "pc23")
 
 
+def stream_path(name):
+    """tests/data/NAME.stream.gz, else ../shared/fixtures/NAME.stream.gz, else None."""
+    for d in (DATA_DIR, FIXTURES_DIR):
+        if (d / f"{name}.stream.gz").exists():
+            return d / f"{name}.stream.gz"
+    return None
+
+
 def stream_paths(names=STREAM_NAMES, blob=True):
-    out = [FIXTURES_DIR / f"{n}.stream.gz" for n in names if (FIXTURES_DIR / f"{n}.stream.gz").exists()]
+    out = [p for p in map(stream_path, names) if p is not None]
     if blob and BLOB_STREAM.exists():
         out.append(BLOB_STREAM)
     return out

@@ -61,7 +61,8 @@ class FakeDest:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
         self.result = None
-        self.exc = None
+        self.exc = None          # what load_postcopy raised
+        self.read_exc = None     # what reading its stream raised (expected only when it failed)
         self.pages = []          # (phase, idstr, offset, is_zero, payload)
         self.commands = []
         self.device_state = None
@@ -109,12 +110,17 @@ class FakeDest:
                     self.device_state = e.data
             if self.shut:
                 self.send(rp_msg(C.MIG_RP_MSG_SHUT, b"\0\0\0\0"))
-        except BaseException:
-            pass
+        except AssertionError:
+            raise
+        except Exception as e:  # a failing load_postcopy cuts its stream short
+            self.read_exc = e
         finally:
             self.rp_a.close()
             self.thread.join(30)
             f.close()
+        assert not self.thread.is_alive(), "load_postcopy still running 30 s after its stream"
+        if self.exc is None and self.read_exc is not None:
+            raise self.read_exc
         return self
 
 
