@@ -83,6 +83,15 @@ def find_build(spec: str) -> builds.Build:
         _unavailable(f"QEMU {spec} requested but unavailable: {e}")
 
 
+def requested_build(spec: str) -> builds.Build:
+    """The build ``spec`` for a test that needs it beside the one it runs on: skip when
+    QSNAP_QEMU does not name it, else as find_build (CI names 7.2 and 10.0)."""
+    specs = builds.requested_specs()
+    if spec not in specs:
+        pytest.skip(f"QSNAP_QEMU={','.join(specs)} does not name QEMU {spec}")
+    return find_build(spec)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def qemu(request):
     """The QEMU build of this test (QSNAP_QEMU), the default of every Qemu() meanwhile."""

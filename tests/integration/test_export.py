@@ -5,10 +5,12 @@
   instant; `qsnap export --format=elf` of the image must have the same bytes
   at the same guest-physical addresses and the same registers in NT_PRSTATUS,
   and readelf, gdb and Volatility 3 must read it.
-* mapped-ram with QEMU 10.0 ($QSNAP_QEMU10, default /tmp/q10/root/...): an
+* mapped-ram with QEMU 10.0 (QSNAP_QEMU must name 10.0, as in CI; skipped
+  otherwise, failed when it is missing under QSNAP_REQUIRE_QEMU=1): an
   exported file restores in QEMU to the RAM `qsnap load` gives; a file QEMU
   wrote (with and without multifd), imported, loads to the RAM QEMU's own
-  restore of that file gives.
+  restore of that file gives; an image saved by the test's own build (7.2 in
+  CI) restores in 10.0, same machine type, through mapped-ram.
 """
 import os
 import shutil
@@ -22,17 +24,13 @@ from qsnaptest import guests, tools as qsnaptools
 from qsnaptest.qemu import BlobGuest, LinuxGuest, Qemu, parse_size
 from qsnaptest.tools import compare_ram, qsnap_cmd, qsnap_env, run_qsnap, wait_save_done
 
-from .conftest import require_qemu
+from .conftest import require_qemu, requested_build
 
 MIB = 1 << 20
 MEMORY = "128M"
 LAYOUT = [(16 * MIB, 8 * MIB), (64 * MIB + 0x123, 3 * MIB), (100 * MIB, 0x5000)]
 SEED = 31
 CHUNK = 16 * MIB
-
-QEMU10 = os.environ.get("QSNAP_QEMU10", "/tmp/q10/root/usr/bin/qemu-system-x86_64")
-QEMU10_ARGS = ["-L", "/tmp/q10/root/usr/share/qemu", "-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]
-QEMU10_MACHINE = "pc-i440fx-10.0"
 
 
 def save_stopped(vm, img):
@@ -238,21 +236,20 @@ def test_linux_elf_volatility_finds_the_banner(linux_cores, tmp_path):
 
 @pytest.fixture(scope="module")
 def qemu10():
-    if not (os.path.isfile(QEMU10) and os.access(QEMU10, os.X_OK)):
-        msg = f"QEMU 10.0 not found at {QEMU10} (set QSNAP_QEMU10)"
-        pytest.fail(msg) if require_qemu() else pytest.skip(msg)
-    return QEMU10
+    """The QEMU 10.0 build (mapped-ram is new in 9.0)."""
+    return requested_build("10.0")
 
 
-def q10(cls=Qemu, **kw):
-    kw.setdefault("machine", QEMU10_MACHINE)
+def q10(build, cls=Qemu, **kw):
+    """A ``cls`` on QEMU 10.0 (``build``), by default with its own pc machine type."""
+    kw.setdefault("machine", build.machine("pc"))
     kw.setdefault("memory", MEMORY)
-    return cls(binary=QEMU10, args=QEMU10_ARGS, env=qsnap_env(), **kw)
+    return cls(build=build, env=qsnap_env(), **kw)
 
 
-def restored_ram(tmp_path, name, uri, caps=None, multifd=False):
+def restored_ram(build, tmp_path, name, uri, caps=None, multifd=False):
     """RAM of a paused QEMU 10.0 after migrate_incoming ``uri``."""
-    with q10(name=name, incoming=True, paused=True) as dst:
+    with q10(build, name=name, incoming=True, paused=True) as dst:
         if caps:
             dst.set_capabilities(caps)
         if multifd:
@@ -265,30 +262,31 @@ def restored_ram(tmp_path, name, uri, caps=None, multifd=False):
 
 @pytest.fixture(scope="module")
 def q10_blobs(qemu10, tmp_path_factory):
+    """The blobs of the 10.0 guests (the fixture skips the tests without 10.0)."""
     d = tmp_path_factory.mktemp("export-q10")
     return guests.make_blobs(d / "blobs", LAYOUT, SEED + 1)
 
 
-def test_q10_mapped_ram_export_restores(q10_blobs, tmp_path):
+def test_q10_mapped_ram_export_restores(qemu10, q10_blobs, tmp_path):
     img = tmp_path / "vm.qsnap"
-    vm = q10(BlobGuest, blobs=q10_blobs, accel="tcg").start()
+    vm = q10(qemu10, BlobGuest, blobs=q10_blobs, accel="tcg").start()
     try:
         vm.wait_bios_done()
         save_stopped(vm, img)
     finally:
         vm.shutdown()
     out = export(img, tmp_path / "vm.mapped-ram", "mapped-ram")
-    qsnap_ram = restored_ram(tmp_path, "dst-load", "exec:" + qsnap_cmd("load", img))
-    qemu_ram = restored_ram(tmp_path, "dst-file", f"file:{out}", caps={"mapped-ram": True})
+    qsnap_ram = restored_ram(qemu10, tmp_path, "dst-load", "exec:" + qsnap_cmd("load", img))
+    qemu_ram = restored_ram(qemu10, tmp_path, "dst-file", f"file:{out}", caps={"mapped-ram": True})
     compare_ram(qemu_ram, qsnap_ram, "QEMU 10.0 mapped-ram restore of the export vs qsnap load")
     for b in q10_blobs:
         assert qemu_ram[b.addr:b.addr + len(b.data)] == b.data
 
 
 @pytest.mark.parametrize("multifd", [False, True], ids=["plain", "multifd"])
-def test_q10_mapped_ram_import(q10_blobs, tmp_path, multifd):
+def test_q10_mapped_ram_import(qemu10, q10_blobs, tmp_path, multifd):
     src = tmp_path / "vm.mapped-ram"
-    vm = q10(BlobGuest, blobs=q10_blobs, accel="tcg").start()
+    vm = q10(qemu10, BlobGuest, blobs=q10_blobs, accel="tcg").start()
     try:
         vm.wait_bios_done()
         vm.set_capabilities({"mapped-ram": True, "multifd": multifd})
@@ -301,19 +299,21 @@ def test_q10_mapped_ram_import(q10_blobs, tmp_path, multifd):
     r = run_qsnap("import", src, img)
     assert r.returncode == 0, r.stderr.decode()
     assert run_qsnap("check", img).returncode == 0
-    qemu_ram = restored_ram(tmp_path, "dst-file", f"file:{src}", caps={"mapped-ram": True}, multifd=multifd)
-    qsnap_ram = restored_ram(tmp_path, "dst-load", "exec:" + qsnap_cmd("load", img))
+    qemu_ram = restored_ram(qemu10, tmp_path, "dst-file", f"file:{src}", caps={"mapped-ram": True},
+                            multifd=multifd)
+    qsnap_ram = restored_ram(qemu10, tmp_path, "dst-load", "exec:" + qsnap_cmd("load", img))
     compare_ram(qsnap_ram, qemu_ram, "qsnap load of the import vs QEMU 10.0's own mapped-ram restore")
     for b in q10_blobs:
         assert qsnap_ram[b.addr:b.addr + len(b.data)] == b.data
 
 
-def test_q72_snapshot_restores_in_q10_through_mapped_ram(qemu10, blob_cores, tmp_path):
-    """An image saved from QEMU 7.2, exported to mapped-ram, restores in QEMU 10.0
-    (same machine type): the way onto QEMU's fastest restore path for old snapshots."""
+def test_q72_snapshot_restores_in_q10_through_mapped_ram(qemu, qemu10, blob_cores, tmp_path):
+    """An image saved on the test's build (QEMU 7.2 in CI), exported to mapped-ram,
+    restores in QEMU 10.0 (same machine type): the way onto QEMU's fastest restore path
+    for old snapshots."""
     blobs, img, _ours, _qemu = blob_cores
     out = export(img, tmp_path / "vm.mapped-ram", "mapped-ram")
-    with q10(machine="pc-i440fx-7.2", name="dst-72", incoming=True, paused=True) as dst:
+    with q10(qemu10, machine=qemu.machine("pc"), name="dst-72", incoming=True, paused=True) as dst:
         dst.set_capabilities({"mapped-ram": True})
         dst.migrate_incoming(f"file:{out}")
         dst.wait_migration(timeout=180)
