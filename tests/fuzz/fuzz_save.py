@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""atheris harness: the whole save engine (qsnap.save.save, C sink) on hostile streams.
+
+    python tests/fuzz/fuzz_save.py -max_total_time=600 [CORPUS_DIR ...]
+    QSNAP_FUZZ_FINDINGS=DIR python tests/fuzz/fuzz_save.py -fork=1 -ignore_ooms=1 -max_total_time=36000
+
+A fuzz input is a migration stream, fed to save() through a memfd as in_fd;
+the return path goes to a pipe.  Seeds are small synthetic guests and real
+streams cut down to a few RAM records (engine_seeds in seeds.py); besides
+libFuzzer's byte mutations, a record-level mutator (stream_records.py)
+inserts, deletes, duplicates and reorders whole records, rewrites RAM flags,
+offsets, ids and lengths, and truncates inside a record.
+
+The contract (engine_harness.py) plus, for save: after a failure an earlier
+file at the image path is byte-identical (or no file is there); after
+success the image opens, verifies and loads; the return path carries only
+well-formed PONG/SHUT messages, SHUT last, SHUT(0) only on success.
+"""
+import fcntl
+import os
+import random
+import struct
+import sys
+import zlib
+
+import engine_harness as H
+import seeds
+
+import atheris
+
+with atheris.instrument_imports(include=["qsnap"]):
+    from qsnap.errors import QsnapError
+    from qsnap.image.reader import Image
+    from qsnap.load import load
+    from qsnap.save import save
+    from qsnap.stream import constants as C
+
+import stream_records
+
+OLD = b"an earlier image that a failed save must leave alone\n" * 8
+CLUSTER_SIZE = 1 << 16
+_state = {}
+
+
+def _setup():
+    if _state:
+        return _state
+    d = H.work_dir("save")
+    rp_r, rp_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(rp_w, 1031, 1 << 20)  # F_SETPIPE_SZ: room for every PONG of one input
+    except OSError:
+        pass
+    _state.update(dir=d, path=str(d / "snap.qsnap"), name="snap.qsnap", memfd=os.memfd_create("fuzz-save"),
+                  rp_r=rp_r, rp_w=rp_w, devnull=os.open(os.devnull, os.O_WRONLY))
+    return _state
+
+
+def _feed(fd, data):
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+
+
+def _drain(fd):
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return bytes(out)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+
+
+def check_return_path(rp, ok):
+    """Only PONG and SHUT, well framed; SHUT last; SHUT(0) only after success."""
+    pos = 0
+    shut = None
+    while pos < len(rp):
+        if shut is not None:
+            raise H.ContractViolation(f"return-path message after SHUT at offset {pos}")
+        if len(rp) - pos < 4:
+            raise H.ContractViolation("partial return-path message")
+        typ, ln = struct.unpack_from(">HH", rp, pos)
+        if typ not in (C.MIG_RP_MSG_PONG, C.MIG_RP_MSG_SHUT) or ln != 4 or pos + 8 > len(rp):
+            raise H.ContractViolation(f"bad return-path message type {typ} length {ln}")
+        if typ == C.MIG_RP_MSG_SHUT:
+            shut = struct.unpack_from(">I", rp, pos + 4)[0]
+        pos += 8
+    if shut == 0 and not ok:
+        raise H.ContractViolation("SHUT(0) after a failed save")
+    if ok and rp and shut != 0:
+        raise H.ContractViolation(f"successful save with a return path ends with SHUT {shut}")
+
+
+def check_files(st, ok, had_old):
+    names = [st["name"]] if ok or had_old else []
+    extra = H.leftovers(st["dir"], names)
+    if extra:
+        raise H.ContractViolation(f"files left in the image directory: {extra}")
+    if ok:
+        with Image.open(st["path"]) as img:
+            img.verify_all()
+            load(img, st["devnull"], cache="writeback", quiet=True)
+    elif had_old:
+        with open(st["path"], "rb") as f:
+            if f.read() != OLD:
+                raise H.ContractViolation("a failed save changed the earlier file at the image path")
+    elif os.path.exists(st["path"]):
+        raise H.ContractViolation("a failed save left a file at the image path")
+
+
+def run_one(data):
+    st = _setup()
+    had_old = zlib.crc32(data[-16:]) & 1 == 1
+    if had_old:
+        with open(st["path"], "wb") as f:
+            f.write(OLD)
+    _feed(st["memfd"], data)
+    ok = False
+    try:
+        save(st["path"], in_fd=st["memfd"], out_fd=st["rp_w"], cache="writeback",
+             cluster_size=CLUSTER_SIZE, quiet=True)
+        ok = True
+    except QsnapError as e:
+        H.check_message(e)
+    rp = _drain(st["rp_r"])
+    try:
+        check_return_path(rp, ok)
+        check_files(st, ok, had_old)
+    except QsnapError as e:
+        raise H.ContractViolation(f"the saved image does not load: {type(e).__name__}: {e}") from None
+    finally:
+        for n in os.listdir(st["dir"]):
+            os.unlink(os.path.join(st["dir"], n))
+
+
+def TestOneInput(data):
+    try:
+        run_one(data)
+    except Exception as e:  # noqa: BLE001  every non-QsnapError is a finding
+        H.finding(e, data)
+        for n in os.listdir(_state["dir"]):
+            os.unlink(os.path.join(_state["dir"], n))
+
+
+_mutator = None
+
+
+def CustomMutator(data, max_size, seed):
+    global _mutator
+    if _mutator is None:
+        _mutator = stream_records.Mutator([stream_records.split(b) for _, b in seeds.engine_streams()],
+                                          atheris.Mutate)
+    if random.Random(seed).random() < 0.25:
+        return atheris.Mutate(data, max_size)
+    return _mutator.mutate(data, max_size, seed)
+
+
+def seed_dir():
+    return H.write_seed_dir("save", seeds.engine_streams())
+
+
+def main(argv=None):
+    H.run(sys.argv if argv is None else argv, "save", TestOneInput, seed_dir, CustomMutator)
+
+
+if __name__ == "__main__":
+    main()
