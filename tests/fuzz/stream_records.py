@@ -239,18 +239,28 @@ class Mutator:
 
     def duplicate(self, rng, chunks):
         i = rng.randrange(len(chunks))
-        chunks.insert(rng.choice((i + 1, rng.randrange(len(chunks) + 1))), chunks[i])
+        chunks.insert(rng.choice((i + 1, self._position(rng, chunks))), chunks[i])
 
     def move(self, rng, chunks):
         c = chunks.pop(rng.randrange(len(chunks)))
-        chunks.insert(rng.randrange(len(chunks) + 1), c)
+        chunks.insert(self._position(rng, chunks) if chunks else 0, c)
 
     def swap(self, rng, chunks):
         i, j = rng.randrange(len(chunks)), rng.randrange(len(chunks))
         chunks[i], chunks[j] = chunks[j], chunks[i]
 
+    def _position(self, rng, chunks):
+        """Anywhere, or (as often) right before or after a record of a random kind, so
+        rare kinds such as MEM_SIZE get neighbours as often as page records do."""
+        if rng.random() < 0.5:
+            return rng.randrange(len(chunks) + 1)
+        kind = rng.choice(sorted({k for k, _ in chunks}))
+        i = rng.choice([i for i, (k, _) in enumerate(chunks) if k == kind])
+        return i + rng.randrange(2)
+
     def insert(self, rng, chunks):
-        chunks.insert(rng.randrange(len(chunks) + 1), rng.choice(self.pool))
+        new = rng.choice(SYNTHETIC if rng.random() < 0.5 else self.pool)
+        chunks.insert(self._position(rng, chunks), new)
 
     def _pick(self, rng, chunks, kinds):
         idx = [i for i, (k, _) in enumerate(chunks) if k in kinds]
