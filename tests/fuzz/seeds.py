@@ -225,11 +225,11 @@ def stream_corpus():
 # --- small seeds for the engine harnesses (one run about a millisecond) -------------
 
 ENGINE_BLOCKS = (("pc.ram", 64 << 10), ("/rom@etc/acpi/tables", 8 << 10), ("pc.bios", 8 << 10))
-ENGINE_SYNTH = (
-    dict(mode="background"),
+ENGINE_SYNTH = (  # pattern pages: regression images made from them compress to a few KB
+    dict(mode="background", data="pattern"),
     dict(mode="precopy-live", return_path=True),
-    dict(mode="precopy-stopped", footers=False),
-    dict(mode="precopy-live", vmdescription=False, zero_page_share=0.5),
+    dict(mode="precopy-stopped", footers=False, data="pattern"),
+    dict(mode="precopy-live", vmdescription=False, zero_page_share=0.5, data="pattern"),
 )
 
 
