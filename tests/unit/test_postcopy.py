@@ -237,6 +237,8 @@ def test_requested_page_comes_first(image, percent):
     (req_id("pc.ram", 8 * MiB), "outside block"),
     (req_id("pc.ram", 0, 0), "misaligned"),
     (rp_msg(C.MIG_RP_MSG_REQ_PAGES_ID, struct.pack(">QIB", 0, PS, 9) + b"pc.ram"), "bad length"),
+    (rp_msg(C.MIG_RP_MSG_REQ_PAGES_ID, b""), "REQ_PAGES_ID with bad length 0"),
+    (rp_msg(C.MIG_RP_MSG_REQ_PAGES_ID, b"\0" * 11), "REQ_PAGES_ID with bad length 11"),
 ])
 def test_return_path_errors(image, msg, err):
     ip, _ = image
