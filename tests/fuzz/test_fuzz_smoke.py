@@ -18,8 +18,8 @@ import sys
 import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
-HARNESS_SECONDS = {"fuzz_stream.py": 15, "fuzz_image.py": 15, "fuzz_save.py": 12, "fuzz_load.py": 8,
-                   "fuzz_postcopy.py": 12}
+HARNESS_SECONDS = {"fuzz_stream.py": 10, "fuzz_image.py": 10, "fuzz_save.py": 10, "fuzz_load.py": 7,
+                   "fuzz_postcopy.py": 10}
 ENGINES = ("fuzz_save.py", "fuzz_load.py", "fuzz_postcopy.py")
 
 
