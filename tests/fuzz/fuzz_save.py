@@ -17,11 +17,14 @@ success the image opens, verifies and loads; the return path carries only
 well-formed PONG/SHUT messages, SHUT last, SHUT(0) only on success.
 """
 import fcntl
+import io
 import os
 import random
 import struct
 import sys
 import zlib
+
+import numpy as np
 
 import engine_harness as H
 import seeds
@@ -34,11 +37,15 @@ with atheris.instrument_imports(include=["qsnap"]):
     from qsnap.load import load
     from qsnap.save import save
     from qsnap.stream import constants as C
+    from qsnap.stream import events as ev
+    from qsnap.stream.events import NO_BLOCK
+    from qsnap.stream.reader import StreamReader
 
 import stream_records
 
 OLD = b"an earlier image that a failed save must leave alone\n" * 8
 CLUSTER_SIZE = 1 << 16
+PAGE_SIZE = 4096
 _state = {}
 
 
@@ -52,7 +59,7 @@ def _setup():
     except OSError:
         pass
     _state.update(dir=d, path=str(d / "snap.qsnap"), name="snap.qsnap", memfd=os.memfd_create("fuzz-save"),
-                  rp_r=rp_r, rp_w=rp_w, devnull=os.open(os.devnull, os.O_WRONLY))
+                  rp_r=rp_r, rp_w=rp_w, outfd=os.memfd_create("fuzz-save-load"))
     return _state
 
 
@@ -95,15 +102,55 @@ def check_return_path(rp, ok):
         raise H.ContractViolation(f"successful save with a return path ends with SHUT {shut}")
 
 
-def check_files(st, ok, had_old):
+def final_ram(stream, zeros_override=True):
+    """{(block, offset): page} of the non-zero pages a destination ends with, and the
+    pages an XBZRLE record touched (their content needs the previous one: not compared).
+    ``zeros_override=False`` skips ZERO records of fill 0 (load sends them only for
+    pages it sent no data for)."""
+    pages, xbzrle = {}, set()
+    for e in StreamReader(io.BytesIO(stream), buffer_size=1 << 18):
+        if not isinstance(e, ev.PageBatch):
+            continue
+        r = e.records
+        kind = r["flags"] & np.uint16(0xFFFF & ~C.RAM_SAVE_FLAG_CONTINUE)
+        keep = (kind != C.RAM_SAVE_FLAG_ZERO) | (r["fill"] != 0) if not zeros_override else kind >= 0
+        for i in np.flatnonzero(keep).tolist():
+            k, blk, off = int(kind[i]), int(r["block"][i]), int(r["offset"][i])
+            key = (e.blocks[blk].idstr if blk != NO_BLOCK else None, off)
+            if k == C.RAM_SAVE_FLAG_XBZRLE:
+                xbzrle.add(key)
+            elif k == C.RAM_SAVE_FLAG_PAGE:
+                pos, n = int(r["data_pos"][i]), int(r["data_len"][i])
+                pages[key] = bytes(e.data[pos:pos + n])
+            elif k == C.RAM_SAVE_FLAG_ZERO:
+                pages[key] = bytes([int(r["fill"][i])]) * PAGE_SIZE if r["fill"][i] else None
+    return {k: v for k, v in pages.items() if v and v.count(0) != len(v)}, xbzrle
+
+
+def check_round_trip(st, stream):
+    """The saved image loads, and gives a destination the RAM the stream gave it."""
+    with Image.open(st["path"]) as img:
+        img.verify_all()
+        _feed(st["outfd"], b"")
+        load(img, st["outfd"], cache="writeback", quiet=True)
+    out = os.pread(st["outfd"], os.fstat(st["outfd"]).st_size, 0)
+    want, xbzrle = final_ram(stream)
+    got, _ = final_ram(out, zeros_override=False)
+    for key in xbzrle:
+        want.pop(key, None)
+        got.pop(key, None)
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or sorted(k for k in want if want[k] != got[k])
+        raise H.ContractViolation(f"loaded RAM differs from the saved stream's at {diff[:3]}")
+
+
+def check_files(st, ok, had_old, stream):
     names = [st["name"]] if ok or had_old else []
     extra = H.leftovers(st["dir"], names)
     if extra:
         raise H.ContractViolation(f"files left in the image directory: {extra}")
     if ok:
-        with Image.open(st["path"]) as img:
-            img.verify_all()
-            load(img, st["devnull"], cache="writeback", quiet=True)
+        check_round_trip(st, stream)
     elif had_old:
         with open(st["path"], "rb") as f:
             if f.read() != OLD:
@@ -129,7 +176,7 @@ def run_one(data):
     rp = _drain(st["rp_r"])
     try:
         check_return_path(rp, ok)
-        check_files(st, ok, had_old)
+        check_files(st, ok, had_old, data)
     except QsnapError as e:
         raise H.ContractViolation(f"the saved image does not load: {type(e).__name__}: {e}") from None
     finally:
