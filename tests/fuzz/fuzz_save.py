@@ -166,6 +166,7 @@ def run_one(data):
         with open(st["path"], "wb") as f:
             f.write(OLD)
     _feed(st["memfd"], data)
+    _drain(st["rp_r"])   # what an input that ended in a finding left there
     ok = False
     try:
         save(st["path"], in_fd=st["memfd"], out_fd=st["rp_w"], cache="writeback",
