@@ -8,11 +8,14 @@ A fuzz input is an edit program (image_edits.py) over small images that
 ``qsnap save`` writes at start-up from the engine seed streams; the custom
 mutator adds edits aimed at qcow2 header fields, L1/L2 and refcount entries,
 the qsnap extension, the metadata JSON and the checksums.  The image lives on
-tmpfs and is read with cache='writeback'; the stream goes to /dev/null.
+tmpfs and is read with cache='writeback'; the stream goes to a memfd.
 
 The contract (engine_harness.py): load returns or raises a QsnapError with a
-one-line message, and leaves no file beside the image.
+one-line message, and leaves no file beside the image; what a successful load
+wrote is a stream qsnap's own reader accepts (unless the edit program forged
+the blob checksums: load sends the stream header and device state verbatim).
 """
+import io
 import os
 import sys
 
@@ -25,6 +28,7 @@ with atheris.instrument_imports(include=["qsnap"]):
     from qsnap.errors import QsnapError
     from qsnap.image import layout, qcow2, reader
     from qsnap.load import load
+    from qsnap.stream.reader import StreamReader
 
 # Imported above so they are instrumented: load() imports the reader lazily.
 _INSTRUMENTED = (layout, qcow2, reader)
@@ -39,7 +43,7 @@ def setup():
         d = H.work_dir("load")
         _state.update(dir=d, path=str(d / "image.qsnap"), name="image.qsnap",
                       seeds=[image_edits.Seed(n, b) for n, b in seeds.engine_images(d / "seeds")],
-                      devnull=os.open(os.devnull, os.O_WRONLY))
+                      outfd=os.memfd_create("fuzz-load-out"))
         os.rmdir(d / "seeds")
     return _state
 
@@ -50,13 +54,30 @@ def write_image(st, data):
         f.write(buf)
 
 
+def check_stream(st):
+    """What load wrote is a stream qsnap's own reader accepts."""
+    out = os.pread(st["outfd"], os.fstat(st["outfd"]).st_size, 0)
+    try:
+        for _ in StreamReader(io.BytesIO(out), buffer_size=1 << 18):
+            pass
+    except QsnapError as e:
+        raise H.ContractViolation(f"load succeeded but wrote a stream the reader rejects: {e}") from None
+
+
 def run_one(data):
     st = setup()
     write_image(st, data)
+    os.ftruncate(st["outfd"], 0)
+    os.lseek(st["outfd"], 0, os.SEEK_SET)
     try:
-        load(st["path"], st["devnull"], cache="writeback", quiet=True)
+        load(st["path"], st["outfd"], cache="writeback", quiet=True)
     except QsnapError as e:
         H.check_message(e)
+    else:
+        if image_edits.decode(data)[1] % 3 != 2:
+            # With blob checksums forged (crc mode 2) an edited header or device
+            # state passes every check: load sends those blobs verbatim, by design.
+            check_stream(st)
     extra = H.leftovers(st["dir"], [st["name"]])
     if extra:
         raise H.ContractViolation(f"files left beside the image: {extra}")
