@@ -4,7 +4,8 @@
     python tests/fuzz/fuzz_save.py -max_total_time=600 [CORPUS_DIR ...]
     QSNAP_FUZZ_FINDINGS=DIR python tests/fuzz/fuzz_save.py -fork=1 -ignore_ooms=1 -max_total_time=36000
 
-A fuzz input is a migration stream, fed to save() through a memfd as in_fd;
+A fuzz input is a migration stream, fed to save() as in_fd through a memfd or
+(for a quarter of the inputs) a pipe written in pieces;
 the return path goes to a pipe.  Seeds are small synthetic guests and real
 streams cut down to a few RAM records (engine_seeds in seeds.py); besides
 libFuzzer's byte mutations, a record-level mutator (stream_records.py)
@@ -22,6 +23,7 @@ import os
 import random
 import struct
 import sys
+import threading
 import zlib
 
 import numpy as np
@@ -67,6 +69,31 @@ def _feed(fd, data):
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
     os.lseek(fd, 0, os.SEEK_SET)
+
+
+class _Trickle(threading.Thread):
+    """Feeds ``data`` through a pipe in pieces of 1 byte to 64 KiB, as QEMU's writes
+    arrive: the reader's short reads and refills get exercised too."""
+
+    def __init__(self, data):
+        super().__init__(daemon=True)
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)
+        self.data = data
+        self.start()
+
+    def run(self):
+        rng = random.Random(zlib.crc32(self.data))
+        view = memoryview(self.data)
+        try:
+            while view:
+                view = view[os.write(self.w, view[:rng.choice((1, 7, 512, 4096, 65536))]):]
+        except OSError:   # save stopped reading
+            pass
+        os.close(self.w)
+
+    def close(self):
+        os.close(self.r)  # a blocked write fails with EPIPE
+        self.join()
 
 
 def _drain(fd):
@@ -165,15 +192,20 @@ def run_one(data):
     if had_old:
         with open(st["path"], "wb") as f:
             f.write(OLD)
-    _feed(st["memfd"], data)
     _drain(st["rp_r"])   # what an input that ended in a finding left there
+    pipe = _Trickle(data) if zlib.crc32(data) & 3 == 0 else None
+    if pipe is None:
+        _feed(st["memfd"], data)
     ok = False
     try:
-        save(st["path"], in_fd=st["memfd"], out_fd=st["rp_w"], cache="writeback",
+        save(st["path"], in_fd=pipe.r if pipe else st["memfd"], out_fd=st["rp_w"], cache="writeback",
              cluster_size=CLUSTER_SIZE, quiet=True)
         ok = True
     except QsnapError as e:
         H.check_message(e)
+    finally:
+        if pipe:
+            pipe.close()
     rp = _drain(st["rp_r"])
     try:
         check_return_path(rp, ok)
