@@ -228,8 +228,10 @@ def test_ram_section_other_than_qemus_rejected(good, field, value):
     with Image.open(good[0]) as im:
         region = bytes(im._region)
         doc, _ = layout.parse_meta_region(region, im.meta_offset)
-    doc["stream"]["ram_section"][field] = value
     jl = struct.unpack(">Q", region[8:16])[0]
+    doc["stream"]["ram_section"] = {"section_id": 2, "instance_id": 0, "version_id": 4}
+    layout.validate_meta(doc, len(region), 16 + jl)
+    doc["stream"]["ram_section"][field] = value
     with pytest.raises(ImageError, match=r"meta.stream.ram_section instance \d+ version \d+ is not QEMU's"):
         layout.validate_meta(doc, len(region), 16 + jl)
 
