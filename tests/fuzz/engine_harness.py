@@ -8,9 +8,9 @@ finding.
 A finding normally ends the run (libFuzzer writes the reproducer).  With
 QSNAP_FUZZ_FINDINGS=DIR a long campaign keeps going instead: the smallest
 input per signature (exception type, message shape, innermost qsnap frame) is
-kept in DIR and the run continues.  KNOWN lists the signatures of stream
-structure errors fixed by the stream checks on another branch; with
-QSNAP_FUZZ_ALLOW_KNOWN=1 (the smoke test) they are counted, not fatal.
+kept in DIR and the run continues.  KNOWN lists signatures (regular expressions)
+of findings whose fix belongs to another change; with QSNAP_FUZZ_ALLOW_KNOWN=1
+(the smoke test) they are counted, not fatal.
 """
 import hashlib
 import os
@@ -26,11 +26,8 @@ REPO = seeds.REPO
 FINDINGS = os.environ.get("QSNAP_FUZZ_FINDINGS")
 ALLOW_KNOWN = os.environ.get("QSNAP_FUZZ_ALLOW_KNOWN") == "1"
 
-# Signatures (regular expressions on signature()) of errors the stream checks fix.
-KNOWN = (
-    # MULTIFD_FLUSH before MEM_SIZE: save feeds a page batch to a sink that does not exist yet
-    r"^AttributeError\|save\.py:_consume\|'NoneType' object has no attribute 'put_batch'",
-)
+# Signatures (regular expressions on signature()) of findings fixed elsewhere.
+KNOWN = ()
 
 
 class ContractViolation(AssertionError):

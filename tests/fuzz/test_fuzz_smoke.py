@@ -6,9 +6,9 @@ files behind); that fails the test with the reproducer libFuzzer wrote.
 
 Seconds per harness: HARNESS_SECONDS, or QSNAP_FUZZ_SECONDS for each of them;
 the defaults keep the whole directory around 90 s on two cores.  The engine
-harnesses run with QSNAP_FUZZ_ALLOW_KNOWN=1: the stream-structure errors listed
-in engine_harness.KNOWN are fixed by the stream checks and kept as regression
-cases (test_fuzz_regressions.py); anything else fails here.
+harnesses run with QSNAP_FUZZ_ALLOW_KNOWN=1: findings listed in
+engine_harness.KNOWN (fixed by another change, kept as xfail regression cases in
+test_fuzz_regressions.py) are counted; anything else fails here.
 """
 import os
 import pathlib
