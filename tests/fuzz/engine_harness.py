@@ -37,6 +37,11 @@ class ContractViolation(AssertionError):
 def work_dir(harness):
     """A fresh per-process directory on tmpfs when there is one."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else seeds.cache_dir()
+    # libFuzzer ends the process without Python's cleanup: remove what dead runs left
+    for old in pathlib.Path(base).glob(f"qsnap-{harness}-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(old, ignore_errors=True)
     d = pathlib.Path(base) / f"qsnap-{harness}-{os.getpid()}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
