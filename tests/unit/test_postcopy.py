@@ -9,7 +9,7 @@ import pytest
 
 from qsnap.errors import ChecksumError, IOFailure, ProtocolError
 from qsnap.image.reader import Image
-from qsnap.postcopy import load_postcopy
+from qsnap.postcopy import ReturnPath, load_postcopy
 from qsnap.save import save
 from qsnap.stream import constants as C
 from qsnap.stream import events as ev
@@ -243,6 +243,8 @@ def test_requested_page_comes_first(image, percent):
     (req_id("pc.ram", 8 * MiB), "outside block"),
     (req_id("pc.ram", 0, 0), "misaligned"),
     (rp_msg(C.MIG_RP_MSG_REQ_PAGES_ID, struct.pack(">QIB", 0, PS, 9) + b"pc.ram"), "bad length"),
+    (rp_msg(C.MIG_RP_MSG_REQ_PAGES_ID, b""), "REQ_PAGES_ID with bad length 0"),
+    (rp_msg(C.MIG_RP_MSG_REQ_PAGES_ID, b"\0" * 11), "REQ_PAGES_ID with bad length 11"),
 ])
 def test_return_path_errors(image, msg, err):
     ip, _ = image
@@ -253,6 +255,19 @@ def test_return_path_errors(image, msg, err):
     d = FakeDest(ip, 0, on_packaged=on_packaged, shut=False).drive()
     assert isinstance(d.exc, ProtocolError), d.exc
     assert err in str(d.exc)
+
+
+def test_unexpected_return_path_error_reaches_the_writer(image, monkeypatch):
+    """A bug in the return-path thread ends the load with that error instead of a hang."""
+    ip, _ = image
+
+    def broken(self, *args):
+        raise KeyError("injected")
+
+    monkeypatch.setattr(ReturnPath, "_handle", broken)
+    d = FakeDest(ip, 0, shut=False).drive()
+    assert isinstance(d.exc, KeyError), d.exc
+    assert not d.thread.is_alive()
 
 
 def test_qemu_goes_away(image):
