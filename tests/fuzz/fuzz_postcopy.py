@@ -142,7 +142,7 @@ def run_one(data):
     drain.start()
     try:
         load_postcopy(st["path"], percent, cache="writeback", quiet=True, in_fd=r_in, out_fd=w_out,
-                      watchdog=False, group_pages=4)
+                      group_pages=4)
     except QsnapError as e:
         H.check_message(e)
     finally:
