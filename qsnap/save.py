@@ -14,6 +14,7 @@ import stat
 import sys
 import time
 
+from qsnap import atomic
 from qsnap.errors import ImageError, Interrupted, IOFailure, QsnapError, StreamError, UsageError
 from qsnap.image import layout
 from qsnap.image.writer import ImageWriter
@@ -127,18 +128,9 @@ def error_line(e):
 
 def write_report(path, doc):
     """Write ``doc`` as JSON to ``path`` atomically (temp file + rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2, default=_jsonable)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic.write_json(path, doc, indent=2, default=_jsonable)
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass  # never created
         raise IOFailure(f"cannot write the report {path}: {e.strerror}") from None
 
 

@@ -7,13 +7,8 @@ temporary file and leaves an older file at the target as it was.
 """
 import os
 
+from qsnap.atomic import fsync_dir, io_error
 from qsnap.errors import IOFailure
-
-
-def _io_error(e, what, path, offset=None):
-    text = os.strerror(e.errno) if e.errno else str(e)
-    where = f" at offset 0x{offset:x}" if offset is not None else ""
-    return IOFailure(f"{text[:1].lower() + text[1:]} {what} {path}{where}")
 
 
 class AtomicOutput:
@@ -38,7 +33,7 @@ class AtomicOutput:
             except FileExistsError:
                 continue
             except OSError as e:
-                raise _io_error(e, "creating a temporary file beside", self.path) from None
+                raise io_error(e, "creating a temporary file beside", self.path) from None
             self.tmp_path = cand
             return
         raise IOFailure(f"cannot create a temporary file beside {self.path}")
@@ -47,7 +42,7 @@ class AtomicOutput:
         try:
             os.ftruncate(self.fd, length)
         except OSError as e:
-            raise _io_error(e, "sizing", self.tmp_path) from None
+            raise io_error(e, "sizing", self.tmp_path) from None
 
     def pwrite(self, buf, offset):
         view = memoryview(buf)
@@ -56,33 +51,21 @@ class AtomicOutput:
             while done < len(view):
                 done += os.pwrite(self.fd, view[done:], offset + done)
         except OSError as e:
-            raise _io_error(e, "writing", self.tmp_path, offset + done) from None
+            raise io_error(e, "writing", self.tmp_path, offset + done) from None
 
     def commit(self):
         try:
             os.fsync(self.fd)
         except OSError as e:
-            raise _io_error(e, "syncing", self.tmp_path) from None
+            raise io_error(e, "syncing", self.tmp_path) from None
         os.close(self.fd)
         self.fd = -1
         try:
             os.rename(self.tmp_path, self.path)
         except OSError as e:
-            raise _io_error(e, "renaming the output to", self.path) from None
+            raise io_error(e, "renaming the output to", self.path) from None
         self._committed = True
-        self._fsync_dir()
-
-    def _fsync_dir(self):
-        try:
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            return
-        try:
-            os.fsync(dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
+        fsync_dir(self.dir)
 
     def abort(self):
         if self.fd >= 0:
