@@ -131,7 +131,7 @@ def _cmd_load(args):
         raise UsageError("--record-working-set needs --postcopy (page requests exist only there)")
     from qsnap.load import load
 
-    stats = load(args.image, cache=args.cache, quiet=args.quiet)
+    stats = load(args.image, cache=args.cache, quiet=args.quiet, prefetch=args.prefetch != "none")
     if args.stats:
         with open(args.stats, "w") as f:
             json.dump(stats, f, indent=2)

@@ -242,7 +242,7 @@ class _Postcopy:
         self.img = img
         self.prefetch = prefetch
         self.record = record
-        self.working_set = working_set_of(img, log) if prefetch != "none" else None
+        self.working_set = workingset.usable(img, log) if prefetch != "none" else None
         self.ws_pages = 0
         self.t_switch = None
         self.percent = percent
@@ -625,15 +625,6 @@ class _Postcopy:
                 self._part()
                 if cp.step(self._part_mark + self.part_bytes) == _core.CLUSTER_PASS_END:
                     break
-
-
-def working_set_of(img, log):
-    """The image's working set, or None (a damaged one with one warning line)."""
-    if img.working_set_problem:
-        log.write(f"qsnap: warning: ignoring the working set of {img.path}: "
-                  f"{img.working_set_problem}\n")
-        log.flush()
-    return img.working_set
 
 
 def working_set_runs(entries, tphp, host_sizes):

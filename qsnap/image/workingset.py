@@ -139,6 +139,36 @@ def _read(img, ref):
     return WorkingSet(ents, ref["recorded"], ref["first_recorded"], ref["restores"])
 
 
+def usable(img, log):
+    """The working set a restore of ``img`` may use, or None; a damaged one is
+    reported with one warning line on ``log`` (images from tests may lack both)."""
+    problem = getattr(img, "working_set_problem", None)
+    if problem:
+        log.write(f"qsnap: warning: ignoring the working set of {img.path}: {problem}\n")
+        log.flush()
+    return getattr(img, "working_set", None)
+
+
+def clusters_first(entries, blocks, host, virt, cluster_size, tps):
+    """A permutation of a cluster plan (``host``/``virt`` arrays, host order) that
+    puts the data clusters holding working-set pages first, in the order their
+    first page was recorded; the others keep their order."""
+    if not len(entries) or not len(virt):
+        return np.arange(len(virt))
+    offs = np.array([b.offset for b in blocks], np.uint64)
+    v = offs[entries["block"].astype(np.int64)] + entries["page"].astype(np.uint64) * np.uint64(tps)
+    v -= v % np.uint64(cluster_size)
+    _, first = np.unique(v, return_index=True)
+    wanted = v[np.sort(first)]
+    rank = np.full(len(virt), len(wanted), np.int64)
+    by_virt = np.argsort(virt, kind="stable")
+    pos = np.searchsorted(virt[by_virt], wanted)
+    ok = pos < len(virt)
+    ok[ok] &= virt[by_virt[pos[ok]]] == wanted[ok]        # an all-zero cluster is not in the plan
+    rank[by_virt[pos[ok]]] = np.flatnonzero(ok)
+    return np.argsort(rank, kind="stable")
+
+
 # --- storing --------------------------------------------------------------------------
 
 def _rebuild_doc(img):

@@ -101,3 +101,45 @@ def test_runs_coalesce_adjacent_pages_in_order():
     long = ws.entries([(0, i, 0) for i in range(600)])
     assert working_set_runs(long, [1], [PS]) == [(0, 0, 256), (0, 256, 512), (0, 512, 600)]
     assert working_set_runs(np.zeros(0, ws.ENTRY), [1], [PS]) == []
+
+
+def _precopy_pages(p, tmp_path, **kw):
+    from qsnap.load import load
+    from qsnap.stream import events as ev
+    from qsnap.stream.reader import StreamReader
+
+    out = tmp_path / "out.stream"
+    with open(out, "wb") as f:
+        load(str(p), f.fileno(), cache="writeback", quiet=True, log=kw.pop("log", io.StringIO()), **kw)
+    pages = []
+    with open(out, "rb") as f:
+        for e in StreamReader(f):
+            if isinstance(e, ev.PageBatch):
+                pages += [(idstr, off, payload) for idstr, off, flags, payload in e.iter_pages()]
+    return pages
+
+
+def test_precopy_load_sends_working_set_clusters_first_same_ram(img_copy, tmp_path):
+    p, synth = img_copy
+    wanted = _last_data_pages(p, 6)[::-1]
+    plain = _precopy_pages(p, tmp_path)
+    ws.store(p, ws.entries([(0, w // PS, 0) for w in wanted]))
+    first = _precopy_pages(p, tmp_path)
+    assert len(first) == len(plain)
+    assert {(i, o): d for i, o, d in first} == {(i, o): d for i, o, d in plain}
+    cs = Image.open(p).cluster_size
+    head = {(i, o // cs) for i, o, d in first[:cs // PS] if d is not None}
+    assert {("pc.ram", w // cs) for w in wanted} <= head
+    assert [(i, o) for i, o, _ in plain[:cs // PS]] != [(i, o) for i, o, _ in first[:cs // PS]]
+    assert [(i, o) for i, o, _ in _precopy_pages(p, tmp_path, prefetch=False)] == \
+        [(i, o) for i, o, _ in plain]
+
+
+def test_clusters_first_order():
+    class B:
+        offset = 0
+    host = np.array([1, 2, 3, 4], np.uint64) << np.uint64(20)
+    virt = np.array([0, 1, 2, 3], np.uint64) << np.uint64(20)
+    e = ws.entries([(0, 3 * 256 + 5, 0), (0, 1 * 256, 0), (0, 3 * 256, 0), (0, 9 * 256, 0)])
+    order = ws.clusters_first(e, [B()], host, virt, 1 << 20, PS)
+    assert list(order) == [3, 1, 0, 2]
