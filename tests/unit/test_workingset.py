@@ -176,3 +176,12 @@ def test_copy_keeps_fresh_image_layout(tmp_path):
     with Image.open(p) as a, Image.open(q) as b:
         assert np.array_equal(a.data_clusters(), b.data_clusters())
         assert b.working_set is not None and len(b.working_set) == 0
+
+
+def test_cli_record_needs_postcopy(tmp_path):
+    p = _image(tmp_path)
+    r = qsnap("load", "--record-working-set", str(p))
+    assert r.returncode != 0
+    assert r.stderr.strip() == "qsnap: error: --record-working-set needs --postcopy (page requests exist only there)"
+    r = qsnap("load", "--prefetch=sometimes", str(p))
+    assert r.returncode != 0 and r.stderr.startswith("qsnap: error: argument --prefetch")
