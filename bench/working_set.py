@@ -3,7 +3,7 @@
     python -m bench.working_set [--rounds 3] [--data-mb 64] [--memory 256M] [--dir DIR]
 
 A live Linux guest (busybox initramfs, TCG) keeps DATA_MB of random bytes in
-tmpfs and loops "md5sum the file; print ``ws-mark N`` on ttyS0; sleep 1".  It
+tmpfs and loops "md5sum the file; print ``ws-mark N`` on ttyS0; sleep 0.2".  It
 is saved once (background snapshot, raw stream teed to a file) right after a
 mark.  One postcopy restore with ``--record-working-set`` records the pages the
 guest touches.  Then, in each round and in the same run, fresh destinations
@@ -17,7 +17,10 @@ guest touches.  Then, in each round and in the same run, fresh destinations
 
 For each: seconds from ``migrate_incoming`` to the first ``ws-mark`` on the
 destination's console (the guest finished checksumming its file), and to the
-migration's completion.  Prints JSON (and writes it to --out).
+migration's completion.  With ``--throttle MB/s`` every stream (cat's too)
+passes through a rate limiter: a slow disk or link, where the background pass
+cannot outrun the guest and the order of the pages matters.  Prints JSON (and
+writes it to --out).
 """
 import argparse
 import gzip
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from qsnaptest import guests
 from qsnaptest.qemu import LinuxGuest
-from qsnaptest.tools import qsnap_env, save_with_tee
+from qsnaptest.tools import qsnap_env, save_with_tee, slow_pipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = shlex.quote(sys.executable)
@@ -55,7 +58,7 @@ while :; do
   s=$(md5sum /tmp/data)
   echo "{mark} $n ${{s%% *}}" > /dev/ttyS0
   n=$((n + 1))
-  sleep 1
+  usleep 200000
 done
 """
 
@@ -108,17 +111,30 @@ def save(kernel, initrd, memory, img, raw):
 
 
 def restore(kernel, initrd, memory, uri, postcopy, timeout=900):
-    """(seconds to the first mark, seconds to completion, the mark) of one restore."""
+    """(seconds to the first mark, seconds to completion, the mark) of one restore;
+    console and migration status are polled together."""
     with LinuxGuest(kernel, initrd, memory=memory, incoming=True, env=qsnap_env(),
                     name="dst", qmp_timeout=120) as d:
         if postcopy:
             d.set_capabilities(postcopy_ram=True)
         t0 = time.monotonic()
         d.migrate_incoming(uri)
-        mark = wait_mark(d, 0, timeout)
-        t_mark = time.monotonic() - t0
-        d.wait_migration(timeout=timeout)
-        t_done = time.monotonic() - t0
+        t_mark = t_done = None
+        while t_mark is None or t_done is None:
+            t = time.monotonic() - t0
+            if t > timeout or not d.is_running():
+                raise SystemExit(f"restore stuck or failed; console:\n{d.console()[-2000:]}\n"
+                                 f"{d.log_tail()}")
+            if t_mark is None and marks(d):
+                t_mark = t
+            if t_done is None:
+                st = d.query_migrate().get("status")
+                if st == "completed":
+                    t_done = t
+                elif st == "failed":
+                    raise SystemExit(f"restore failed:\n{d.log_tail()}")
+            time.sleep(0.01)
+        mark = marks(d)[0]
         d.wait_no_descendants(timeout=120)
     return t_mark, t_done, mark
 
@@ -130,13 +146,19 @@ def run(args):
     initrd = build_initrd(work / "ws-initrd.cpio.gz", args.data_mb)
     img, raw = work / "ws.qsnap", work / "ws.stream"
     src_mark = save(kernel, initrd, args.memory, img, raw)
+    pipe = ""
+    if args.throttle:
+        chunk = 256 << 10
+        pipe = " | " + slow_pipe(chunk, chunk / (args.throttle * 1e6))
     rec = restore(kernel, initrd, args.memory,
-                  "exec:" + qsnap("load", "-q", "--postcopy=0", "--record-working-set", img), True)
+                  "exec:" + qsnap("load", "-q", "--postcopy=0", "--record-working-set", img) + pipe,
+                  True)
     info = json.loads(os.popen(qsnap("info", "--output=json", img)).read())
     results = {k: [] for k in VARIANTS}
     for _ in range(args.rounds):
         for name, opts in VARIANTS.items():
-            uri = f"exec:cat {shlex.quote(str(raw))}" if opts is None else "exec:" + qsnap(*opts, img)
+            uri = (f"exec:cat {shlex.quote(str(raw))}" if opts is None
+                   else "exec:" + qsnap(*opts, img)) + pipe
             t_mark, t_done, mark = restore(kernel, initrd, args.memory, uri, "--postcopy" in str(opts))
             results[name].append({"to_mark": t_mark, "to_completed": t_done, "mark": mark})
     med = {k: statistics.median(r["to_mark"] for r in v) for k, v in results.items()}
@@ -144,6 +166,7 @@ def run(args):
         "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
                     "load_avg_at_end": os.getloadavg()},
         "guest": {"memory": args.memory, "data_mb": args.data_mb, "accel": "tcg"},
+        "throttle_mb_s": args.throttle,
         "source_mark": src_mark, "working_set": info["working_set"],
         "recording_restore": {"to_mark": rec[0], "to_completed": rec[1]},
         "rounds": args.rounds, "results": results,
@@ -158,6 +181,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--data-mb", type=int, default=64)
     p.add_argument("--memory", default="256M")
+    p.add_argument("--throttle", type=float, default=0.0, metavar="MB/s",
+                   help="pass every stream through a rate limiter (0: none)")
     p.add_argument("--dir")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
