@@ -87,6 +87,9 @@ def build_parser():
                     help="restore through postcopy after PCT%% of the non-zero pages (default 10)")
     ld.add_argument("--record-working-set", action="store_true",
                     help="with --postcopy: merge the pages the guest asks for into IMG's working set")
+    ld.add_argument("--record-window", type=float, default=0.0, metavar="SECONDS",
+                    help="with --record-working-set: send only requested pages for SECONDS "
+                    "after the switch, so the record holds all the guest touches then")
     ld.add_argument("--prefetch", choices=("after", "before", "none"), default="after",
                     help="when IMG's working set is sent: right after the switch to postcopy "
                     "(default), before it, or not first at all (none)")
@@ -125,7 +128,8 @@ def _cmd_load(args):
 
         load_postcopy(args.image, percent=args.postcopy, cache=args.cache,
                       stats_path=args.stats, quiet=args.quiet, prefetch=args.prefetch,
-                      record_working_set=args.record_working_set)
+                      record_working_set=args.record_working_set,
+                      record_window=args.record_window)
         return 0
     if args.record_working_set:
         raise UsageError("--record-working-set needs --postcopy (page requests exist only there)")

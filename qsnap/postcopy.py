@@ -191,13 +191,17 @@ def _percentiles(xs):
 def load_postcopy(image_path, percent=10.0, cache="none", stats_path=None, quiet=False, *,
                   in_fd=0, out_fd=1, log=sys.stderr, group_pages=GROUP_PAGES,
                   part_bytes=PART_BYTES, n_bufs=_core.AIO_DEFAULT_BUFS,
-                  n_threads=_core.AIO_DEFAULT_THREADS, prefetch="after", record_working_set=False):
+                  n_threads=_core.AIO_DEFAULT_THREADS, prefetch="after", record_working_set=False,
+                  record_window=0.0):
     """Write a postcopy migration stream from the image to ``out_fd``; serve ``in_fd`` requests.
 
     ``prefetch``: send the image's working set right "after" the switch to
     postcopy, "before" it (with the precopy share) or not at all ("none").
     ``record_working_set``: merge the guest's page requests into the image's
-    working set once the migration has completed.
+    working set once the migration has completed.  ``record_window``: for that
+    many seconds after the switch only requested pages are sent, so the record
+    holds what the guest touches, not only what it touched before the
+    background pass reached it.
     Returns the statistics dict (also written as JSON to ``stats_path``).
     When QEMU goes away (the return path fails) the error is raised here, also
     while a write waits for a stream reader that is still there.
@@ -208,17 +212,21 @@ def load_postcopy(image_path, percent=10.0, cache="none", stats_path=None, quiet
         raise UsageError("group_pages must be positive")
     if prefetch not in PREFETCH_MODES:
         raise UsageError(f"prefetch mode {prefetch!r} is not one of {', '.join(PREFETCH_MODES)}")
+    if not 0 <= record_window <= 3600:
+        raise UsageError(f"record window {record_window} s not in 0..3600")
     t0 = time.monotonic()
     from qsnap.image.reader import Image
 
     if isinstance(image_path, (str, bytes, os.PathLike)):
         with Image.open(image_path) as img:
             pc = _Postcopy(img, percent, cache, in_fd, out_fd, log, group_pages,
-                           part_bytes, n_bufs, n_threads, t0, prefetch, record_working_set)
+                           part_bytes, n_bufs, n_threads, t0, prefetch,
+                           record_window if record_working_set else None)
             stats = pc.run()
     else:
         pc = _Postcopy(image_path, percent, cache, in_fd, out_fd, log, group_pages,
-                       part_bytes, n_bufs, n_threads, t0, prefetch, record_working_set)
+                       part_bytes, n_bufs, n_threads, t0, prefetch,
+                           record_window if record_working_set else None)
         stats = pc.run()
     if record_working_set:
         stats["working_set_recorded"] = pc.store_working_set()
@@ -238,10 +246,11 @@ def load_postcopy(image_path, percent=10.0, cache="none", stats_path=None, quiet
 
 class _Postcopy:
     def __init__(self, img, percent, cache, in_fd, out_fd, log, group_pages,
-                 part_bytes, n_bufs, n_threads, t0, prefetch="after", record=False):
+                 part_bytes, n_bufs, n_threads, t0, prefetch="after", record=None):
         self.img = img
         self.prefetch = prefetch
-        self.record = record
+        self.record = record is not None
+        self.record_window = record or 0.0
         self.working_set = workingset.usable(img, log) if prefetch != "none" else None
         self.ws_pages = 0
         self.t_switch = None
@@ -492,6 +501,8 @@ class _Postcopy:
         """Requested pages first, then zero host pages, then data; END and EOF."""
         em, pager = self.em, self.pager
         self._serve()
+        if self.record_window:
+            self._serve_only(self.t_switch + self.record_window)
         if self.prefetch == "after":
             self._send_working_set(serve=True)
         for bi in self.migrated:
@@ -535,6 +546,19 @@ class _Postcopy:
         self.em.flush()
         if _DEBUG:
             os.write(2, f"working set: {self.ws_pages} pages in {time.monotonic() - t:.3f} s\n".encode())
+
+    def _serve_only(self, until):
+        """Send nothing but requested pages until ``until`` (monotonic) or the end
+        of the return path."""
+        rp = self.rp
+        while True:
+            self._serve()
+            left = until - time.monotonic()
+            with rp.cond:
+                if left <= 0 or rp.closed:
+                    return
+                if not rp.requests:
+                    rp.cond.wait(min(left, 0.05))
 
     def store_working_set(self):
         """Merge the recorded page requests into the image's working set: its size."""

@@ -1,6 +1,7 @@
 """Recording a working set during a postcopy restore and sending it first on the next one."""
 import io
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -143,3 +144,22 @@ def test_clusters_first_order():
     e = ws.entries([(0, 3 * 256 + 5, 0), (0, 1 * 256, 0), (0, 3 * 256, 0), (0, 9 * 256, 0)])
     order = ws.clusters_first(e, [B()], host, virt, 1 << 20, PS)
     assert list(order) == [3, 1, 0, 2]
+
+
+def test_record_window_sends_only_requested_pages(img_copy):
+    p, synth = img_copy
+    wanted = _last_data_pages(p, 4)[::-1]
+
+    def on_packaged(d):
+        # the guest asks a moment after the switch: without the window the
+        # background pass would have filled the stream by then
+        msg = req_id("pc.ram", wanted[0]) + b"".join(req(w) for w in wanted[1:])
+        threading.Timer(0.2, d.send, (msg,)).start()
+    d = FakeDest(p, 0, on_packaged=on_packaged, record_working_set=True, record_window=1.0).drive()
+    assert d.exc is None, d.exc
+    check_pages(d, synth)
+    post = [(q[1], q[2]) for q in d.pages if q[0] == "postcopy"]
+    assert post[:len(wanted)] == [("pc.ram", w) for w in wanted]
+    assert d.result["working_set_recorded"] == len(wanted)
+    with pytest.raises(UsageError, match="record window"):
+        load_postcopy(p, record_working_set=True, record_window=-1)
