@@ -5,8 +5,8 @@
 A live Linux guest (busybox initramfs, TCG) keeps DATA_MB of random bytes in
 tmpfs and loops "md5sum the file; print ``ws-mark N`` on ttyS0; sleep 0.2".  It
 is saved once (background snapshot, raw stream teed to a file) right after a
-mark.  One postcopy restore with ``--record-working-set`` records the pages the
-guest touches.  Then, in each round and in the same run, fresh destinations
+mark.  One postcopy restore with ``--record-working-set --record-window=S`` records the
+pages the guest touches in its first S seconds.  Then, in each round and in the same run, fresh destinations
 (running, not paused) restore the snapshot:
 
     cat            exec:cat RAW                       (QEMU's own stream, baseline)
@@ -151,7 +151,8 @@ def run(args):
         chunk = 256 << 10
         pipe = " | " + slow_pipe(chunk, chunk / (args.throttle * 1e6))
     rec = restore(kernel, initrd, args.memory,
-                  "exec:" + qsnap("load", "-q", "--postcopy=0", "--record-working-set", img) + pipe,
+                  "exec:" + qsnap("load", "-q", "--postcopy=0", "--record-working-set",
+                                  f"--record-window={args.record_window}", img) + pipe,
                   True)
     info = json.loads(os.popen(qsnap("info", "--output=json", img)).read())
     results = {k: [] for k in VARIANTS}
@@ -166,7 +167,7 @@ def run(args):
         "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
                     "load_avg_at_end": os.getloadavg()},
         "guest": {"memory": args.memory, "data_mb": args.data_mb, "accel": "tcg"},
-        "throttle_mb_s": args.throttle,
+        "throttle_mb_s": args.throttle, "record_window": args.record_window,
         "source_mark": src_mark, "working_set": info["working_set"],
         "recording_restore": {"to_mark": rec[0], "to_completed": rec[1]},
         "rounds": args.rounds, "results": results,
@@ -183,6 +184,8 @@ def main(argv=None):
     p.add_argument("--memory", default="256M")
     p.add_argument("--throttle", type=float, default=0.0, metavar="MB/s",
                    help="pass every stream through a rate limiter (0: none)")
+    p.add_argument("--record-window", type=float, default=10.0, metavar="SECONDS",
+                   help="--record-window of the recording restore (default 10)")
     p.add_argument("--dir")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
