@@ -6,7 +6,8 @@ A live Linux guest (busybox initramfs, TCG) keeps DATA_MB of random bytes in
 tmpfs and loops "md5sum the file; print ``ws-mark N`` on ttyS0; sleep 0.2".  It
 is saved once (background snapshot, raw stream teed to a file) right after a
 mark.  One postcopy restore with ``--record-working-set --record-window=S`` records the
-pages the guest touches in its first S seconds.  Then, in each round and in the same run, fresh destinations
+pages the guest touches in its first S seconds (never throttled: a rate
+limiter that sleeps per chunk would make every requested page wait for it).  Then, in each round and in the same run, fresh destinations
 (running, not paused) restore the snapshot:
 
     cat            exec:cat RAW                       (QEMU's own stream, baseline)
@@ -152,7 +153,7 @@ def run(args):
         pipe = " | " + slow_pipe(chunk, chunk / (args.throttle * 1e6))
     rec = restore(kernel, initrd, args.memory,
                   "exec:" + qsnap("load", "-q", "--postcopy=0", "--record-working-set",
-                                  f"--record-window={args.record_window}", img) + pipe,
+                                  f"--record-window={args.record_window}", img),
                   True)
     info = json.loads(os.popen(qsnap("info", "--output=json", img)).read())
     results = {k: [] for k in VARIANTS}
