@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def imports(tree, args, stdin_path=None):
     """(total ms, numpy ms, qsnap modules) of one run's -X importtime report."""
-    stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL
+    stdin = open(stdin_path or "/dev/null", "rb")
     with stdin:
         r = subprocess.run([sys.executable, "-X", "importtime", "-m", "qsnap", *args], cwd=tree,
                            stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
