@@ -94,6 +94,14 @@ def build_parser():
     ld.add_argument("--postcopy", type=_percent, nargs="?", const=10.0, default=None,
                     metavar="PCT",
                     help="restore through postcopy after PCT%% of the non-zero pages (default 10)")
+    ld.add_argument("--record-working-set", action="store_true",
+                    help="with --postcopy: merge the pages the guest asks for into IMG's working set")
+    ld.add_argument("--record-window", type=float, default=0.0, metavar="SECONDS",
+                    help="with --record-working-set: send only requested pages for SECONDS "
+                    "after the switch, so the record holds all the guest touches then")
+    ld.add_argument("--prefetch", choices=("after", "before", "none"), default="after",
+                    help="when IMG's working set is sent: right after the switch to postcopy "
+                    "(default), before it, or not first at all (none)")
     ld.add_argument("--stats", metavar="FILE", help="write load statistics as JSON to FILE")
     ld.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
 
@@ -214,11 +222,15 @@ def _cmd_load(args):
         from qsnap.postcopy import load_postcopy
 
         load_postcopy(args.image, percent=args.postcopy, cache=args.cache,
-                      stats_path=args.stats, quiet=args.quiet)
+                      stats_path=args.stats, quiet=args.quiet, prefetch=args.prefetch,
+                      record_working_set=args.record_working_set,
+                      record_window=args.record_window)
         return 0
+    if args.record_working_set:
+        raise UsageError("--record-working-set needs --postcopy (page requests exist only there)")
     from qsnap.load import load
 
-    stats = load(args.image, cache=args.cache, quiet=args.quiet)
+    stats = load(args.image, cache=args.cache, quiet=args.quiet, prefetch=args.prefetch != "none")
     if args.stats:
         with open(args.stats, "w") as f:
             json.dump(stats, f, indent=2)

@@ -85,9 +85,11 @@ _direct_read_works = pages.direct_read_works_probe
 
 def load(image_path, out_fd=1, *, cache="none", quiet=False, log=sys.stderr,
          part_bytes=PART_BYTES, buf_size=None, n_bufs=_core.AIO_DEFAULT_BUFS,
-         n_threads=_core.AIO_DEFAULT_THREADS):
+         n_threads=_core.AIO_DEFAULT_THREADS, prefetch=True):
     """Write a precopy migration stream regenerated from the image to ``out_fd``.
 
+    With ``prefetch`` the data clusters of the image's working set go first
+    (only the order of the records changes, never what they hold).
     ``image_path`` is a path or an open ``qsnap.image.reader.Image``.
     ``cache='none'`` reads data clusters with O_DIRECT (falling back to the page
     cache where the filesystem refuses it); ``'writeback'`` reads through the
@@ -99,11 +101,26 @@ def load(image_path, out_fd=1, *, cache="none", quiet=False, log=sys.stderr,
         from qsnap.image.reader import Image
 
         with Image.open(image_path) as img:
-            return _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads)
-    return _load(image_path, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads)
+            return _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads,
+                         prefetch)
+    return _load(image_path, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads,
+                 prefetch)
 
 
-def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads):
+def working_set_plan(img, host, virt, bidx, log):
+    """The cluster plan with the working set's clusters first (a damaged working
+    set: one warning line, plan unchanged)."""
+    from qsnap.image import workingset
+
+    ws = workingset.usable(img, log)
+    if ws is None:
+        return host, virt, bidx
+    order = workingset.clusters_first(ws.entries, img.blocks, host, virt, img.cluster_size,
+                                      img.target_page_size)
+    return host[order], virt[order], bidx[order]
+
+
+def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads, prefetch):
     info = img.stream_info
     blocks = list(img.blocks)
     page_size = img.target_page_size
@@ -116,6 +133,8 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
     em = _core.PageEmitter(out_fd, page_size)
     em.set_blocks([(b.idstr, b.offset, b.length, b.bitmap, b.checksums) for b in blocks])
     host, virt, bidx = cluster_plan(img, blocks)
+    if prefetch:
+        host, virt, bidx = working_set_plan(img, host, virt, bidx, log)
 
     fd, direct = open_data(img.path, cache, log, lambda fd: _direct_read_works(fd))
     try:

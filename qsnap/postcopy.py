@@ -38,6 +38,7 @@ import numpy as np
 
 from qsnap import _core
 from qsnap.errors import ImageError, IOFailure, ProtocolError, QsnapError, UsageError
+from qsnap.image import workingset
 from qsnap.image.pages import cluster_plan, open_data, read_target_pages
 from qsnap.load import PART_BYTES, grow_pipe, mem_size_record, ram_framing
 from qsnap.stream import constants as C
@@ -50,6 +51,8 @@ ZERO_GROUP = 1 << 14             # host pages per ZERO group
 POSTCOPY_PIPE_SIZE = 256 << 10   # a requested page never waits behind more than this
 PING_VALUES = (1, 2, 3, 4)
 EARLY_BYTES = 1 << 20            # per block, always sent before LISTEN
+WS_RUN_BYTES = 1 << 20           # working-set pages read and sent per run (at most)
+PREFETCH_MODES = ("after", "before", "none")   # when the working set goes: after/before the switch
 _DEBUG = bool(os.environ.get("QSNAP_PC_DEBUG"))
 
 
@@ -85,6 +88,7 @@ class ReturnPath(threading.Thread):
         self.messages = 0
         self.switchover_acks = 0
         self._last_block = None
+        self.recorded = None       # a list: every valid page request is also kept here
 
     def run(self):
         try:
@@ -168,6 +172,8 @@ class ReturnPath(threading.Thread):
                                 f"(length 0x{b.length:x}) {where}")
         with self.cond:
             self.requests.append((t, bi, start, length))
+            if self.recorded is not None:
+                self.recorded.append((t, bi, start, length))
             self.cond.notify_all()
         if self.flag is not None:
             self.flag.set()
@@ -185,9 +191,17 @@ def _percentiles(xs):
 def load_postcopy(image_path, percent=10.0, cache="none", stats_path=None, quiet=False, *,
                   in_fd=0, out_fd=1, log=sys.stderr, group_pages=GROUP_PAGES,
                   part_bytes=PART_BYTES, n_bufs=_core.AIO_DEFAULT_BUFS,
-                  n_threads=_core.AIO_DEFAULT_THREADS):
+                  n_threads=_core.AIO_DEFAULT_THREADS, prefetch="after", record_working_set=False,
+                  record_window=0.0):
     """Write a postcopy migration stream from the image to ``out_fd``; serve ``in_fd`` requests.
 
+    ``prefetch``: send the image's working set right "after" the switch to
+    postcopy, "before" it (with the precopy share) or not at all ("none").
+    ``record_working_set``: merge the guest's page requests into the image's
+    working set once the migration has completed.  ``record_window``: for that
+    many seconds after the switch only requested pages are sent, so the record
+    holds what the guest touches, not only what it touched before the
+    background pass reached it.
     Returns the statistics dict (also written as JSON to ``stats_path``).
     When QEMU goes away (the return path fails) the error is raised here, also
     while a write waits for a stream reader that is still there.
@@ -196,16 +210,26 @@ def load_postcopy(image_path, percent=10.0, cache="none", stats_path=None, quiet
         raise UsageError(f"postcopy percentage {percent} not in 0..100")
     if group_pages < 1:
         raise UsageError("group_pages must be positive")
+    if prefetch not in PREFETCH_MODES:
+        raise UsageError(f"prefetch mode {prefetch!r} is not one of {', '.join(PREFETCH_MODES)}")
+    if not 0 <= record_window <= 3600:
+        raise UsageError(f"record window {record_window} s not in 0..3600")
     t0 = time.monotonic()
     from qsnap.image.reader import Image
 
     if isinstance(image_path, (str, bytes, os.PathLike)):
         with Image.open(image_path) as img:
-            stats = _Postcopy(img, percent, cache, in_fd, out_fd, log, group_pages,
-                              part_bytes, n_bufs, n_threads, t0).run()
+            pc = _Postcopy(img, percent, cache, in_fd, out_fd, log, group_pages,
+                           part_bytes, n_bufs, n_threads, t0, prefetch,
+                           record_window if record_working_set else None)
+            stats = pc.run()
     else:
-        stats = _Postcopy(image_path, percent, cache, in_fd, out_fd, log, group_pages,
-                          part_bytes, n_bufs, n_threads, t0).run()
+        pc = _Postcopy(image_path, percent, cache, in_fd, out_fd, log, group_pages,
+                       part_bytes, n_bufs, n_threads, t0, prefetch,
+                           record_window if record_working_set else None)
+        stats = pc.run()
+    if record_working_set:
+        stats["working_set_recorded"] = pc.store_working_set()
     if stats_path:
         with open(stats_path, "w") as f:
             json.dump(stats, f, indent=2)
@@ -222,8 +246,14 @@ def load_postcopy(image_path, percent=10.0, cache="none", stats_path=None, quiet
 
 class _Postcopy:
     def __init__(self, img, percent, cache, in_fd, out_fd, log, group_pages,
-                 part_bytes, n_bufs, n_threads, t0):
+                 part_bytes, n_bufs, n_threads, t0, prefetch="after", record=None):
         self.img = img
+        self.prefetch = prefetch
+        self.record = record is not None
+        self.record_window = record or 0.0
+        self.working_set = workingset.usable(img, log) if prefetch != "none" else None
+        self.ws_pages = 0
+        self.t_switch = None
         self.percent = percent
         self.cache = cache
         self.in_fd = in_fd
@@ -333,6 +363,8 @@ class _Postcopy:
         sys.setswitchinterval(0.0005)
         self.flag = _core.RequestFlag()
         self.rp = ReturnPath(self.in_fd, self.blocks, self.host_sizes, self.flag)
+        if self.record:
+            self.rp.recorded = []
         self.em.interrupt_check = self._check_return_path
         self.rp.start()
         host, virt, bidx = cluster_plan(self.img, self.blocks)
@@ -346,7 +378,8 @@ class _Postcopy:
             keep = self._send_precopy_share(fd, host, virt, bidx)
             pages_precopy = self.em.pages + self.em.zero_pages
             n_ranges = self._hand_over(dev, precopy_data=pages_precopy > 0)
-            t_handover = time.monotonic() - self.t0
+            self.t_switch = time.monotonic()
+            t_handover = self.t_switch - self.t0
             self._send_postcopy(fd, host[~keep], virt[~keep], bidx[~keep])
         finally:
             os.close(fd)
@@ -437,6 +470,8 @@ class _Postcopy:
         for bi, hp in huge_pre:
             self._part()
             self._send_host_pages(bi, hp, hp + 1)
+        if self.prefetch == "before":
+            self._send_working_set(serve=False)
         self._close_part()
         return keep
 
@@ -466,6 +501,10 @@ class _Postcopy:
         """Requested pages first, then zero host pages, then data; END and EOF."""
         em, pager = self.em, self.pager
         self._serve()
+        if self.record_window:
+            self._serve_only(self.t_switch + self.record_window)
+        if self.prefetch == "after":
+            self._send_working_set(serve=True)
         for bi in self.migrated:
             nhp = pager.n_host_pages(bi)
             for hp in range(0, nhp, ZERO_GROUP):
@@ -488,6 +527,43 @@ class _Postcopy:
         em.bytes(self.framing.end())
         em.bytes(encode.eof())
         em.flush()
+
+    # --- working set ------------------------------------------------------------------
+
+    def _send_working_set(self, serve):
+        """The working set's host pages in recorded order, adjacent pages read and
+        sent together; with ``serve``, page requests still go first between runs."""
+        if self.working_set is None:
+            return
+        t = time.monotonic()
+        for bi, hp0, hp1 in working_set_runs(self.working_set.entries, self.tphp, self.host_sizes):
+            if serve:
+                self._serve()
+            if self.pager.sent[bi][hp0:hp1].all():
+                continue
+            self._part()
+            self.ws_pages += self._send_host_pages(bi, hp0, hp1)
+        self.em.flush()
+        if _DEBUG:
+            os.write(2, f"working set: {self.ws_pages} pages in {time.monotonic() - t:.3f} s\n".encode())
+
+    def _serve_only(self, until):
+        """Send nothing but requested pages until ``until`` (monotonic) or the end
+        of the return path."""
+        rp = self.rp
+        while True:
+            self._serve()
+            left = until - time.monotonic()
+            with rp.cond:
+                if left <= 0 or rp.closed:
+                    return
+                if not rp.requests:
+                    rp.cond.wait(min(left, 0.05))
+
+    def store_working_set(self):
+        """Merge the recorded page requests into the image's working set: its size."""
+        entries = workingset.from_requests(self.rp.recorded, self.host_sizes, self.tps, self.t_switch)
+        return len(workingset.store(self.img.path, entries, log=self.log))
 
     def _check_all_sent(self):
         for bi in self.migrated:
@@ -524,6 +600,9 @@ class _Postcopy:
             "direct_io": direct,
             "stream_seconds": t_stream,
             "seconds": time.monotonic() - self.t0,
+            "prefetch": self.prefetch,
+            "working_set_pages": len(self.working_set) if self.working_set is not None else 0,
+            "pages_working_set": self.ws_pages,
             "pongs": list(rp.pongs),
             "shut": rp.shut,
         }
@@ -570,3 +649,19 @@ class _Postcopy:
                 self._part()
                 if cp.step(self._part_mark + self.part_bytes) == _core.CLUSTER_PASS_END:
                     break
+
+
+def working_set_runs(entries, tphp, host_sizes):
+    """(block, hp0, hp1) runs of working-set entries: adjacent host pages of one
+    block in recorded order form one run of at most WS_RUN_BYTES."""
+    if not len(entries):
+        return []
+    bi = entries["block"].astype(np.int64)
+    hp = entries["page"].astype(np.int64) // np.asarray(tphp, np.int64)[bi]
+    brk = np.flatnonzero((bi[1:] != bi[:-1]) | (hp[1:] != hp[:-1] + 1)) + 1
+    runs = []
+    for s, e in zip(np.concatenate(([0], brk)), np.concatenate((brk, [len(bi)]))):
+        b, h0, h1 = int(bi[s]), int(hp[s]), int(hp[e - 1]) + 1
+        step = max(1, WS_RUN_BYTES // host_sizes[b])
+        runs += [(b, h, min(h + step, h1)) for h in range(h0, h1, step)]
+    return runs

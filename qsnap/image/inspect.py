@@ -77,6 +77,16 @@ def _size(n):
     return f"{n} B"
 
 
+def _ws_line(info):
+    ws = info.get("working_set")
+    if info.get("working_set_problem"):
+        return f"damaged, ignored ({info['working_set_problem']})"
+    if ws is None:
+        return "none"
+    return (f"{ws['pages']} pages, recorded {ws['recorded']} (first {ws['first_recorded']}), "
+            f"{ws['restores']} restore{'s' if ws['restores'] != 1 else ''} merged")
+
+
 def format_info(info):
     lines = [f"image: {info['path']}", "file format: qcow2 (qsnap image)",
              f"format version: {info['format_version']}",
@@ -94,6 +104,7 @@ def format_info(info):
         f"checksum: {info['checksum']} per stored page",
         f"density: {d['stored_pages']} of {d['pages']} pages stored ({100 * d['stored_share']:.1f} %)",
         f"device state: {info['device_state_bytes']} bytes",
+        f"working set: {_ws_line(info)}",
         "RAM blocks:",
         f"    {'idstr':<24} {'length':>12} {'page size':>10} {'offset':>14} {'stored pages':>13}",
     ]
@@ -342,6 +353,8 @@ def check_image(path, progress=False):
             h = img.host_offset(end - 1) + 1
             if tail and h > 1 and any(pread_exact(img.fd, tail, h, path)):
                 bad.append(f"non-zero bytes after the metadata region at image offset 0x{h:x}")
+            if img.working_set_problem:
+                bad.append(f"working set: {img.working_set_problem}")
             report["checksum_errors"] = len(bad)
             errors += bad
             report["stored_pages"] = sum(b.nonzero_pages for b in img.blocks)

@@ -13,7 +13,7 @@ import numpy as np
 
 from qsnap._core import crc32c, is_zero, page_crcs
 from qsnap.errors import ChecksumError, ImageError, IOFailure
-from qsnap.image import layout, qcow2
+from qsnap.image import layout, qcow2, workingset
 from qsnap.image.layout import pages_of
 from qsnap.image.qcow2 import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
                                L2E_STD_RESERVED_MASK, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
@@ -182,6 +182,8 @@ class Image:
         self.pre_ram = layout.get_blob(region, doc["stream"]["pre_ram"], "stream.pre_ram")
         self.device_state = layout.get_blob(region, doc["device_state"], "device_state")
         self.stream_info = doc["stream"]
+        # a damaged working set is reported, never fatal: it only orders pages
+        self.working_set, self.working_set_problem = workingset.read(self)
 
     def _claim_table(self, what, off, nbytes, at):
         """A metadata table must be cluster aligned, inside the file, and overlap no other."""
@@ -495,4 +497,6 @@ class Image:
                             "migrated": b.migrated} for b in self.blocks],
             "counts": dict(m["counts"]),
             "vm": m.get("vm"),
+            "working_set": self.working_set.info() if self.working_set is not None else None,
+            "working_set_problem": self.working_set_problem,
         }

@@ -15,7 +15,7 @@ import numpy as np
 import qsnap
 from qsnap._core import ClusterSink, crc32c
 from qsnap.atomic import fsync_dir, io_error
-from qsnap.errors import IOFailure, UsageError
+from qsnap.errors import ImageError, IOFailure, UsageError
 from qsnap.image import layout, qcow2
 from qsnap.image.layout import Blob, block_field, pages_of
 
@@ -297,6 +297,42 @@ class ImageWriter:
         self._sync()
         return tl, l1_size
 
+    def _replace_metadata(self, img, area, meta_length):
+        """Copy the data clusters of ``img`` at their host offsets, append ``area``
+        (metadata region and what follows it) and new tables, mark COMPLETE."""
+        cs = self.cluster_size
+        self.meta_offset = img.meta_offset
+        virt, hosts, data_end = _data_clusters(img)
+        self._copy_range(img.fd, cs, data_end)
+        n_area = qcow2.size_to_clusters(len(area), cs)
+        virtual_size = self.meta_offset + n_area * cs
+        self._pwrite(area + bytes(n_area * cs - len(area)), data_end)
+        host_map = np.zeros(virtual_size // cs, dtype=np.uint64)
+        host_map[virt] = hosts
+        first = self.meta_offset // cs
+        host_map[first:first + n_area] = data_end + np.arange(n_area, dtype=np.uint64) * np.uint64(cs)
+        tl, l1_size = self._write_tables(host_map, data_end + n_area * cs, virtual_size)
+        region = area[:meta_length]
+        self._write_header(complete=True, size=virtual_size, l1_size=l1_size,
+                           l1_offset=tl.l1_offset, reftable_offset=tl.reftable_offset,
+                           reftable_clusters=tl.reftable_clusters, meta_offset=self.meta_offset,
+                           meta_length=meta_length, meta_crc=crc32c(region))
+        self._sync()
+        self._put_in_place()
+
+    def _copy_range(self, src_fd, start, end):
+        """Bytes [start, end) of ``src_fd`` to the same offsets of the temporary file
+        (copy_file_range: shared extents where the filesystem can)."""
+        pos = start
+        try:
+            while pos < end:
+                n = os.copy_file_range(src_fd, self._fd, end - pos, pos, pos)
+                if n <= 0:
+                    raise IOFailure(f"image file ends at 0x{pos:x} while copying its data clusters")
+                pos += n
+        except OSError as e:
+            raise io_error(e, "copying the data clusters to", self.tmp_path, pos) from None
+
     def _put_in_place(self):
         """The complete, synced image replaces whatever was at ``path``."""
         self._close_fds()
@@ -339,3 +375,32 @@ class ImageWriter:
         if not self._done:
             self.abort()
         return False
+
+
+def _data_clusters(img):
+    """(virtual cluster, host offset) arrays of the RAM data clusters and where they end.
+
+    qsnap appends data clusters from cluster 1 on, before any metadata: anything
+    else is a layout this rewrite would not preserve, so it is refused."""
+    cs, cb = img.cluster_size, img.cluster_bits
+    sel = img._mapped_virt < np.uint64(img.meta_offset >> cb)
+    virt = img._mapped_virt[sel].astype(np.int64)
+    hosts = img._mapped_host[sel]
+    data_end = int(hosts.max()) + cs if len(hosts) else cs
+    if len(hosts) != data_end // cs - 1:
+        raise ImageError(f"{img.path}: data clusters are not contiguous from cluster 1 "
+                         f"(they end at 0x{data_end:x}); cannot rewrite its metadata")
+    return virt, hosts, data_end
+
+
+def replace_metadata(img, area, meta_length):
+    """Replace the metadata of the opened image ``img`` crash-safely: a complete new
+    image (same data clusters, ``area`` as its metadata region followed by whatever
+    lies after it) is written beside it, synced and renamed over it."""
+    w = ImageWriter(img.path, cluster_size=img.cluster_size, cache="writeback",
+                    target_page_size=img.target_page_size)
+    try:
+        w._replace_metadata(img, area, meta_length)
+    except BaseException:
+        w.abort()
+        raise
