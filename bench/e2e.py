@@ -321,11 +321,11 @@ def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout)
     return row
 
 
-def snapshot_once(sock, img, py, timeout):
-    """One timed ``qsnap snapshot`` (background, disks on overlays) through the VM's
-    second QMP socket: the wall time of the command, and its JSON summary."""
+def snapshot_once(sock, img, py, timeout, disks="overlay"):
+    """One timed ``qsnap snapshot`` (background; disks on overlays, or RAM only) through
+    the VM's second QMP socket: the wall time of the command, and its JSON summary."""
     cmd = [py, "-m", "qsnap", "snapshot", "--qmp", str(sock), "--mode=background",
-           "--disks=overlay", "--output=json", str(img)]
+           f"--disks={disks}", "--output=json", str(img)]
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     dt = time.monotonic() - t0
@@ -445,7 +445,7 @@ class Case:
         self.res = {"mem": self.mem, "fill": self.fill, "nonzero_bytes": nonzero, "rounds": self.rounds,
                     "qemu": BUILD.version, "machine_type": BUILD.machine, "disks": DISKS,
                     "loadavg_1min": round(os.getloadavg()[0], 2),
-                    "save": {"qsnap": [], "cat": [], "savevm": [], "snapshot": []},
+                    "save": {"qsnap": [], "cat": [], "savevm": [], "snapshot": [], "snapshotram": []},
                     "load": {"qsnap": [], "cat": [], "launch": []}, "postcopy": {}, "launch_postcopy": {}}
 
     # -- save ----------------------------------------------------------------------
@@ -461,12 +461,13 @@ class Case:
             vm.set_capabilities(background_snapshot=True)
             vm.migrate("exec:cat > /dev/null")
             wait_status(vm, ("completed",), time.monotonic(), self.timeout)
-            kinds = ["qsnap", "cat"] + (["snapshot"] if self.do_snapshot else []) \
+            kinds = ["qsnap", "cat"] + (["snapshot", "snapshotram"] if self.do_snapshot else []) \
                 + (["savevm"] if self.do_savevm else [])
             for r in range(self.rounds):
                 for who in (kinds if r % 2 == 0 else kinds[::-1]):
                     os.sync()
-                    row = {"savevm": self.save_savevm, "snapshot": self.save_snapshot}.get(
+                    row = {"savevm": self.save_savevm, "snapshot": self.save_snapshot,
+                           "snapshotram": self.save_snapshot_ram}.get(
                         who, self.save_exec)(vm, who, r)
                     self.res["save"][who].append(row)
                     if vm.status() != "running":
@@ -497,9 +498,21 @@ class Case:
         if self.snap_img is not None:
             self.snap_img.unlink()  # its frozen disks stay: they back the VM's overlays
         row = snapshot_once(self.snap_sock, img, self.py, self.timeout)
+        row["qemu_downtime_ms"] = vm.query_migrate().get("downtime")
         self.snap_img = img
         log(f"  save snapshot  {row['s']:6.2f} s  downtime {row['downtime_ms']} ms  "
             f"{row['disks']} disks  {row['file_bytes'] / MiB:.0f} MiB")
+        return row
+
+    def save_snapshot_ram(self, vm, who, r):
+        """--disks=none: QEMU stops and resumes the guest itself; its downtime is the
+        floor under the one with disks."""
+        vm.set_capabilities(background_snapshot=True)
+        img = self.dir / f"ram{r}.qsnap"
+        row = snapshot_once(self.snap_sock, img, self.py, self.timeout, disks="none")
+        row["qemu_downtime_ms"] = vm.query_migrate().get("downtime")
+        img.unlink()
+        log(f"  save snap-ram  {row['s']:6.2f} s  downtime {row['downtime_ms']} ms")
         return row
 
     def save_exec(self, vm, who, r):
@@ -519,7 +532,8 @@ class Case:
         tm = read_time_file(tf)
         info = vm.query_migrate()
         row = {"s": dt, "completed_s": done, "child_exit_s": exited,
-               "file_bytes": target.stat().st_size, **tm, "qemu_total_ms": info.get("total-time")}
+               "file_bytes": target.stat().st_size, **tm, "qemu_total_ms": info.get("total-time"),
+               "qemu_downtime_ms": info.get("downtime")}
         log(f"  save {who:9s} {dt:6.2f} s  rss {tm.get('rss_MiB', 0):5.0f} MiB "
             f"cpu {tm.get('cpu_s', 0):5.2f} s  {target.stat().st_size / MiB:.0f} MiB")
         return row
@@ -655,6 +669,7 @@ def summarize_orchestration(res, out):
     """qsnap snapshot beside exec:qsnap save, qsnap restore --launch beside exec:qsnap load
     (and their postcopy forms): medians and same-run ratios."""
     snaps = res["save"].get("snapshot") or []
+    rams = res["save"].get("snapshotram") or []
     launches = res["load"].get("launch") or []
     qemu_start = _med(res["load"]["qsnap"], "qemu_start_s")
     s = {"qemu": res.get("qemu"), "machine_type": res.get("machine_type"),
@@ -662,11 +677,18 @@ def summarize_orchestration(res, out):
          "snapshot_own_s": _med(snaps, "qsnap_seconds"),
          "snapshot_downtime_ms": _med(snaps, "downtime_ms"),
          "snapshot_downtime_all": [r.get("downtime_ms") for r in snaps],
+         "snapshot_ram_s": _med(rams), "snapshot_ram_downtime_ms": _med(rams, "downtime_ms"),
+         # QEMU's own query-migrate "downtime": its vm_stop_force_state to vm_start
+         "qemu_downtime_ms": {"snapshot": _med(snaps, "qemu_downtime_ms"),
+                              "snapshot_ram": _med(rams, "qemu_downtime_ms"),
+                              "exec_save": _med(res["save"]["qsnap"], "qemu_downtime_ms")},
+         "snapshot_ram_downtime_all": [r.get("downtime_ms") for r in rams],
          "load_launch_s": _med(launches), "load_launch_all": [r.get("s") for r in launches],
          "launch_restore_s": _med(launches, "restore_s"), "launch_errors": [r["error"] for r in launches
                                                                             if "error" in r],
          "dst_qemu_start_s": qemu_start}
     s["snapshot_over_save"] = _ratio(s["save_snapshot_s"], out["save_qsnap_s"])
+    s["snapshot_ram_over_save"] = _ratio(s["snapshot_ram_s"], out["save_qsnap_s"])
     s["launch_over_load"] = _ratio(s["load_launch_s"], out["load_qsnap_s"])
     s["launch_restore_over_load"] = _ratio(s["launch_restore_s"], out["load_qsnap_s"])
     if qemu_start is not None and out["load_qsnap_s"]:
@@ -794,6 +816,26 @@ def orchestration_markdown(summaries):
             f"| {_f(s.get('launch_restore_s'))} | {_f(s['load_qsnap_s'])} | {_f(s.get('dst_qemu_start_s'))} "
             f"| {_f(s.get('launch_over_load'))} | {_f(s.get('launch_restore_over_load'))} "
             f"| {_f(s.get('launch_over_start_plus_load'))} |")
+    if any(s.get("snapshot_ram_s") for s in summaries):
+        lines += ["", "RAM only (`--disks=none`: QEMU stops and resumes the guest itself, no QMP "
+                  "round trips while it is paused):", "",
+                  "| QEMU | guest | snapshot --disks=none s | snapshot/save | downtime ms (rounds) |",
+                  "|---|---|---:|---:|---|"]
+        for s in summaries:
+            downs = ", ".join(_f(v, "{:.0f}") for v in s.get("snapshot_ram_downtime_all") or [])
+            lines.append(f"| {s.get('qemu')} | {s['guest']} | {_f(s.get('snapshot_ram_s'))} "
+                         f"| {_f(s.get('snapshot_ram_over_save'))} "
+                         f"| {_f(s.get('snapshot_ram_downtime_ms'), '{:.0f}')} ({downs}) |")
+    qd = [(s, s.get("qemu_downtime_ms") or {}) for s in summaries]
+    if any(v is not None for _, d in qd for v in d.values()):
+        lines += ["", "QEMU's own `downtime` (query-migrate after completion: from its stop of the VM "
+                  "in the background-snapshot thread to its vm_start; when qsnap has paused the guest "
+                  "before `migrate`, QEMU's stop finds it paused already):", "",
+                  "| QEMU | guest | exec:qsnap save | snapshot --disks=none | snapshot --disks=overlay |",
+                  "|---|---|---:|---:|---:|"]
+        for s, d in qd:
+            lines.append(f"| {s.get('qemu')} | {s['guest']} | {_f(d.get('exec_save'), '{:.0f}')} "
+                         f"| {_f(d.get('snapshot_ram'), '{:.0f}')} | {_f(d.get('snapshot'), '{:.0f}')} |")
     pcs = [(s, pct, p) for s in summaries for pct, p in (s.get("launch_postcopy") or {}).items()]
     if pcs:
         lines += ["", "| QEMU | guest | postcopy | launch: running / completed s | exec: running / completed s "
