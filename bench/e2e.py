@@ -3,17 +3,26 @@
     python -m bench.e2e --sizes 512M,1G --fill 0,50,100 --rounds 2
     python -m bench.e2e --sizes 3G --fill 67 --rounds 1          # 3 GiB guest, 2 GiB random
     python -m bench.e2e                                          # full matrix (see below)
+    python -m bench.e2e --qemu 10.0 --sizes 3G --fill 67 --rounds 2 --no-savevm --postcopy 0
 
 For every guest size x non-zero share, a blob guest (no OS: SeaBIOS halts,
 random blobs placed by ``-device loader`` make up the non-zero share) is
-started under KVM with a qcow2 drive (``-drive if=none``, for savevm), and,
+started under KVM with two qcow2 drives (``-drive if=none``: savevm writes them,
+``qsnap snapshot`` freezes them) and a second QMP socket for ``qsnap snapshot``,
+on the QEMU build --qemu names (7.2: the installed qemu-system-x86_64; 10.0: the
+build unpacked under /tmp/q10/root with its ``-L`` dirs; or a binary's path;
+machine type pc-i440fx-<its major.minor>, see bench/builds.py), and,
 alternating the order of the contenders every round:
 
 save (background-snapshot for qsnap and cat; from ``migrate`` to both status
 "completed" and the exec child's exit -- QEMU 7.2 waits for the child anyway):
   * ``exec:qsnap save IMG``                 (image durable and renamed at exit)
   * ``exec:sh -c 'cat > raw && sync raw'``  (the same stream, durable)
-  * HMP ``savevm`` into the qcow2 drive, then fsync of the qcow2 file
+  * HMP ``savevm`` into the qcow2 drives, then fsync of their top files
+  * ``qsnap snapshot --mode=background --disks=overlay --output=json`` (the
+    wall time of the command; ``downtime_ms`` from its JSON) and the same with
+    ``--disks=none`` (RAM only: QEMU pauses the guest itself), with QEMU's own
+    query-migrate ``downtime`` beside them (unless --no-snapshot)
 load (fresh ``-incoming defer`` QEMU each time, page cache dropped first;
 from ``migrate-incoming`` to status "completed"):
   * ``exec:qsnap load IMG``                 (precopy, O_DIRECT reads)
@@ -22,6 +31,11 @@ from ``migrate-incoming`` to status "completed"):
     when ``qsnap.postcopy`` exists: time to guest running, to completion, and
     page-request service percentiles from the stats file; otherwise the rows
     say "not available".
+  * ``qsnap restore --launch --drop-arg=-device IMG`` of the last snapshot, and
+    with ``--postcopy=P``: the wall time of the command (QEMU start-up included),
+    its JSON ``seconds`` and ``seconds_to_run``; the guest's RAM is checked in
+    the launched QEMU, which is then ended. The exec: rows time an already
+    started QEMU; its start-up is recorded beside them (``qemu_start_s``).
 qsnap's peak RSS and CPU time come from ``/usr/bin/time -f '%e %M %U %S'``
 wrapped around the exec command.
 
