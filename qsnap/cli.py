@@ -105,6 +105,18 @@ def build_parser():
     c.add_argument("image", metavar="IMG")
     c.add_argument("--output", choices=("human", "json"), default="human")
 
+    _add_vm_parsers(sub)
+    _add_export_parsers(sub)
+
+    d = sub.add_parser("demo", help="save and load a synthetic VM, no QEMU needed")
+    d.add_argument("--size", type=_size, default=256 << 20, metavar="SIZE",
+                   help="guest RAM size of the synthetic VM (default 256M)")
+    d.add_argument("--dir", metavar="DIR", help="work directory (default: a temporary one)")
+    d.add_argument("--keep", action="store_true", help="keep the work directory")
+    return p
+
+
+def _add_vm_parsers(sub):
     sn = sub.add_parser(
         "snapshot",
         help="snapshot a running VM (RAM, devices, disks) into an image",
@@ -146,12 +158,37 @@ def build_parser():
                    help="with --launch: remove every OPTION (e.g. -vnc) from the recorded command line")
     r.add_argument("--output", choices=("human", "json"), default="human")
 
-    d = sub.add_parser("demo", help="save and load a synthetic VM, no QEMU needed")
-    d.add_argument("--size", type=_size, default=256 << 20, metavar="SIZE",
-                   help="guest RAM size of the synthetic VM (default 256M)")
-    d.add_argument("--dir", metavar="DIR", help="work directory (default: a temporary one)")
-    d.add_argument("--keep", action="store_true", help="keep the work directory")
-    return p
+
+def _add_export_parsers(sub):
+    from qsnap.export import FORMATS
+
+    e = sub.add_parser(
+        "export",
+        help="write an image's memory in a format other tools read",
+        description="elf: an ELF core as QEMU's dump-guest-memory (paging: false) writes it, "
+        "one PT_LOAD per guest-physical RAM range, CPU notes from the device state "
+        "(crash, gdb, Volatility). raw: guest-physical memory as one sparse file, "
+        "byte N = guest-physical address N (RAM-block offsets are not kept; the PCI hole "
+        "and zero pages are holes). mapped-ram: a file QEMU >= 9.0 restores with "
+        'migrate_incoming "file:OUT" and the mapped-ram capability on. '
+        "OUT appears only when complete; an earlier OUT is replaced atomically.",
+    )
+    e.add_argument("image", metavar="IMG")
+    e.add_argument("output", metavar="OUT")
+    e.add_argument("--format", "-f", choices=FORMATS, required=True)
+    e.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
+
+    m = sub.add_parser(
+        "import",
+        help="turn a QEMU mapped-ram migration file into an image",
+        description='IN: a file written by QEMU >= 9.0 with migrate "file:IN" and the mapped-ram '
+        "capability (with or without multifd). IMG restores with qsnap load like any image.",
+    )
+    m.add_argument("input", metavar="IN")
+    m.add_argument("image", metavar="IMG")
+    m.add_argument("--cluster-size", type=_size, default=1 << 20, metavar="SIZE",
+                   help="qcow2 cluster size, 64K..2M (default 1M)")
+    m.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
 
 
 def _cmd_save(args):
@@ -247,6 +284,17 @@ def _cmd_restore(args):
         print(json.dumps(out, indent=2))
     else:
         print(restore.format_summary(out))
+def _cmd_export(args):
+    from qsnap.export import export
+
+    export(args.image, args.output, args.format, quiet=args.quiet)
+    return 0
+
+
+def _cmd_import(args):
+    from qsnap.export import import_mapped_ram
+
+    import_mapped_ram(args.input, args.image, cluster_size=args.cluster_size, quiet=args.quiet)
     return 0
 
 
@@ -264,6 +312,8 @@ _COMMANDS = {
     "demo": _cmd_demo,
     "restore": _cmd_restore,
     "snapshot": _cmd_snapshot,
+    "export": _cmd_export,
+    "import": _cmd_import,
 }
 
 

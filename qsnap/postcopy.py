@@ -94,7 +94,7 @@ class ReturnPath(threading.Thread):
                 self.cond.notify_all()
             if not self.stream_done and self.shut is None:
                 raise IOFailure("QEMU closed the return path before the migration completed")
-        except QsnapError as e:
+        except Exception as e:  # noqa: BLE001  a bug here too must wake the writer, not hang it
             with self.cond:
                 self.error = e
                 self.closed = True

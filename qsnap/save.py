@@ -14,6 +14,7 @@ import stat
 import sys
 import time
 
+from qsnap import atomic
 from qsnap.errors import ImageError, Interrupted, IOFailure, QsnapError, StreamError, UsageError
 from qsnap.image import layout
 from qsnap.image.writer import ImageWriter
@@ -81,7 +82,8 @@ class _StreamFacts:
             "switchover_start": self.switchover_start,
             "return_path": any(c == C.MIG_CMD_OPEN_RETURN_PATH for c, _ in self.commands),
             "postcopy_advise": self.postcopy_advise,
-            "capabilities": list(conf.capabilities) if conf else [],
+            "capabilities": [c for c in conf.capabilities
+                             if c != C.MIGRATION_CAPABILITY_MAPPED_RAM] if conf else [],
             "mem_size_total": self.mem_size.total,
         }
 
@@ -126,18 +128,9 @@ def error_line(e):
 
 def write_report(path, doc):
     """Write ``doc`` as JSON to ``path`` atomically (temp file + rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2, default=_jsonable)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic.write_json(path, doc, indent=2, default=_jsonable)
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass  # never created
         raise IOFailure(f"cannot write the report {path}: {e.strerror}") from None
 
 
@@ -281,7 +274,7 @@ def _consume(reader, img, facts, rp):
             facts.header = encode.file_header(e.version)
         elif isinstance(e, ev.Configuration):
             facts.configuration = e
-            facts.header += e.raw
+            facts.header += _loadable_configuration(e)
         elif isinstance(e, ev.PreRamSection):
             facts.pre_ram += e.raw
         elif isinstance(e, ev.DeviceState):
@@ -293,6 +286,16 @@ def _consume(reader, img, facts, rp):
         raise StreamError("stream has no RAM block list (no RAM SECTION_START)")
     if facts.device_state is None:
         raise StreamError(f"stream ended without device state at stream offset 0x{reader.offset:x}")
+
+
+def _loadable_configuration(conf):
+    """The configuration as the image keeps it. A mapped-ram file (read from a
+    file: qsnap import) is stored without the mapped-ram capability: qsnap load
+    regenerates an ordinary precopy stream, and a destination with mapped-ram
+    off refuses a stream that announces it (savevm.c configuration_validate_capabilities)."""
+    if C.MIGRATION_CAPABILITY_MAPPED_RAM not in conf.capabilities:
+        return conf.raw
+    return encode.without_capability(conf, C.MIGRATION_CAPABILITY_MAPPED_RAM)
 
 
 def _command(e, facts, rp, ram_started):

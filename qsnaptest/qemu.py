@@ -24,7 +24,12 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-QEMU_BINARY = os.environ.get("QSNAP_QEMU", "qemu-system-x86_64")
+from qsnaptest import builds
+
+# Binary name when no build is found (QSNAP_QEMU picks builds: see builds.py)
+QEMU_BINARY = builds.SYSTEM_BINARY
+# The 7.2 machine type (the default machine of a 7.2 build; other builds
+# default to their own, see Build.machine)
 DEFAULT_MACHINE = "pc-i440fx-7.2"
 PAGE_SIZE = 4096
 
@@ -39,9 +44,31 @@ class QemuError(RuntimeError):
     """QEMU failed: QMP error, failed migration, unexpected exit or timeout."""
 
 
+_current_build: Optional[builds.Build] = None
+
+
+def current_build() -> builds.Build:
+    """The build a ``Qemu()`` starts by default: the one set by use_build(),
+    else the first QSNAP_QEMU names (BuildUnavailable if it is missing)."""
+    global _current_build
+    if _current_build is None:
+        _current_build = builds.find_build(builds.requested_specs()[0])
+    return _current_build
+
+
+def use_build(build: Optional[builds.Build]) -> Optional[builds.Build]:
+    """Make ``build`` the default of every later ``Qemu()``; return the previous one."""
+    global _current_build
+    prev, _current_build = _current_build, build
+    return prev
+
+
 def qemu_binary() -> Optional[str]:
     """Full path of the QEMU system emulator, or None."""
-    return shutil.which(QEMU_BINARY)
+    try:
+        return current_build().binary
+    except builds.BuildUnavailable:
+        return None
 
 
 def qemu_available() -> bool:
@@ -56,10 +83,10 @@ def qemu_available() -> bool:
 
 
 def qemu_version() -> str:
-    out = subprocess.run([qemu_binary() or QEMU_BINARY, "--version"],
-                         capture_output=True, text=True).stdout
-    m = re.search(r"version (\S+)", out)
-    return m.group(1) if m else out.strip()
+    try:
+        return current_build().version
+    except builds.BuildUnavailable as e:
+        return f"unavailable ({e})"
 
 
 def parse_size(size) -> int:
@@ -119,14 +146,21 @@ class Qemu:
     blobs: ``guests.Blob``s, each loaded with ``-device loader``.
     """
 
-    def __init__(self, *, memory="64M", machine: str = DEFAULT_MACHINE, accel=None,
+    def __init__(self, *, memory="64M", machine: Optional[str] = None, accel=None,
                  paused: bool = False, incoming: bool = False, blobs: Iterable = (),
                  kernel=None, initrd=None, append: Optional[str] = None,
                  no_reboot: bool = False, args: Sequence[str] = (), name: str = "vm",
                  qmp_timeout: float = 60.0, binary: Optional[str] = None,
-                 env: Optional[dict] = None):
+                 env: Optional[dict] = None, firmware_dirs: Optional[Sequence[str]] = None,
+                 build: Optional[builds.Build] = None, serial: bool = True):
         self.memory = parse_size(memory)
-        self.machine = machine
+        if build is None and (binary is None or machine is None):
+            try:
+                build = current_build()
+            except builds.BuildUnavailable:
+                build = None  # start() then fails on the missing binary
+        self.build = build
+        self.machine = machine or (build.machine("pc") if build else DEFAULT_MACHINE)
         if accel is None:
             # QSNAP_TEST_ACCEL=tcg (or kvm) overrides the KVM-then-TCG default
             accel = tuple(a for a in os.environ.get("QSNAP_TEST_ACCEL", "kvm,tcg").split(",") if a)
@@ -141,7 +175,12 @@ class Qemu:
         self.extra_args = list(args)
         self.name = name
         self.qmp_timeout = qmp_timeout
-        self.binary = binary or qemu_binary() or QEMU_BINARY
+        self.binary = binary or (build.binary if build else QEMU_BINARY)
+        if firmware_dirs is None:
+            # a build's -L dirs go with its binary, not with another one
+            firmware_dirs = build.firmware_dirs if build and self.binary == build.binary else ()
+        self.firmware_dirs = tuple(str(d) for d in firmware_dirs)
+        self.serial = serial  # False: no serial port (and no "serial" device state)
         self.env = env
         self.tmpdir: Optional[Path] = None
         self.proc: Optional[subprocess.Popen] = None
@@ -162,13 +201,17 @@ class Qemu:
         return self.tmpdir / "qemu.log"
 
     def command_line(self) -> list:
-        cmd = [self.binary, "-name", self.name, "-nodefaults", "-display", "none",
+        cmd = [self.binary]
+        for d in self.firmware_dirs:
+            cmd += ["-L", d]
+        cmd += ["-name", self.name, "-nodefaults", "-display", "none",
                "-machine", self.machine, "-m", f"{self.memory >> 20}M"]
         for a in self.accel:
             cmd += ["-accel", a]
         cmd += ["-chardev", f"socket,id=qmp,path={self.qmp_path},server=on,wait=off",
-                "-mon", "chardev=qmp,mode=control",
-                "-serial", f"file:{self.console_path}"]
+                "-mon", "chardev=qmp,mode=control"]
+        if self.serial:
+            cmd += ["-serial", f"file:{self.console_path}"]
         if self.paused:
             cmd.append("-S")
         if self.incoming:
@@ -582,7 +625,11 @@ def capture_stream(vm: Qemu, path, kind: str = "background", timeout: float = 12
     elif kind == "precopy-stopped":
         vm.stop()
     vm.migrate(f"exec:cat > {path}")
-    return vm.wait_migration(timeout=timeout)
+    info = vm.wait_migration(timeout=timeout)
+    # 'completed' may come before cat has written the last bytes (see
+    # wait_no_descendants): the file is whole once cat has exited
+    vm.wait_no_descendants(timeout)
+    return info
 
 
 def stream_header(path) -> tuple:

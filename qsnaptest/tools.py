@@ -63,10 +63,29 @@ def wait_save_done(vm, timeout=120.0):
     """After QEMU reported 'completed': wait until the exec: command exited.
 
     Without a return path QEMU marks the migration completed as soon as it has
-    written the stream, then closes the pipe and waits for the command; the
-    image appears only when qsnap has finished.
+    written the stream and closes the pipe and reaps the command only later,
+    in migration_cleanup(), a bottom half of the main loop: qemu_fclose() ->
+    qio_channel_command_close() closes both pipe ends, then blocks in
+    waitpid() (io/channel-command.c). QEMU 10.0 sets COMPLETED in
+    migration_completion_end() with the BQL held, drops it, and takes it again
+    in (bg_)migration_iteration_finish() to schedule that bottom half
+    (migration/migration.c): a query-migrate waiting for the BQL runs in
+    between and says 'completed' while qsnap still writes its tables (the
+    image appeared 20-600 ms later in 3 of 6 background snapshots; never on
+    7.2, which sets the state right before scheduling the cleanup). Once the
+    bottom half runs, the monitor waits for the command. The image is in place
+    (or the save failed) when the command has exited.
     """
     vm.wait_no_descendants(timeout)
+
+
+def wait_save(vm, timeout=120.0) -> dict:
+    """Wait for a save through ``exec:`` to end: 'completed', then the command's exit.
+
+    Returns the final query-migrate (QemuError if the migration failed)."""
+    info = vm.wait_migration(timeout=timeout)
+    wait_save_done(vm, timeout)
+    return info
 
 
 def qemu_img_check(img):
@@ -162,7 +181,7 @@ def save_with_tee(vm, img, raw, timeout=300):
     vm.set_parameters(max_bandwidth=16 << 30)
     vm.set_capabilities(background_snapshot=True)
     vm.migrate(f"exec:tee {shlex.quote(str(raw))} | {qsnap_cmd('save', '-q', img)}")
-    vm.wait_migration(timeout=timeout)
+    wait_save(vm, timeout=timeout)
     assert img.exists() and raw.exists()
 
 

@@ -6,6 +6,7 @@ import json
 
 from qsnap.errors import ChecksumError, ImageError
 from qsnap.image.qcow2 import Struct, align_up
+from qsnap.stream.constants import RAM_SECTION_VERSION
 
 FORMAT_VERSION = 1
 QSNAP_EXT_TYPE = 0x51534E50  # "QSNP"
@@ -336,6 +337,13 @@ def validate_meta(doc, region_length, json_end):
         _bad("meta.stream.postcopy_advise", f"must be [page-size summary, target page size], not {pa!r}")
     if any(type(c) is not str for c in doc["stream"]["capabilities"]):
         _bad("meta.stream.capabilities", "must be a list of strings")
+    rs = doc["stream"]["ram_section"]
+    # load sends these in the RAM SECTION_START; QEMU's ram_load() (ram.c) takes only
+    # instance 0 and version 4, as the stream reader does when saving
+    if rs is not None and (rs["instance_id"], rs["version_id"]) != (0, RAM_SECTION_VERSION):
+        _bad("meta.stream.ram_section", f"instance {rs['instance_id']} version {rs['version_id']} "
+                                        f"is not QEMU's RAM section (instance 0, version "
+                                        f"{RAM_SECTION_VERSION})")
     end = 0
     for i, b in enumerate(doc["ram_blocks"]):
         path = f"meta.ram_blocks[{i}]"

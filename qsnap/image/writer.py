@@ -14,6 +14,7 @@ import numpy as np
 
 import qsnap
 from qsnap._core import ClusterSink, crc32c
+from qsnap.atomic import fsync_dir, io_error
 from qsnap.errors import IOFailure, UsageError
 from qsnap.image import layout, qcow2
 from qsnap.image.layout import Blob, block_field, pages_of
@@ -24,13 +25,6 @@ DEFAULT_CLUSTER_SIZE = 1 << 20
 # 'auto' with O_DIRECT where the filesystem takes it, silently the page cache
 # elsewhere. Header, tables and metadata always go through the page cache.
 CACHE_MODES = ("auto", "none", "writeback")
-
-
-def _io_error(e, what, path, offset=None):
-    text = os.strerror(e.errno) if e.errno else str(e)
-    text = text[:1].lower() + text[1:]
-    where = f" at offset 0x{offset:x}" if offset is not None else ""
-    return IOFailure(f"{text} {what} {path}{where}")
 
 
 class ImageWriter:
@@ -85,7 +79,7 @@ class ImageWriter:
             else:
                 raise IOFailure(f"cannot create a temporary file beside {self.path}")
         except OSError as e:
-            raise _io_error(e, "creating a temporary file beside", self.path) from None
+            raise io_error(e, "creating a temporary file beside", self.path) from None
         try:
             self._dfd = self._open_sink_fd()
             self._write_header(complete=False, size=0, l1_size=0, l1_offset=0, reftable_offset=0,
@@ -103,7 +97,7 @@ class ImageWriter:
             fd = os.open(self.tmp_path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise _io_error(e, "opening", self.tmp_path) from None
+                raise io_error(e, "opening", self.tmp_path) from None
             if self.cache == "none":
                 warnings.warn(f"the filesystem of {self.dir} refuses O_DIRECT; "
                               "writing through the page cache", RuntimeWarning, stacklevel=3)
@@ -120,13 +114,13 @@ class ImageWriter:
             while done < len(view):
                 done += os.pwrite(self._fd, view[done:], offset + done)
         except OSError as e:
-            raise _io_error(e, "writing", self.tmp_path, offset + done) from None
+            raise io_error(e, "writing", self.tmp_path, offset + done) from None
 
     def _sync(self):
         try:
             os.fdatasync(self._fd)
         except OSError as e:
-            raise _io_error(e, "syncing", self.tmp_path) from None
+            raise io_error(e, "syncing", self.tmp_path) from None
 
     def _write_header(self, *, complete, size, l1_size, l1_offset, reftable_offset,
                       reftable_clusters, meta_offset, meta_length, meta_crc):
@@ -309,21 +303,9 @@ class ImageWriter:
         try:
             os.rename(self.tmp_path, self.path)
         except OSError as e:
-            raise _io_error(e, "renaming the image to", self.path) from None
+            raise io_error(e, "renaming the image to", self.path) from None
         self._done = True
-        self._fsync_dir()
-
-    def _fsync_dir(self):
-        try:
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            return
-        try:
-            os.fsync(dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
+        fsync_dir(self.dir)
 
     def _close_fds(self):
         if self._dfd >= 0 and self._dfd != self._fd:

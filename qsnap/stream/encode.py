@@ -15,6 +15,7 @@ import struct
 from ..errors import StreamError
 from .constants import (
     IDSTR_MAX,
+    MAPPED_RAM_HDR_VERSION,
     MAX_DISCARDS_PER_COMMAND,
     MIG_CMD_OPEN_RETURN_PATH,
     MIG_CMD_PACKAGED,
@@ -26,6 +27,7 @@ from .constants import (
     MIG_CMD_SWITCHOVER_START,
     POSTCOPY_RAM_DISCARD_VERSION,
     QEMU_VM_COMMAND,
+    QEMU_VM_CONFIGURATION,
     QEMU_VM_EOF,
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_SECTION_END,
@@ -33,6 +35,7 @@ from .constants import (
     QEMU_VM_SECTION_FULL,
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
+    QEMU_VM_SUBSECTION,
     QEMU_VM_VMDESCRIPTION,
     RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_MEM_SIZE,
@@ -201,3 +204,44 @@ class RamFraming:
 
     def end(self):
         return section_end(self.section_id) + self.section_close
+
+
+# -- configuration (savevm.c vmstate_configuration) -------------------------------------
+
+def configuration(machine, capabilities=(), uuid=None, target_page_bits=None):
+    """The configuration record: machine name, then the subsections QEMU sends
+    (target-page-bits, capabilities, uuid, in that order)."""
+    m = machine.encode()
+    parts = [bytes([QEMU_VM_CONFIGURATION]), be32(len(m)), m]
+
+    def sub(name, payload):
+        parts.extend([bytes([QEMU_VM_SUBSECTION]), idstr(name), be32(1), payload])
+
+    if target_page_bits is not None:
+        sub("configuration/target-page-bits", be32(target_page_bits))
+    if capabilities:
+        sub("configuration/capabilities", be32(len(capabilities)) + b"".join(idstr(c) for c in capabilities))
+    if uuid is not None:
+        if len(uuid) != 16:
+            raise StreamError("uuid must be 16 bytes")
+        sub("configuration/uuid", bytes(uuid))
+    return b"".join(parts)
+
+
+def without_capability(conf, name):
+    """A Configuration event re-encoded without capability ``name``."""
+    return configuration(conf.machine, [c for c in conf.capabilities if c != name],
+                         conf.uuid, conf.target_page_bits)
+
+
+# -- mapped-ram (ram.c mapped_ram_setup_ramblock, MappedRamHeader) ---------------------
+
+def mapped_ram_bitmap_size(length, page_size):
+    """BITS_TO_LONGS(pages) * sizeof(unsigned long) of a block's page bitmap."""
+    pages = -(-length // page_size)
+    return -(-pages // 64) * 8
+
+
+def mapped_ram_header(page_size, bitmap_offset, pages_offset):
+    """MappedRamHeader, packed big-endian: version, page_size, bitmap_offset, pages_offset."""
+    return struct.pack(">IQQQ", MAPPED_RAM_HDR_VERSION, page_size, bitmap_offset, pages_offset)

@@ -1,8 +1,7 @@
 """The VM record a snapshot stores in its image (the "vm" key, docs/image-format.md):
 which QEMU, machine and command line, how the snapshot was taken, and its frozen disks."""
-import json
-import os
 
+from qsnap import atomic
 from qsnap.errors import VmError
 from qsnap.vm.disks import fingerprint
 
@@ -61,7 +60,4 @@ def build(identity, cmdline, mode, was_running, disks, downtime_ms=None):
 
 def write(path, record):
     """Write the record atomically: `qsnap save` may read it at any moment."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    atomic.write_json(path, record, indent=1)

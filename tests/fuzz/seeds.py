@@ -1,9 +1,8 @@
 """Seeds and structure maps shared by the fuzz harnesses and the corruption tests.
 
-Seeds are real QEMU 7.2 streams (/work/shared/fixtures/*72*.gz and
-tests/data/bg72-blob.stream.gz) and images saved from them with
-``qsnap.save.save``.  Nothing large is committed: images are made on demand
-in a cache directory.
+Seeds are real QEMU 7.2 streams (tests/data/*72*.stream.gz, see its README;
+../shared/fixtures only where tests/data lacks a name) and images saved from
+them with ``qsnap.save.save``.  Images are made on demand in a cache directory.
 """
 import gzip
 import json
@@ -21,15 +20,24 @@ if str(REPO) not in sys.path:  # run from a checkout (python tests/fuzz/fuzz_*.p
     sys.path.insert(0, str(REPO))
 
 
+DATA_DIR = REPO / "tests" / "data"
 FIXTURES_DIR = (REPO / ".." / "shared" / "fixtures").resolve()
-BLOB_STREAM = REPO / "tests" / "data" / "bg72-blob.stream.gz"
+BLOB_STREAM = DATA_DIR / "bg72-blob.stream.gz"
 
 # Streams a plain StreamReader over a byte buffer accepts (mapped-ram needs a file).
 STREAM_NAMES = ("pc72", "bg72", "rp72", "hp72", "is72", "uuid72", "pc23")
 
 
+def stream_path(name):
+    """tests/data/NAME.stream.gz, else ../shared/fixtures/NAME.stream.gz, else None."""
+    for d in (DATA_DIR, FIXTURES_DIR):
+        if (d / f"{name}.stream.gz").exists():
+            return d / f"{name}.stream.gz"
+    return None
+
+
 def stream_paths(names=STREAM_NAMES, blob=True):
-    out = [FIXTURES_DIR / f"{n}.stream.gz" for n in names if (FIXTURES_DIR / f"{n}.stream.gz").exists()]
+    out = [p for p in map(stream_path, names) if p is not None]
     if blob and BLOB_STREAM.exists():
         out.append(BLOB_STREAM)
     return out
@@ -40,15 +48,16 @@ def load_stream(path):
         return f.read()
 
 
-def save_image(stream, path, cluster_size=1 << 16):
-    """Save ``stream`` (bytes) as an image at ``path`` through a memfd."""
+def save_image(stream, path, cluster_size=1 << 16, out_fd=-1):
+    """Save ``stream`` (bytes) as an image at ``path`` through a memfd; return-path
+    replies go to ``out_fd``."""
     from qsnap.save import save
 
     fd = os.memfd_create("qsnap-seed")
     try:
         os.write(fd, stream)
         os.lseek(fd, 0, os.SEEK_SET)
-        save(os.fspath(path), in_fd=fd, out_fd=-1, quiet=True, cluster_size=cluster_size)
+        save(os.fspath(path), in_fd=fd, out_fd=out_fd, quiet=True, cluster_size=cluster_size)
     finally:
         os.close(fd)
     return pathlib.Path(path)
@@ -219,3 +228,65 @@ def stream_corpus():
                 (tmp / f"{name}-head{n}").write_bytes(data[:n])
         os.replace(tmp, d)
     return d
+
+
+# --- small seeds for the engine harnesses (one run about a millisecond) -------------
+
+ENGINE_BLOCKS = (("pc.ram", 64 << 10), ("/rom@etc/acpi/tables", 8 << 10), ("pc.bios", 8 << 10))
+ENGINE_SYNTH = (  # pattern pages: regression images made from them compress to a few KB
+    dict(mode="background", data="pattern"),
+    dict(mode="precopy-live", return_path=True),
+    dict(mode="precopy-stopped", footers=False, data="pattern"),
+    dict(mode="precopy-live", vmdescription=False, zero_page_share=0.5, data="pattern"),
+)
+
+
+def _extra_fixtures_dir():
+    """Optional real streams beside the checkout or named by QSNAP_FUZZ_FIXTURES."""
+    d = os.environ.get("QSNAP_FUZZ_FIXTURES")
+    return pathlib.Path(d) if d else FIXTURES_DIR
+
+
+def engine_streams(keep_pages=24):
+    """[(name, bytes)] of small streams: synthetic guests of 80 KiB and real
+    streams cut down to their first ``keep_pages`` RAM records."""
+    import io
+
+    import stream_records
+    from qsnap.stream.synth import synth_stream
+
+    out = []
+    for i, kw in enumerate(ENGINE_SYNTH):
+        buf = io.BytesIO()
+        synth_stream(buf, blocks=ENGINE_BLOCKS, seed=i, part_pages=8, **kw)
+        out.append((f"synth-{kw['mode']}-{i}", buf.getvalue()))
+    fixtures = _extra_fixtures_dir()
+    paths = sorted(fixtures.glob("*72*.stream.gz")) if fixtures.is_dir() else []
+    paths = [p for p in paths if not p.name.startswith("mr")] + [BLOB_STREAM]
+    for p in paths:
+        if p.exists():
+            chunks = stream_records.trim(stream_records.split(load_stream(p)), keep_pages)
+            out.append((p.name.split(".")[0], stream_records.join(chunks)))
+    return out
+
+
+def engine_images(where, cluster_size=1 << 16):
+    """[(name, bytes)] of images saved from ``engine_streams()`` (those save accepts)."""
+    from qsnap.errors import QsnapError
+
+    where = pathlib.Path(where)
+    where.mkdir(parents=True, exist_ok=True)
+    out = []
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for name, stream in engine_streams():
+            img = where / f"{name}.qsnap"
+            try:
+                save_image(stream, img, cluster_size, out_fd=devnull)
+            except QsnapError:
+                continue
+            out.append((name, img.read_bytes()))
+            img.unlink()
+    finally:
+        os.close(devnull)
+    return out

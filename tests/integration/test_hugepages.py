@@ -29,6 +29,7 @@ from bigcmp import assert_same
 
 from qsnaptest import guests
 from qsnaptest.qemu import BlobGuest, Qemu, parse_size
+from qsnaptest.tools import wait_save
 from .test_postcopy import assert_same_ram, postcopy_restore, qsnap
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +113,7 @@ def huge_saved(hugetlbfs, tmp_path_factory):
         # postcopy-ram on the source: ADVISE + per-block page size on the wire; precopy completes
         vm.set_capabilities(postcopy_ram=True)
         vm.migrate(f"exec:tee {shlex.quote(str(raw))} | {qsnap('save', '-q', img)}")
-        vm.wait_migration(timeout=120)
+        wait_save(vm, timeout=120)
     return blobs, img, raw
 
 
@@ -120,6 +121,7 @@ def dest(hugetlbfs, name):
     return Qemu(memory=MEMORY, incoming=True, paused=True, name=name, args=huge_args(hugetlbfs))
 
 
+@pytest.mark.all_qemu
 def test_info_shows_huge_page_size(huge_saved):
     _blobs, img, _raw = huge_saved
     out = subprocess.run([sys.executable, "-m", "qsnap", "info", "--output", "json", str(img)],
@@ -131,6 +133,7 @@ def test_info_shows_huge_page_size(huge_saved):
     assert all(b["page_size"] == 4096 for n, b in blocks.items() if n != BLOCK)
 
 
+@pytest.mark.all_qemu
 @pytest.mark.parametrize("mode", ["precopy", "postcopy=0", "postcopy=50"])
 def test_huge_restore_matches_cat(huge_saved, hugetlbfs, tmp_path, mode):
     blobs, img, raw = huge_saved

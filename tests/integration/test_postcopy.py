@@ -59,6 +59,7 @@ def blob_saved(qemu_bin, tmp_path_factory):
     return blobs, img, raw
 
 
+@pytest.mark.all_qemu
 @pytest.mark.parametrize("pct", [0, 50])
 def test_blob_postcopy_matches_cat(blob_saved, tmp_path, pct):
     blobs, img, raw = blob_saved
@@ -94,6 +95,7 @@ def linux_saved(linux_guest_files, tmp_path_factory):
     return img, raw, before
 
 
+@pytest.mark.all_qemu
 @pytest.mark.parametrize("pct", [0, 50])
 def test_linux_postcopy_matches_cat(linux_saved, linux_guest_files, tmp_path, pct):
     img, raw, _ = linux_saved
@@ -106,6 +108,7 @@ def test_linux_postcopy_matches_cat(linux_saved, linux_guest_files, tmp_path, pc
         assert_same_ram(a, b, tmp_path)
 
 
+@pytest.mark.all_qemu
 def test_linux_runs_during_postcopy(linux_saved, linux_guest_files, tmp_path):
     """Without -S the guest runs while pages still arrive, faulting them in."""
     img, _raw, before = linux_saved

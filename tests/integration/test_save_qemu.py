@@ -99,6 +99,7 @@ def blob_saves(qemu_bin, tmp_path_factory):
     return blobs, out
 
 
+@pytest.mark.all_qemu
 @pytest.mark.parametrize("kind", KINDS)
 def test_blob_save(blob_saves, kind):
     """Completed migration; image passes qemu-img check and qsnap check; blobs exact."""
@@ -110,6 +111,7 @@ def test_blob_save(blob_saves, kind):
     check_image(img, blobs)
 
 
+@pytest.mark.all_qemu
 @pytest.mark.parametrize("kind", KINDS)
 def test_blob_save_density(blob_saves, kind):
     """Zero pages take no space: file <= 1.15 x non-zero page bytes + 4 MiB."""
@@ -152,6 +154,7 @@ def linux_saves(linux_guest_files, tmp_path_factory):
     return out
 
 
+@pytest.mark.all_qemu
 @pytest.mark.parametrize("kind", LINUX_KINDS)
 def test_linux_save(linux_saves, kind):
     img, mig, before, after, status = linux_saves[kind]
@@ -180,6 +183,7 @@ def small_blobs(tmp_path_factory):
 RP_TRACE = ["-trace", "source_return_path_thread_*"]
 
 
+@pytest.mark.all_qemu
 @pytest.mark.parametrize("caps,kind", [
     ({"return-path": True}, "precopy-stopped"),
     ({"return-path": True}, "precopy-live"),

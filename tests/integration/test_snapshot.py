@@ -5,7 +5,9 @@ The consistency tests use the disk guest (qsnaptest.diskguest, TCG): it writes r
 N to sector N and keeps N in RAM.  A snapshot's frozen disk holds records 1..K; its
 RAM, restored into a QEMU whose disk is a fresh overlay of the frozen image, must go
 on from record K+1 without rewriting any of 1..K.  The failure tests use a blob guest
-with two disks (KVM, fast).
+with two disks (KVM, fast).  The consistency tests and the background snapshot with
+disks run on every build QSNAP_QEMU names (``all_qemu``): QEMU 10.0 leaves a VM paused
+after a background snapshot that it found paused, so qsnap must resume it.
 """
 import json
 import os
@@ -23,10 +25,6 @@ from qsnaptest import diskguest, guests
 from qsnaptest.qemu import BlobGuest, QemuError
 from qsnaptest.tools import (block, check_blobs_in_raw, error_lines, qemu_img_raw, qsnap_cmd,
                              qsnap_env, qsnap_info, run_qsnap, wait_for)
-
-Q10 = Path("/tmp/q10/root/usr/bin/qemu-system-x86_64")
-Q10_ARGS = ["-L", "/tmp/q10/root/usr/share/qemu", "-L", "/usr/share/seabios", "-L", "/usr/share/qemu"]
-
 
 def second_monitor(path):
     """A QMP socket for qsnap beside the harness's own (a QMP socket serves one client)."""
@@ -74,30 +72,15 @@ def disk_guest_files(qemu_bin):
         pytest.skip(f"disk guest unavailable: {e}")
 
 
-def qemu_builds():
-    """The harness's QEMU, and QEMU 10.0 where it is unpacked (its background snapshot
-    leaves a VM paused that it found paused, so qsnap must resume it)."""
-    builds = [pytest.param(None, id="qemu-default")]
-    if Q10.exists():
-        builds.append(pytest.param(Q10, id="qemu10.0"))
-    return builds
-
-
-def build_kw(binary):
-    """Qemu(...) arguments that run ``binary`` (None: the harness's default)."""
-    return {"binary": str(binary), "args": list(Q10_ARGS)} if binary else {"args": []}
-
-
-@pytest.fixture(scope="module", params=qemu_builds())
-def source(request, disk_guest_files, tmp_path_factory):
-    """One running disk guest; each mode's test snapshots it in turn (so later snapshots
-    freeze the overlay an earlier one made: chains are covered too)."""
-    d = tmp_path_factory.mktemp("source")
+@pytest.fixture(scope="module")
+def source(qemu, disk_guest_files, tmp_path_factory):
+    """One running disk guest on this test's build; each mode's test snapshots it in turn
+    (so later snapshots freeze the overlay an earlier one made: chains are covered too)."""
+    d = tmp_path_factory.mktemp(f"source-{qemu.id}")
     disk = diskguest.create_disk(d / "disk.qcow2")
     sock = d / "qsnap.qmp"
-    kw = build_kw(request.param)
-    kw["args"] += second_monitor(sock)
-    vm = diskguest.DiskGuest(*disk_guest_files, disks=[disk], env=qsnap_env(), name="src", **kw)
+    vm = diskguest.DiskGuest(*disk_guest_files, disks=[disk], env=qsnap_env(), name="src",
+                             args=second_monitor(sock))
     vm.start()
     try:
         vm.wait_record(3, timeout=300)
@@ -108,12 +91,11 @@ def source(request, disk_guest_files, tmp_path_factory):
         vm.shutdown()
 
 
-def restore_from(img, frozen, kernel_initrd, where, binary):
-    """A -incoming defer QEMU with the source's command line, its disk a fresh overlay of
-    the frozen image, loaded with plain `qsnap load` and running."""
+def restore_from(img, frozen, kernel_initrd, where):
+    """A -incoming defer QEMU of the active build with the source's command line, its disk
+    a fresh overlay of the frozen image, loaded with plain `qsnap load` and running."""
     disk = diskguest.create_overlay(where / "restored.qcow2", frozen)
-    dst = diskguest.DiskGuest(*kernel_initrd, disks=[disk], incoming=True, env=qsnap_env(), name="dst",
-                              **build_kw(binary))
+    dst = diskguest.DiskGuest(*kernel_initrd, disks=[disk], incoming=True, env=qsnap_env(), name="dst")
     dst.start()
     try:
         dst.migrate_incoming("exec:" + qsnap_cmd("load", img))
@@ -126,6 +108,7 @@ def restore_from(img, frozen, kernel_initrd, where, binary):
     return dst, disk
 
 
+@pytest.mark.all_qemu
 @pytest.mark.parametrize("mode", ["background", "live", "stopped"])
 def test_snapshot_disk_guest(source, disk_guest_files, mode, tmp_path):
     caps = migration_settings(source)
@@ -160,10 +143,9 @@ def test_snapshot_disk_guest(source, disk_guest_files, mode, tmp_path):
 
     # the image's RAM goes on from record K+1 on the frozen disk, and sees none of the
     # records the source wrote after the snapshot
-    binary = source.binary if source.binary == str(Q10) else None
     restore_started = int(time.time())
     assert all(stamp <= restore_started for _, stamp in source_recs.values())
-    dst, restored_disk = restore_from(img, frozen, disk_guest_files, tmp_path, binary)
+    dst, restored_disk = restore_from(img, frozen, disk_guest_files, tmp_path)
     try:
         dst.wait_record(k + 3, timeout=300)
         restored = diskguest.records(restored_disk)
@@ -182,25 +164,24 @@ def test_snapshot_disk_guest(source, disk_guest_files, mode, tmp_path):
 
 # --- blob guests: RAM only, failures, downtime -----------------------------------------
 
-def blob_vm(tmp_path, *, memory="64M", layout=((16 << 20, 1 << 20),), disks=2, binary=None,
-            paused=False):
+def blob_vm(tmp_path, *, memory="64M", layout=((16 << 20, 1 << 20),), disks=2, paused=False):
+    """A blob guest of the active build with ``disks`` qcow2 disks and a second QMP socket."""
     blobs = guests.make_blobs(tmp_path / "blobs", list(layout))
     files = [diskguest.create_disk(tmp_path / f"d{i}.qcow2") for i in range(disks)]
     sock = tmp_path / "qsnap.qmp"
     args = diskguest.drive_args(files) + second_monitor(sock)
-    kw = build_kw(binary)
-    vm = BlobGuest(memory=memory, blobs=blobs, args=args + kw.pop("args"), env=qsnap_env(),
-                   accel="kvm", paused=paused, **kw)
+    vm = BlobGuest(memory=memory, blobs=blobs, args=args, env=qsnap_env(), accel="kvm",
+                   paused=paused)
     vm.start()
     vm.sock, vm.disk_files = sock, files
     return vm
 
 
-@pytest.mark.parametrize("binary", qemu_builds())
-def test_background_with_disks_resumes_the_guest(tmp_path, binary):
+@pytest.mark.all_qemu
+def test_background_with_disks_resumes_the_guest(tmp_path):
     """QEMU >= 9.0 keeps a paused VM paused after a background snapshot; qsnap pauses it
     for the overlays, so it must resume it, and only once QEMU saved the device state."""
-    vm = blob_vm(tmp_path, binary=binary)
+    vm = blob_vm(tmp_path)
     try:
         caps = migration_settings(vm)
         r = snapshot(vm.sock, tmp_path / "snap.qsnap", "--output=json")

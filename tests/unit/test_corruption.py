@@ -2,7 +2,7 @@
 
 Generated deterministically at test time (nothing large is committed):
 truncations at every structure boundary and bit flips in every structure of the
-streams (fixtures/*72*.gz, tests/data/bg72-blob.stream.gz) and of images saved
+streams (tests/data/*72*.stream.gz) and of images saved
 from them.  save/load/info/check must end in a clean QsnapError or a proper
 `check` exit code -- never another exception -- and every flipped bit in a
 stored page is caught by `check` (exit 2) and by `load` (naming block and page).
@@ -28,7 +28,7 @@ from qsnap.stream.reader import StreamReader  # noqa: E402
 
 from bigcmp import assert_same  # noqa: E402
 
-STREAMS = sorted(p.name for p in seeds.FIXTURES_DIR.glob("*72*.stream.gz")) if seeds.FIXTURES_DIR.is_dir() else []
+STREAMS = sorted(p.name for p in seeds.stream_paths(blob=False) if "72" in p.name)
 IMAGE_SEEDS = ("pc72", "bg72", "is72")
 PREVIOUS = b"an earlier image at this path\n"
 
@@ -36,7 +36,7 @@ PREVIOUS = b"an earlier image at this path\n"
 def _stream(name):
     if name == "bg72-blob":
         return seeds.load_stream(seeds.BLOB_STREAM)
-    return seeds.load_stream(seeds.FIXTURES_DIR / name)
+    return seeds.load_stream(seeds.stream_path(name.split(".")[0]))
 
 
 def stream_boundaries(data):
@@ -88,8 +88,7 @@ def _stream_params():
 
 @pytest.fixture(scope="module")
 def streams():
-    if not STREAMS:
-        pytest.skip("QEMU stream fixtures not found")
+    assert STREAMS, f"no *72*.stream.gz in {seeds.DATA_DIR}"
     return {n: _stream(n if n == "bg72-blob" else f"{n}.stream.gz") for n in _stream_params()}
 
 
@@ -142,8 +141,7 @@ def test_stream_oversized_lengths(streams, name, tmp_path):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    if not STREAMS:
-        pytest.skip("QEMU stream fixtures not found")
+    assert STREAMS, f"no *72*.stream.gz in {seeds.DATA_DIR}"
     where = tmp_path_factory.mktemp("seed-images")
     out = {}
     for name, buf in seeds.seed_images(IMAGE_SEEDS, blob=True, where=where):

@@ -39,14 +39,13 @@ def _feed(proc, data):
 
 @pytest.fixture(scope="module")
 def stream():
-    if not seeds.BLOB_STREAM.exists():
-        pytest.skip("tests/data/bg72-blob.stream.gz is missing")
+    assert seeds.BLOB_STREAM.exists(), f"{seeds.BLOB_STREAM} is missing"
     return seeds.load_stream(seeds.BLOB_STREAM)
 
 
 def test_sigkill_save_at_random_points(stream, tmp_path):
     img = tmp_path / "vm.qsnap"
-    seeds.save_image(seeds.load_stream(seeds.stream_paths(("pc72",), blob=False)[0]), img)
+    seeds.save_image(seeds.load_stream(seeds.stream_path("pc72")), img)
     earlier = img.read_bytes()
     rng = random.Random(0x5EED)
     duration = len(stream) / CHUNK * CHUNK_DELAY

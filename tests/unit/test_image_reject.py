@@ -222,6 +222,20 @@ def test_bad_json_rejected_even_with_valid_crc(img):
         Image.open(img)
 
 
+@pytest.mark.parametrize("field,value", [("instance_id", 4096), ("version_id", 0)])
+def test_ram_section_other_than_qemus_rejected(good, field, value):
+    # load sends these in the RAM SECTION_START, which QEMU takes only as instance 0, version 4
+    with Image.open(good[0]) as im:
+        region = bytes(im._region)
+        doc, _ = layout.parse_meta_region(region, im.meta_offset)
+    jl = struct.unpack(">Q", region[8:16])[0]
+    doc["stream"]["ram_section"] = {"section_id": 2, "instance_id": 0, "version_id": 4}
+    layout.validate_meta(doc, len(region), 16 + jl)
+    doc["stream"]["ram_section"][field] = value
+    with pytest.raises(ImageError, match=r"meta.stream.ram_section instance \d+ version \d+ is not QEMU's"):
+        layout.validate_meta(doc, len(region), 16 + jl)
+
+
 def test_flipped_bit_in_data_cluster(img, good):
     expect = good[1]
     with Image.open(img) as im:

@@ -22,8 +22,7 @@ def qsnap(*args):
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    if not seeds.stream_paths(("pc72",), blob=False):
-        pytest.skip("QEMU stream fixtures not found")
+    assert seeds.stream_paths(("pc72",), blob=False), f"no pc72.stream.gz in {seeds.DATA_DIR}"
     where = tmp_path_factory.mktemp("img")
     (name, buf), = seeds.seed_images(("pc72",), blob=False, where=where)
     return where / "pc72-64k.qsnap", buf

@@ -9,7 +9,7 @@ import pytest
 
 from qsnap.errors import ChecksumError, IOFailure, ProtocolError
 from qsnap.image.reader import Image
-from qsnap.postcopy import load_postcopy
+from qsnap.postcopy import ReturnPath, load_postcopy
 from qsnap.save import save
 from qsnap.stream import constants as C
 from qsnap.stream import events as ev
@@ -61,7 +61,8 @@ class FakeDest:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
         self.result = None
-        self.exc = None
+        self.exc = None          # what load_postcopy raised
+        self.read_exc = None     # what reading its stream raised (expected only when it failed)
         self.pages = []          # (phase, idstr, offset, is_zero, payload)
         self.commands = []
         self.device_state = None
@@ -109,12 +110,17 @@ class FakeDest:
                     self.device_state = e.data
             if self.shut:
                 self.send(rp_msg(C.MIG_RP_MSG_SHUT, b"\0\0\0\0"))
-        except BaseException:
-            pass
+        except AssertionError:
+            raise
+        except Exception as e:  # a failing load_postcopy cuts its stream short
+            self.read_exc = e
         finally:
             self.rp_a.close()
             self.thread.join(30)
             f.close()
+        assert not self.thread.is_alive(), "load_postcopy still running 30 s after its stream"
+        if self.exc is None and self.read_exc is not None:
+            raise self.read_exc
         return self
 
 
@@ -237,6 +243,8 @@ def test_requested_page_comes_first(image, percent):
     (req_id("pc.ram", 8 * MiB), "outside block"),
     (req_id("pc.ram", 0, 0), "misaligned"),
     (rp_msg(C.MIG_RP_MSG_REQ_PAGES_ID, struct.pack(">QIB", 0, PS, 9) + b"pc.ram"), "bad length"),
+    (rp_msg(C.MIG_RP_MSG_REQ_PAGES_ID, b""), "REQ_PAGES_ID with bad length 0"),
+    (rp_msg(C.MIG_RP_MSG_REQ_PAGES_ID, b"\0" * 11), "REQ_PAGES_ID with bad length 11"),
 ])
 def test_return_path_errors(image, msg, err):
     ip, _ = image
@@ -247,6 +255,19 @@ def test_return_path_errors(image, msg, err):
     d = FakeDest(ip, 0, on_packaged=on_packaged, shut=False).drive()
     assert isinstance(d.exc, ProtocolError), d.exc
     assert err in str(d.exc)
+
+
+def test_unexpected_return_path_error_reaches_the_writer(image, monkeypatch):
+    """A bug in the return-path thread ends the load with that error instead of a hang."""
+    ip, _ = image
+
+    def broken(self, *args):
+        raise KeyError("injected")
+
+    monkeypatch.setattr(ReturnPath, "_handle", broken)
+    d = FakeDest(ip, 0, shut=False).drive()
+    assert isinstance(d.exc, KeyError), d.exc
+    assert not d.thread.is_alive()
 
 
 def test_qemu_goes_away(image):

@@ -1,4 +1,4 @@
-"""Every real QEMU stream in /work/shared/fixtures parses to the end, with the facts its README states."""
+"""Every real QEMU stream in tests/data (and ../shared/fixtures where present) parses to the end, with the facts tests/data/README.md states."""
 import collections
 import gzip
 import io
