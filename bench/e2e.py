@@ -9,9 +9,10 @@ For every guest size x non-zero share, a blob guest (no OS: SeaBIOS halts,
 random blobs placed by ``-device loader`` make up the non-zero share) is
 started under KVM with two qcow2 drives (``-drive if=none``: savevm writes them,
 ``qsnap snapshot`` freezes them) and a second QMP socket for ``qsnap snapshot``,
-on the QEMU build --qemu names (7.2: the installed qemu-system-x86_64; 10.0: the
-build unpacked under /tmp/q10/root with its ``-L`` dirs; or a binary's path;
-machine type pc-i440fx-<its major.minor>, see bench/builds.py), and,
+on the QEMU build --qemu names through qsnaptest.builds (7.2: the installed
+qemu-system-x86_64; 10.0: the unpacked 10.0.2 with its ``-L`` dirs, the harness's
+own or else the one under /tmp/q10/root; or a binary's path; machine type
+pc-i440fx-<its major.minor>), and,
 alternating the order of the contenders every round:
 
 save (background-snapshot for qsnap and cat; from ``migrate`` to both status
@@ -69,9 +70,8 @@ from pathlib import Path
 import numpy as np
 
 from bench import compile_qsnap_once
-from bench.builds import BuildUnavailable, find_build
-from qsnaptest import guests
-from qsnaptest.qemu import BlobGuest, QemuError, ram_ranges
+from qsnaptest import builds, guests
+from qsnaptest.qemu import BlobGuest, QemuError, ram_ranges, use_build
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,8 +81,10 @@ TIME_FMT = "%e %M %U %S"
 TARGETS = {"save_over_cat": 1.05, "load_over_cat": 1.0, "postcopy_running_s": 0.5,
            "postcopy_completion_over_precopy": 1.2, "postcopy_p99_ms": 2.0, "rss_MiB": 150,
            "snapshot_over_save": 1.05, "launch_over_load": 1.05, "snapshot_downtime_ms": 50}
-# The QEMU build every guest of the run uses (--qemu; see bench/builds.py)
+# The QEMU build every guest of the run uses (--qemu; see find_qemu)
 BUILD = None
+# Where QEMU 10.0 was unpacked by hand when qsnaptest.builds has not prepared its own
+UNPACKED_10 = os.environ.get("QSNAP_QEMU10_ROOT", "/tmp/q10/root")
 DISKS = 2  # qcow2 drives per guest: savevm writes them, qsnap snapshot freezes them
 
 
@@ -171,7 +173,7 @@ def describe_machine(work, mib=1024):
     return {
         "cores": os.cpu_count(), "cpu": cpu, "memory_GiB": round(mem / GiB, 1),
         "virtualization": virt or "unknown", "kernel": platform.release(),
-        "python": platform.python_version(), **BUILD.describe(),
+        "python": platform.python_version(), **describe_build(BUILD),
         "disk_dir": str(work),
         "disk_write_fdatasync_MBps": round(n / w / 1e6), "disk_read_odirect_MBps": round(n / rd / 1e6),
         "disk_read_buffered_cold_MBps": round(n / rb / 1e6),
@@ -227,13 +229,30 @@ def check_blobs(vm, blobs, probe=64 << 10):
             raise AssertionError(f"blob at {b.addr:#x} differs after the load")
 
 
+def find_qemu(spec):
+    """The build --qemu names: qsnaptest.builds' 7.2 / 10.0 / binary path; for 10.0
+    the tree under UNPACKED_10 when the harness has not unpacked its own."""
+    try:
+        return builds.find_build(spec)
+    except builds.BuildUnavailable:
+        binary = Path(UNPACKED_10) / "usr" / "bin" / builds.SYSTEM_BINARY
+        if spec != "10.0" or not binary.exists():
+            raise
+        return builds.find_build(str(binary))
+
+
+def describe_build(b):
+    return {"qemu": b.version, "qemu_binary": b.binary, "machine_type": b.machine("pc"),
+            "qemu_firmware_dirs": list(b.firmware_dirs)}
+
+
 def guest(mem, disks, name, extra=(), **kw):
-    """A blob guest of the run's QEMU build with ``disks`` as drives d0, d1, ..."""
-    args = BUILD.firmware_args()
+    """A blob guest of the run's QEMU build (its binary, -L dirs and pc machine type)
+    with ``disks`` as drives d0, d1, ..."""
+    args = []
     for i, disk in enumerate(disks):
         args += ["-drive", f"file={disk},if=none,id=d{i},format=qcow2,cache=writeback"]
-    return BlobGuest(memory=mem, binary=BUILD.binary, machine=BUILD.machine, name=name,
-                     args=args + list(extra), **kw)
+    return BlobGuest(memory=mem, build=BUILD, name=name, args=args + list(extra), **kw)
 
 
 def top_files(vm):
@@ -451,13 +470,13 @@ class Case:
         self.blobs = make_blob_files(self.dir / "blobs", layout, seed=round(self.fill * 100))
         nonzero = sum(s for _, s in layout)
         log(f"{human(self.mem)} fill {self.fill:.0%}: {len(self.blobs)} blobs, {nonzero / MiB:.0f} MiB random "
-            f"({time.monotonic() - t:.1f} s to write); QEMU {BUILD.version} {BUILD.machine}")
+            f"({time.monotonic() - t:.1f} s to write); QEMU {BUILD.version} {BUILD.machine('pc')}")
         self.src_disks = [self.dir / f"src{i}.qcow2" for i in range(DISKS)]
         self.dst_disks = [self.dir / f"dst{i}.qcow2" for i in range(DISKS)]
         for d in self.src_disks + self.dst_disks:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d), "8G"], check=True)
         self.res = {"mem": self.mem, "fill": self.fill, "nonzero_bytes": nonzero, "rounds": self.rounds,
-                    "qemu": BUILD.version, "machine_type": BUILD.machine, "disks": DISKS,
+                    "qemu": BUILD.version, "machine_type": BUILD.machine("pc"), "disks": DISKS,
                     "loadavg_1min": round(os.getloadavg()[0], 2),
                     "save": {"qsnap": [], "cat": [], "savevm": [], "snapshot": [], "snapshotram": []},
                     "load": {"qsnap": [], "cat": [], "launch": []}, "postcopy": {}, "launch_postcopy": {}}
@@ -927,8 +946,8 @@ def main(argv=None):
     ap.add_argument("--no-snapshot", action="store_true",
                     help="leave out qsnap snapshot and qsnap restore --launch")
     ap.add_argument("--qemu", default="7.2", metavar="PATH_OR_VERSION",
-                    help="7.2 (the installed qemu-system-x86_64), 10.0 (unpacked under /tmp/q10/root) "
-                    "or a binary's path; machine type pc-i440fx-<its version>")
+                    help="7.2 (the installed qemu-system-x86_64), 10.0 (unpacked: qsnaptest.builds', "
+                    "else /tmp/q10/root) or a binary's path; machine type pc-i440fx-<its version>")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--drop-caches", action="store_true",
                     help="echo 3 > drop_caches before each load instead of fadvise on the files")
@@ -948,9 +967,10 @@ def main(argv=None):
     global DROP_ALL, BUILD
     DROP_ALL = args.drop_caches
     try:
-        BUILD = find_build(args.qemu)
-    except BuildUnavailable as e:
+        BUILD = find_qemu(args.qemu)
+    except builds.BuildUnavailable as e:
         ap.error(f"--qemu {args.qemu}: {e}")
+    use_build(BUILD)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     work = Path(tempfile.mkdtemp(prefix="qsnap-e2e-", dir=args.dir))
     compile_qsnap_once(work / "pycache", ["qsnap.cli", "qsnap.save", "qsnap.load", "qsnap.image.reader",
