@@ -2,12 +2,14 @@
 
     python -m pytest bench -q                 # all micro benchmarks, ~3-5 min
     QSNAP_BENCH_MIB=256 python -m pytest bench -q
+    QSNAP_BENCH_NAME=micro-r2 python -m pytest bench -q   # results in micro-r2.{md,json}
 
 Files named ``bench_*.py`` are collected here (the default ``python -m pytest``
 run only looks in tests/).  Every benchmark records its bytes and the median
 time of its rounds with :func:`record`; at the end of the session a table of
 GB/s, with each figure beside its physical reference measured on the same bytes
-in the same run, is printed and written to bench/results/micro.{md,json}.
+in the same run, is printed and written to bench/results/micro.{md,json}
+(QSNAP_BENCH_NAME: another base name, so that an earlier run stays).
 """
 import json
 import os
@@ -84,11 +86,12 @@ def pytest_terminal_summary(terminalreporter):
         return
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    (RESULTS_DIR / "micro.md").write_text(
+    name = os.environ.get("QSNAP_BENCH_NAME") or "micro"
+    (RESULTS_DIR / f"{name}.md").write_text(
         f"# qsnap micro benchmarks\n\n{stamp}; {_machine()}\n\n"
         f"Median of the rounds of each benchmark; ratio = GB/s / reference GB/s, same run.\n\n"
         f"{table}\n")
-    (RESULTS_DIR / "micro.json").write_text(json.dumps(
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(
         {"time": stamp, "machine": _machine(), "results": _RESULTS,
          "median_note": "median_s is the median of rounds"}, indent=1))
 

@@ -3,17 +3,27 @@
     python -m bench.e2e --sizes 512M,1G --fill 0,50,100 --rounds 2
     python -m bench.e2e --sizes 3G --fill 67 --rounds 1          # 3 GiB guest, 2 GiB random
     python -m bench.e2e                                          # full matrix (see below)
+    python -m bench.e2e --qemu 10.0 --sizes 3G --fill 67 --rounds 2 --no-savevm --postcopy 0
 
 For every guest size x non-zero share, a blob guest (no OS: SeaBIOS halts,
 random blobs placed by ``-device loader`` make up the non-zero share) is
-started under KVM with a qcow2 drive (``-drive if=none``, for savevm), and,
+started under KVM with two qcow2 drives (``-drive if=none``: savevm writes them,
+``qsnap snapshot`` freezes them) and a second QMP socket for ``qsnap snapshot``,
+on the QEMU build --qemu names through qsnaptest.builds (7.2: the installed
+qemu-system-x86_64; 10.0: the unpacked 10.0.2 with its ``-L`` dirs, the harness's
+own or else the one under /tmp/q10/root; or a binary's path; machine type
+pc-i440fx-<its major.minor>), and,
 alternating the order of the contenders every round:
 
 save (background-snapshot for qsnap and cat; from ``migrate`` to both status
 "completed" and the exec child's exit -- QEMU 7.2 waits for the child anyway):
   * ``exec:qsnap save IMG``                 (image durable and renamed at exit)
   * ``exec:sh -c 'cat > raw && sync raw'``  (the same stream, durable)
-  * HMP ``savevm`` into the qcow2 drive, then fsync of the qcow2 file
+  * HMP ``savevm`` into the qcow2 drives, then fsync of their top files
+  * ``qsnap snapshot --mode=background --disks=overlay --output=json`` (the
+    wall time of the command; ``downtime_ms`` from its JSON) and the same with
+    ``--disks=none`` (RAM only: QEMU pauses the guest itself), with QEMU's own
+    query-migrate ``downtime`` beside them (unless --no-snapshot)
 load (fresh ``-incoming defer`` QEMU each time, page cache dropped first;
 from ``migrate-incoming`` to status "completed"):
   * ``exec:qsnap load IMG``                 (precopy, O_DIRECT reads)
@@ -22,6 +32,11 @@ from ``migrate-incoming`` to status "completed"):
     when ``qsnap.postcopy`` exists: time to guest running, to completion, and
     page-request service percentiles from the stats file; otherwise the rows
     say "not available".
+  * ``qsnap restore --launch --drop-arg=-device IMG`` of the last snapshot, and
+    with ``--postcopy=P``: the wall time of the command (QEMU start-up included),
+    its JSON ``seconds`` and ``seconds_to_run``; the guest's RAM is checked in
+    the launched QEMU, which is then ended. The exec: rows time an already
+    started QEMU; its start-up is recorded beside them (``qemu_start_s``).
 qsnap's peak RSS and CPU time come from ``/usr/bin/time -f '%e %M %U %S'``
 wrapped around the exec command.
 
@@ -55,8 +70,8 @@ from pathlib import Path
 import numpy as np
 
 from bench import compile_qsnap_once
-from qsnaptest import guests
-from qsnaptest.qemu import BlobGuest, QemuError, qemu_version, ram_ranges
+from qsnaptest import builds, guests
+from qsnaptest.qemu import BlobGuest, QemuError, ram_ranges, use_build
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +79,13 @@ MiB = 1 << 20
 GiB = 1 << 30
 TIME_FMT = "%e %M %U %S"
 TARGETS = {"save_over_cat": 1.05, "load_over_cat": 1.0, "postcopy_running_s": 0.5,
-           "postcopy_completion_over_precopy": 1.2, "postcopy_p99_ms": 2.0, "rss_MiB": 150}
+           "postcopy_completion_over_precopy": 1.2, "postcopy_p99_ms": 2.0, "rss_MiB": 150,
+           "snapshot_over_save": 1.05, "launch_over_load": 1.05, "snapshot_downtime_ms": 50}
+# The QEMU build every guest of the run uses (--qemu; see find_qemu)
+BUILD = None
+# Where QEMU 10.0 was unpacked by hand when qsnaptest.builds has not prepared its own
+UNPACKED_10 = os.environ.get("QSNAP_QEMU10_ROOT", "/tmp/q10/root")
+DISKS = 2  # qcow2 drives per guest: savevm writes them, qsnap snapshot freezes them
 
 
 def parse_size(text):
@@ -152,7 +173,7 @@ def describe_machine(work, mib=1024):
     return {
         "cores": os.cpu_count(), "cpu": cpu, "memory_GiB": round(mem / GiB, 1),
         "virtualization": virt or "unknown", "kernel": platform.release(),
-        "python": platform.python_version(), "qemu": qemu_version(),
+        "python": platform.python_version(), **describe_build(BUILD),
         "disk_dir": str(work),
         "disk_write_fdatasync_MBps": round(n / w / 1e6), "disk_read_odirect_MBps": round(n / rd / 1e6),
         "disk_read_buffered_cold_MBps": round(n / rb / 1e6),
@@ -208,8 +229,36 @@ def check_blobs(vm, blobs, probe=64 << 10):
             raise AssertionError(f"blob at {b.addr:#x} differs after the load")
 
 
-def qemu_args(disk):
-    return ["-drive", f"file={disk},if=none,id=d0,format=qcow2,cache=writeback"]
+def find_qemu(spec):
+    """The build --qemu names: qsnaptest.builds' 7.2 / 10.0 / binary path; for 10.0
+    the tree under UNPACKED_10 when the harness has not unpacked its own."""
+    try:
+        return builds.find_build(spec)
+    except builds.BuildUnavailable:
+        binary = Path(UNPACKED_10) / "usr" / "bin" / builds.SYSTEM_BINARY
+        if spec != "10.0" or not binary.exists():
+            raise
+        return builds.find_build(str(binary))
+
+
+def describe_build(b):
+    return {"qemu": b.version, "qemu_binary": b.binary, "machine_type": b.machine("pc"),
+            "qemu_firmware_dirs": list(b.firmware_dirs)}
+
+
+def guest(mem, disks, name, extra=(), **kw):
+    """A blob guest of the run's QEMU build (its binary, -L dirs and pc machine type)
+    with ``disks`` as drives d0, d1, ..."""
+    args = []
+    for i, disk in enumerate(disks):
+        args += ["-drive", f"file={disk},if=none,id=d{i},format=qcow2,cache=writeback"]
+    return BlobGuest(memory=mem, build=BUILD, name=name, args=args + list(extra), **kw)
+
+
+def top_files(vm):
+    """The files the VM's drives write now (the top of each chain: qsnap snapshot
+    moves them onto overlays)."""
+    return [b["inserted"]["file"] for b in vm.qmp("query-block") if b.get("inserted")]
 
 
 def read_time_file(path, timeout=60.0):
@@ -266,9 +315,11 @@ def wait_file(path, t0, timeout):
     return time.monotonic() - t0
 
 
-def load_once(who, pct, mem, dst_disk, img, raw, tf, stats, blobs, py, timeout):
+def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout):
     """One timed load into a fresh -incoming defer QEMU; returns the row."""
-    with BlobGuest(memory=mem, incoming=True, args=qemu_args(dst_disk), name="dst") as dst:
+    t_start = time.monotonic()
+    with guest(mem, dst_disks, "dst", incoming=True) as dst:
+        qemu_start = time.monotonic() - t_start
         if pct is not None:
             dst.set_capabilities(postcopy_ram=True)
         if who == "cat":
@@ -294,7 +345,7 @@ def load_once(who, pct, mem, dst_disk, img, raw, tf, stats, blobs, py, timeout):
         done = wait_status(dst, ("completed",), t0, timeout)
         tm = read_time_file(tf) if who != "cat" else {}
         check_blobs(dst, blobs)
-        row = {"s": done, "cache": how, **tm}
+        row = {"s": done, "cache": how, "qemu_start_s": qemu_start, **tm}
         if pct is not None:
             row["running_s"] = running
             row["stats"] = json.loads(stats.read_text()) if stats.exists() else None
@@ -303,119 +354,276 @@ def load_once(who, pct, mem, dst_disk, img, raw, tf, stats, blobs, py, timeout):
     return row
 
 
+def snapshot_once(sock, img, py, timeout, disks="overlay"):
+    """One timed ``qsnap snapshot`` (background; disks on overlays, or RAM only) through
+    the VM's second QMP socket: the wall time of the command, and its JSON summary."""
+    cmd = [py, "-m", "qsnap", "snapshot", "--qmp", str(sock), "--mode=background",
+           f"--disks={disks}", "--output=json", str(img)]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    dt = time.monotonic() - t0
+    if r.returncode:
+        raise QemuError(f"qsnap snapshot: exit {r.returncode}: {r.stderr.strip()[-2000:]}")
+    out = json.loads(r.stdout)
+    return {"s": dt, "qsnap_seconds": out["seconds"], "downtime_ms": out["downtime_ms"],
+            "disks": len(out["disks"]), "file_bytes": img.stat().st_size, "mode": out["mode"]}
+
+
+class LaunchedVM:
+    """The QEMU ``qsnap restore --launch`` left running: checked over its QMP socket,
+    then ended (it is not our child: qsnap started it in a session of its own)."""
+
+    def __init__(self, summary, scratch):
+        from qsnap.vm.qmp import Qmp
+        self.pid = summary["pid"]
+        self.scratch = scratch
+        self.q = Qmp(summary["qmp"]).connect()
+
+    def read_memory(self, addr, size):
+        path = self.scratch / "pmem.bin"
+        self.q.cmd("pmemsave", val=addr, size=size, filename=str(path))
+        try:
+            return path.read_bytes()
+        finally:
+            path.unlink()
+
+    def status(self):
+        return self.q.cmd("query-status")["status"]
+
+    def end(self, timeout=30.0):
+        try:
+            self.q.cmd("quit")
+        except Exception:
+            pass  # QEMU closes the socket as it quits
+        self.q.close()
+        deadline = time.monotonic() + timeout
+        while _alive(self.pid):
+            if time.monotonic() > deadline:
+                os.kill(self.pid, 9)
+                deadline = time.monotonic() + timeout
+            time.sleep(0.02)
+
+
+def _alive(pid):
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z"
+
+
+def launch_once(pct, img, blobs, work, py, timeout):
+    """One timed ``qsnap restore --launch`` (precopy, or postcopy after ``pct``%),
+    image evicted from the page cache first; the guest's RAM is checked afterwards.
+
+    ``--drop-arg=-device`` removes the blob guest's ``-device loader`` options (its only
+    devices): they would make the new QEMU read the 2 GiB of blob files at start-up,
+    which no real VM's command line does, and the exec: destinations have none."""
+    d = work / "launch"
+    shutil.rmtree(d, ignore_errors=True)
+    cmd = [py, "-m", "qsnap", "restore", "--launch", "--output=json", "--dir", str(d),
+           "--drop-arg=-device"] + ([f"--postcopy={pct}"] if pct is not None else []) + [str(img)]
+    how = drop_caches([img])
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    wall = time.monotonic() - t0
+    if r.returncode:
+        shutil.rmtree(d, ignore_errors=True)
+        raise QemuError(f"qsnap restore --launch: exit {r.returncode}: {r.stderr.strip()[-2000:]}")
+    out = json.loads(r.stdout)
+    vm = LaunchedVM(out, work)
+    try:
+        status = vm.status()
+        check_blobs(vm, blobs)
+    finally:
+        vm.end()
+        shutil.rmtree(d, ignore_errors=True)
+    if status != "running":
+        raise QemuError(f"the launched guest is {status}, not running")
+    row = {"s": wall, "cache": how, "restore_s": out["seconds"], "running_s": out.get("seconds_to_run"),
+           "overlays": len(out["overlays"]), "changes": out.get("changes")}
+    log(f"  load {'launch' + ('' if pct is None else f' pc{pct}'):10s}  {wall:6.2f} s  "
+        f"(restore {out['seconds']:.2f} s, running after {out.get('seconds_to_run')} s)")
+    return row
+
+
 # --- one case --------------------------------------------------------------------
 
-def run_case(mem, fill, rounds, work, postcopy_pcts, timeout, do_savevm=True):
-    """All save and load measurements of one guest; returns a dict of raw samples."""
-    case = work / f"{human(mem)}-{round(fill * 100)}"
-    case.mkdir(parents=True, exist_ok=True)
-    layout = blob_layout(mem, fill)
-    t = time.monotonic()
-    blobs = make_blob_files(case / "blobs", layout, seed=round(fill * 100))
-    nonzero = sum(s for _, s in layout)
-    log(f"{human(mem)} fill {fill:.0%}: {len(blobs)} blobs, {nonzero / MiB:.0f} MiB random "
-        f"({time.monotonic() - t:.1f} s to write)")
-    src_disk, dst_disk = case / "src.qcow2", case / "dst.qcow2"
-    for d in (src_disk, dst_disk):
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d), "8G"], check=True)
-    py = sys.executable
-    res = {"mem": mem, "fill": fill, "nonzero_bytes": nonzero, "rounds": rounds,
-           "loadavg_1min": round(os.getloadavg()[0], 2),
-           "save": {"qsnap": [], "cat": [], "savevm": []}, "load": {"qsnap": [], "cat": []},
-           "postcopy": {}}
-    img, raw = case / "vm.qsnap", case / "raw.stream"
+class Case:
+    """One guest size x non-zero share: its files, its blobs and the raw samples."""
 
-    with BlobGuest(memory=mem, blobs=blobs, args=qemu_args(src_disk), name="src") as vm:
-        vm.wait_bios_done(timeout=120)
-        res["accel"] = vm.accelerator()
-        vm.set_parameters(max_bandwidth=64 << 30)
-        # One untimed background snapshot first: the first one after boot is slower
-        # (userfaultfd write protection of freshly populated RAM), whoever reads it.
+    def __init__(self, mem, fill, rounds, work, timeout, postcopy_pcts, do_savevm, do_snapshot):
+        self.mem, self.fill, self.rounds, self.timeout = mem, fill, rounds, timeout
+        self.pcts, self.do_savevm, self.do_snapshot = postcopy_pcts, do_savevm, do_snapshot
+        self.dir = work / f"{human(mem)}-{round(fill * 100)}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.py = sys.executable
+        self.img, self.raw = self.dir / "vm.qsnap", self.dir / "raw.stream"
+        self.snap_img = None  # the last qsnap snapshot image (restored by --launch)
+        self.snap_sock = self.dir / "snap.qmp"
+
+    def prepare(self):
+        layout = blob_layout(self.mem, self.fill)
+        t = time.monotonic()
+        self.blobs = make_blob_files(self.dir / "blobs", layout, seed=round(self.fill * 100))
+        nonzero = sum(s for _, s in layout)
+        log(f"{human(self.mem)} fill {self.fill:.0%}: {len(self.blobs)} blobs, {nonzero / MiB:.0f} MiB random "
+            f"({time.monotonic() - t:.1f} s to write); QEMU {BUILD.version} {BUILD.machine('pc')}")
+        self.src_disks = [self.dir / f"src{i}.qcow2" for i in range(DISKS)]
+        self.dst_disks = [self.dir / f"dst{i}.qcow2" for i in range(DISKS)]
+        for d in self.src_disks + self.dst_disks:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d), "8G"], check=True)
+        self.res = {"mem": self.mem, "fill": self.fill, "nonzero_bytes": nonzero, "rounds": self.rounds,
+                    "qemu": BUILD.version, "machine_type": BUILD.machine("pc"), "disks": DISKS,
+                    "loadavg_1min": round(os.getloadavg()[0], 2),
+                    "save": {"qsnap": [], "cat": [], "savevm": [], "snapshot": [], "snapshotram": []},
+                    "load": {"qsnap": [], "cat": [], "launch": []}, "postcopy": {}, "launch_postcopy": {}}
+
+    # -- save ----------------------------------------------------------------------
+    def run_saves(self):
+        # a second QMP monitor for qsnap snapshot: the harness holds the first
+        extra = ["-qmp", f"unix:{self.snap_sock},server=on,wait=off"]
+        with guest(self.mem, self.src_disks, "src", extra, blobs=self.blobs) as vm:
+            vm.wait_bios_done(timeout=120)
+            self.res["accel"] = vm.accelerator()
+            vm.set_parameters(max_bandwidth=64 << 30)
+            # One untimed background snapshot first: the first one after boot is slower
+            # (userfaultfd write protection of freshly populated RAM), whoever reads it.
+            vm.set_capabilities(background_snapshot=True)
+            vm.migrate("exec:cat > /dev/null")
+            wait_status(vm, ("completed",), time.monotonic(), self.timeout)
+            kinds = ["qsnap", "cat"] + (["snapshot", "snapshotram"] if self.do_snapshot else []) \
+                + (["savevm"] if self.do_savevm else [])
+            for r in range(self.rounds):
+                for who in (kinds if r % 2 == 0 else kinds[::-1]):
+                    os.sync()
+                    row = {"savevm": self.save_savevm, "snapshot": self.save_snapshot,
+                           "snapshotram": self.save_snapshot_ram}.get(
+                        who, self.save_exec)(vm, who, r)
+                    self.res["save"][who].append(row)
+                    if vm.status() != "running":
+                        vm.cont()
+        self.res["stream_bytes"] = self.raw.stat().st_size
+        self.res["image_bytes"] = self.img.stat().st_size
+
+    def save_savevm(self, vm, who, r):
+        vm.set_capabilities(background_snapshot=False)
+        tops = top_files(vm)
+        t0 = time.monotonic()
+        out = vm.hmp("savevm bench")
+        for path in tops:
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        dt = time.monotonic() - t0
+        if out.strip():
+            raise QemuError(f"savevm: {out.strip()}")
+        size = qcow2_actual_size(tops[0])
+        vm.hmp("delvm bench")
+        log(f"  save savevm    {dt:6.2f} s")
+        return {"s": dt, "qcow2_actual_bytes": size}
+
+    def save_snapshot(self, vm, who, r):
         vm.set_capabilities(background_snapshot=True)
-        vm.migrate("exec:cat > /dev/null")
-        wait_status(vm, ("completed",), time.monotonic(), timeout)
-        for r in range(rounds):
-            order = ["qsnap", "cat", "savevm"] if r % 2 == 0 else ["savevm", "cat", "qsnap"]
-            if not do_savevm:
-                order.remove("savevm")
-            for who in order:
-                os.sync()
-                tf = case / f"time-save-{who}.txt"
-                if tf.exists():
-                    tf.unlink()
-                if who == "savevm":
-                    vm.set_capabilities(background_snapshot=False)
-                    t0 = time.monotonic()
-                    out = vm.hmp("savevm bench")
-                    fd = os.open(src_disk, os.O_RDONLY)
-                    os.fsync(fd)
-                    os.close(fd)
-                    dt = time.monotonic() - t0
-                    if out.strip():
-                        raise QemuError(f"savevm: {out.strip()}")
-                    size = qcow2_actual_size(src_disk)
-                    vm.hmp("delvm bench")
-                    res["save"]["savevm"].append({"s": dt, "qcow2_actual_bytes": size})
-                    log(f"  save savevm  {dt:6.2f} s")
-                    continue
-                vm.set_capabilities(background_snapshot=True)
-                if who == "qsnap":
-                    if img.exists():
-                        img.unlink()
-                    cmd = f"{py} -m qsnap save -q {img}"
-                    target = img
-                else:
-                    if raw.exists():
-                        raw.unlink()
-                    cmd = f"sh -c 'cat > {raw} && sync {raw}'"
-                    target = raw
-                t0 = time.monotonic()
-                vm.migrate(f"exec:/usr/bin/time -f '{TIME_FMT}' -o {tf} {cmd}")
-                done = wait_status(vm, ("completed",), t0, timeout)
-                exited = wait_file(tf, t0, timeout)
-                dt = max(done, exited or 0)
-                tm = read_time_file(tf)
-                info = vm.query_migrate()
-                row = {"s": dt, "completed_s": done, "child_exit_s": exited,
-                       "file_bytes": target.stat().st_size, **tm,
-                       "qemu_total_ms": info.get("total-time")}
-                res["save"][who].append(row)
-                log(f"  save {who:6s}  {dt:6.2f} s  rss {tm.get('rss_MiB', 0):5.0f} MiB "
-                    f"cpu {tm.get('cpu_s', 0):5.2f} s  {target.stat().st_size / MiB:.0f} MiB")
-                if vm.status() != "running":
-                    vm.cont()
-    res["stream_bytes"] = raw.stat().st_size
-    res["image_bytes"] = img.stat().st_size
+        img = self.dir / f"snap{r}.qsnap"
+        if self.snap_img is not None:
+            self.snap_img.unlink()  # its frozen disks stay: they back the VM's overlays
+        row = snapshot_once(self.snap_sock, img, self.py, self.timeout)
+        row["qemu_downtime_ms"] = vm.query_migrate().get("downtime")
+        self.snap_img = img
+        log(f"  save snapshot  {row['s']:6.2f} s  downtime {row['downtime_ms']} ms  "
+            f"{row['disks']} disks  {row['file_bytes'] / MiB:.0f} MiB")
+        return row
 
-    kinds = ["qsnap", "cat"] + [f"postcopy{p}" for p in postcopy_pcts]
-    have_pc = postcopy_available()
-    for p in postcopy_pcts:
-        res["postcopy"][str(p)] = [] if have_pc else "not available"
-    for r in range(rounds):
-        order = kinds if r % 2 == 0 else kinds[::-1]
-        for who in order:
-            if who.startswith("postcopy") and not have_pc:
-                continue
-            pct = who[len("postcopy"):] if who.startswith("postcopy") else None
-            tf = case / f"time-load-{who}.txt"
-            stats = case / f"stats-{who}.json"
-            for f in (tf, stats):
-                if f.exists():
-                    f.unlink()
+    def save_snapshot_ram(self, vm, who, r):
+        """--disks=none: QEMU stops and resumes the guest itself; its downtime is the
+        floor under the one with disks."""
+        vm.set_capabilities(background_snapshot=True)
+        img = self.dir / f"ram{r}.qsnap"
+        row = snapshot_once(self.snap_sock, img, self.py, self.timeout, disks="none")
+        row["qemu_downtime_ms"] = vm.query_migrate().get("downtime")
+        img.unlink()
+        log(f"  save snap-ram  {row['s']:6.2f} s  downtime {row['downtime_ms']} ms")
+        return row
+
+    def save_exec(self, vm, who, r):
+        vm.set_capabilities(background_snapshot=True)
+        tf = self.dir / f"time-save-{who}.txt"
+        target = self.img if who == "qsnap" else self.raw
+        for f in (tf, target):
+            if f.exists():
+                f.unlink()
+        cmd = f"{self.py} -m qsnap save -q {target}" if who == "qsnap" \
+            else f"sh -c 'cat > {target} && sync {target}'"
+        t0 = time.monotonic()
+        vm.migrate(f"exec:/usr/bin/time -f '{TIME_FMT}' -o {tf} {cmd}")
+        done = wait_status(vm, ("completed",), t0, self.timeout)
+        exited = wait_file(tf, t0, self.timeout)
+        dt = max(done, exited or 0)
+        tm = read_time_file(tf)
+        info = vm.query_migrate()
+        row = {"s": dt, "completed_s": done, "child_exit_s": exited,
+               "file_bytes": target.stat().st_size, **tm, "qemu_total_ms": info.get("total-time"),
+               "qemu_downtime_ms": info.get("downtime")}
+        log(f"  save {who:9s} {dt:6.2f} s  rss {tm.get('rss_MiB', 0):5.0f} MiB "
+            f"cpu {tm.get('cpu_s', 0):5.2f} s  {target.stat().st_size / MiB:.0f} MiB")
+        return row
+
+    # -- load ----------------------------------------------------------------------
+    def run_loads(self):
+        have_pc = postcopy_available()
+        for p in self.pcts:
+            self.res["postcopy"][str(p)] = [] if have_pc else "not available"
+            if self.snap_img is not None:
+                self.res["launch_postcopy"][str(p)] = [] if have_pc else "not available"
+        kinds = ["qsnap", "cat"] + [f"postcopy{p}" for p in self.pcts]
+        if self.snap_img is not None:
+            kinds += ["launch"] + [f"launchpc{p}" for p in self.pcts]
+        for r in range(self.rounds):
+            for who in (kinds if r % 2 == 0 else kinds[::-1]):
+                if "pc" in who and not have_pc:
+                    continue
+                self.load(who)
+
+    def load(self, who):
+        pct = re.sub(r"^(postcopy|launchpc)", "", who) if re.match(r"postcopy|launchpc", who) else None
+        if who.startswith("launch"):
             try:
-                row = load_once(who, pct, mem, dst_disk, img, raw, tf, stats, blobs, py, timeout)
-            except (QemuError, AssertionError, OSError) as e:
-                if pct is None:
-                    raise
-                # a postcopy engine still in the works must not sink the rest of the matrix
+                row = launch_once(pct, self.snap_img, self.blobs, self.dir, self.py, self.timeout)
+            except (QemuError, AssertionError, OSError, ValueError, subprocess.TimeoutExpired) as e:
                 row = {"error": str(e)[:2000]}
-                log(f"  load {who:10s}  FAILED: {str(e).splitlines()[0][:200]}")
-            if pct is not None:
-                res["postcopy"][pct].append(row)
-            else:
-                res["load"][who].append(row)
-    shutil.rmtree(case, ignore_errors=True)
-    return res
+                log(f"  load {who:10s}  FAILED: {str(e).splitlines()[0][:300]}")
+            (self.res["launch_postcopy"][pct] if pct is not None else self.res["load"]["launch"]).append(row)
+            return
+        tf = self.dir / f"time-load-{who}.txt"
+        stats = self.dir / f"stats-{who}.json"
+        for f in (tf, stats):
+            if f.exists():
+                f.unlink()
+        try:
+            row = load_once(who, pct, self.mem, self.dst_disks, self.img, self.raw, tf, stats, self.blobs,
+                            self.py, self.timeout)
+        except (QemuError, AssertionError, OSError) as e:
+            if pct is None:
+                raise
+            # a postcopy engine still in the works must not sink the rest of the matrix
+            row = {"error": str(e)[:2000]}
+            log(f"  load {who:10s}  FAILED: {str(e).splitlines()[0][:200]}")
+        (self.res["postcopy"][pct] if pct is not None else self.res["load"][who]).append(row)
+
+
+def run_case(mem, fill, rounds, work, postcopy_pcts, timeout, do_savevm=True, do_snapshot=True):
+    """All save and load measurements of one guest; returns a dict of raw samples."""
+    case = Case(mem, fill, rounds, work, timeout, postcopy_pcts, do_savevm, do_snapshot)
+    case.prepare()
+    try:
+        case.run_saves()
+        case.run_loads()
+    finally:
+        shutil.rmtree(case.dir, ignore_errors=True)
+    return case.res
 
 
 # --- summary -----------------------------------------------------------------------
@@ -482,7 +690,55 @@ def summarize(res):
                 p[f"{k}_ms"] = statistics.median(v)
         pcs[pct] = p
     out["postcopy"] = pcs
+    out.update(summarize_orchestration(res, out))
     return out
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def summarize_orchestration(res, out):
+    """qsnap snapshot beside exec:qsnap save, qsnap restore --launch beside exec:qsnap load
+    (and their postcopy forms): medians and same-run ratios."""
+    snaps = res["save"].get("snapshot") or []
+    rams = res["save"].get("snapshotram") or []
+    launches = res["load"].get("launch") or []
+    qemu_start = _med(res["load"]["qsnap"], "qemu_start_s")
+    s = {"qemu": res.get("qemu"), "machine_type": res.get("machine_type"),
+         "save_snapshot_s": _med(snaps), "save_snapshot_all": [r["s"] for r in snaps],
+         "snapshot_own_s": _med(snaps, "qsnap_seconds"),
+         "snapshot_downtime_ms": _med(snaps, "downtime_ms"),
+         "snapshot_downtime_all": [r.get("downtime_ms") for r in snaps],
+         "snapshot_ram_s": _med(rams), "snapshot_ram_downtime_ms": _med(rams, "downtime_ms"),
+         # QEMU's own query-migrate "downtime": its vm_stop_force_state to vm_start
+         "qemu_downtime_ms": {"snapshot": _med(snaps, "qemu_downtime_ms"),
+                              "snapshot_ram": _med(rams, "qemu_downtime_ms"),
+                              "exec_save": _med(res["save"]["qsnap"], "qemu_downtime_ms")},
+         "snapshot_ram_downtime_all": [r.get("downtime_ms") for r in rams],
+         "load_launch_s": _med(launches), "load_launch_all": [r.get("s") for r in launches],
+         "launch_restore_s": _med(launches, "restore_s"), "launch_errors": [r["error"] for r in launches
+                                                                            if "error" in r],
+         "dst_qemu_start_s": qemu_start}
+    s["snapshot_over_save"] = _ratio(s["save_snapshot_s"], out["save_qsnap_s"])
+    s["snapshot_ram_over_save"] = _ratio(s["snapshot_ram_s"], out["save_qsnap_s"])
+    s["launch_over_load"] = _ratio(s["load_launch_s"], out["load_qsnap_s"])
+    s["launch_restore_over_load"] = _ratio(s["launch_restore_s"], out["load_qsnap_s"])
+    if qemu_start is not None and out["load_qsnap_s"]:
+        s["launch_over_start_plus_load"] = _ratio(s["load_launch_s"], out["load_qsnap_s"] + qemu_start)
+    lpc = {}
+    for pct, rows in (res.get("launch_postcopy") or {}).items():
+        if not isinstance(rows, list):
+            lpc[pct] = rows
+            continue
+        base = out["postcopy"].get(pct) if isinstance(out["postcopy"].get(pct), dict) else {}
+        p = {"completed_s": _med(rows), "restore_s": _med(rows, "restore_s"),
+             "running_s": _med(rows, "running_s"), "errors": [r["error"] for r in rows if "error" in r]}
+        p["completed_over_exec"] = _ratio(p["completed_s"], base.get("completed_s"))
+        p["running_over_exec"] = _ratio(p["running_s"], base.get("running_s"))
+        lpc[pct] = p
+    s["launch_postcopy"] = lpc
+    return s
 
 
 def _f(v, fmt="{:.2f}"):
@@ -529,6 +785,7 @@ def markdown(summaries, machine, args, elapsed, stamp):
         lines.append(f"| {s['guest']} | {s['fill_pct']}% | {_f(s['load_qsnap_s'])} | {_f(s['load_cat_s'])} "
                      f"| {_f(s.get('load_qsnap_over_cat'))} | {_f(s['load_rss_MiB'], '{:.0f}')} "
                      f"| {_f(s['load_cpu_s'])} | {pcol[0]} | {pcol[1]} | {lat or 'n/a'} |")
+    lines += orchestration_markdown(summaries)
     lines += ["", "## Targets", ""] + targets(summaries)
     return "\n".join(lines) + "\n"
 
@@ -559,7 +816,77 @@ def targets(summaries):
         check("postcopy completion / precopy", [p.get("completion_over_precopy") for p in pcs],
               TARGETS["postcopy_completion_over_precopy"])
         check("postcopy request p99 ms", [p.get("p99_ms") for p in pcs], TARGETS["postcopy_p99_ms"])
+    check("qsnap snapshot / exec:qsnap save", [s.get("snapshot_over_save") for s in summaries],
+          TARGETS["snapshot_over_save"])
+    check(f"background snapshot downtime ms ({DISKS} disks)", [s.get("snapshot_downtime_ms") for s in summaries],
+          TARGETS["snapshot_downtime_ms"], "{:.1f}")
+    check("qsnap restore --launch / exec:qsnap load", [s.get("launch_over_load") for s in summaries],
+          TARGETS["launch_over_load"])
     return out
+
+
+def orchestration_markdown(summaries):
+    if not any(s.get("save_snapshot_s") or s.get("load_launch_s") for s in summaries):
+        return []
+    lines = ["", "## qsnap snapshot and qsnap restore --launch", "",
+             f"`qsnap snapshot --mode=background --disks=overlay` ({DISKS} qcow2 drives) through a second "
+             "QMP socket, wall time of the command, beside `exec:qsnap save` on the same guest; "
+             "downtime is the command's own `downtime_ms` (QEMU's STOP to RESUME events). "
+             "`qsnap restore --launch --drop-arg=-device` of the last snapshot (wall time of the "
+             "command: QEMU start-up included; \"restore\" is its JSON `seconds`, from QMP connected), "
+             "beside `exec:qsnap load` (from `migrate-incoming` on an already started QEMU; "
+             "\"QEMU start\" is that QEMU's start-up to QMP ready).", "",
+             "| QEMU | guest | non-zero | snapshot s | its own s | exec save s | snapshot/save "
+             "| downtime ms (rounds) | launch s | restore s | exec load s | QEMU start s "
+             "| launch/load | restore/load | launch/(start+load) |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        downs = ", ".join(_f(v, "{:.0f}") for v in s.get("snapshot_downtime_all") or [])
+        lines.append(
+            f"| {s.get('qemu')} | {s['guest']} | {s['fill_pct']}% | {_f(s.get('save_snapshot_s'))} "
+            f"| {_f(s.get('snapshot_own_s'))} | {_f(s['save_qsnap_s'])} | {_f(s.get('snapshot_over_save'))} "
+            f"| {_f(s.get('snapshot_downtime_ms'), '{:.0f}')} ({downs}) | {_f(s.get('load_launch_s'))} "
+            f"| {_f(s.get('launch_restore_s'))} | {_f(s['load_qsnap_s'])} | {_f(s.get('dst_qemu_start_s'))} "
+            f"| {_f(s.get('launch_over_load'))} | {_f(s.get('launch_restore_over_load'))} "
+            f"| {_f(s.get('launch_over_start_plus_load'))} |")
+    if any(s.get("snapshot_ram_s") for s in summaries):
+        lines += ["", "RAM only (`--disks=none`: QEMU stops and resumes the guest itself, no QMP "
+                  "round trips while it is paused):", "",
+                  "| QEMU | guest | snapshot --disks=none s | snapshot/save | downtime ms (rounds) |",
+                  "|---|---|---:|---:|---|"]
+        for s in summaries:
+            downs = ", ".join(_f(v, "{:.0f}") for v in s.get("snapshot_ram_downtime_all") or [])
+            lines.append(f"| {s.get('qemu')} | {s['guest']} | {_f(s.get('snapshot_ram_s'))} "
+                         f"| {_f(s.get('snapshot_ram_over_save'))} "
+                         f"| {_f(s.get('snapshot_ram_downtime_ms'), '{:.0f}')} ({downs}) |")
+    qd = [(s, s.get("qemu_downtime_ms") or {}) for s in summaries]
+    if any(v is not None for _, d in qd for v in d.values()):
+        lines += ["", "QEMU's own `downtime` (query-migrate after completion: from its stop of the VM "
+                  "in the background-snapshot thread to its vm_start; when qsnap has paused the guest "
+                  "before `migrate`, QEMU's stop finds it paused already):", "",
+                  "| QEMU | guest | exec:qsnap save | snapshot --disks=none | snapshot --disks=overlay |",
+                  "|---|---|---:|---:|---:|"]
+        for s, d in qd:
+            lines.append(f"| {s.get('qemu')} | {s['guest']} | {_f(d.get('exec_save'), '{:.0f}')} "
+                         f"| {_f(d.get('snapshot_ram'), '{:.0f}')} | {_f(d.get('snapshot'), '{:.0f}')} |")
+    pcs = [(s, pct, p) for s in summaries for pct, p in (s.get("launch_postcopy") or {}).items()]
+    if pcs:
+        lines += ["", "| QEMU | guest | postcopy | launch: running / completed s | exec: running / completed s "
+                  "| running launch/exec | completed launch/exec |", "|---|---|---:|---|---|---:|---:|"]
+        for s, pct, p in pcs:
+            if not isinstance(p, dict):
+                lines.append(f"| {s.get('qemu')} | {s['guest']} | {pct}% | {p} | | | |")
+                continue
+            e = s["postcopy"].get(pct) if isinstance(s["postcopy"].get(pct), dict) else {}
+            lines.append(f"| {s.get('qemu')} | {s['guest']} | {pct}% | {_f(p['running_s'], '{:.3f}')} / "
+                         f"{_f(p['completed_s'])} | {_f(e.get('running_s'), '{:.3f}')} / {_f(e.get('completed_s'))} "
+                         f"| {_f(p.get('running_over_exec'))} | {_f(p.get('completed_over_exec'))} |")
+    errs = [e for s in summaries for e in s.get("launch_errors") or []]
+    errs += [e for s in summaries for p in (s.get("launch_postcopy") or {}).values()
+             if isinstance(p, dict) for e in p["errors"]]
+    if errs:
+        lines += ["", "Failed rounds: " + "; ".join(e.splitlines()[0][:200] for e in errs)]
+    return lines
 
 
 def plot(summaries, path):
@@ -616,6 +943,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
     ap.add_argument("--name", default="e2e", help="base name of the result files")
     ap.add_argument("--no-savevm", action="store_true")
+    ap.add_argument("--no-snapshot", action="store_true",
+                    help="leave out qsnap snapshot and qsnap restore --launch")
+    ap.add_argument("--qemu", default="7.2", metavar="PATH_OR_VERSION",
+                    help="7.2 (the installed qemu-system-x86_64), 10.0 (unpacked: qsnaptest.builds', "
+                    "else /tmp/q10/root) or a binary's path; machine type pc-i440fx-<its version>")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--drop-caches", action="store_true",
                     help="echo 3 > drop_caches before each load instead of fadvise on the files")
@@ -632,12 +964,18 @@ def main(argv=None):
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     fills = [float(f) / 100 for f in args.fill.split(",") if f]
     pcts = [p for p in args.postcopy.split(",") if p]
-    global DROP_ALL
+    global DROP_ALL, BUILD
     DROP_ALL = args.drop_caches
+    try:
+        BUILD = find_qemu(args.qemu)
+    except builds.BuildUnavailable as e:
+        ap.error(f"--qemu {args.qemu}: {e}")
+    use_build(BUILD)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     work = Path(tempfile.mkdtemp(prefix="qsnap-e2e-", dir=args.dir))
     compile_qsnap_once(work / "pycache", ["qsnap.cli", "qsnap.save", "qsnap.load", "qsnap.image.reader",
-                                          "qsnap.image.writer", "qsnap.stream.reader"])
+                                          "qsnap.image.writer", "qsnap.stream.reader",
+                                          "qsnap.vm.snapshot", "qsnap.vm.restore", "qsnap.vm.cmdline"])
     if postcopy_available():
         subprocess.run([sys.executable, "-c", "import qsnap.postcopy"], check=True)
     t_start = time.monotonic()
@@ -647,7 +985,8 @@ def main(argv=None):
         raw, summaries = [], []
         for mem in sizes:
             for fill in fills:
-                res = run_case(mem, fill, args.rounds, work, pcts, args.timeout, not args.no_savevm)
+                res = run_case(mem, fill, args.rounds, work, pcts, args.timeout, not args.no_savevm,
+                               not args.no_snapshot)
                 raw.append(res)
                 summaries.append(summarize(res))
                 _write(args, machine, raw, summaries, argv, time.monotonic() - t_start)
