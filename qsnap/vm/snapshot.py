@@ -207,8 +207,10 @@ class _Snapshot:
             self._write_record()
         args = ["save", "--quiet", "--early-exit", "--vm-info", self._path("vm.json"),
                 "--report", self._path("report.json"), self.image]
-        self.q.cmd("migrate", uri="exec:" + save_command(args))
+        # set first: an interrupt while QEMU's reply is on its way must still find the
+        # migration to end before the capabilities can be put back
         self.migrating = True
+        self.q.cmd("migrate", uri="exec:" + save_command(args))
 
     # -- waiting for the save -----------------------------------------------------------
 
