@@ -45,13 +45,7 @@ MARK = "ws-mark"
 
 # /init of the benchmark guest: like the test guest's, but its loop reads the
 # whole file (a task touching a known amount of memory) and prints a mark.
-INIT = r"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs -o size={tmpfs_mb}m tmp /tmp
+INIT = guests.INIT_PREAMBLE + r"""mount -t tmpfs -o size={tmpfs_mb}m tmp /tmp
 dd if=/dev/urandom of=/tmp/data bs=1M count={data_mb} 2>/dev/null
 echo "qsnap-guest ready" > /dev/ttyS0
 n=0

@@ -44,13 +44,7 @@ DISK_SIZE = "16M"
 ERROR_MARKER = "QSNAP-DISK-ERROR"
 REC_RE = re.compile(r"^rec (\d+)\r?$", re.M)
 
-INIT_SCRIPT = r"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in {modules}; do
+INIT_SCRIPT = guests.INIT_PREAMBLE + r"""for m in {modules}; do
   insmod /lib/modules/$m.ko || echo "{err} insmod $m failed" > /dev/ttyS0
 done
 i=0

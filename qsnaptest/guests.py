@@ -166,13 +166,17 @@ def kernel_path() -> Path:
 # /init of the live guest. DATA_MB of random bytes live in tmpfs (guest RAM);
 # every tick rewrites CHUNK_MB of it at a rotating offset, so a live
 # migration always has freshly dirtied pages. The counter goes to ttyS0.
-INIT_SCRIPT = r"""#!/bin/busybox sh
+# The start of every busybox /init of the test and bench guests: applets, PATH and
+# the kernel's filesystems.
+INIT_PREAMBLE = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs -o size={tmpfs_mb}m tmp /tmp
+"""
+
+INIT_SCRIPT = INIT_PREAMBLE + r"""mount -t tmpfs -o size={tmpfs_mb}m tmp /tmp
 dd if=/dev/urandom of=/tmp/data bs=1M count={data_mb} 2>/dev/null
 echo "qsnap-guest ready" > /dev/ttyS0
 n=0
