@@ -230,3 +230,13 @@ def postcopy_restore(dst, img, pct, stats=None, blocktime=False, throttle=None, 
     cmd = qsnap_cmd("load", f"--postcopy={pct}", *extra, img)
     dst.migrate_incoming("exec:" + cmd + (f" | {throttle}" if throttle else ""))
     return wait_postcopy(dst, **kw)
+
+
+def assert_same_vm_ram(a, b, tmp_path):
+    """The RAM of two running QEMUs (``ram_dump``) is byte-identical; else the first page that differs."""
+    ra = a.ram_dump(tmp_path / "a.ram").read_bytes()
+    rb = b.ram_dump(tmp_path / "b.ram").read_bytes()
+    assert len(ra) == len(rb), f"RAM sizes {len(ra)} != {len(rb)}"
+    if ra != rb:
+        bad = next(i for i in range(0, len(ra), PAGE_SIZE) if ra[i:i + PAGE_SIZE] != rb[i:i + PAGE_SIZE])
+        raise AssertionError(f"RAM differs at page {bad:#x}")

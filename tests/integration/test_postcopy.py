@@ -19,7 +19,8 @@ from bigcmp import assert_same
 
 from qsnaptest import guests
 from qsnaptest.qemu import BlobGuest, LinuxGuest, Qemu, parse_size
-from qsnaptest.tools import postcopy_restore, qsnap_cmd as qsnap, save_with_tee, slow_pipe
+from qsnaptest.tools import (assert_same_vm_ram as assert_same_ram, postcopy_restore, qsnap_cmd as qsnap,
+                             save_with_tee, slow_pipe)
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOB_MEMORY = "256M"
@@ -32,15 +33,6 @@ def _pythonpath(monkeypatch):
     """QEMU's /bin/sh child must find this checkout's qsnap."""
     old = os.environ.get("PYTHONPATH")
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + (os.pathsep + old if old else ""))
-
-
-def assert_same_ram(a, b, tmp_path):
-    ra = a.ram_dump(tmp_path / "a.ram").read_bytes()
-    rb = b.ram_dump(tmp_path / "b.ram").read_bytes()
-    assert len(ra) == len(rb)
-    if ra != rb:
-        bad = next(i for i in range(0, len(ra), PAGE) if ra[i:i + PAGE] != rb[i:i + PAGE])
-        pytest.fail(f"RAM differs at page {bad:#x}")
 
 
 # --------------------------------------------------------------------------

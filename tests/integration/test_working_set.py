@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from qsnaptest.qemu import LinuxGuest
-from qsnaptest.tools import qsnap_cmd, qsnap_env, save_with_tee, slow_pipe, wait_postcopy
+from qsnaptest.tools import (assert_same_vm_ram as same_ram, qsnap_cmd, qsnap_env, save_with_tee, slow_pipe,
+                             wait_postcopy)
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGE = 4096
 
 
 @pytest.fixture(autouse=True)
@@ -47,15 +47,6 @@ def ws_info(img):
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     return info["working_set"], info["working_set_problem"]
-
-
-def same_ram(a, b, tmp_path):
-    ra = a.ram_dump(tmp_path / "a.ram").read_bytes()
-    rb = b.ram_dump(tmp_path / "b.ram").read_bytes()
-    assert len(ra) == len(rb)
-    if ra != rb:
-        bad = next(i for i in range(0, len(ra), PAGE) if ra[i:i + PAGE] != rb[i:i + PAGE])
-        pytest.fail(f"RAM differs at page {bad:#x}")
 
 
 @pytest.fixture(scope="module")
