@@ -7,11 +7,10 @@
 
 Each ``Qemu`` owns a temp dir (QMP socket, serial console file, QEMU's
 stdout/stderr log) that is removed on exit; QMP goes through ``qemu.qmp``'s
-``QMPClient`` driven by a private asyncio loop in a helper thread, behind a
+``QMPClient`` driven by its own asyncio loop thread (``qsnap.vm.qmp.LoopThread``), behind a
 synchronous ``vm.qmp(cmd, **args)``.
 """
 
-import asyncio
 import concurrent.futures
 import os
 import re
@@ -19,11 +18,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from qsnap.vm.qmp import LoopThread
 from qsnaptest import builds
 
 # Binary name when no build is found (QSNAP_QEMU picks builds: see builds.py)
@@ -112,31 +111,6 @@ def ram_ranges(mem_bytes: int, machine: str = DEFAULT_MACHINE):
     return ranges
 
 
-class _Loop:
-    """An asyncio loop running in a daemon thread; run(coro) blocks for the result."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                       name="qmp-loop")
-        self.thread.start()
-
-    def run(self, coro, timeout):
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise
-
-    def close(self):
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
-        if not self.loop.is_running():
-            self.loop.close()
-
-
 class Qemu:
     """One qemu-system-x86_64 process, driven over QMP. Use as a context manager.
 
@@ -184,7 +158,7 @@ class Qemu:
         self.env = env
         self.tmpdir: Optional[Path] = None
         self.proc: Optional[subprocess.Popen] = None
-        self._loop: Optional[_Loop] = None
+        self._loop: Optional[LoopThread] = None
         self._client = None
 
     # -- paths -----------------------------------------------------------
@@ -244,7 +218,7 @@ class Qemu:
                 self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
                                              stdout=log, stderr=subprocess.STDOUT,
                                              start_new_session=True, env=self.env)
-            self._loop = _Loop()
+            self._loop = LoopThread()
             self._connect()
         except BaseException:
             self.shutdown()

@@ -27,7 +27,7 @@ COMMAND_TIMEOUT = 60.0
 READ_LIMIT = 16 << 20
 
 
-class _Loop:
+class LoopThread:
     """An asyncio loop in a daemon thread; run(coro) blocks for its result."""
 
     def __init__(self):
@@ -121,7 +121,7 @@ class Qmp:
         from qemu.qmp import QMPClient
         sock = _connect_socket(self.path)
         self.pid = _peer_pid(sock)
-        self._loop = _Loop()
+        self._loop = LoopThread()
         self._client = QMPClient("qsnap")
         self._client.readbuflen = READ_LIMIT
         try:
