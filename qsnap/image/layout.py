@@ -52,14 +52,29 @@ def pack_qsnap_ext(*, flags, meta_offset, meta_length, meta_crc32c, target_page_
 
 def unpack_qsnap_ext(payload, image_offset):
     """Unpack and check the qsnap extension (crc, version, flags)."""
-    if len(payload) != QSNAP_EXT.size:
-        raise ImageError(f"qsnap header extension of {len(payload)} bytes, expected "
-                         f"{QSNAP_EXT.size}, at image offset 0x{image_offset:x}")
+    _check_ext_length(payload, image_offset)
     ext = QSNAP_EXT.unpack(payload)
     crc = _crc32c(payload[:36])
     if crc != ext["ext_crc32c"]:
         raise ChecksumError(f"qsnap header extension checksum 0x{ext['ext_crc32c']:08x} does not "
                             f"match its contents (0x{crc:08x}) at image offset 0x{image_offset:x}")
+    return _check_ext_fields(ext, image_offset)
+
+
+def read_qsnap_ext(payload, image_offset):
+    """Unpack the qsnap extension and check its version and flags, not its crc
+    (qsnap.image.metadata reads an image without the C extension that computes it)."""
+    _check_ext_length(payload, image_offset)
+    return _check_ext_fields(QSNAP_EXT.unpack(payload), image_offset)
+
+
+def _check_ext_length(payload, image_offset):
+    if len(payload) != QSNAP_EXT.size:
+        raise ImageError(f"qsnap header extension of {len(payload)} bytes, expected "
+                         f"{QSNAP_EXT.size}, at image offset 0x{image_offset:x}")
+
+
+def _check_ext_fields(ext, image_offset):
     if ext["format_version"] > FORMAT_VERSION:
         raise ImageError(f"image format version {ext['format_version']} is newer than this qsnap "
                          f"supports ({FORMAT_VERSION})")
@@ -152,24 +167,36 @@ def build_meta_region(doc):
 
 def parse_meta_region(region, meta_offset):
     """(JSON document, end of the block regions) of a metadata region (crc already checked)."""
-    if len(region) < META_HEAD.size:
-        raise ImageError(f"metadata region of {len(region)} bytes is too short "
+    n = meta_json_length(region[:META_HEAD.size], len(region), meta_offset)
+    return parse_meta_json(bytes(region[META_HEAD.size:META_HEAD.size + n]), len(region), meta_offset)
+
+
+def meta_json_length(head, region_length, meta_offset):
+    """The length of the JSON document, from the metadata region's head (its first
+    META_HEAD.size bytes) in a region of ``region_length`` bytes."""
+    if region_length < META_HEAD.size or len(head) < META_HEAD.size:
+        raise ImageError(f"metadata region of {region_length} bytes is too short "
                          f"at image offset 0x{meta_offset:x}")
-    head = META_HEAD.unpack(region)
+    head = META_HEAD.unpack(head)
     if head["magic"] != META_MAGIC:
         raise ImageError(f"bad metadata magic 0x{head['magic']:08x} at virtual offset 0x{meta_offset:x}")
     if head["format_version"] != FORMAT_VERSION:
         raise ImageError(f"metadata format version {head['format_version']} at virtual offset "
                          f"0x{meta_offset + 4:x}, expected {FORMAT_VERSION}")
-    if head["json_length"] > len(region) - META_HEAD.size:
+    if head["json_length"] > region_length - META_HEAD.size:
         raise ImageError(f"metadata JSON length {head['json_length']} runs past the region "
-                         f"({len(region)} bytes) at virtual offset 0x{meta_offset + 8:x}")
-    text = bytes(region[META_HEAD.size:META_HEAD.size + head["json_length"]])
+                         f"({region_length} bytes) at virtual offset 0x{meta_offset + 8:x}")
+    return head["json_length"]
+
+
+def parse_meta_json(text, region_length, meta_offset):
+    """(JSON document, end of the block regions) of the metadata JSON ``text`` of a region
+    of ``region_length`` bytes: parsed and validated (validate_meta)."""
     try:
         doc = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ImageError(f"bad metadata JSON at virtual offset 0x{meta_offset + 16:x}: {e}") from None
-    regions_end = validate_meta(doc, len(region), META_HEAD.size + head["json_length"])
+    regions_end = validate_meta(doc, region_length, META_HEAD.size + len(text))
     return doc, regions_end
 
 

@@ -8,8 +8,6 @@ unpacked from that description; all fields are big-endian.
 import struct
 from dataclasses import dataclass
 
-import numpy as np
-
 # block/qcow2.h
 QCOW_MAGIC = 0x514649FB  # "QFI\xfb"
 QCOW_VERSION = 3
@@ -182,6 +180,8 @@ def build_l2_tables(host_map, cluster_bits):
 
     Returns (l1_indices, tables): the L1 indices that need an L2 table and a
     big-endian uint64 array of shape (len(l1_indices), l2_entries)."""
+    import numpy as np  # the writer's tables only: reading a header must not import NumPy
+
     l2_entries = 1 << l2_bits(cluster_bits)
     hm = np.asarray(host_map, dtype=np.uint64)
     n_l1 = max(1, size_to_clusters(len(hm), l2_entries))
@@ -235,6 +235,7 @@ def plan_tables(append_offset, n_l2_tables, l1_size, cluster_size):
 
 def build_l1_table(l1_size, l1_indices, l2_offset, cluster_size, l1_clusters):
     """L1 table bytes (padded to whole clusters) pointing at consecutive L2 tables."""
+    import numpy as np
     l1 = np.zeros(l1_clusters * cluster_size // 8, dtype=np.uint64)
     idx = np.asarray(l1_indices, dtype=np.int64)
     l1[idx] = (np.uint64(l2_offset) + np.arange(len(idx), dtype=np.uint64) * np.uint64(cluster_size)) \
@@ -244,6 +245,7 @@ def build_l1_table(l1_size, l1_indices, l2_offset, cluster_size, l1_clusters):
 
 def build_refcounts(layout):
     """Refcount blocks and table bytes: refcount 1 for every cluster below layout.end."""
+    import numpy as np
     cs = layout.cluster_size
     n_clusters = layout.end // cs
     per_block = cs * 8 // (1 << REFCOUNT_ORDER)

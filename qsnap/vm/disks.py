@@ -125,17 +125,16 @@ def overlay_path(directory, disk, used):
 
 
 def overlay_action(block, path, node_name):
-    """The transaction action putting a new qcow2 overlay at ``path`` (node ``node_name``)
-    on top of the device's image; QEMU itself creates the file.
+    """The transaction action putting the qcow2 overlay already made at ``path``
+    (overlays.create_overlay) on top of the device's image, as node ``node_name``.
 
     On an incoming QEMU the block graph is still inactive; QEMU accepts
     blockdev-snapshot-sync there, writes nothing to the old image and reopens it
     read-only as the overlay's backing file, so the frozen image is never written.
-    QEMU writes the overlay's header (backing file and format, size) as a snapshot does.
+    With mode "existing" QEMU only opens the file (as qsnap snapshot does: 13 ms
+    instead of 60-340 ms for QEMU creating it, mode "absolute-paths").
     Naming the old node by node-name (the device name is "" with -blockdev) makes
     QEMU require a node name for the new one (blockdev.c external_snapshot_action)."""
-    if os.path.lexists(path):
-        raise VmError(f"overlay {path} already exists")
     return {"type": "blockdev-snapshot-sync", "data": {
         "node-name": block["inserted"]["node-name"], "snapshot-node-name": node_name,
-        "snapshot-file": path, "format": "qcow2", "mode": "absolute-paths"}}
+        "snapshot-file": path, "format": "qcow2", "mode": "existing"}}

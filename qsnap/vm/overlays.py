@@ -85,24 +85,30 @@ def plan(disks, snapshot_image):
 
 
 def prepare(disks):
-    """Create every overlay file before the guest is paused (qemu-img create -u: the disk
-    is in use, so its backing is not opened).  QEMU then only opens them in the
-    transaction (mode "existing"): measured on QEMU 7.2, two disks, 13 ms instead of
-    60-160 ms for QEMU creating them (mode "absolute-paths"), all of it guest downtime."""
+    """Create every overlay file before the guest is paused (create_overlay).  QEMU then
+    only opens them in the transaction (mode "existing"): measured on QEMU 7.2, two disks,
+    13 ms instead of 60-160 ms for QEMU creating them (mode "absolute-paths"), all of it
+    guest downtime."""
     for d in disks:
-        if os.path.lexists(d.overlay):
-            raise VmError(f"overlay {d.overlay} for disk {d.name} already exists")
-        cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", d.image, "-F", d.format,
-               d.overlay, str(d.virtual_size)]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True)
-        except OSError as e:
-            raise VmError(f"cannot run qemu-img to create overlay {d.overlay}: {e.strerror}") from None
-        if r.returncode:
-            _unlink_quiet(d.overlay)
-            raise VmError(f"qemu-img could not create overlay {d.overlay} for disk {d.name}: "
-                          f"{' '.join(r.stderr.split())}")
+        create_overlay(d.overlay, d.image, d.format, d.virtual_size, f"disk {d.name}")
         d.created = True
+
+
+def create_overlay(path, backing, backing_format, size, what):
+    """A new qcow2 file at ``path`` on top of ``backing`` (its format recorded), made by
+    qemu-img create -u: the backing image may be in use (or frozen), so it is not opened.
+    VmError, and no file left, if it cannot be made; never replaces an existing file."""
+    if os.path.lexists(path):
+        raise VmError(f"overlay {path} for {what} already exists")
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", backing_format,
+           path, str(size)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise VmError(f"cannot run qemu-img to create overlay {path}: {e.strerror}") from None
+    if r.returncode:
+        _unlink_quiet(path)
+        raise VmError(f"qemu-img could not create overlay {path} for {what}: {' '.join(r.stderr.split())}")
 
 
 def take(qmp, disks):

@@ -21,11 +21,17 @@ import time
 
 from qsnap.errors import VmError
 from qsnap.vm import disks as vmdisks
-from qsnap.vm import migration, vmrecord
-from qsnap.vm.qmp import Qmp
+from qsnap.vm import migration, overlays, vmrecord
 
-POLL = 0.05
+# The QMP session (qsnap.vm.qmp: asyncio and qemu.qmp, ~0.1-0.2 s of imports) is imported
+# where it is first used: `restore --launch` imports it while the QEMU it started comes up.
+
+POLL = 0.05                   # waiting for QEMU to exit or a file to appear
+SOCKET_POLL = 0.005           # waiting for the launched QEMU's QMP socket: it is on the clock
+EVENT_POLL = 0.002            # looking at the MIGRATION events received (no QMP round trip)
+ALIVE_EVERY = 1.0             # between MIGRATION events, ask QEMU this often whether it lives
 START_TIMEOUT = 30.0          # QEMU start-up until its QMP socket answers
+EXIT_GRACE = 2.0              # after a failed incoming migration, until QEMU has exited
 LOAD_TIMEOUT = 24 * 3600.0    # a stalled load ends when QEMU or qsnap load exits
 UNIX_PATH_MAX = 107           # sun_path holds 108 bytes with the NUL
 
@@ -33,17 +39,19 @@ UNIX_PATH_MAX = 107           # sun_path holds 108 bytes with the NUL
 # --- what the image says --------------------------------------------------------------
 
 class ImageFacts:
-    """What a restore needs to know about an image: machine, RAM blocks, VM record."""
+    """What a restore needs to know about an image: machine, RAM blocks, VM record.
+
+    Read from the metadata document alone (qsnap.image.metadata: a few KiB, no NumPy);
+    the `qsnap load` the restore starts checks the whole image before its first byte."""
 
     def __init__(self, path):
-        from qsnap.image.reader import Image
+        from qsnap.image.metadata import read_metadata
 
         self.path = os.path.abspath(path)
-        with Image.open(self.path) as img:
-            info = img.info()
-            self.vm = img.meta.get("vm")
-        self.blocks = [(b["idstr"], b["length"]) for b in info["ram_blocks"]]
-        self.machine = (self.vm or {}).get("machine") or info["machine"]
+        doc = read_metadata(self.path)
+        self.vm = doc.get("vm")
+        self.blocks = [(b["idstr"], b["length"]) for b in doc["ram_blocks"]]
+        self.machine = (self.vm or {}).get("machine") or doc["machine"]
         self.qemu_version = (self.vm or {}).get("qemu_version")
         self.disks = list((self.vm or {}).get("disks") or [])
 
@@ -208,6 +216,7 @@ class Restore:
         self.settings = None
         self.t0 = time.monotonic()
         self.seconds_to_run = None
+        self.events_seen = 0      # MIGRATION events _wait has followed
 
     @property
     def load_log(self):
@@ -251,15 +260,20 @@ class Restore:
                 raise
 
     def _put_overlays(self, plan):
-        """All overlays in one transaction: either every disk gets one, or none does."""
+        """All overlays in one transaction: either every disk gets one, or none does.
+        The files are made first (qemu-img create -u), so QEMU only opens them."""
         used, actions = set(os.listdir(self.dir)), []
         tag = os.urandom(4).hex()  # node names unique in the QEMU's block graph
         for block, disk, what in plan:
             if what != "overlay":
                 continue
             path = vmdisks.overlay_path(self.dir, disk, used)
+            self.overlays.append(path)  # before it exists: undo_files removes what was made
+            image = block["inserted"].get("image") or {}
+            overlays.create_overlay(path, disk["frozen"], block["inserted"].get("drv") or disk["format"],
+                                    image.get("virtual-size", disk["virtual_size"]),
+                                    f"disk {vmdisks.disk_name(disk)}")
             actions.append(vmdisks.overlay_action(block, path, f"qsnap-{tag}-{len(actions)}"))
-            self.overlays.append(path)
         if not actions:
             return
         try:
@@ -276,22 +290,54 @@ class Restore:
         return " ".join(shlex.quote(a) for a in args) + f" 2>>{shlex.quote(self.load_log)}"
 
     def _start_load(self):
+        self.events_seen = len(self.q.events("MIGRATION"))
         self.q.cmd("migrate-incoming", uri="exec:" + self._load_command())
 
     def _wait(self):
+        """Until the incoming migration completes, following its MIGRATION events (the
+        "events" capability is on); the guest runs as soon as QEMU lets it."""
         want_running = not self.paused and self.facts.was_running()
         deadline = time.monotonic() + LOAD_TIMEOUT
+        status = self._migration_status()
         while True:
-            status = self._migration_status()
             if status in ("postcopy-active", "completed") and want_running and self.seconds_to_run is None:
                 self._run_guest()
             if status == "completed":
                 return
             if status in ("failed", "cancelled"):
-                raise VmError(self._load_failure(f"the incoming migration {status}"))
+                raise VmError(self._failure(status))
             if time.monotonic() > deadline:
                 raise VmError(f"the restore is still {status} after {LOAD_TIMEOUT:g} s")
+            status = self._next_status(status, want_running)
+
+    def _failure(self, status):
+        """Why the incoming migration ended in ``status``.  QEMU 7.2 exits right after it
+        fails (process_incoming_migration_co, migration/migration.c; later QEMUs unless
+        exit-on-error is off); the event may come just before that, so wait a moment."""
+        deadline = time.monotonic() + EXIT_GRACE
+        while time.monotonic() < deadline:
+            if not self.q_alive():
+                return self._load_failure("the destination QEMU exited during the restore")
             time.sleep(POLL)
+        return self._load_failure(f"the incoming migration {status}")
+
+    def _next_status(self, status, want_running):
+        """The migration's status after the next MIGRATION event, or after ALIVE_EVERY s
+        without one (then from query-migrate, which also notices a QEMU that exited).
+
+        In postcopy-active a guest that should run is waited for with query-status: QEMU
+        leaves "inmigrate" at the postcopy RUN command, which sends no event when the
+        destination was started with -S (loadvm_postcopy_handle_run_bh, migration/savevm.c)."""
+        if status == "postcopy-active" and want_running and self.seconds_to_run is None:
+            time.sleep(EVENT_POLL)
+            return self._migration_status()
+        seen = self.events_seen
+        try:
+            ev = self.q.wait_event("MIGRATION", ALIVE_EVERY, since=seen, poll=EVENT_POLL)
+        except VmError:
+            return self._migration_status()
+        self.events_seen = seen + 1
+        return ev["data"]["status"]
 
     def _migration_status(self):
         try:
@@ -409,6 +455,8 @@ def _stem(img):
 
 def restore_into(qmp_path, img, *, postcopy=None, paused=False, directory=None):
     """Restore ``img`` into the ``-incoming defer`` QEMU at ``qmp_path``; the summary dict."""
+    from qsnap.vm.qmp import Qmp
+
     facts = ImageFacts(img)
     check_frozen_disks(facts)
     work = WorkDir(directory, _stem(img))
@@ -495,7 +543,10 @@ def _start_qemu(words, log_path):
 
 
 def _connect(path, proc, facts, binary, log_path):
-    """A Qmp session to the QEMU just started, or VmError saying why QEMU did not come up."""
+    """A Qmp session to the QEMU just started, or VmError saying why QEMU did not come up.
+    Called right after the start: the QMP modules are imported while QEMU starts."""
+    from qsnap.vm.qmp import Qmp
+
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if proc.poll() is not None:
@@ -511,7 +562,7 @@ def _connect(path, proc, facts, binary, log_path):
         if time.monotonic() > deadline:
             raise VmError(f"QEMU (pid {proc.pid}) did not open its QMP socket {path} within "
                           f"{START_TIMEOUT:g} s")
-        time.sleep(POLL)
+        time.sleep(SOCKET_POLL)
 
 
 def _start_failure(proc, facts, binary, log_path):

@@ -1,10 +1,13 @@
 """Frozen-image fingerprints and the overlay plan of a restore (qsnap.vm.disks)."""
+import json
 import os
+import shutil
+import subprocess
 
 import pytest
 
 from qsnap.errors import VmError
-from qsnap.vm import disks
+from qsnap.vm import disks, overlays
 
 
 def recorded(tmp_path, data=b"x" * 5000):
@@ -58,14 +61,33 @@ def test_plan_overlay(tmp_path):
     assert disks.find_device([block(d["frozen"])], d)["inserted"]["node-name"] == "n1"
 
 
-def test_overlay_action_names_the_new_node_and_refuses_an_existing_file(tmp_path):
+def test_overlay_action_names_the_new_node_and_opens_the_made_file(tmp_path):
     d = recorded(tmp_path)
     used = set()
     p1, p2 = disks.overlay_path(str(tmp_path), d, used), disks.overlay_path(str(tmp_path), d, used)
     assert p1 != p2 and p1.endswith("frozen.overlay.qcow2")
     act = disks.overlay_action(block(d["frozen"]), p1, "qsnap-x-0")
     assert act["data"] == {"node-name": "n1", "snapshot-node-name": "qsnap-x-0", "snapshot-file": p1,
-                           "format": "qcow2", "mode": "absolute-paths"}
-    open(p1, "w").close()
+                           "format": "qcow2", "mode": "existing"}
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
+def test_create_overlay_records_its_backing_and_refuses_an_existing_file(tmp_path):
+    frozen = tmp_path / "frozen.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(frozen), "32M"], check=True)
+    before = frozen.read_bytes(), os.stat(frozen).st_mtime_ns
+    p = str(tmp_path / "frozen.overlay.qcow2")
+    overlays.create_overlay(p, str(frozen), "qcow2", 32 << 20, "disk d0")
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", p], check=True,
+                                     capture_output=True, text=True).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 32 << 20
+    assert info["backing-filename"] == str(frozen) and info["backing-filename-format"] == "qcow2"
+    made = open(p, "rb").read()
     with pytest.raises(VmError, match="already exists"):
-        disks.overlay_action(block(d["frozen"]), p1, "qsnap-x-0")
+        overlays.create_overlay(p, str(frozen), "qcow2", 32 << 20, "disk d0")
+    assert open(p, "rb").read() == made
+    missing = str(tmp_path / "no-such-dir" / "o.qcow2")
+    with pytest.raises(VmError, match="qemu-img could not create overlay .*o.qcow2 for disk d0"):
+        overlays.create_overlay(missing, str(frozen), "qcow2", 32 << 20, "disk d0")
+    assert not os.path.lexists(missing)
+    assert (frozen.read_bytes(), os.stat(frozen).st_mtime_ns) == before
