@@ -46,17 +46,60 @@ def _percent(text):
     return value
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, told the terminal width: without it, HelpFormatter
+    imports shutil (and with it bz2 and lzma) for shutil.get_terminal_size, and
+    add_argument builds a formatter for every argument; 5-15 ms of `qsnap load`'s
+    start-up here.  The width is found as shutil finds it."""
+
+    def __init__(self, prog, **kw):
+        kw.setdefault("width", _columns() - 2)
+        super().__init__(prog, **kw)
+
+
+def _columns():
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kw)
+
     def error(self, message):
         raise UsageError(message)
 
 
-def build_parser():
+def build_parser(command=None):
+    """The argument parser; given a known ``command``, with only that command's parser.
+
+    argparse builds a help formatter for every add_argument (the first one imports
+    shutil and asks for the terminal size): all commands' parsers cost `qsnap load`
+    several ms before its first byte, for nothing but the other commands' help."""
     p = _Parser(prog=PROG, description="External snapshots of QEMU virtual machines.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, add in _PARSERS.items():
+        if command not in _PARSERS or command == name:
+            add(sub)
+    return p
 
+
+def _command_word(argv):
+    """The command named on the command line (its first word that is not an option:
+    the top-level options take no value), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _add_save(sub):
     s = sub.add_parser(
         "save",
         help="read a migration stream on stdin and write a snapshot image",
@@ -82,6 +125,8 @@ def build_parser():
                    help="exit (and let QEMU go on) once the whole stream is read, finishing "
                    "the image in a child process; how it ends is only in --report")
 
+
+def _add_load(sub):
     ld = sub.add_parser(
         "load",
         help="write a migration stream regenerated from an image to stdout",
@@ -105,26 +150,28 @@ def build_parser():
     ld.add_argument("--stats", metavar="FILE", help="write load statistics as JSON to FILE")
     ld.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
 
+
+def _add_info(sub):
     i = sub.add_parser("info", help="describe an image")
     i.add_argument("image", metavar="IMG")
     i.add_argument("--output", choices=("human", "json"), default="human")
 
+
+def _add_check(sub):
     c = sub.add_parser("check", help="verify an image's structure and checksums")
     c.add_argument("image", metavar="IMG")
     c.add_argument("--output", choices=("human", "json"), default="human")
 
-    _add_vm_parsers(sub)
-    _add_export_parsers(sub)
 
+def _add_demo(sub):
     d = sub.add_parser("demo", help="save and load a synthetic VM, no QEMU needed")
     d.add_argument("--size", type=_size, default=256 << 20, metavar="SIZE",
                    help="guest RAM size of the synthetic VM (default 256M)")
     d.add_argument("--dir", metavar="DIR", help="work directory (default: a temporary one)")
     d.add_argument("--keep", action="store_true", help="keep the work directory")
-    return p
 
 
-def _add_vm_parsers(sub):
+def _add_snapshot(sub):
     sn = sub.add_parser(
         "snapshot",
         help="snapshot a running VM (RAM, devices, disks) into an image",
@@ -141,6 +188,8 @@ def _add_vm_parsers(sub):
                     help="overlay (default): freeze the disks at the snapshot instant; none: RAM only")
     sn.add_argument("--output", choices=("human", "json"), default="human")
 
+
+def _add_restore(sub):
     r = sub.add_parser(
         "restore",
         help="restore a snapshot image into a QEMU (an -incoming defer one, or one it starts)",
@@ -167,7 +216,7 @@ def _add_vm_parsers(sub):
     r.add_argument("--output", choices=("human", "json"), default="human")
 
 
-def _add_export_parsers(sub):
+def _add_export(sub):
     from qsnap.export import FORMATS
 
     e = sub.add_parser(
@@ -186,6 +235,8 @@ def _add_export_parsers(sub):
     e.add_argument("--format", "-f", choices=FORMATS, required=True)
     e.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
 
+
+def _add_import(sub):
     m = sub.add_parser(
         "import",
         help="turn a QEMU mapped-ram migration file into an image",
@@ -211,10 +262,14 @@ def _cmd_save(args):
 
     stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet,
                  vm_info=args.vm_info, report=args.report, on_stream_end=on_stream_end)
-    if args.stats:
-        with open(args.stats, "w") as f:
-            json.dump(stats, f, indent=2)
+    _write_stats(args.stats, stats)
     return 0
+
+
+def _write_stats(path, stats):
+    if path:
+        with open(path, "w") as f:
+            json.dump(stats, f, indent=2)
 
 
 def _cmd_load(args):
@@ -231,9 +286,7 @@ def _cmd_load(args):
     from qsnap.load import load
 
     stats = load(args.image, cache=args.cache, quiet=args.quiet, prefetch=args.prefetch != "none")
-    if args.stats:
-        with open(args.stats, "w") as f:
-            json.dump(stats, f, indent=2)
+    _write_stats(args.stats, stats)
     return 0
 
 
@@ -296,6 +349,9 @@ def _cmd_restore(args):
         print(json.dumps(out, indent=2))
     else:
         print(restore.format_summary(out))
+    return 0
+
+
 def _cmd_export(args):
     from qsnap.export import export
 
@@ -315,6 +371,18 @@ def _cmd_demo(args):
 
     return run_demo(size=args.size, workdir=args.dir, keep=args.keep)
 
+
+_PARSERS = {  # in the order of `qsnap --help`
+    "save": _add_save,
+    "load": _add_load,
+    "info": _add_info,
+    "check": _add_check,
+    "snapshot": _add_snapshot,
+    "restore": _add_restore,
+    "export": _add_export,
+    "import": _add_import,
+    "demo": _add_demo,
+}
 
 _COMMANDS = {
     "save": _cmd_save,
@@ -345,7 +413,7 @@ def main(argv=None):
     # SIGTERM (QEMU cancelling a migration) unwinds like an error, so temp files go.
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(_command_word(argv)).parse_args(argv)
         if args.command is None:
             raise UsageError("no command given (one of: save, load, info, check, restore, demo)")
         return _COMMANDS[args.command](args)

@@ -1,4 +1,5 @@
 """The command line: usage errors and bad input end as one `qsnap: error:` line."""
+import argparse
 import signal
 import subprocess
 import sys
@@ -114,3 +115,45 @@ def test_internal_error_message_stays_on_one_line(tmp_path, monkeypatch, capsys)
     assert cli.main(["info", str(tmp_path / "x")]) == 70
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("qsnap: error: internal error: KeyError: "), err
+
+
+def imported(*args):
+    """The modules ``python -m qsnap ARGS`` imports (python -X importtime), and its result."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "qsnap", *args], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=60)
+    mods = {ln.split("|")[2].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    return mods, r
+
+
+# Modules of the other commands: the start-up of save and load pays for none of them.
+NOT_FOR_THE_ENGINES = {"shutil", "qsnap.export", "qsnap.vm", "qsnap.image.inspect", "asyncio", "qemu"}
+
+
+def test_load_imports_only_what_load_needs(tmp_path):
+    mods, r = imported("load", "-q", str(tmp_path / "missing.qsnap"))
+    assert "no such file" in r.stderr and "qsnap.load" in mods, r.stderr[-500:]
+    assert not mods & (NOT_FOR_THE_ENGINES | {"qsnap.image.writer", "qsnap.save", "qsnap.postcopy"})
+
+
+def test_save_imports_only_what_save_needs(tmp_path):
+    mods, r = imported("save", "-q", str(tmp_path / "out.qsnap"))
+    assert "truncated stream" in r.stderr and "qsnap.save" in mods, r.stderr[-500:]
+    assert not mods & (NOT_FOR_THE_ENGINES | {"qsnap.image.reader", "qsnap.load", "qsnap.postcopy"})
+
+
+def test_restore_reads_an_image_without_numpy_or_the_engines(tmp_path):
+    mods, r = imported("restore", "--launch", str(tmp_path / "missing.qsnap"))
+    assert "no such file" in r.stderr and "qsnap.image.metadata" in mods, r.stderr[-500:]
+    assert not mods & {"numpy", "qsnap._core", "qsnap.image.reader", "qsnap.load"}
+
+
+def test_parser_of_one_command_or_all():
+    from qsnap import cli
+
+    def commands(p):
+        return sorted(next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+    assert commands(cli.build_parser("load")) == ["load"]
+    assert commands(cli.build_parser()) == commands(cli.build_parser("bogus")) == sorted(cli._COMMANDS)
+    assert cli._command_word(["--debug", "restore", "--launch", "x"]) == "restore"
+    assert cli._command_word(["--version"]) is None
