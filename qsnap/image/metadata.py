@@ -14,6 +14,10 @@ the C extension and the whole region, blobs included): the `qsnap load` a restor
 starts opens the image with the full reader and refuses a damaged one before it
 writes a byte of the stream, and the restore then fails and cleans up as for any
 load failure.
+
+``readahead(path)`` asks the kernel to bring into the page cache what that reader
+reads (the qcow2 tables and the whole metadata region), so that a restore can have
+it read while the QEMU it launched starts, instead of after.
 """
 import os
 
@@ -35,25 +39,75 @@ def read_metadata(path):
         os.close(fd)
 
 
+def readahead(path):
+    """Start reading into the page cache the parts of the image the full reader reads
+    when it opens it: the L1 table, every L2 table, the refcount table and the metadata
+    region's clusters (posix_fadvise WILLNEED: the kernel reads them in the background).
+    Returns the bytes asked for; a damaged image is left to the reader to report."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        return _Reader(fd, path).readahead()
+    except (ImageError, IOFailure):
+        return 0
+    finally:
+        os.close(fd)
+
+
 class _Reader:
     def __init__(self, fd, path):
         self.fd, self.path = fd, path
         self.file_bytes = os.fstat(fd).st_size
 
     def document(self):
-        hdr, ext = self._header()
-        self.cluster_bits = cb = hdr["cluster_bits"]
-        self.cluster_size = cs = 1 << cb
-        self.hdr = hdr
-        mo, ml = ext["meta_offset"], ext["meta_length"]
-        if mo % cs or ml < layout.META_HEAD.size or mo + ml > hdr["size"] or ml > self.file_bytes:
-            raise ImageError(f"metadata region 0x{mo:x}+0x{ml:x} lies outside the virtual size "
-                             f"0x{hdr['size']:x} or the file (0x{self.file_bytes:x} bytes) of {self.path}")
+        ext = self._start()
+        mo, ml = self._meta_region(ext)
         n = layout.meta_json_length(self._read_virtual(mo, layout.META_HEAD.size), ml, mo)
         doc, _ = layout.parse_meta_json(self._read_virtual(mo + layout.META_HEAD.size, n), ml, mo)
         return doc
 
+    def readahead(self):
+        ext = self._start()
+        hdr, cs = self.hdr, self.cluster_size
+        self._check_table(hdr["l1_table_offset"], 0x28, "L1 table")
+        l1 = self._pread(8 * hdr["l1_size"], hdr["l1_table_offset"], exact=True)
+        ranges = [(hdr["refcount_table_offset"], hdr["refcount_table_clusters"] * cs)]
+        for i in range(hdr["l1_size"]):
+            l2 = int.from_bytes(l1[8 * i:8 * i + 8], "big") & qcow2.L1E_OFFSET_MASK
+            if l2:
+                ranges.append((l2, cs))
+        total = self._advise(ranges)  # the tables first: mapping the metadata reads its L2 entries
+        mo, ml = self._meta_region(ext)
+        hosts = [self._host_cluster(v) for v in range(mo, mo + ml, cs)]
+        return total + self._advise([(h, cs) for h in hosts if h])
+
+    def _meta_region(self, ext):
+        """(offset, length) of the metadata region: cluster aligned, inside the virtual disk
+        and no longer than the file (it is stored there)."""
+        mo, ml, vsize = ext["meta_offset"], ext["meta_length"], self.hdr["size"]
+        if mo % self.cluster_size or ml < layout.META_HEAD.size or mo + ml > vsize or ml > self.file_bytes:
+            raise ImageError(f"metadata region 0x{mo:x}+0x{ml:x} lies outside the virtual size "
+                             f"0x{vsize:x} or the file (0x{self.file_bytes:x} bytes) of {self.path}")
+        return mo, ml
+
+    def _advise(self, ranges):
+        total = 0
+        for off, length in ranges:
+            if 0 < off < self.file_bytes and length > 0:
+                os.posix_fadvise(self.fd, off, min(length, self.file_bytes - off), os.POSIX_FADV_WILLNEED)
+                total += min(length, self.file_bytes - off)
+        return total
+
     # --- header -----------------------------------------------------------------------
+
+    def _start(self):
+        """Read the header: keeps it and the cluster size, returns the qsnap extension."""
+        self.hdr, ext = self._header()
+        self.cluster_bits = self.hdr["cluster_bits"]
+        self.cluster_size = 1 << self.cluster_bits
+        return ext
 
     def _header(self):
         """(qcow2 header, qsnap extension) of a complete qsnap image, or ImageError."""

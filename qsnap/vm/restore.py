@@ -55,6 +55,13 @@ class ImageFacts:
         self.qemu_version = (self.vm or {}).get("qemu_version")
         self.disks = list((self.vm or {}).get("disks") or [])
 
+    def readahead(self):
+        """Have the kernel read what `qsnap load` reads first (qcow2 tables, metadata
+        region) while the restore does something else: the load child finds it cached."""
+        from qsnap.image.metadata import readahead
+
+        readahead(self.path)
+
     def origin(self):
         """'saved by QEMU 10.0.2 with machine type pc-i440fx-10.0' (what is known of it)."""
         who = f"QEMU {self.qemu_version}" if self.qemu_version else "a QEMU"
@@ -461,6 +468,7 @@ def restore_into(qmp_path, img, *, postcopy=None, paused=False, directory=None):
     check_frozen_disks(facts)
     work = WorkDir(directory, _stem(img))
     job = None
+    facts.readahead()  # while the destination is checked
     try:
         with Qmp(qmp_path) as q:
             job = Restore(q, facts, work.path, postcopy=postcopy, paused=paused)
@@ -507,6 +515,7 @@ def launch(img, *, qmp_path=None, directory=None, binary=None, postcopy=None, pa
         words += list(extra)
         log_path = os.path.join(work.path, "qemu.log")
         proc = _start_qemu(words, log_path)
+        facts.readahead()  # while QEMU starts
         q = _connect(qmp, proc, facts, words[0], log_path)
         try:
             out = Restore(q, facts, work.path, postcopy=postcopy, paused=paused).run()

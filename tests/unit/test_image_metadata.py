@@ -9,7 +9,7 @@ import pytest
 
 from qsnap.errors import ImageError, IOFailure
 from qsnap.image import Image, layout
-from qsnap.image.metadata import read_metadata
+from qsnap.image.metadata import read_metadata, readahead
 
 from test_image_reject import header, patch, rewrite_ext, set_field
 from test_image_roundtrip import write_image
@@ -150,3 +150,14 @@ def test_truncated(img):
     os.truncate(img, 3 * MiB)
     with pytest.raises(ImageError):
         read_metadata(img)
+
+
+def test_readahead_asks_for_the_tables_and_the_metadata(good, tmp_path):
+    with Image.open(good) as im:
+        cs, meta = im.cluster_size, im.meta_length
+    tables = cs + header(good)["refcount_table_clusters"] * cs  # one L2 table, the refcount table
+    assert readahead(good) == tables + -(-meta // cs) * cs
+    assert readahead(tmp_path / "missing") == 0
+    bad = tmp_path / "bad.qsnap"
+    bad.write_bytes(good.read_bytes()[:4096])
+    assert readahead(bad) == 0  # the reader reports a damaged image, not the readahead
