@@ -1,19 +1,36 @@
 """Start-up cost of `qsnap load` and `qsnap save`: what they import before the first byte.
 
     python -m bench.startup [--rounds 9] [--tree DIR ...]
+    python -m bench.startup --cold [--size 2G] [--data 0,1536M] [--rounds 3] [--qemu 7.2]
 
 Runs ``python -X importtime -m qsnap load -q IMG`` and ``... save -q OUT < STREAM``
 (a small image made by ``qsnap demo``) ``--rounds`` times per tree, interleaved
 (each ``--tree`` is a checkout with its built extension; default: this one),
 and prints per command: the median and minimum of the summed import times, the
 part spent in NumPy, and the qsnap modules imported.
+
+``--cold``: what the start-up costs a real restore from a cold page cache.  For each
+``--data`` size, a blob guest of ``--size`` RAM (KVM, the harness of bench.e2e:
+``-device loader`` blobs of random data, none for 0) is saved once, stopped, through
+``migrate "exec:tee raw.stream | qsnap save IMG"``; then, alternating the order every
+round, ``migrate-incoming "exec:cat raw.stream"`` and ``"exec:qsnap load IMG"`` into a
+fresh ``-incoming defer`` QEMU, the whole page cache dropped (``sync; echo 3 >
+/proc/sys/vm/drop_caches``, root) after QEMU started and before the migration, timed
+from ``migrate-incoming`` to status completed (bench.e2e.load_once; the guest's blobs
+are checked after each load).  Each round also runs ``python -X importtime -m qsnap
+load`` once after a drop: the cold import time, and NumPy's part of it.  Medians go
+to stdout and ``bench/results/<--name>.json``.  Needs root, KVM, qemu-system-x86_64.
 """
 import argparse
+import json
+import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +51,20 @@ def imports(tree, args, stdin_path=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=None, help="default 9 (--cold: 3)")
     p.add_argument("--tree", action="append", help="a qsnap checkout (default: this one)")
+    p.add_argument("--cold", action="store_true", help="real QEMU loads from a dropped page cache")
+    p.add_argument("--size", default="2G", help="--cold: guest RAM (default 2G)")
+    p.add_argument("--data", default="0,1536M", help="--cold: random data in the guest, one case "
+                   "each (default 0,1536M)")
+    p.add_argument("--qemu", default="7.2", help="--cold: QEMU build (bench.e2e --qemu)")
+    p.add_argument("--dir", default="/var/tmp", help="--cold: work directory on the disk to measure")
+    p.add_argument("--name", default="startup-cold", help="--cold: results file name")
+    p.add_argument("--timeout", type=float, default=600)
     a = p.parse_args(argv)
+    if a.cold:
+        return cold(a)
+    a.rounds = a.rounds or 9
     trees = a.tree or [str(ROOT)]
     work = Path(tempfile.mkdtemp(prefix="qsnap-startup-"))
     subprocess.run([sys.executable, "-m", "qsnap", "demo", "--size", "32M", "--dir", str(work),
@@ -56,5 +84,84 @@ def main(argv=None):
               f"{len(rs[-1][2])} qsnap modules: {' '.join(rs[-1][2])}")
 
 
+
+# --- --cold: qsnap load against exec:cat from a dropped page cache -------------------------
+
+def cold(a):
+    from bench import compile_qsnap_once, e2e
+    from qsnaptest.qemu import use_build
+
+    if os.geteuid() != 0:
+        sys.exit("bench.startup --cold drops the page cache: run it as root")
+    e2e.DROP_ALL = True
+    e2e.BUILD = e2e.find_qemu(a.qemu)
+    use_build(e2e.BUILD)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    work = Path(tempfile.mkdtemp(prefix="qsnap-startup-", dir=a.dir))
+    mem = e2e.parse_size(a.size)
+    out = {"time": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:], "qemu": e2e.BUILD.version,
+           "machine_type": e2e.BUILD.machine("pc"), "cases": []}
+    try:
+        compile_qsnap_once(work / "pycache", ["qsnap.cli", "qsnap.load", "qsnap.image.reader"])
+        for data in (e2e.parse_size(d) for d in a.data.split(",") if d):
+            out["cases"].append(_cold_case(mem, data, a.rounds or 3, work, a.timeout))
+            _report_cold(out, a.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _cold_case(mem, data, rounds, work, timeout):
+    from bench import e2e
+
+    d = work / f"{e2e.human(mem)}-{data >> 20}M"
+    blobs = e2e.make_blob_files(d / "blobs", e2e.blob_layout(mem, data / mem), seed=data >> 20)
+    img, raw = d / "vm.qsnap", d / "raw.stream"
+    with e2e.guest(mem, [], "src", blobs=blobs) as vm:
+        vm.wait_bios_done(timeout=120)
+        vm.stop()
+        vm.set_parameters(max_bandwidth=64 << 30)
+        vm.migrate(f"exec:tee {raw} | {sys.executable} -m qsnap save -q {img}")
+        e2e.wait_status(vm, ("completed",), time.monotonic(), timeout)
+        vm.wait_no_descendants(timeout)
+    case = {"mem": mem, "data": data, "stream_bytes": raw.stat().st_size, "image_bytes": img.stat().st_size,
+            "loadavg_1min": round(os.getloadavg()[0], 2), "cat": [], "qsnap": [], "imports": []}
+    e2e.log(f"{e2e.human(mem)} guest, {data >> 20} MiB data: stream {case['stream_bytes'] >> 20} MiB, "
+            f"image {case['image_bytes'] >> 20} MiB")
+    for r in range(rounds):
+        for who in (("cat", "qsnap") if r % 2 == 0 else ("qsnap", "cat")):
+            tf = d / f"time-{who}.txt"
+            tf.unlink(missing_ok=True)
+            case[who].append(e2e.load_once(who, None, mem, [], img, raw, tf, d / "stats.json", blobs, sys.executable,
+                                           timeout))
+        e2e.drop_caches()
+        total, numpy, _ = imports(str(ROOT), ["load", "-q", str(img)])
+        case["imports"].append({"total_ms": total, "numpy_ms": numpy})
+        e2e.log(f"  cold imports of qsnap load {total:.0f} ms, numpy {numpy:.0f} ms")
+    shutil.rmtree(d, ignore_errors=True)
+    return case
+
+
+def _report_cold(out, name):
+    def med(rows, key):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    for c in out["cases"]:
+        cat, qs = med(c["cat"], "s"), med(c["qsnap"], "s")
+        c["summary"] = {"cat_s": cat, "qsnap_s": qs, "qsnap_over_cat": qs / cat if cat and qs else None,
+                        "cat_all": [r["s"] for r in c["cat"]], "qsnap_all": [r["s"] for r in c["qsnap"]],
+                        "qsnap_cpu_s": med(c["qsnap"], "cpu_s"), "qsnap_rss_MiB": med(c["qsnap"], "rss_MiB"),
+                        "imports_cold_ms": med(c["imports"], "total_ms"),
+                        "numpy_cold_ms": med(c["imports"], "numpy_ms")}
+        s = c["summary"]
+        print(f"{c['mem'] >> 30} GiB guest, {c['data'] >> 20} MiB data: exec:cat {s['cat_s']:.3f} s "
+              f"{[round(v, 3) for v in s['cat_all']]}, exec:qsnap load {s['qsnap_s']:.3f} s "
+              f"{[round(v, 3) for v in s['qsnap_all']]}: ratio {s['qsnap_over_cat']:.2f}; "
+              f"cold imports {s['imports_cold_ms']:.0f} ms (numpy {s['numpy_cold_ms']:.0f} ms)")
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    path.write_text(json.dumps(out, indent=1))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -50,7 +50,7 @@ def readahead(path):
         return 0
     try:
         return _Reader(fd, path).readahead()
-    except (ImageError, IOFailure):
+    except (ImageError, IOFailure, OSError):  # OSError: a filesystem without fadvise
         return 0
     finally:
         os.close(fd)
