@@ -212,18 +212,72 @@ def plan_disks(q, facts):
 
 # --- the restore -----------------------------------------------------------------------
 
+class OverlayFiles:
+    """The restore's overlay files (<dir>/<frozen stem>.overlay.qcow2), each made by a
+    qemu-img that runs beside the others and beside whatever the restore does meanwhile:
+    `restore --launch` starts them with QEMU (it knows then that every recorded disk gets
+    one), and the transaction waits for them (overlays.start_overlay)."""
+
+    def __init__(self, directory):
+        self.dir = directory
+        self.used = set(os.listdir(directory))
+        self.made = {}     # index of the disk in the VM record -> overlay path
+        self.running = {}  # index -> (qemu-img process, what)
+
+    def start(self, index, disk, backing_format, size):
+        """Start making disk ``index``'s overlay (once); its path."""
+        if index not in self.made:
+            path = vmdisks.overlay_path(self.dir, disk, self.used)
+            what = f"disk {vmdisks.disk_name(disk)}"
+            self.running[index] = (overlays.start_overlay(path, disk["frozen"], backing_format, size, what),
+                                   what)
+            self.made[index] = path
+        return self.made[index]
+
+    def wait(self):
+        """Until every started overlay is made; VmError (the first failure) otherwise."""
+        failure = None
+        for index, (proc, what) in list(self.running.items()):
+            try:
+                overlays.finish_overlay(proc, self.made[index], what)
+            except VmError as e:
+                failure = failure or e
+                del self.made[index]  # finish_overlay left no file
+            del self.running[index]
+        if failure:
+            raise failure
+
+    def remove(self, keep=()):
+        """End the qemu-img still running, remove every file made but those in ``keep``
+        (those the QEMU's block graph uses)."""
+        for proc, _ in self.running.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self.running.clear()
+        for index, path in list(self.made.items()):
+            if path not in keep:
+                _unlink(path)
+                del self.made[index]
+
+    def paths(self):
+        return list(self.made.values())
+
+
 class Restore:
     """One restore into a connected ``-incoming defer`` QEMU; ``run()`` returns its summary."""
 
-    def __init__(self, q, facts, workdir, *, postcopy=None, paused=False):
+    def __init__(self, q, facts, workdir, *, postcopy=None, paused=False, files=None):
         self.q, self.facts, self.dir = q, facts, workdir
         self.postcopy, self.paused = postcopy, paused
-        self.overlays = []        # files this restore made
+        self.files = files or OverlayFiles(workdir)
+        self.overlays = []        # the overlays put under the disks
         self.overlays_live = False  # QEMU's block graph uses them
         self.settings = None
         self.t0 = time.monotonic()
         self.seconds_to_run = None
         self.events_seen = 0      # MIGRATION events _wait has followed
+        self.timeline = {}
 
     @property
     def load_log(self):
@@ -241,13 +295,20 @@ class Restore:
     def run(self):
         plan = self.preflight()
         self._set_caps()
+        self._mark("checked")
         try:
             self._put_overlays(plan)
+            self._mark("overlays")
             self._start_load()
+            self._mark("load started")
             self._wait()
         finally:
             self._put_back_caps()
         return self.summary()
+
+    def _mark(self, what):
+        """Note when a step ended (seconds since QMP connected): the summary's "timeline"."""
+        self.timeline.setdefault(what, round(time.monotonic() - self.t0, 3))
 
     def _set_caps(self):
         """postcopy-ram for a postcopy restore; events, so that the MIGRATION events tell
@@ -269,18 +330,18 @@ class Restore:
     def _put_overlays(self, plan):
         """All overlays in one transaction: either every disk gets one, or none does.
         The files are made first (qemu-img create -u), so QEMU only opens them."""
-        used, actions = set(os.listdir(self.dir)), []
+        actions = []
         tag = os.urandom(4).hex()  # node names unique in the QEMU's block graph
-        for block, disk, what in plan:
+        for i, (block, disk, what) in enumerate(plan):
             if what != "overlay":
                 continue
-            path = vmdisks.overlay_path(self.dir, disk, used)
-            self.overlays.append(path)  # before it exists: undo_files removes what was made
             image = block["inserted"].get("image") or {}
-            overlays.create_overlay(path, disk["frozen"], block["inserted"].get("drv") or disk["format"],
-                                    image.get("virtual-size", disk["virtual_size"]),
-                                    f"disk {vmdisks.disk_name(disk)}")
+            path = self.files.start(i, disk, block["inserted"].get("drv") or disk["format"],
+                                    image.get("virtual-size", disk["virtual_size"]))
             actions.append(vmdisks.overlay_action(block, path, f"qsnap-{tag}-{len(actions)}"))
+            self.overlays.append(path)
+        self.files.wait()
+        self.files.remove(keep=self.overlays)  # made early for a disk that needs none
         if not actions:
             return
         try:
@@ -307,6 +368,7 @@ class Restore:
         deadline = time.monotonic() + LOAD_TIMEOUT
         status = self._migration_status()
         while True:
+            self._mark(status)
             if status in ("postcopy-active", "completed") and want_running and self.seconds_to_run is None:
                 self._run_guest()
             if status == "completed":
@@ -364,6 +426,7 @@ class Restore:
         if status != "running":
             self.q.cmd("cont")
         self.seconds_to_run = time.monotonic() - self.t0
+        self._mark("running")
 
     def q_alive(self):
         try:
@@ -391,15 +454,16 @@ class Restore:
                 "seconds": round(total, 3),
                 "seconds_to_run": None if self.seconds_to_run is None else round(self.seconds_to_run, 3),
                 "postcopy": self.postcopy, "dir": self.dir, "overlays": list(self.overlays),
-                "migration_statuses": [e["data"]["status"] for e in self.q.events("MIGRATION")]}
+                "migration_statuses": [e["data"]["status"] for e in self.q.events("MIGRATION")],
+                "timeline": dict(self.timeline)}
 
     def undo_files(self):
         """After a failure: remove the overlays this restore made if no QEMU uses them.
         Returns the overlays left behind (a live QEMU still has them open)."""
         if self.overlays_live and self.q_alive():
+            self.files.remove(keep=self.overlays)
             return list(self.overlays)
-        for p in self.overlays:
-            _unlink(p)
+        self.files.remove()
         self.overlays_live = False
         _unlink(self.load_log)
         return []
@@ -498,6 +562,7 @@ def launch(img, *, qmp_path=None, directory=None, binary=None, postcopy=None, pa
     """Start QEMU from the command line ``img`` recorded, restore into it; the summary dict."""
     from qsnap.vm.cmdline import rewrite_for_clone
 
+    t0 = time.monotonic()
     facts = ImageFacts(img)
     argv = (facts.vm or {}).get("cmdline")
     if not argv:
@@ -506,7 +571,7 @@ def launch(img, *, qmp_path=None, directory=None, binary=None, postcopy=None, pa
                       "-incoming defer and restore with qsnap restore --qmp SOCK IMG")
     check_frozen_disks(facts)
     work = WorkDir(directory, _stem(img))
-    proc = None
+    proc = files = None
     try:
         qmp = os.path.abspath(qmp_path) if qmp_path else os.path.join(work.path, "qmp.sock")
         _check_socket_path(qmp)
@@ -514,19 +579,30 @@ def launch(img, *, qmp_path=None, directory=None, binary=None, postcopy=None, pa
                                            binary=binary, cwd=os.getcwd(), drop=drop)
         words += list(extra)
         log_path = os.path.join(work.path, "qemu.log")
+        started = time.monotonic()
         proc = _start_qemu(words, log_path)
-        facts.readahead()  # while QEMU starts
+        # while QEMU starts: the overlays (the command line opens every recorded disk on
+        # its frozen image, so each gets one) and the image's tables for the load
+        files = OverlayFiles(work.path)
+        for i, d in enumerate(facts.disks):
+            files.start(i, d, d["format"], d["virtual_size"])
+        facts.readahead()
         q = _connect(qmp, proc, facts, words[0], log_path)
+        up = time.monotonic()
         try:
-            out = Restore(q, facts, work.path, postcopy=postcopy, paused=paused).run()
+            out = Restore(q, facts, work.path, postcopy=postcopy, paused=paused, files=files).run()
         finally:
             q.close()
+        # before QMP connected: the image read and checked, and QEMU's start-up
+        out["launch"] = {"checked_s": round(started - t0, 3), "qemu_start_s": round(up - started, 3)}
         out["changes"] = changes
         out["pid"] = proc.pid
         return out
     except BaseException:
         if proc is not None:
             _kill(proc)
+        if files is not None:
+            files.remove()  # before the directory goes: a qemu-img may still be writing there
         if qmp_path:
             _unlink(os.path.abspath(qmp_path))
         work.remove()
