@@ -443,9 +443,11 @@ def launch_once(pct, img, blobs, work, py, timeout):
     if status != "running":
         raise QemuError(f"the launched guest is {status}, not running")
     row = {"s": wall, "cache": how, "restore_s": out["seconds"], "running_s": out.get("seconds_to_run"),
-           "overlays": len(out["overlays"]), "changes": out.get("changes")}
+           "overlays": len(out["overlays"]), "changes": out.get("changes"),
+           "timeline": out.get("timeline"), "launch": out.get("launch")}
     log(f"  load {'launch' + ('' if pct is None else f' pc{pct}'):10s}  {wall:6.2f} s  "
-        f"(restore {out['seconds']:.2f} s, running after {out.get('seconds_to_run')} s)")
+        f"(restore {out['seconds']:.2f} s, running after {out.get('seconds_to_run')} s; "
+        f"before QMP {out.get('launch')}, after {out.get('timeline')})")
     return row
 
 
