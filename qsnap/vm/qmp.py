@@ -177,6 +177,18 @@ class Qmp:
             self._events.extend(self._loop.run(drain(), 5))
         return [e for e in self._events if name is None or e["event"] == name]
 
+    def wait_events(self, timeout):
+        """Block until QEMU sends an event, or ``timeout`` s pass, without polling;
+        events() then returns it with the rest."""
+        async def next_event():
+            try:
+                self._events.append(await asyncio.wait_for(self._client.events.get(), timeout))
+            except asyncio.TimeoutError:
+                pass
+
+        if self._client is not None:
+            self._loop.run(next_event(), timeout + 5)
+
     def wait_event(self, name, timeout, since=0, poll=0.01):
         """The first event ``name`` after the first ``since`` received; VmError after ``timeout`` s."""
         deadline = time.monotonic() + timeout

@@ -28,7 +28,7 @@ from qsnap.vm import migration, overlays, vmrecord
 
 POLL = 0.05                   # waiting for QEMU to exit or a file to appear
 SOCKET_POLL = 0.005           # waiting for the launched QEMU's QMP socket: it is on the clock
-EVENT_POLL = 0.002            # looking at the MIGRATION events received (no QMP round trip)
+POSTCOPY_POLL = 0.002         # postcopy-active: query-status until the guest may run
 ALIVE_EVERY = 1.0             # between MIGRATION events, ask QEMU this often whether it lives
 START_TIMEOUT = 30.0          # QEMU start-up until its QMP socket answers
 EXIT_GRACE = 2.0              # after a failed incoming migration, until QEMU has exited
@@ -398,15 +398,18 @@ class Restore:
         leaves "inmigrate" at the postcopy RUN command, which sends no event when the
         destination was started with -S (loadvm_postcopy_handle_run_bh, migration/savevm.c)."""
         if status == "postcopy-active" and want_running and self.seconds_to_run is None:
-            time.sleep(EVENT_POLL)
+            time.sleep(POSTCOPY_POLL)
             return self._migration_status()
-        seen = self.events_seen
-        try:
-            ev = self.q.wait_event("MIGRATION", ALIVE_EVERY, since=seen, poll=EVENT_POLL)
-        except VmError:
-            return self._migration_status()
-        self.events_seen = seen + 1
-        return ev["data"]["status"]
+        deadline = time.monotonic() + ALIVE_EVERY
+        while True:
+            got = self.q.events("MIGRATION")
+            if len(got) > self.events_seen:
+                self.events_seen += 1
+                return got[self.events_seen - 1]["data"]["status"]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self._migration_status()
+            self.q.wait_events(left)
 
     def _migration_status(self):
         try:
