@@ -67,6 +67,12 @@ def main(argv=None):
     a.rounds = a.rounds or 9
     trees = a.tree or [str(ROOT)]
     work = Path(tempfile.mkdtemp(prefix="qsnap-startup-"))
+    from bench import compile_qsnap_once
+
+    compile_qsnap_once(work / "pycache", ["qsnap.cli"])  # bytecode, as an install has it, for every tree:
+    for t in trees:
+        subprocess.run([sys.executable, "-c", "import qsnap.cli, qsnap.load, qsnap.save, qsnap.image.reader"],
+                       cwd=t, check=True)
     subprocess.run([sys.executable, "-m", "qsnap", "demo", "--size", "32M", "--dir", str(work),
                     "--keep"], cwd=trees[0], check=True, capture_output=True)
     cmds = {"load": (["load", "-q", str(work / "vm.qsnap")], None),
@@ -82,7 +88,6 @@ def main(argv=None):
         print(f"{t} {c}: imports median {statistics.median(tot):.0f} ms (min {min(tot):.0f}), "
               f"numpy median {statistics.median(npy):.0f} ms (min {min(npy):.0f}); "
               f"{len(rs[-1][2])} qsnap modules: {' '.join(rs[-1][2])}")
-
 
 
 # --- --cold: qsnap load against exec:cat from a dropped page cache -------------------------
