@@ -260,9 +260,6 @@ class OverlayFiles:
                 _unlink(path)
                 del self.made[index]
 
-    def paths(self):
-        return list(self.made.values())
-
 
 class Restore:
     """One restore into a connected ``-incoming defer`` QEMU; ``run()`` returns its summary."""
