@@ -11,7 +11,7 @@ reader checks them (bounds, reserved bits, layout.validate_meta).
 
 It does not check the crc32c of the extension or of the metadata region (that needs
 the C extension and the whole region, blobs included): the `qsnap load` a restore
-starts opens the image with the full reader and refuses a damaged one before it
+starts opens the image with the full reader and refuses damaged metadata before it
 writes a byte of the stream, and the restore then fails and cleans up as for any
 load failure.
 

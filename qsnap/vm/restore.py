@@ -42,7 +42,8 @@ class ImageFacts:
     """What a restore needs to know about an image: machine, RAM blocks, VM record.
 
     Read from the metadata document alone (qsnap.image.metadata: a few KiB, no NumPy);
-    the `qsnap load` the restore starts checks the whole image before its first byte."""
+    the `qsnap load` the restore starts checks the metadata before its first byte, and
+    every page as it sends it."""
 
     def __init__(self, path):
         from qsnap.image.metadata import read_metadata
