@@ -1,8 +1,10 @@
 """qsnap snapshot: RAM, devices and disks of a running VM, consistent to the instant.
 
-The RAM and device state go through ``migrate "exec:qsnap save IMG"``; the disks go
-on in new qcow2 overlays made in one QMP transaction while the guest is paused at
-exactly the instant the RAM snapshot stands for (libvirt does the same):
+The RAM and device state go to a ``qsnap save IMG`` started here, before any pause,
+whose stdin pipe QEMU migrates into (``getfd`` + ``migrate fd:NAME``, see
+qsnap/vm/savechild.py); the disks go on in new qcow2 overlays made in one QMP
+transaction while the guest is paused at exactly the instant the RAM snapshot stands
+for (libvirt does the same):
 
 - stopped:    stop -> overlays -> migrate -> the save's report -> cont
 - live:       migrate (pause-before-switchover) -> status pre-switchover (QEMU has
@@ -20,15 +22,14 @@ failure after the last byte.
 """
 import json
 import os
-import shlex
 import shutil
 import sys
 import tempfile
 import time
 
-import qsnap
 from qsnap.errors import VmError
 from qsnap.vm import migration, overlays, vmrecord
+from qsnap.vm.savechild import SaveChild
 from qsnap.vm.progress import Progress
 from qsnap.vm.qmp import Qmp
 
@@ -42,8 +43,7 @@ SWITCHOVER_TIMEOUT = 3600.0    # live mode: precopy converging to the switch-ove
 RESUME_TIMEOUT = 60.0
 END_TIMEOUT = 600.0
 POLL = 0.02
-SPAWN_GRACE = 30.0             # s for QEMU's exec: child to show up as qsnap save
-SCAN_INTERVAL = 0.25           # s between looks for the save process in /proc
+SETTLE_TIMEOUT = 60.0          # s for QEMU to leave finish-migrate after `completed`
 # query-status run states a snapshot can start from; the others (inmigrate,
 # postmigrate after a failed switch-over, shutdown, internal-error...) are refused.
 STARTABLE = {"running": True, "paused": False, "prelaunch": False, "postmigrate": False}
@@ -74,6 +74,10 @@ class _Snapshot:
         self.resumed = False
         self.identity = None  # (QEMU version, package, machine type)
         self.cmdline = None
+        self.cwd = None
+        self.child = None     # the SaveChild
+        self.fd_named = False  # QEMU may hold the pipe under fd_name
+        self.fd_name = f"qsnap-snapshot-{os.getpid()}"
 
     # -- the whole operation ------------------------------------------------------------
 
@@ -93,6 +97,8 @@ class _Snapshot:
                 finally:
                     settings.restore()
             finally:
+                if self.child:
+                    self.child.stop()
                 shutil.rmtree(self.workdir, ignore_errors=True)
         return self._summary(report, time.monotonic() - t0)
 
@@ -126,6 +132,7 @@ class _Snapshot:
         if self.mode == "live" and self.disks:
             settings.set_capability("pause-before-switchover", True)
         overlays.prepare(self.disks)
+        self._start_save()
         {"stopped": self._stopped, "live": self._live, "background": self._background}[self.mode]()
         report = self._wait_save()
         self._wait_completed()
@@ -202,15 +209,37 @@ class _Snapshot:
         self.record["downtime_ms"] = self._downtime_ms()
         vmrecord.write(self._path("vm.json"), self.record)
 
+    def _start_save(self):
+        """Start the save and give QEMU its stdin pipe, before the guest is paused."""
+        self.child = SaveChild(["--quiet", "--vm-info", self._path("vm.json"),
+                                "--report", self._path("report.json"), self.image],
+                               self._path("save.stderr"))
+        self.fd_named = True  # first: an interrupt during getfd must still close it
+        try:
+            self.q.pass_fd(self.fd_name, self.child.write_fd)
+        finally:
+            self.child.close_write_end()  # QEMU's copy is the only writer now
+
     def _migrate(self, record=True):
         if record and self.record is None:
             self._write_record()
-        args = ["save", "--quiet", "--early-exit", "--vm-info", self._path("vm.json"),
-                "--report", self._path("report.json"), self.image]
         # set first: an interrupt while QEMU's reply is on its way must still find the
         # migration to end before the capabilities can be put back
         self.migrating = True
-        self.q.cmd("migrate", uri="exec:" + save_command(args))
+        self.q.cmd("migrate", uri="fd:" + self.fd_name)
+        self.fd_named = False  # migrate took it (monitor_get_fd, monitor/fds.c)
+
+    def _close_fd_name(self):
+        """closefd the pipe's name unless migrate took it, so that QEMU holds no writer
+        and the save sees the end of its stream."""
+        if not self.fd_named:
+            return
+        try:
+            self.q.cmd("closefd", fdname=self.fd_name)
+        except VmError as e:
+            if "not found" not in str(e):  # a migrate that failed after taking it
+                raise
+        self.fd_named = False
 
     # -- waiting for the save -----------------------------------------------------------
 
@@ -219,20 +248,11 @@ class _Snapshot:
         the migration, so that nothing is left running)."""
         shown = Progress(sys.stderr, f"qsnap: saving {self.image}") if self.progress else None
         path = self._path("report.json")
-        started = time.monotonic()
-        seen = False
-        next_scan = 0.0
         try:
             while not os.path.exists(path):
-                if time.monotonic() >= next_scan:  # a /proc scan costs: not every poll
-                    next_scan = time.monotonic() + SCAN_INTERVAL
-                    if _save_running(path):
-                        seen = True
-                    # QEMU 7.2 returns from `migrate` right after fork(): the save shows
-                    # up only once the child has exec'd
-                    elif seen or time.monotonic() - started > SPAWN_GRACE:
-                        self._no_report(path)
-                        break
+                if not self.child.running():
+                    self._no_report(path)
+                    break
                 self._resume_when_streamed()
                 if shown:
                     shown.tick(self.q)
@@ -249,13 +269,22 @@ class _Snapshot:
 
     def _resume_when_streamed(self):
         """live/stopped: the guest runs again as soon as QEMU has sent the whole stream
-        (``completed``), while the save still finishes the image: with --early-exit the
-        save no longer holds QEMU's main loop (see qsnap/detach.py)."""
+        (``completed``), while the save still finishes the image."""
         if self.mode == "background" or not self.was_running or self.resumed:
             return
         if migration.status(self.q) == "completed":
-            self.q.cmd("cont")
+            self._cont()
             self.resumed = True
+
+    def _cont(self):
+        """``cont`` unless running.  QEMU reports a precopy ``completed`` before its
+        migration thread takes the run state from finish-migrate to postmigrate
+        (migration_iteration_finish, migration/migration.c) and refuses ``cont`` in
+        between ("Migration is not finalized yet", qmp_cont, monitor/qmp-cmds.c): a
+        window a loaded host makes wide enough to hit."""
+        status = migration.wait_run_state_left(self.q, "finish-migrate", SETTLE_TIMEOUT)
+        if status != "running":
+            self.q.cmd("cont")
 
     def _no_report(self, path):
         """The save is gone: its report must be there, else VmError with QEMU's view."""
@@ -264,8 +293,8 @@ class _Snapshot:
         info = migration.wait_ended(self.q, END_TIMEOUT)
         if not os.path.exists(path):
             self.migrating = False
-            raise VmError(f"qsnap save ended without a report (migration {info.get('status')}: "
-                          f"{info.get('error-desc', 'no reason given')}); see QEMU's stderr")
+            raise VmError(f"qsnap save {self.child.describe_end()}, without a report (migration "
+                          f"{info.get('status')}: {info.get('error-desc', 'no reason given')})")
 
     def _wait_completed(self):
         info = migration.wait_ended(self.q, END_TIMEOUT)
@@ -280,10 +309,11 @@ class _Snapshot:
     def _undo(self, error):
         """Put the VM back as it was: no migration, old disk chain, old run state."""
         problems = []
-        # the run state first: `cont` also reactivates disks a completed migration left
-        # inactive, and block-commit needs them active
-        for step in (self._cancel_migration, self._restore_run_state, self._roll_back_disks,
-                     self._discard_overlays):
+        # the pipe's name first: a migrate that never ran leaves QEMU holding the save's
+        # stream open.  The run state before the disks: `cont` also reactivates disks a
+        # completed migration left inactive, and block-commit needs them active
+        for step in (self._close_fd_name, self._cancel_migration, self._restore_run_state,
+                     self._roll_back_disks, self._discard_overlays):
             try:
                 step()
             except Exception as e:  # keep undoing: each step stands alone
@@ -313,9 +343,8 @@ class _Snapshot:
         """An interrupted snapshot must not leave an image: wait for the save to end
         (it may still finish successfully) and remove what it made."""
         path = self._path("report.json")
-        deadline = time.monotonic() + END_TIMEOUT
-        while _save_running(path) and time.monotonic() < deadline:
-            time.sleep(SCAN_INTERVAL)
+        if self.child:
+            self.child.wait(END_TIMEOUT)
         try:
             with open(path) as f:
                 finished = json.load(f).get("ok")
@@ -336,8 +365,8 @@ class _Snapshot:
         overlays.discard(self.disks)
 
     def _restore_run_state(self):
-        if self.was_running and self.q.cmd("query-status")["status"] != "running":
-            self.q.cmd("cont")
+        if self.was_running:
+            self._cont()
 
     # -- results ------------------------------------------------------------------------
 
@@ -362,14 +391,6 @@ class _Snapshot:
         return os.path.join(self.workdir, name)
 
 
-def save_command(args):
-    """The shell command QEMU runs for ``exec:``: this qsnap, with this interpreter."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(qsnap.__file__)))
-    argv = [sys.executable, "-m", "qsnap"] + [str(a) for a in args]
-    return (f"PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}} exec "
-            + " ".join(shlex.quote(a) for a in argv))
-
-
 def _check_image_dir(image):
     d = os.path.dirname(image)
     if not os.path.isdir(d):
@@ -382,24 +403,6 @@ def _check_image_dir(image):
         raise VmError(f"cannot save {image}: cannot create files in {d}: {e.strerror}") from None
     os.close(fd)
     os.unlink(probe)
-
-
-def _save_running(report_path):
-    """True while a process whose command line names ``report_path`` (our qsnap save) lives."""
-    needle = report_path.encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if needle in f.read():
-                    with open(f"/proc/{pid}/stat", "rb") as s:
-                        stat = s.read()
-                    if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z":
-                        return True
-        except OSError:
-            continue
-    return False
 
 
 def _stamp(event):

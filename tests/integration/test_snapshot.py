@@ -335,15 +335,41 @@ def test_interrupted_snapshot_leaves_the_vm_as_it_was(tmp_path, mode):
         p = subprocess.Popen([sys.executable, "-m", "qsnap", "snapshot", "--qmp", str(vm.sock),
                               f"--mode={mode}", str(img)], env=qsnap_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        wait_for(lambda: any("save" in argv for _, argv in vm.descendants()), 60, "qsnap save")
+        wait_for(lambda: save_children(p.pid) and vm.query_migrate().get("status", "none") != "none", 60,
+                 "qsnap save and the migration")
+        (save_pid,) = save_children(p.pid)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=300)
         r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
         assert one_error(r) == "qsnap: error: interrupted"
+        assert not alive(save_pid), "qsnap snapshot left its qsnap save running"
         vm.wait_no_descendants(60)
         state.check()
     finally:
         vm.shutdown()
+
+
+def save_children(pid):
+    """The pids of the `qsnap save` processes whose parent is ``pid``."""
+    found = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{d}/stat").read_bytes()
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid and b"save" in argv:
+            found.append(int(d))
+    return found
+
+
+def alive(pid):
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z"
 
 
 def test_image_directory_not_writable(tmp_path):

@@ -1,10 +1,11 @@
 """Pieces of `qsnap snapshot` that need no QEMU: naming, settings put back, output."""
-import shlex
+import os
+import sys
 
 import pytest
 
 from qsnap.errors import VmError
-from qsnap.vm import migration, overlays, progress, snapshot
+from qsnap.vm import migration, overlays, progress, savechild, snapshot
 
 
 class FakeQmp:
@@ -90,11 +91,62 @@ def test_progress_line():
     assert progress.line("saving", 0, 256 << 20, 0.0) == "saving: 0.0 of 256.0 MiB RAM, 0.0 MB/s"
 
 
-def test_save_command_runs_this_qsnap():
-    cmd = snapshot.save_command(["save", "--report", "/tmp/a b/r.json", "/img/x.qsnap"])
-    words = shlex.split(cmd)
-    assert words[0].startswith("PYTHONPATH=") and words[1] == "exec"
-    assert words[3:] == ["-m", "qsnap", "save", "--report", "/tmp/a b/r.json", "/img/x.qsnap"]
+def test_save_child_runs_this_qsnap(tmp_path):
+    import qsnap
+    argv = savechild.save_argv(["--report", "/tmp/a b/r.json", "/img/x.qsnap"])
+    assert argv[0] == sys.executable
+    assert argv[1:] == ["-m", "qsnap", "save", "--report", "/tmp/a b/r.json", "/img/x.qsnap"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(qsnap.__file__)))
+    assert savechild.save_env()["PYTHONPATH"].split(os.pathsep)[0] == root
+
+
+def test_save_child_that_fails_says_how(tmp_path):
+    """A save whose stream is empty ends with its error, which describe_end() carries."""
+    child = savechild.SaveChild([str(tmp_path / "x.qsnap")], str(tmp_path / "err"))
+    child.close_write_end()  # no writer left: the stream is empty
+    assert child.wait(60)
+    end = child.describe_end()
+    assert end.startswith("exited with status ") and "qsnap: error:" not in end
+    assert len(end) > len("exited with status 1: "), end
+    assert not (tmp_path / "x.qsnap").exists()
+
+
+class RunStateQmp:
+    """query-migrate says completed while the run state is still finish-migrate for a
+    few queries; cont is refused there, as QEMU does."""
+
+    path = "/run/fake.qmp"
+
+    def __init__(self, finishing=3):
+        self.finishing = finishing
+        self.status = "finish-migrate"
+        self.conts = 0
+
+    def cmd(self, name, arguments=None, **kw):
+        if name == "query-migrate":
+            return {"status": "completed"}
+        if name == "query-status":
+            if self.status == "finish-migrate":
+                self.finishing -= 1
+                if self.finishing < 0:
+                    self.status = "postmigrate"
+            return {"status": self.status}
+        if name == "cont":
+            if self.status == "finish-migrate":
+                raise VmError("QEMU refused cont: Migration is not finalized yet")
+            self.status = "running"
+            self.conts += 1
+            return {}
+        raise AssertionError(name)
+
+
+def test_resume_after_completed_waits_for_postmigrate():
+    s = snapshot._Snapshot("/run/fake.qmp", "/tmp/x.qsnap", "live", True, None)
+    s.q, s.was_running = RunStateQmp(), True
+    s._resume_when_streamed()
+    assert s.resumed and s.q.status == "running" and s.q.conts == 1
+    s._restore_run_state()  # already running: no second cont
+    assert s.q.conts == 1
 
 
 def test_human_summary():
