@@ -116,8 +116,9 @@ class _Snapshot:
             self.mode = "stopped"  # its RAM cannot change: the plain stopped save is exact
         if self.mode == "background":
             migration.probe_capability(q, "background-snapshot")
+        self.cwd = vmrecord.read_cwd(q.pid)
         if self.with_disks:
-            self.disks = overlays.plan(overlays.writable_disks(q), self.image)
+            self.disks = overlays.plan(overlays.writable_disks(q, self.cwd), self.image)
         self.identity = vmrecord.qemu_identity(q)
         self.cmdline = vmrecord.read_cmdline(q.pid)
 
@@ -143,18 +144,18 @@ class _Snapshot:
     def _stopped(self):
         if self.was_running:
             self.q.cmd("stop")
-        self._freeze_disks()
+        overlays.take(self.q, self.disks)
+        if not self.was_running:
+            self._write_record()  # it stays paused: no downtime to wait for
         self._migrate()
 
     def _live(self):
+        self._migrate()
         if not self.disks:
-            self._write_record()
-            self._migrate()
             return
-        self._migrate(record=False)
         migration.wait_status(self.q, ("pre-switchover",), SWITCHOVER_TIMEOUT,
                               "waiting for the switch-over")
-        self._freeze_disks()
+        overlays.take(self.q, self.disks)
         self.q.cmd("migrate-continue", state="pre-switchover")
 
     def _background(self):
@@ -164,7 +165,7 @@ class _Snapshot:
             return
         self.q.cmd("stop")
         overlays.take(self.q, self.disks)
-        self._migrate(record=False)
+        self._migrate()
         # fingerprinting the frozen images takes milliseconds: do it while QEMU sets
         # up the stream rather than while the guest waits (qsnap save waits for it)
         self._write_record()
@@ -197,15 +198,16 @@ class _Snapshot:
         if self.q.cmd("query-status")["status"] != "running":
             self.q.cmd("cont")
 
-    def _freeze_disks(self):
-        overlays.take(self.q, self.disks)
-        self.record = None
-        self._write_record()
-
     def _write_record(self):
+        """Write (again) the VM record the save stores, with the downtime known so far.
+
+        The save reads it once, when the stream has ended (waiting up to a few seconds
+        for it: qsnap.save.VM_INFO_WAIT).  A background snapshot's guest resumes long
+        before that; a running live or stopped one only once QEMU has sent the whole
+        stream, so for those it is first written after that resume, downtime included."""
         if self.record is None:
-            self.record = vmrecord.build(self.identity, self.cmdline, self.mode, self.was_running,
-                                         self.disks)
+            self.record = vmrecord.build(self.identity, self.cmdline, self.cwd, self.mode,
+                                         self.was_running, self.disks)
         self.record["downtime_ms"] = self._downtime_ms()
         vmrecord.write(self._path("vm.json"), self.record)
 
@@ -220,9 +222,7 @@ class _Snapshot:
         finally:
             self.child.close_write_end()  # QEMU's copy is the only writer now
 
-    def _migrate(self, record=True):
-        if record and self.record is None:
-            self._write_record()
+    def _migrate(self):
         # set first: an interrupt while QEMU's reply is on its way must still find the
         # migration to end before the capabilities can be put back
         self.migrating = True
@@ -254,6 +254,7 @@ class _Snapshot:
                     self._no_report(path)
                     break
                 self._resume_when_streamed()
+                self._record_downtime()
                 if shown:
                     shown.tick(self.q)
                 time.sleep(POLL)
@@ -275,6 +276,14 @@ class _Snapshot:
         if migration.status(self.q) == "completed":
             self._cont()
             self.resumed = True
+            self._write_record()  # the save waits for it: see _write_record
+
+    def _record_downtime(self):
+        """Background: the record again once the downtime is known (the save reads it
+        only at the end of the stream)."""
+        if self.record is not None and self.record["downtime_ms"] is None \
+                and self._downtime_ms() is not None:
+            self._write_record()
 
     def _cont(self):
         """``cont`` unless running.  QEMU reports a precopy ``completed`` before its

@@ -1,11 +1,12 @@
 """Pieces of `qsnap snapshot` that need no QEMU: naming, settings put back, output."""
+import json
 import os
 import sys
 
 import pytest
 
 from qsnap.errors import VmError
-from qsnap.vm import migration, overlays, progress, savechild, snapshot
+from qsnap.vm import migration, overlays, progress, savechild, snapshot, vmrecord
 
 
 class FakeQmp:
@@ -139,12 +140,23 @@ class RunStateQmp:
             return {}
         raise AssertionError(name)
 
+    def events(self, name=None):
+        stamp = {"seconds": 100, "microseconds": 0}
+        if name == "STOP":
+            return [{"event": "STOP", "timestamp": stamp}]
+        if name == "RESUME" and self.conts:
+            return [{"event": "RESUME", "timestamp": dict(stamp, microseconds=25000)}]
+        return []
 
-def test_resume_after_completed_waits_for_postmigrate():
+
+def test_resume_after_completed_waits_for_postmigrate(tmp_path):
+    """...and only then writes the VM record, with the downtime (the save waits for it)."""
     s = snapshot._Snapshot("/run/fake.qmp", "/tmp/x.qsnap", "live", True, None)
     s.q, s.was_running = RunStateQmp(), True
+    s.identity, s.workdir = ("7.2.22", None, "pc-i440fx-7.2"), str(tmp_path)
     s._resume_when_streamed()
     assert s.resumed and s.q.status == "running" and s.q.conts == 1
+    assert json.loads((tmp_path / "vm.json").read_text())["downtime_ms"] == 25.0
     s._restore_run_state()  # already running: no second cont
     assert s.q.conts == 1
 
@@ -161,3 +173,44 @@ def test_human_summary():
 def test_unknown_mode_is_refused():
     with pytest.raises(VmError, match="unknown snapshot mode 'fast'"):
         snapshot.snapshot("/nonexistent.qmp", "/tmp/x.qsnap", mode="fast")
+
+
+def test_cmdline_file_relative_to_qemus_directory():
+    d = overlays.Disk(device="d0", qdev=None, node_name="#b1", image="/srv/vm1/d0.qcow2",
+                      format="qcow2", virtual_size=1 << 20, chain=["/srv/vm1/d0.qcow2"])
+    argv = ["qemu-system-x86_64", "-drive", "file=d0.qcow2,if=none,id=d0"]
+    assert vmrecord.cmdline_file(d, argv, "/srv/vm1") == "/srv/vm1/d0.qcow2"
+    assert vmrecord.cmdline_file(d, argv, None) is None  # where QEMU ran is unknown
+    absolute = ["qemu-system-x86_64", "-drive", "file=/srv/vm1/d0.qcow2,if=none"]
+    assert vmrecord.cmdline_file(d, absolute, "/elsewhere") == "/srv/vm1/d0.qcow2"
+
+
+def test_read_cwd_of_a_process():
+    assert vmrecord.read_cwd(os.getpid()) == os.getcwd()
+    assert vmrecord.read_cwd(None) is None
+    assert vmrecord.read_cwd(1 << 30) is None  # no such process
+
+
+def test_vm_record_cwd_is_optional_and_absolute():
+    from qsnap.errors import ImageError
+    from qsnap.image import layout
+    rec = {"qemu_version": "7.2.22", "qemu_package": None, "machine": "pc-i440fx-7.2",
+           "cmdline": ["qemu-system-x86_64"], "mode": "background", "was_running": True,
+           "downtime_ms": None, "ram_only": True, "disks": []}
+    layout.validate_vm_record(rec)  # written before cwd existed
+    layout.validate_vm_record(dict(rec, cwd=None))
+    layout.validate_vm_record(dict(rec, cwd="/srv/vm1"))
+    with pytest.raises(ImageError, match=r"vm\.cwd.*absolute"):
+        layout.validate_vm_record(dict(rec, cwd="vm1"), path="vm")
+
+
+def test_disk_files_as_plain_absolute_paths():
+    json_name = ('json:{"backing": {"driver": "qcow2", "file": {"driver": "file", "filename": '
+                 '"../d0.qcow2"}}, "driver": "qcow2", "file": {"driver": "file", "filename": '
+                 '"/vm/d0.snap.qcow2"}}')
+    assert overlays._local_file(json_name, "/vm/run") == "/vm/d0.snap.qcow2"
+    assert overlays._local_file("../d0.qcow2", "/vm/run") == "/vm/d0.qcow2"
+    assert overlays._local_file("d0.qcow2", None) == "d0.qcow2"  # refused later by plan()
+    nbd = 'json:{"driver": "qcow2", "file": {"driver": "nbd", "server": {}}}'
+    assert overlays._local_file(nbd, "/vm") == nbd
+    assert overlays._local_file("nbd://host/x", "/vm") == "nbd://host/x"
