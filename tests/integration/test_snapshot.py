@@ -30,6 +30,8 @@ from qsnaptest.qemu import BlobGuest, QemuError
 from qsnaptest.tools import (block, check_blobs_in_raw, error_lines, qemu_img_raw, qsnap_cmd,
                              qsnap_env, qsnap_info, run_qsnap, wait_for)
 
+from qsnap.vm.qmp import Qmp
+
 def second_monitor(path):
     """A QMP socket for qsnap beside the harness's own (a QMP socket serves one client)."""
     return ["-chardev", f"socket,id=qsnapmon,path={path},server=on,wait=off",
@@ -253,6 +255,34 @@ def test_record_has_downtime_and_qemus_directory(tmp_path, mode):
             [str(tmp_path / "d0.snap.qcow2"), str(tmp_path / "d1.snap.qcow2")]
     finally:
         vm.shutdown()
+
+
+def test_launch_finds_disks_named_relative_to_qemus_directory(tmp_path):
+    """restore --launch, run from elsewhere, takes the recorded command line's relative
+    disk names from QEMU's recorded working directory: the clone runs on new overlays
+    of the frozen images."""
+    qemu_dir = tmp_path / "vmdir"
+    qemu_dir.mkdir()
+    vm = blob_vm(tmp_path, cwd=qemu_dir)
+    try:
+        r = snapshot(vm.sock, tmp_path / "snap.qsnap")
+        assert r.returncode == 0, r.stderr.decode()
+    finally:
+        vm.shutdown()
+    assert Path.cwd() != qemu_dir
+    r = run_qsnap("restore", "--launch", "--output=json", "--dir", tmp_path / "clone",
+                  tmp_path / "snap.qsnap", timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    pid = json.loads(r.stdout)["pid"]
+    try:
+        with Qmp(json.loads(r.stdout)["qmp"]) as q:
+            tops = [b["inserted"]["image"] for b in q.cmd("query-block") if b.get("inserted")]
+            assert q.cmd("query-status")["status"] == "running"
+        assert sorted(t["backing-image"]["filename"] for t in tops) == [str(f) for f in vm.disk_files]
+        assert all(t["filename"].startswith(str(tmp_path / "clone")) for t in tops)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not alive(pid), 30, "the clone's end")
 
 
 def test_ram_only_snapshot_holds_the_blobs(tmp_path):
