@@ -27,10 +27,10 @@ class SaveChild:
         r, w = os.pipe()
         try:
             with open(stderr_path, "wb") as err:
-                # its own session: a terminal's ^C goes to qsnap snapshot alone, which
-                # ends the migration in order; the save then sees the stream end
+                # its own process group: a terminal's ^C goes to qsnap snapshot alone,
+                # which ends the migration in order; the save then sees the stream end
                 self.proc = subprocess.Popen(save_argv(args), stdin=r, stdout=subprocess.DEVNULL,
-                                             stderr=err, env=save_env(), start_new_session=True)
+                                             stderr=err, env=save_env(), process_group=0)
         except OSError as e:
             os.close(w)
             raise VmError(f"cannot start qsnap save ({sys.executable}): {e.strerror}") from None
