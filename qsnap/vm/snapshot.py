@@ -29,9 +29,9 @@ import time
 
 from qsnap.errors import VmError
 from qsnap.vm import migration, overlays, vmrecord
-from qsnap.vm.savechild import SaveChild
 from qsnap.vm.progress import Progress
 from qsnap.vm.qmp import Qmp
+from qsnap.vm.savechild import SaveChild
 
 MODES = ("background", "live", "stopped")
 # QEMU >= 9.0 resumes a background snapshot's VM into the run state it found
