@@ -214,3 +214,40 @@ def test_disk_files_as_plain_absolute_paths():
     nbd = 'json:{"driver": "qcow2", "file": {"driver": "nbd", "server": {}}}'
     assert overlays._local_file(nbd, "/vm") == nbd
     assert overlays._local_file("nbd://host/x", "/vm") == "nbd://host/x"
+
+
+class FdQmp:
+    """Refuses migrate; closefd answers ``closefd_error`` when given."""
+
+    path = "/run/fake.qmp"
+
+    def __init__(self, closefd_error=None):
+        self.calls, self.closefd_error = [], closefd_error
+
+    def cmd(self, name, arguments=None, **kw):
+        self.calls.append((name, dict(arguments or {}, **kw)))
+        if name == "migrate":
+            raise VmError("QEMU refused migrate: no")
+        if name == "closefd" and self.closefd_error:
+            raise VmError(f"QEMU refused closefd: {self.closefd_error}")
+        return {}
+
+
+@pytest.mark.parametrize("answer", [None, "File descriptor named 'x' not found"])
+def test_pipe_name_closed_when_migrate_did_not_take_it(answer):
+    s = snapshot._Snapshot("/run/fake.qmp", "/tmp/x.qsnap", "background", True, None)
+    s.q, s.fd_named = FdQmp(answer), True
+    with pytest.raises(VmError, match="refused migrate"):
+        s._migrate()
+    assert s.fd_named  # QEMU may still hold it
+    s._close_fd_name()
+    assert s.q.calls[-1] == ("closefd", {"fdname": s.fd_name}) and not s.fd_named
+    s._close_fd_name()  # once is enough
+    assert len(s.q.calls) == 2
+
+
+def test_pipe_name_close_failure_is_reported():
+    s = snapshot._Snapshot("/run/fake.qmp", "/tmp/x.qsnap", "background", True, None)
+    s.q, s.fd_named = FdQmp("QMP connection lost"), True
+    with pytest.raises(VmError, match="connection lost"):
+        s._close_fd_name()
