@@ -23,7 +23,10 @@ save (background-snapshot for qsnap and cat; from ``migrate`` to both status
   * ``qsnap snapshot --mode=background --disks=overlay --output=json`` (the
     wall time of the command; ``downtime_ms`` from its JSON) and the same with
     ``--disks=none`` (RAM only: QEMU pauses the guest itself), with QEMU's own
-    query-migrate ``downtime`` beside them (unless --no-snapshot)
+    query-migrate ``downtime`` beside them (unless --no-snapshot); with --baseline
+    TREE also TREE's ``qsnap snapshot`` with disks (same-run before/after), and
+    for every snapshot with disks the harness's STOP, RESUME and MIGRATION events
+    in ms after the STOP (the timeline of the pause)
 load (fresh ``-incoming defer`` QEMU each time, page cache dropped first;
 from ``migrate-incoming`` to status "completed"):
   * ``exec:qsnap load IMG``                 (precopy, O_DIRECT reads)
@@ -86,6 +89,9 @@ BUILD = None
 # Where QEMU 10.0 was unpacked by hand when qsnaptest.builds has not prepared its own
 UNPACKED_10 = os.environ.get("QSNAP_QEMU10_ROOT", "/tmp/q10/root")
 DISKS = 2  # qcow2 drives per guest: savevm writes them, qsnap snapshot freezes them
+# --baseline: another qsnap tree (with its extension built) whose `qsnap snapshot`
+# runs beside this one's, alternating, for same-run before/after figures
+BASELINE = None
 
 
 def parse_size(text):
@@ -354,13 +360,18 @@ def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout)
     return row
 
 
-def snapshot_once(sock, img, py, timeout, disks="overlay"):
+def snapshot_once(sock, img, py, timeout, disks="overlay", tree=None):
     """One timed ``qsnap snapshot`` (background; disks on overlays, or RAM only) through
-    the VM's second QMP socket: the wall time of the command, and its JSON summary."""
+    the VM's second QMP socket, of this qsnap or of the one in ``tree``: the wall time
+    of the command, and its JSON summary."""
     cmd = [py, "-m", "qsnap", "snapshot", "--qmp", str(sock), "--mode=background",
            f"--disks={disks}", "--output=json", str(img)]
+    env = dict(os.environ)
+    if tree:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")])
     t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                       cwd=tree or None)
     dt = time.monotonic() - t0
     if r.returncode:
         raise QemuError(f"qsnap snapshot: exit {r.returncode}: {r.stderr.strip()[-2000:]}")
@@ -402,6 +413,19 @@ class LaunchedVM:
                 os.kill(self.pid, 9)
                 deadline = time.monotonic() + timeout
             time.sleep(0.02)
+
+
+def timeline(events):
+    """[[what, ms after the first STOP]] of STOP, RESUME and MIGRATION events (QEMU's
+    timestamps), the migration's by status."""
+    def stamp(e):
+        return e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+
+    picked = [e for e in events if e["event"] in ("STOP", "RESUME", "MIGRATION")]
+    stops = [stamp(e) for e in picked if e["event"] == "STOP"]
+    t0 = stops[0] if stops else (stamp(picked[0]) if picked else 0)
+    return [[e["data"]["status"] if e["event"] == "MIGRATION" else e["event"],
+             round((stamp(e) - t0) * 1000, 1)] for e in picked]
 
 
 def _alive(pid):
@@ -480,7 +504,8 @@ class Case:
         self.res = {"mem": self.mem, "fill": self.fill, "nonzero_bytes": nonzero, "rounds": self.rounds,
                     "qemu": BUILD.version, "machine_type": BUILD.machine("pc"), "disks": DISKS,
                     "loadavg_1min": round(os.getloadavg()[0], 2),
-                    "save": {"qsnap": [], "cat": [], "savevm": [], "snapshot": [], "snapshotram": []},
+                    "save": {"qsnap": [], "cat": [], "savevm": [], "snapshot": [], "snapshotram": [],
+                             "snapshotbase": []},
                     "load": {"qsnap": [], "cat": [], "launch": []}, "postcopy": {}, "launch_postcopy": {}}
 
     # -- save ----------------------------------------------------------------------
@@ -491,17 +516,20 @@ class Case:
             vm.wait_bios_done(timeout=120)
             self.res["accel"] = vm.accelerator()
             vm.set_parameters(max_bandwidth=64 << 30)
+            vm.set_capabilities(events=True)  # MIGRATION events: the snapshot's timeline
             # One untimed background snapshot first: the first one after boot is slower
             # (userfaultfd write protection of freshly populated RAM), whoever reads it.
             vm.set_capabilities(background_snapshot=True)
             vm.migrate("exec:cat > /dev/null")
             wait_status(vm, ("completed",), time.monotonic(), self.timeout)
             kinds = ["qsnap", "cat"] + (["snapshot", "snapshotram"] if self.do_snapshot else []) \
+                + (["snapshotbase"] if self.do_snapshot and BASELINE else []) \
                 + (["savevm"] if self.do_savevm else [])
             for r in range(self.rounds):
                 for who in (kinds if r % 2 == 0 else kinds[::-1]):
                     os.sync()
                     row = {"savevm": self.save_savevm, "snapshot": self.save_snapshot,
+                           "snapshotbase": self.save_snapshot,
                            "snapshotram": self.save_snapshot_ram}.get(
                         who, self.save_exec)(vm, who, r)
                     self.res["save"][who].append(row)
@@ -529,14 +557,19 @@ class Case:
 
     def save_snapshot(self, vm, who, r):
         vm.set_capabilities(background_snapshot=True)
-        img = self.dir / f"snap{r}.qsnap"
+        base = who == "snapshotbase"
+        img = self.dir / f"{'base' if base else 'snap'}{r}.qsnap"
         if self.snap_img is not None:
             self.snap_img.unlink()  # its frozen disks stay: they back the VM's overlays
-        row = snapshot_once(self.snap_sock, img, self.py, self.timeout)
+        seen = len(vm.events())
+        row = snapshot_once(self.snap_sock, img, self.py, self.timeout,
+                            tree=BASELINE if base else None)
         row["qemu_downtime_ms"] = vm.query_migrate().get("downtime")
+        row["timeline_ms"] = timeline(vm.events()[seen:])
         self.snap_img = img
-        log(f"  save snapshot  {row['s']:6.2f} s  downtime {row['downtime_ms']} ms  "
-            f"{row['disks']} disks  {row['file_bytes'] / MiB:.0f} MiB")
+        log(f"  save {'snap-base' if base else 'snapshot':9s} {row['s']:6.2f} s  downtime "
+            f"{row['downtime_ms']} ms  {row['disks']} disks  {row['file_bytes'] / MiB:.0f} MiB  "
+            f"{row['timeline_ms']}")
         return row
 
     def save_snapshot_ram(self, vm, who, r):
@@ -704,6 +737,7 @@ def summarize_orchestration(res, out):
     """qsnap snapshot beside exec:qsnap save, qsnap restore --launch beside exec:qsnap load
     (and their postcopy forms): medians and same-run ratios."""
     snaps = res["save"].get("snapshot") or []
+    bases = res["save"].get("snapshotbase") or []
     rams = res["save"].get("snapshotram") or []
     launches = res["load"].get("launch") or []
     qemu_start = _med(res["load"]["qsnap"], "qemu_start_s")
@@ -713,6 +747,10 @@ def summarize_orchestration(res, out):
          "snapshot_downtime_ms": _med(snaps, "downtime_ms"),
          "snapshot_downtime_all": [r.get("downtime_ms") for r in snaps],
          "snapshot_ram_s": _med(rams), "snapshot_ram_downtime_ms": _med(rams, "downtime_ms"),
+         "snapshot_timelines": [r.get("timeline_ms") for r in snaps],
+         "base_snapshot_s": _med(bases), "base_downtime_ms": _med(bases, "downtime_ms"),
+         "base_downtime_all": [r.get("downtime_ms") for r in bases],
+         "base_timelines": [r.get("timeline_ms") for r in bases],
          # QEMU's own query-migrate "downtime": its vm_stop_force_state to vm_start
          "qemu_downtime_ms": {"snapshot": _med(snaps, "qemu_downtime_ms"),
                               "snapshot_ram": _med(rams, "qemu_downtime_ms"),
@@ -723,6 +761,7 @@ def summarize_orchestration(res, out):
                                                                             if "error" in r],
          "dst_qemu_start_s": qemu_start}
     s["snapshot_over_save"] = _ratio(s["save_snapshot_s"], out["save_qsnap_s"])
+    s["downtime_over_base"] = _ratio(s["snapshot_downtime_ms"], s["base_downtime_ms"])
     s["snapshot_ram_over_save"] = _ratio(s["snapshot_ram_s"], out["save_qsnap_s"])
     s["launch_over_load"] = _ratio(s["load_launch_s"], out["load_qsnap_s"])
     s["launch_restore_over_load"] = _ratio(s["launch_restore_s"], out["load_qsnap_s"])
@@ -861,6 +900,27 @@ def orchestration_markdown(summaries):
             lines.append(f"| {s.get('qemu')} | {s['guest']} | {_f(s.get('snapshot_ram_s'))} "
                          f"| {_f(s.get('snapshot_ram_over_save'))} "
                          f"| {_f(s.get('snapshot_ram_downtime_ms'), '{:.0f}')} ({downs}) |")
+    if any(s.get("base_downtime_ms") for s in summaries):
+        lines += ["", "Before/after in the same run (--baseline: the other tree's `qsnap snapshot` "
+                  "with disks, alternating with this one's):", "",
+                  "| QEMU | guest | downtime ms, this tree (rounds) | downtime ms, baseline (rounds) "
+                  "| this/baseline | snapshot s, this / baseline |", "|---|---|---|---|---:|---|"]
+        for s in summaries:
+            this = ", ".join(_f(v, "{:.0f}") for v in s.get("snapshot_downtime_all") or [])
+            base = ", ".join(_f(v, "{:.0f}") for v in s.get("base_downtime_all") or [])
+            lines.append(f"| {s.get('qemu')} | {s['guest']} | {_f(s.get('snapshot_downtime_ms'), '{:.0f}')} "
+                         f"({this}) | {_f(s.get('base_downtime_ms'), '{:.0f}')} ({base}) "
+                         f"| {_f(s.get('downtime_over_base'))} | {_f(s.get('save_snapshot_s'))} / "
+                         f"{_f(s.get('base_snapshot_s'))} |")
+    tls = [(s, who, t) for s in summaries for who, key in (("this", "snapshot_timelines"),
+                                                           ("baseline", "base_timelines"))
+           for t in s.get(key) or [] if t]
+    if tls:
+        lines += ["", "Timelines of the snapshots with disks (the harness's QMP events, ms after the STOP):",
+                  ""]
+        for s, who, t in tls:
+            lines.append(f"* {s.get('qemu')} {s['guest']} {who}: "
+                         + ", ".join(f"{what} {ms:g}" for what, ms in t))
     qd = [(s, s.get("qemu_downtime_ms") or {}) for s in summaries]
     if any(v is not None for _, d in qd for v in d.values()):
         lines += ["", "QEMU's own `downtime` (query-migrate after completion: from its stop of the VM "
@@ -954,6 +1014,9 @@ def main(argv=None):
     ap.add_argument("--drop-caches", action="store_true",
                     help="echo 3 > drop_caches before each load instead of fadvise on the files")
     ap.add_argument("--skip-machine", action="store_true", help="do not measure disk and pipe")
+    ap.add_argument("--baseline", metavar="TREE",
+                    help="another qsnap tree (extension built) whose qsnap snapshot runs beside "
+                    "this one's, alternating: same-run before/after")
     ap.add_argument("--replot", metavar="JSON", help="rebuild .md/.png from a results JSON, no run")
     args = ap.parse_args(argv)
     if args.replot:
@@ -966,8 +1029,9 @@ def main(argv=None):
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     fills = [float(f) / 100 for f in args.fill.split(",") if f]
     pcts = [p for p in args.postcopy.split(",") if p]
-    global DROP_ALL, BUILD
+    global DROP_ALL, BUILD, BASELINE
     DROP_ALL = args.drop_caches
+    BASELINE = os.path.abspath(args.baseline) if args.baseline else None
     try:
         BUILD = find_qemu(args.qemu)
     except builds.BuildUnavailable as e:

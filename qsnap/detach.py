@@ -3,7 +3,9 @@
 Without a return path QEMU 7.2 waits for its exec: child to exit before its main
 loop (and so QMP, and `cont`) runs again, so a live or stopped snapshot's guest
 would stay paused while the image is finished (tables, fdatasync, rename):
-measured 0.24-0.52 s of a 0.6-0.9 s live-mode pause for 256 MiB.  With
+measured 0.24-0.52 s of a 0.6-0.9 s live-mode pause for 256 MiB.  (`qsnap
+snapshot` no longer needs it: it starts the save itself and QEMU migrates into
+its pipe, ``migrate fd:``, with no child to wait for; it is for ``exec:`` users.)  With
 --early-exit the process QEMU waits for forks at start-up, before any thread
 exists; the child does the save, the parent exits once the child has read the
 whole stream (status 0) or has died before that (status 1).  The child finishes

@@ -323,6 +323,9 @@ def validate_vm_record(vm, path="meta.vm"):
         _bad(f"{path}.mode", f"is {vm['mode']!r}, expected one of {', '.join(VM_MODES)}")
     if vm["cmdline"] is not None and (not vm["cmdline"] or any(type(a) is not str for a in vm["cmdline"])):
         _bad(f"{path}.cmdline", "must be null or a non-empty list of strings")
+    cwd = vm.get("cwd")  # optional: records written before it existed lack it
+    if cwd is not None and (type(cwd) is not str or not cwd.startswith("/")):
+        _bad(f"{path}.cwd", f"must be null or an absolute path, not {cwd!r}")
     for i, d in enumerate(vm["disks"]):
         where = f"{path}.disks[{i}]"
         _check(d, DISK_SCHEMA, where, {})

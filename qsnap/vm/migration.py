@@ -117,3 +117,16 @@ def ram_pages_sent(info):
     """Pages the migration has sent so far (normal + zero pages)."""
     ram = info.get("ram") or {}
     return ram.get("normal", 0) + ram.get("duplicate", 0)
+
+
+def wait_run_state_left(qmp, state, timeout):
+    """The VM's run state (query-status) once it is no longer ``state``; VmError after
+    ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = qmp.cmd("query-status")["status"]
+        if status != state:
+            return status
+        if time.monotonic() > deadline:
+            raise VmError(f"the VM is still {state!r} after {timeout:g} s")
+        time.sleep(POLL)

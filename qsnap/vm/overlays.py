@@ -7,6 +7,7 @@ QMP: blockdev-snapshot-sync and transaction (qapi/block-core.json,
 qapi/transaction.json), block-commit / block-job-complete and the BLOCK_JOB_* events
 (qapi/block-core.json, qapi/block-core.json "BLOCK_JOB_READY").
 """
+import json
 import os
 import subprocess
 import time
@@ -42,8 +43,9 @@ class Disk:
         return {"device": self.device} if self.device else {"node-name": self.node_name}
 
 
-def writable_disks(qmp):
-    """The VM's disks with a medium that the guest can write (query-block)."""
+def writable_disks(qmp, cwd=None):
+    """The VM's disks with a medium that the guest can write (query-block), their files
+    as plain absolute paths where QEMU's names stand for one (see _local_file)."""
     out = []
     for b in qmp.cmd("query-block"):
         ins = b.get("inserted")
@@ -51,9 +53,30 @@ def writable_disks(qmp):
             continue
         image = ins.get("image") or {}
         out.append(Disk(device=b.get("device") or "", qdev=b.get("qdev"), node_name=ins["node-name"],
-                        image=ins.get("file") or image.get("filename"), format=ins.get("drv"),
-                        virtual_size=int(image.get("virtual-size", 0)), chain=chain(image)))
+                        image=_local_file(ins.get("file") or image.get("filename"), cwd),
+                        format=ins.get("drv"), virtual_size=int(image.get("virtual-size", 0)),
+                        chain=[_local_file(p, cwd) for p in chain(image)]))
     return out
+
+
+def _local_file(name, cwd):
+    """The file a query-block filename stands for, or the name as it is.  QEMU keeps a
+    relative name as its command line gave it: it is QEMU's working directory's
+    (``cwd``, when known).  It writes a ``json:`` pseudo-filename when a plain one cannot
+    describe the node (bdrv_refresh_filename, block.c), e.g. for an overlay on a backing
+    opened by a relative name: its protocol node's ``file`` filename is the file."""
+    if name and name.startswith("json:"):
+        try:
+            proto = json.loads(name[len("json:"):]).get("file")
+        except (ValueError, AttributeError):
+            return name
+        if not (isinstance(proto, dict) and proto.get("driver") == "file"
+                and isinstance(proto.get("filename"), str)):
+            return name
+        name = proto["filename"]
+    if name and cwd and not os.path.isabs(name) and ":" not in name:  # not a protocol URI
+        return os.path.normpath(os.path.join(cwd, name))
+    return name
 
 
 def overlay_path(image_path, snapshot_image):

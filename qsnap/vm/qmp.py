@@ -154,12 +154,32 @@ class Qmp:
 
         Arguments with dashes go in ``arguments``: ``cmd("migrate-set-parameters", {"max-bandwidth": n})``.
         """
+        args = dict(arguments or {}, **kw)
+        return self._run(name, lambda client: client.execute(name, args or None), timeout)
+
+    def pass_fd(self, fdname, fd, *, timeout=None):
+        """Give QEMU a copy of ``fd`` under ``fdname`` (``getfd``): the descriptor travels as
+        SCM_RIGHTS ancillary data just before the command, which picks it up
+        (qmp_getfd, monitor/fds.c).  QEMU's copy stays until a command takes it
+        (``migrate fd:NAME``) or ``closefd`` closes it."""
+        async def getfd(client):
+            client.send_fd_scm(fd)  # on the loop's thread: the socket's writer lives there
+            return await client.execute("getfd", {"fdname": fdname})
+
+        return self._run("getfd", getfd, timeout)
+
+    def _run(self, name, call, timeout):
+        """Run ``call(client)`` (a coroutine) on the loop: its result, or VmError."""
         from qemu.qmp import ExecuteError
         if self._client is None:
             raise VmError(f"QMP session to {self.path} is closed")
-        args = dict(arguments or {}, **kw)
+        client = self._client
+
+        async def run():
+            return await call(client)
+
         try:
-            return self._loop.run(self._client.execute(name, args or None), timeout or self.timeout)
+            return self._loop.run(run(), timeout or self.timeout)
         except ExecuteError as e:
             raise VmError(f"QEMU refused {name}: {e}") from None
         except concurrent.futures.TimeoutError:

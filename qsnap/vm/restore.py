@@ -576,8 +576,10 @@ def launch(img, *, qmp_path=None, directory=None, binary=None, postcopy=None, pa
     try:
         qmp = os.path.abspath(qmp_path) if qmp_path else os.path.join(work.path, "qmp.sock")
         _check_socket_path(qmp)
+        # relative paths on the recorded command line are QEMU's working directory's
+        cwd = facts.vm.get("cwd") or os.getcwd()
         words, changes = rewrite_for_clone(argv, facts.disks, work.path, qmp_path=qmp,
-                                           binary=binary, cwd=os.getcwd(), drop=drop)
+                                           binary=binary, cwd=cwd, drop=drop)
         words += list(extra)
         log_path = os.path.join(work.path, "qemu.log")
         started = time.monotonic()

@@ -1,8 +1,10 @@
 """qsnap snapshot: RAM, devices and disks of a running VM, consistent to the instant.
 
-The RAM and device state go through ``migrate "exec:qsnap save IMG"``; the disks go
-on in new qcow2 overlays made in one QMP transaction while the guest is paused at
-exactly the instant the RAM snapshot stands for (libvirt does the same):
+The RAM and device state go to a ``qsnap save IMG`` started here, before any pause,
+whose stdin pipe QEMU migrates into (``getfd`` + ``migrate fd:NAME``, see
+qsnap/vm/savechild.py); the disks go on in new qcow2 overlays made in one QMP
+transaction while the guest is paused at exactly the instant the RAM snapshot stands
+for (libvirt does the same):
 
 - stopped:    stop -> overlays -> migrate -> the save's report -> cont
 - live:       migrate (pause-before-switchover) -> status pre-switchover (QEMU has
@@ -20,17 +22,16 @@ failure after the last byte.
 """
 import json
 import os
-import shlex
 import shutil
 import sys
 import tempfile
 import time
 
-import qsnap
 from qsnap.errors import VmError
 from qsnap.vm import migration, overlays, vmrecord
 from qsnap.vm.progress import Progress
 from qsnap.vm.qmp import Qmp
+from qsnap.vm.savechild import SaveChild
 
 MODES = ("background", "live", "stopped")
 # QEMU >= 9.0 resumes a background snapshot's VM into the run state it found
@@ -42,8 +43,7 @@ SWITCHOVER_TIMEOUT = 3600.0    # live mode: precopy converging to the switch-ove
 RESUME_TIMEOUT = 60.0
 END_TIMEOUT = 600.0
 POLL = 0.02
-SPAWN_GRACE = 30.0             # s for QEMU's exec: child to show up as qsnap save
-SCAN_INTERVAL = 0.25           # s between looks for the save process in /proc
+SETTLE_TIMEOUT = 60.0          # s for QEMU to leave finish-migrate after `completed`
 # query-status run states a snapshot can start from; the others (inmigrate,
 # postmigrate after a failed switch-over, shutdown, internal-error...) are refused.
 STARTABLE = {"running": True, "paused": False, "prelaunch": False, "postmigrate": False}
@@ -74,6 +74,10 @@ class _Snapshot:
         self.resumed = False
         self.identity = None  # (QEMU version, package, machine type)
         self.cmdline = None
+        self.cwd = None
+        self.child = None     # the SaveChild
+        self.fd_named = False  # QEMU may hold the pipe under fd_name
+        self.fd_name = f"qsnap-snapshot-{os.getpid()}"
 
     # -- the whole operation ------------------------------------------------------------
 
@@ -93,6 +97,8 @@ class _Snapshot:
                 finally:
                     settings.restore()
             finally:
+                if self.child:
+                    self.child.stop()
                 shutil.rmtree(self.workdir, ignore_errors=True)
         return self._summary(report, time.monotonic() - t0)
 
@@ -110,8 +116,9 @@ class _Snapshot:
             self.mode = "stopped"  # its RAM cannot change: the plain stopped save is exact
         if self.mode == "background":
             migration.probe_capability(q, "background-snapshot")
+        self.cwd = vmrecord.read_cwd(q.pid)
         if self.with_disks:
-            self.disks = overlays.plan(overlays.writable_disks(q), self.image)
+            self.disks = overlays.plan(overlays.writable_disks(q, self.cwd), self.image)
         self.identity = vmrecord.qemu_identity(q)
         self.cmdline = vmrecord.read_cmdline(q.pid)
 
@@ -126,6 +133,7 @@ class _Snapshot:
         if self.mode == "live" and self.disks:
             settings.set_capability("pause-before-switchover", True)
         overlays.prepare(self.disks)
+        self._start_save()
         {"stopped": self._stopped, "live": self._live, "background": self._background}[self.mode]()
         report = self._wait_save()
         self._wait_completed()
@@ -136,18 +144,18 @@ class _Snapshot:
     def _stopped(self):
         if self.was_running:
             self.q.cmd("stop")
-        self._freeze_disks()
+        overlays.take(self.q, self.disks)
+        if not self.was_running:
+            self._write_record()  # it stays paused: no downtime to wait for
         self._migrate()
 
     def _live(self):
+        self._migrate()
         if not self.disks:
-            self._write_record()
-            self._migrate()
             return
-        self._migrate(record=False)
         migration.wait_status(self.q, ("pre-switchover",), SWITCHOVER_TIMEOUT,
                               "waiting for the switch-over")
-        self._freeze_disks()
+        overlays.take(self.q, self.disks)
         self.q.cmd("migrate-continue", state="pre-switchover")
 
     def _background(self):
@@ -157,7 +165,7 @@ class _Snapshot:
             return
         self.q.cmd("stop")
         overlays.take(self.q, self.disks)
-        self._migrate(record=False)
+        self._migrate()
         # fingerprinting the frozen images takes milliseconds: do it while QEMU sets
         # up the stream rather than while the guest waits (qsnap save waits for it)
         self._write_record()
@@ -190,27 +198,48 @@ class _Snapshot:
         if self.q.cmd("query-status")["status"] != "running":
             self.q.cmd("cont")
 
-    def _freeze_disks(self):
-        overlays.take(self.q, self.disks)
-        self.record = None
-        self._write_record()
-
     def _write_record(self):
+        """Write (again) the VM record the save stores, with the downtime known so far.
+
+        The save reads it once, when the stream has ended (waiting up to a few seconds
+        for it: qsnap.save.VM_INFO_WAIT).  A background snapshot's guest resumes long
+        before that; a running live or stopped one only once QEMU has sent the whole
+        stream, so for those it is first written after that resume, downtime included."""
         if self.record is None:
-            self.record = vmrecord.build(self.identity, self.cmdline, self.mode, self.was_running,
-                                         self.disks)
+            self.record = vmrecord.build(self.identity, self.cmdline, self.cwd, self.mode,
+                                         self.was_running, self.disks)
         self.record["downtime_ms"] = self._downtime_ms()
         vmrecord.write(self._path("vm.json"), self.record)
 
-    def _migrate(self, record=True):
-        if record and self.record is None:
-            self._write_record()
-        args = ["save", "--quiet", "--early-exit", "--vm-info", self._path("vm.json"),
-                "--report", self._path("report.json"), self.image]
+    def _start_save(self):
+        """Start the save and give QEMU its stdin pipe, before the guest is paused."""
+        self.child = SaveChild(["--quiet", "--vm-info", self._path("vm.json"),
+                                "--report", self._path("report.json"), self.image],
+                               self._path("save.stderr"))
+        self.fd_named = True  # first: an interrupt during getfd must still close it
+        try:
+            self.q.pass_fd(self.fd_name, self.child.write_fd)
+        finally:
+            self.child.close_write_end()  # QEMU's copy is the only writer now
+
+    def _migrate(self):
         # set first: an interrupt while QEMU's reply is on its way must still find the
         # migration to end before the capabilities can be put back
         self.migrating = True
-        self.q.cmd("migrate", uri="exec:" + save_command(args))
+        self.q.cmd("migrate", uri="fd:" + self.fd_name)
+        self.fd_named = False  # migrate took it (monitor_get_fd, monitor/fds.c)
+
+    def _close_fd_name(self):
+        """closefd the pipe's name unless migrate took it, so that QEMU holds no writer
+        and the save sees the end of its stream."""
+        if not self.fd_named:
+            return
+        try:
+            self.q.cmd("closefd", fdname=self.fd_name)
+        except VmError as e:
+            if "not found" not in str(e):  # a migrate that failed after taking it
+                raise
+        self.fd_named = False
 
     # -- waiting for the save -----------------------------------------------------------
 
@@ -219,21 +248,13 @@ class _Snapshot:
         the migration, so that nothing is left running)."""
         shown = Progress(sys.stderr, f"qsnap: saving {self.image}") if self.progress else None
         path = self._path("report.json")
-        started = time.monotonic()
-        seen = False
-        next_scan = 0.0
         try:
             while not os.path.exists(path):
-                if time.monotonic() >= next_scan:  # a /proc scan costs: not every poll
-                    next_scan = time.monotonic() + SCAN_INTERVAL
-                    if _save_running(path):
-                        seen = True
-                    # QEMU 7.2 returns from `migrate` right after fork(): the save shows
-                    # up only once the child has exec'd
-                    elif seen or time.monotonic() - started > SPAWN_GRACE:
-                        self._no_report(path)
-                        break
+                if not self.child.running():
+                    self._no_report(path)
+                    break
                 self._resume_when_streamed()
+                self._record_downtime()
                 if shown:
                     shown.tick(self.q)
                 time.sleep(POLL)
@@ -249,13 +270,30 @@ class _Snapshot:
 
     def _resume_when_streamed(self):
         """live/stopped: the guest runs again as soon as QEMU has sent the whole stream
-        (``completed``), while the save still finishes the image: with --early-exit the
-        save no longer holds QEMU's main loop (see qsnap/detach.py)."""
+        (``completed``), while the save still finishes the image."""
         if self.mode == "background" or not self.was_running or self.resumed:
             return
         if migration.status(self.q) == "completed":
-            self.q.cmd("cont")
+            self._cont()
             self.resumed = True
+            self._write_record()  # the save waits for it: see _write_record
+
+    def _record_downtime(self):
+        """Background: the record again once the downtime is known (the save reads it
+        only at the end of the stream)."""
+        if self.record is not None and self.record["downtime_ms"] is None \
+                and self._downtime_ms() is not None:
+            self._write_record()
+
+    def _cont(self):
+        """``cont`` unless running.  QEMU reports a precopy ``completed`` before its
+        migration thread takes the run state from finish-migrate to postmigrate
+        (migration_iteration_finish, migration/migration.c) and refuses ``cont`` in
+        between ("Migration is not finalized yet", qmp_cont, monitor/qmp-cmds.c): a
+        window a loaded host makes wide enough to hit."""
+        status = migration.wait_run_state_left(self.q, "finish-migrate", SETTLE_TIMEOUT)
+        if status != "running":
+            self.q.cmd("cont")
 
     def _no_report(self, path):
         """The save is gone: its report must be there, else VmError with QEMU's view."""
@@ -264,8 +302,8 @@ class _Snapshot:
         info = migration.wait_ended(self.q, END_TIMEOUT)
         if not os.path.exists(path):
             self.migrating = False
-            raise VmError(f"qsnap save ended without a report (migration {info.get('status')}: "
-                          f"{info.get('error-desc', 'no reason given')}); see QEMU's stderr")
+            raise VmError(f"qsnap save {self.child.describe_end()}, without a report (migration "
+                          f"{info.get('status')}: {info.get('error-desc', 'no reason given')})")
 
     def _wait_completed(self):
         info = migration.wait_ended(self.q, END_TIMEOUT)
@@ -280,10 +318,11 @@ class _Snapshot:
     def _undo(self, error):
         """Put the VM back as it was: no migration, old disk chain, old run state."""
         problems = []
-        # the run state first: `cont` also reactivates disks a completed migration left
-        # inactive, and block-commit needs them active
-        for step in (self._cancel_migration, self._restore_run_state, self._roll_back_disks,
-                     self._discard_overlays):
+        # the pipe's name first: a migrate that never ran leaves QEMU holding the save's
+        # stream open.  The run state before the disks: `cont` also reactivates disks a
+        # completed migration left inactive, and block-commit needs them active
+        for step in (self._close_fd_name, self._cancel_migration, self._restore_run_state,
+                     self._roll_back_disks, self._discard_overlays):
             try:
                 step()
             except Exception as e:  # keep undoing: each step stands alone
@@ -313,9 +352,8 @@ class _Snapshot:
         """An interrupted snapshot must not leave an image: wait for the save to end
         (it may still finish successfully) and remove what it made."""
         path = self._path("report.json")
-        deadline = time.monotonic() + END_TIMEOUT
-        while _save_running(path) and time.monotonic() < deadline:
-            time.sleep(SCAN_INTERVAL)
+        if self.child:
+            self.child.wait(END_TIMEOUT)
         try:
             with open(path) as f:
                 finished = json.load(f).get("ok")
@@ -336,8 +374,8 @@ class _Snapshot:
         overlays.discard(self.disks)
 
     def _restore_run_state(self):
-        if self.was_running and self.q.cmd("query-status")["status"] != "running":
-            self.q.cmd("cont")
+        if self.was_running:
+            self._cont()
 
     # -- results ------------------------------------------------------------------------
 
@@ -362,14 +400,6 @@ class _Snapshot:
         return os.path.join(self.workdir, name)
 
 
-def save_command(args):
-    """The shell command QEMU runs for ``exec:``: this qsnap, with this interpreter."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(qsnap.__file__)))
-    argv = [sys.executable, "-m", "qsnap"] + [str(a) for a in args]
-    return (f"PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}} exec "
-            + " ".join(shlex.quote(a) for a in argv))
-
-
 def _check_image_dir(image):
     d = os.path.dirname(image)
     if not os.path.isdir(d):
@@ -382,24 +412,6 @@ def _check_image_dir(image):
         raise VmError(f"cannot save {image}: cannot create files in {d}: {e.strerror}") from None
     os.close(fd)
     os.unlink(probe)
-
-
-def _save_running(report_path):
-    """True while a process whose command line names ``report_path`` (our qsnap save) lives."""
-    needle = report_path.encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if needle in f.read():
-                    with open(f"/proc/{pid}/stat", "rb") as s:
-                        stat = s.read()
-                    if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z":
-                        return True
-        except OSError:
-            continue
-    return False
 
 
 def _stamp(event):

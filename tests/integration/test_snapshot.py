@@ -7,7 +7,11 @@ RAM, restored into a QEMU whose disk is a fresh overlay of the frozen image, mus
 on from record K+1 without rewriting any of 1..K.  The failure tests use a blob guest
 with two disks (KVM, fast).  The consistency tests and the background snapshot with
 disks run on every build QSNAP_QEMU names (``all_qemu``): QEMU 10.0 leaves a VM paused
-after a background snapshot that it found paused, so qsnap must resume it.
+after a background snapshot that it found paused, so qsnap must resume it.  So do the
+failures whose undoing depends on the build (a failed or interrupted migration: QEMU
+7.2 wedges on cancelling a background snapshot, 10.0 resumes it into the state it
+found, and either reports a precopy ``completed`` before it leaves finish-migrate) and
+the VM record's downtime, written when the guest resumes.
 """
 import json
 import os
@@ -25,6 +29,8 @@ from qsnaptest import diskguest, guests
 from qsnaptest.qemu import BlobGuest, QemuError
 from qsnaptest.tools import (block, check_blobs_in_raw, error_lines, qemu_img_raw, qsnap_cmd,
                              qsnap_env, qsnap_info, run_qsnap, wait_for)
+
+from qsnap.vm.qmp import Qmp
 
 def second_monitor(path):
     """A QMP socket for qsnap beside the harness's own (a QMP socket serves one client)."""
@@ -47,6 +53,15 @@ def one_error(r):
 
 def block_files(vm):
     return {b["device"]: b["inserted"]["file"] for b in vm.qmp("query-block") if b.get("inserted")}
+
+
+def top_files(vm):
+    """The file each drive writes: QEMU names an overlay on a backing opened by a
+    relative name with a json: pseudo-filename, whose protocol node holds the file."""
+    out = {}
+    for dev, name in block_files(vm).items():
+        out[dev] = json.loads(name[len("json:"):])["file"]["filename"] if name.startswith("json:") else name
+    return out
 
 
 def migration_settings(vm):
@@ -140,6 +155,7 @@ def test_snapshot_disk_guest(source, disk_guest_files, mode, tmp_path):
     vm = qsnap_info(img)["vm"]
     assert vm["mode"] == mode and vm["was_running"] is True and vm["disks"][0]["frozen"] == str(frozen)
     assert vm["machine"] == source.machine and vm["cmdline"][0] == source.binary
+    assert vm["downtime_ms"] is not None and vm["downtime_ms"] == out["downtime_ms"]
 
     # the image's RAM goes on from record K+1 on the frozen disk, and sees none of the
     # records the source wrote after the snapshot
@@ -164,15 +180,23 @@ def test_snapshot_disk_guest(source, disk_guest_files, mode, tmp_path):
 
 # --- blob guests: RAM only, failures, downtime -----------------------------------------
 
-def blob_vm(tmp_path, *, memory="64M", layout=((16 << 20, 1 << 20),), disks=2, paused=False):
-    """A blob guest of the active build with ``disks`` qcow2 disks and a second QMP socket."""
+def blob_vm(tmp_path, *, memory="64M", layout=((16 << 20, 1 << 20),), disks=2, paused=False,
+            cwd=None):
+    """A blob guest of the active build with ``disks`` qcow2 disks and a second QMP socket;
+    with ``cwd``, QEMU runs there and its command line names the disks relative to it."""
     blobs = guests.make_blobs(tmp_path / "blobs", list(layout))
     files = [diskguest.create_disk(tmp_path / f"d{i}.qcow2") for i in range(disks)]
     sock = tmp_path / "qsnap.qmp"
-    args = diskguest.drive_args(files) + second_monitor(sock)
+    named = [os.path.relpath(f, cwd) for f in files] if cwd else files
+    args = diskguest.drive_args(named) + second_monitor(sock)
     vm = BlobGuest(memory=memory, blobs=blobs, args=args, env=qsnap_env(), accel="kvm",
                    paused=paused)
-    vm.start()
+    here = os.getcwd()
+    os.chdir(cwd or here)
+    try:
+        vm.start()
+    finally:
+        os.chdir(here)
     vm.sock, vm.disk_files = sock, files
     return vm
 
@@ -199,6 +223,66 @@ def test_background_with_disks_resumes_the_guest(tmp_path):
         assert_quits(vm)
     finally:
         vm.shutdown()
+
+
+@pytest.mark.all_qemu
+@pytest.mark.parametrize("mode", ["background", "live", "stopped"])
+def test_record_has_downtime_and_qemus_directory(tmp_path, mode):
+    """QEMU runs in a directory of its own and names its disks relative to it: the
+    snapshot finds them there, and the image's record holds QEMU's working directory,
+    the disks' absolute command-line files, and the downtime the summary reports."""
+    qemu_dir = tmp_path / "vmdir"
+    qemu_dir.mkdir()
+    vm = blob_vm(tmp_path, cwd=qemu_dir)
+    try:
+        assert sorted(block_files(vm).values()) == ["../d0.qcow2", "../d1.qcow2"]
+        r = snapshot(vm.sock, tmp_path / "snap.qsnap", f"--mode={mode}", "--output=json")
+        assert r.returncode == 0, r.stderr.decode()
+        out = json.loads(r.stdout)
+        assert sorted(top_files(vm).values()) == [str(tmp_path / "d0.snap.qcow2"),
+                                                 str(tmp_path / "d1.snap.qcow2")]
+        rec = qsnap_info(tmp_path / "snap.qsnap")["vm"]
+        assert rec["cwd"] == str(qemu_dir)
+        assert [d["cmdline_file"] for d in rec["disks"]] == [str(f) for f in vm.disk_files]
+        assert [d["frozen"] for d in rec["disks"]] == [str(f) for f in vm.disk_files]
+        assert out["downtime_ms"] is not None and out["downtime_ms"] > 0
+        assert rec["downtime_ms"] == out["downtime_ms"]
+        assert vm.status() == "running"
+        # the overlays, named by QEMU with json: pseudo-filenames, freeze in a second one
+        r = snapshot(vm.sock, tmp_path / "two.qsnap", f"--mode={mode}")
+        assert r.returncode == 0, r.stderr.decode()
+        assert [d["frozen"] for d in qsnap_info(tmp_path / "two.qsnap")["vm"]["disks"]] == \
+            [str(tmp_path / "d0.snap.qcow2"), str(tmp_path / "d1.snap.qcow2")]
+    finally:
+        vm.shutdown()
+
+
+def test_launch_finds_disks_named_relative_to_qemus_directory(tmp_path):
+    """restore --launch, run from elsewhere, takes the recorded command line's relative
+    disk names from QEMU's recorded working directory: the clone runs on new overlays
+    of the frozen images."""
+    qemu_dir = tmp_path / "vmdir"
+    qemu_dir.mkdir()
+    vm = blob_vm(tmp_path, cwd=qemu_dir)
+    try:
+        r = snapshot(vm.sock, tmp_path / "snap.qsnap")
+        assert r.returncode == 0, r.stderr.decode()
+    finally:
+        vm.shutdown()
+    assert Path.cwd() != qemu_dir
+    r = run_qsnap("restore", "--launch", "--output=json", "--dir", tmp_path / "clone",
+                  tmp_path / "snap.qsnap", timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    pid = json.loads(r.stdout)["pid"]
+    try:
+        with Qmp(json.loads(r.stdout)["qmp"]) as q:
+            tops = [b["inserted"]["image"] for b in q.cmd("query-block") if b.get("inserted")]
+            assert q.cmd("query-status")["status"] == "running"
+        assert sorted(t["backing-image"]["filename"] for t in tops) == [str(f) for f in vm.disk_files]
+        assert all(t["filename"].startswith(str(tmp_path / "clone")) for t in tops)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not alive(pid), 30, "the clone's end")
 
 
 def test_ram_only_snapshot_holds_the_blobs(tmp_path):
@@ -297,6 +381,7 @@ def test_migration_already_active(tmp_path):
         vm.shutdown()
 
 
+@pytest.mark.all_qemu
 @pytest.mark.parametrize("mode", ["background", "live", "stopped"])
 def test_full_filesystem_during_the_snapshot(tmp_path, mode):
     """IMG on an 8 MiB tmpfs, 24 MiB of random RAM: the save runs out of space mid-way.
@@ -323,6 +408,7 @@ def test_full_filesystem_during_the_snapshot(tmp_path, mode):
         subprocess.run(["umount", str(full)], check=False)
 
 
+@pytest.mark.all_qemu
 @pytest.mark.parametrize("mode", ["background", "live"])
 def test_interrupted_snapshot_leaves_the_vm_as_it_was(tmp_path, mode):
     """SIGINT while the image is being written: one error line, no image, the overlays
@@ -335,15 +421,41 @@ def test_interrupted_snapshot_leaves_the_vm_as_it_was(tmp_path, mode):
         p = subprocess.Popen([sys.executable, "-m", "qsnap", "snapshot", "--qmp", str(vm.sock),
                               f"--mode={mode}", str(img)], env=qsnap_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        wait_for(lambda: any("save" in argv for _, argv in vm.descendants()), 60, "qsnap save")
+        wait_for(lambda: save_children(p.pid) and vm.query_migrate().get("status", "none") != "none", 60,
+                 "qsnap save and the migration")
+        (save_pid,) = save_children(p.pid)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=300)
         r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
         assert one_error(r) == "qsnap: error: interrupted"
+        assert not alive(save_pid), "qsnap snapshot left its qsnap save running"
         vm.wait_no_descendants(60)
         state.check()
     finally:
         vm.shutdown()
+
+
+def save_children(pid):
+    """The pids of the `qsnap save` processes whose parent is ``pid``."""
+    found = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{d}/stat").read_bytes()
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid and b"save" in argv:
+            found.append(int(d))
+    return found
+
+
+def alive(pid):
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z"
 
 
 def test_image_directory_not_writable(tmp_path):

@@ -1,10 +1,12 @@
 """Pieces of `qsnap snapshot` that need no QEMU: naming, settings put back, output."""
-import shlex
+import json
+import os
+import sys
 
 import pytest
 
 from qsnap.errors import VmError
-from qsnap.vm import migration, overlays, progress, snapshot
+from qsnap.vm import migration, overlays, progress, savechild, snapshot, vmrecord
 
 
 class FakeQmp:
@@ -90,11 +92,73 @@ def test_progress_line():
     assert progress.line("saving", 0, 256 << 20, 0.0) == "saving: 0.0 of 256.0 MiB RAM, 0.0 MB/s"
 
 
-def test_save_command_runs_this_qsnap():
-    cmd = snapshot.save_command(["save", "--report", "/tmp/a b/r.json", "/img/x.qsnap"])
-    words = shlex.split(cmd)
-    assert words[0].startswith("PYTHONPATH=") and words[1] == "exec"
-    assert words[3:] == ["-m", "qsnap", "save", "--report", "/tmp/a b/r.json", "/img/x.qsnap"]
+def test_save_child_runs_this_qsnap(tmp_path):
+    import qsnap
+    argv = savechild.save_argv(["--report", "/tmp/a b/r.json", "/img/x.qsnap"])
+    assert argv[0] == sys.executable
+    assert argv[1:] == ["-m", "qsnap", "save", "--report", "/tmp/a b/r.json", "/img/x.qsnap"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(qsnap.__file__)))
+    assert savechild.save_env()["PYTHONPATH"].split(os.pathsep)[0] == root
+
+
+def test_save_child_that_fails_says_how(tmp_path):
+    """A save whose stream is empty ends with its error, which describe_end() carries."""
+    child = savechild.SaveChild([str(tmp_path / "x.qsnap")], str(tmp_path / "err"))
+    child.close_write_end()  # no writer left: the stream is empty
+    assert child.wait(60)
+    end = child.describe_end()
+    assert end.startswith("exited with status ") and "qsnap: error:" not in end
+    assert len(end) > len("exited with status 1: "), end
+    assert not (tmp_path / "x.qsnap").exists()
+
+
+class RunStateQmp:
+    """query-migrate says completed while the run state is still finish-migrate for a
+    few queries; cont is refused there, as QEMU does."""
+
+    path = "/run/fake.qmp"
+
+    def __init__(self, finishing=3):
+        self.finishing = finishing
+        self.status = "finish-migrate"
+        self.conts = 0
+
+    def cmd(self, name, arguments=None, **kw):
+        if name == "query-migrate":
+            return {"status": "completed"}
+        if name == "query-status":
+            if self.status == "finish-migrate":
+                self.finishing -= 1
+                if self.finishing < 0:
+                    self.status = "postmigrate"
+            return {"status": self.status}
+        if name == "cont":
+            if self.status == "finish-migrate":
+                raise VmError("QEMU refused cont: Migration is not finalized yet")
+            self.status = "running"
+            self.conts += 1
+            return {}
+        raise AssertionError(name)
+
+    def events(self, name=None):
+        stamp = {"seconds": 100, "microseconds": 0}
+        if name == "STOP":
+            return [{"event": "STOP", "timestamp": stamp}]
+        if name == "RESUME" and self.conts:
+            return [{"event": "RESUME", "timestamp": dict(stamp, microseconds=25000)}]
+        return []
+
+
+def test_resume_after_completed_waits_for_postmigrate(tmp_path):
+    """...and only then writes the VM record, with the downtime (the save waits for it)."""
+    s = snapshot._Snapshot("/run/fake.qmp", "/tmp/x.qsnap", "live", True, None)
+    s.q, s.was_running = RunStateQmp(), True
+    s.identity, s.workdir = ("7.2.22", None, "pc-i440fx-7.2"), str(tmp_path)
+    s._resume_when_streamed()
+    assert s.resumed and s.q.status == "running" and s.q.conts == 1
+    assert json.loads((tmp_path / "vm.json").read_text())["downtime_ms"] == 25.0
+    s._restore_run_state()  # already running: no second cont
+    assert s.q.conts == 1
 
 
 def test_human_summary():
@@ -109,3 +173,81 @@ def test_human_summary():
 def test_unknown_mode_is_refused():
     with pytest.raises(VmError, match="unknown snapshot mode 'fast'"):
         snapshot.snapshot("/nonexistent.qmp", "/tmp/x.qsnap", mode="fast")
+
+
+def test_cmdline_file_relative_to_qemus_directory():
+    d = overlays.Disk(device="d0", qdev=None, node_name="#b1", image="/srv/vm1/d0.qcow2",
+                      format="qcow2", virtual_size=1 << 20, chain=["/srv/vm1/d0.qcow2"])
+    argv = ["qemu-system-x86_64", "-drive", "file=d0.qcow2,if=none,id=d0"]
+    assert vmrecord.cmdline_file(d, argv, "/srv/vm1") == "/srv/vm1/d0.qcow2"
+    assert vmrecord.cmdline_file(d, argv, None) is None  # where QEMU ran is unknown
+    absolute = ["qemu-system-x86_64", "-drive", "file=/srv/vm1/d0.qcow2,if=none"]
+    assert vmrecord.cmdline_file(d, absolute, "/elsewhere") == "/srv/vm1/d0.qcow2"
+
+
+def test_read_cwd_of_a_process():
+    assert vmrecord.read_cwd(os.getpid()) == os.getcwd()
+    assert vmrecord.read_cwd(None) is None
+    assert vmrecord.read_cwd(1 << 30) is None  # no such process
+
+
+def test_vm_record_cwd_is_optional_and_absolute():
+    from qsnap.errors import ImageError
+    from qsnap.image import layout
+    rec = {"qemu_version": "7.2.22", "qemu_package": None, "machine": "pc-i440fx-7.2",
+           "cmdline": ["qemu-system-x86_64"], "mode": "background", "was_running": True,
+           "downtime_ms": None, "ram_only": True, "disks": []}
+    layout.validate_vm_record(rec)  # written before cwd existed
+    layout.validate_vm_record(dict(rec, cwd=None))
+    layout.validate_vm_record(dict(rec, cwd="/srv/vm1"))
+    with pytest.raises(ImageError, match=r"vm\.cwd.*absolute"):
+        layout.validate_vm_record(dict(rec, cwd="vm1"), path="vm")
+
+
+def test_disk_files_as_plain_absolute_paths():
+    json_name = ('json:{"backing": {"driver": "qcow2", "file": {"driver": "file", "filename": '
+                 '"../d0.qcow2"}}, "driver": "qcow2", "file": {"driver": "file", "filename": '
+                 '"/vm/d0.snap.qcow2"}}')
+    assert overlays._local_file(json_name, "/vm/run") == "/vm/d0.snap.qcow2"
+    assert overlays._local_file("../d0.qcow2", "/vm/run") == "/vm/d0.qcow2"
+    assert overlays._local_file("d0.qcow2", None) == "d0.qcow2"  # refused later by plan()
+    nbd = 'json:{"driver": "qcow2", "file": {"driver": "nbd", "server": {}}}'
+    assert overlays._local_file(nbd, "/vm") == nbd
+    assert overlays._local_file("nbd://host/x", "/vm") == "nbd://host/x"
+
+
+class FdQmp:
+    """Refuses migrate; closefd answers ``closefd_error`` when given."""
+
+    path = "/run/fake.qmp"
+
+    def __init__(self, closefd_error=None):
+        self.calls, self.closefd_error = [], closefd_error
+
+    def cmd(self, name, arguments=None, **kw):
+        self.calls.append((name, dict(arguments or {}, **kw)))
+        if name == "migrate":
+            raise VmError("QEMU refused migrate: no")
+        if name == "closefd" and self.closefd_error:
+            raise VmError(f"QEMU refused closefd: {self.closefd_error}")
+        return {}
+
+
+@pytest.mark.parametrize("answer", [None, "File descriptor named 'x' not found"])
+def test_pipe_name_closed_when_migrate_did_not_take_it(answer):
+    s = snapshot._Snapshot("/run/fake.qmp", "/tmp/x.qsnap", "background", True, None)
+    s.q, s.fd_named = FdQmp(answer), True
+    with pytest.raises(VmError, match="refused migrate"):
+        s._migrate()
+    assert s.fd_named  # QEMU may still hold it
+    s._close_fd_name()
+    assert s.q.calls[-1] == ("closefd", {"fdname": s.fd_name}) and not s.fd_named
+    s._close_fd_name()  # once is enough
+    assert len(s.q.calls) == 2
+
+
+def test_pipe_name_close_failure_is_reported():
+    s = snapshot._Snapshot("/run/fake.qmp", "/tmp/x.qsnap", "background", True, None)
+    s.q, s.fd_named = FdQmp("QMP connection lost"), True
+    with pytest.raises(VmError, match="connection lost"):
+        s._close_fd_name()
