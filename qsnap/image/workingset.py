@@ -176,7 +176,7 @@ def _rebuild_doc(img):
     def walk(obj, path):
         if isinstance(obj, dict):
             if set(obj) == {"offset", "length", "crc32c"}:
-                return layout.Blob(layout.get_blob(img._region, obj, path))
+                return layout.Blob(img.blob_bytes(obj, path))
             return {k: walk(v, f"{path}.{k}") for k, v in obj.items()}
         if isinstance(obj, list):
             return [walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]
