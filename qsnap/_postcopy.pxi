@@ -125,10 +125,12 @@ cdef class HostPager:
             raise self.em._error(&err)
         return count
 
-    def zero_pass(self, Py_ssize_t block, uint64_t hp0, uint64_t hp1, has_data):
+    def zero_pass(self, Py_ssize_t block, uint64_t hp0, uint64_t hp1, has_data, bint window=False):
         """ZERO records for the unsent host pages in [hp0, hp1) without stored pages.
 
-        ``has_data``: uint8 per host page, 1 = some target page is stored.
+        ``has_data``: uint8 per host page, 1 = some target page is stored: one
+        per host page of the block, or with ``window`` one per host page of
+        [hp0, hp1) only (clipped to the block).
         Records are queued, not flushed.  Returns the number of host pages sent.
         """
         self._current()
@@ -137,21 +139,24 @@ cdef class HostPager:
         cdef const uint8_t[::1] hd = _as_exact(has_data, _lnp.uint8, "has_data")
         cdef uint64_t t = self._tphp[block]
         cdef uint64_t nhp = sent.shape[0]
-        if hd.shape[0] != nhp:
-            raise ValueError("has_data must have one entry per host page")
         if hp1 > nhp:
             hp1 = nhp
+        cdef uint64_t base = hp0 if window else 0
+        if window and hd.shape[0] != (hp1 - hp0 if hp1 > hp0 else 0):
+            raise ValueError("has_data must have one entry per host page of the window")
+        if not window and hd.shape[0] != nhp:
+            raise ValueError("has_data must have one entry per host page")
         cdef uint64_t hp = hp0, j, tp1, count = 0
         cdef qs_emit_err err
         _memset(&err, 0, sizeof(err))
         cdef int rc = QS_EMIT_OK
         with nogil:
             while hp < hp1:
-                if sent[hp] or hd[hp]:
+                if sent[hp] or hd[hp - base]:
                     hp += 1
                     continue
                 j = hp
-                while j < hp1 and not sent[j] and not hd[j]:
+                while j < hp1 and not sent[j] and not hd[j - base]:
                     j += 1
                 tp1 = j * t
                 if tp1 > b.n_pages:
