@@ -39,7 +39,7 @@ import numpy as np
 from qsnap import _core
 from qsnap.errors import ImageError, IOFailure, ProtocolError, QsnapError, UsageError
 from qsnap.image import workingset
-from qsnap.image.pages import cluster_plan, open_data, read_target_pages
+from qsnap.image.pages import ClusterState, cluster_plan, open_data, read_target_pages
 from qsnap.load import PART_BYTES, grow_pipe, mem_size_record, ram_framing
 from qsnap.stream import constants as C
 from qsnap.stream import encode, returnpath
@@ -310,6 +310,21 @@ class _Postcopy:
     def _stored_pages(self, bi, tp0, tp1):
         return int(self.blocks[bi].stored_bits(tp0, tp1 - tp0).sum())
 
+    def _state(self, bi, tp0, tp1):
+        """The emitter's page-state window (first, stored bits, checksums) for target
+        pages [tp0, tp1) of block bi."""
+        b = self.blocks[bi]
+        first = tp0 & ~7
+        n = max(8, tp1 - first)
+        n += -n % 8
+        bits = np.zeros(n // 8, np.uint8)
+        crcs = np.zeros(n, np.uint32)
+        got = b.bits(first, n)
+        bits[:len(got)] = got
+        got = b.crcs(first, n)
+        crcs[:len(got)] = got
+        return first, bits, crcs
+
     def _check_return_path(self):
         """Raise the return path's error: QEMU went away or misbehaved.  The
         emitter calls this while a write waits for the stream's reader."""
@@ -338,9 +353,10 @@ class _Postcopy:
         """Read and send the unsent host pages [hp0, hp1) of block bi."""
         t = self.tphp[bi]
         tp0, tp1 = hp0 * t, min(hp1 * t, self.n_pages[bi])
-        data = (read_target_pages(self.img, self.req_fd, self.blocks[bi], tp0, tp1)
-                if self.blocks[bi].stored_bits(tp0, tp1 - tp0).any() else None)
-        return self.pager.emit(bi, hp0, hp1, data, tp0)
+        state = self._state(bi, tp0, tp1)
+        stored = np.unpackbits(state[1], bitorder="little")[tp0 - state[0]:tp1 - state[0]].any()
+        data = read_target_pages(self.img, self.req_fd, self.blocks[bi], tp0, tp1) if stored else None
+        return self.pager.emit(bi, hp0, hp1, data, tp0, state=state)
 
     # --- requests -----------------------------------------------------------------
 
@@ -412,7 +428,8 @@ class _Postcopy:
         except OSError:
             pass
         self.em = _core.PageEmitter(self.out_fd, self.tps)
-        self.em.set_blocks([(b.idstr, b.offset, b.length, b.bitmap, b.checksums) for b in self.blocks])
+        # page state goes to the emitter a window at a time (_state, ClusterState)
+        self.em.set_blocks([(b.idstr, b.offset, b.length, None, None) for b in self.blocks])
         self.pager = _core.HostPager(self.em, self.tphp)
         for i, b in enumerate(self.blocks):
             if not b.migrated:
@@ -523,8 +540,10 @@ class _Postcopy:
             for hp in range(0, nhp, ZERO_GROUP):
                 self._serve()
                 self._part()
-                pager.zero_pass(bi, hp, hp + ZERO_GROUP, self._has_data(bi, hp, hp + ZERO_GROUP),
-                                window=True)
+                t = self.tphp[bi]
+                hp1 = min(hp + ZERO_GROUP, nhp)
+                pager.zero_pass(bi, hp, hp1, self._has_data(bi, hp, hp1), window=True,
+                                state=self._state(bi, hp * t, min(hp1 * t, self.n_pages[bi])))
                 em.flush()
         self._cluster_pass(fd, host, virt, bidx, serve=True)
         for bi in self.migrated:
@@ -656,9 +675,11 @@ class _Postcopy:
         if not len(host):
             return
         group = self.group_pages if serve else self.cs // self.tps
+        state = ClusterState(self.img, blocks, virt, bidx,
+                             _core.state_window_pages(self.cs // self.tps))
         with _core.ClusterPass(self.pager, fd, host, virt, bidx, self.cs, group,
                                self.flag if serve else None, max(_core.AIO_DEFAULT_BUF_SIZE, self.cs),
-                               self.n_bufs, self.n_threads) as cp:
+                               self.n_bufs, self.n_threads, state=state) as cp:
             while True:
                 if serve:
                     self._serve()
