@@ -38,13 +38,13 @@ PS = 4096
 SECTION_ID = 2
 PART_PAGES = 4096   # as scale_gen.c
 
-# name -> (guest bytes, every n-th page holds data)
+# name -> (guest bytes, every n-th MiB holds data: the image is 1/n of the guest)
 CASES = {
     "all-2G": (2 * GiB, 1),
     "all-8G": (8 * GiB, 1),
     "all-16G": (16 * GiB, 1),
-    "quarter-64G": (64 * GiB, 4),
-    "sparse-1T": (1024 * GiB, 1024),
+    "quarter-64G": (64 * GiB, 4),     # a 16 GiB image
+    "sparse-1T": (1024 * GiB, 1024),  # a 1 GiB image
     "qemu-64G": (64 * GiB, None),
     "qemu-2G": (2 * GiB, None),   # a quick check of the real-QEMU harness
 }
@@ -79,7 +79,7 @@ def stream_ends(tmp, size):
 def stream_bytes(pre, suf, size, every):
     """Bytes scale_gen writes for this guest (to report time per GiB of stream)."""
     n = size // PS
-    data = (n + every - 1) // every
+    data = sum(min(256, n - p) for p in range(0, n, 256 * every))   # scale_gen's RUN_PAGES
     sections = (n + PART_PAGES - 1) // PART_PAGES
     records = n * 8 + data * PS + (n - data) + sections * (1 + len("pc.ram"))
     return pre.stat().st_size + suf.stat().st_size + records + sections * (5 + 8 + 5)

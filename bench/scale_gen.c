@@ -6,7 +6,9 @@
  * guest of any size streams through a pipe without a file of its size.
  *
  * usage: scale_gen PREFIX SUFFIX SECTION_ID PAGE_SIZE DATA_EVERY IDSTR:LENGTH...
- * DATA_EVERY: every n-th page holds data (1 = all), the others are ZERO. */
+ * DATA_EVERY: every n-th run of RUN_PAGES pages (1 MiB of 4 KiB pages) holds
+ * data (1 = all), the others are ZERO: guests keep data in ranges, so an image
+ * allocates 1/n of the clusters. */
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -21,6 +23,7 @@
 #define RAM_SAVE_FLAG_EOS 0x10
 #define RAM_SAVE_FLAG_CONTINUE 0x20
 #define PART_PAGES 4096
+#define RUN_PAGES 256
 #define OUT_BUF (4u << 20)
 #define POOL (1u << 20)
 
@@ -99,7 +102,7 @@ int main(int argc, char **argv)
             put_be(QEMU_VM_SECTION_PART, 1);
             put_be(sid, 4);
             for (uint64_t p = p0; p < n && p < p0 + PART_PAGES; p++) {
-                int data = every && (p % every) == 0;
+                int data = every && (p / RUN_PAGES) % every == 0;
                 uint64_t word = p * ps | (data ? RAM_SAVE_FLAG_PAGE : RAM_SAVE_FLAG_ZERO);
                 put_be(word | (p == p0 ? 0 : RAM_SAVE_FLAG_CONTINUE), 8);
                 if (p == p0) {
