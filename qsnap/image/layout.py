@@ -201,13 +201,6 @@ def _zeros_to(out, pos, end):
         pos += n
 
 
-def build_meta_region(doc):
-    """Serialise ``doc`` (Blob values inside) into the metadata region bytes."""
-    parts = []
-    write_meta_region(doc, parts.append)
-    return b"".join(parts)
-
-
 def parse_meta_region(head, region_length, meta_offset):
     """(JSON document, end of the block regions) of a metadata region of
     ``region_length`` bytes whose first bytes (head and JSON at least) are ``head``."""
@@ -237,17 +230,6 @@ def check_crc(crc, ref, what):
     if crc != ref["crc32c"]:
         raise ChecksumError(f"checksum mismatch in metadata blob {what}: stored 0x{ref['crc32c']:08x}, "
                             f"computed 0x{crc:08x} (metadata offset 0x{ref['offset']:x})")
-
-
-def check_blob(data, ref, what):
-    check_crc(_crc32c(data), ref, what)
-
-
-def get_blob(region, ref, what):
-    """Bytes of a blob (bounds validated already), checked against its crc32c."""
-    data = bytes(region[ref["offset"]:ref["offset"] + ref["length"]])
-    check_blob(data, ref, what)
-    return data
 
 
 # --- strict JSON validation -------------------------------------------------------

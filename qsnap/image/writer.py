@@ -334,26 +334,31 @@ class ImageWriter:
         self._sync()
         return tl, l1_size
 
-    def _replace_metadata(self, img, area, meta_length):
-        """Copy the data clusters of ``img`` at their host offsets, append ``area``
-        (metadata region and what follows it) and new tables, mark COMPLETE."""
+    def _replace_metadata(self, img, doc, tail_off, tail):
+        """Copy the data clusters of ``img`` at their host offsets, append the
+        metadata region of ``doc`` (streamed: its blobs may read from ``img``),
+        ``tail`` at ``tail_off`` from the region's start, new tables; mark COMPLETE."""
         cs = self.cluster_size
         self.meta_offset = img.meta_offset
         virt, hosts, data_end = _data_clusters(img)
         self._copy_range(img.fd, cs, data_end)
-        n_area = qcow2.size_to_clusters(len(area), cs)
+        out = _Appender(self, data_end)
+        meta_length, meta_crc = layout.write_meta_region(doc, out.write)
+        out.write(bytes(tail_off - meta_length))
+        out.write(tail)
+        n_area = qcow2.size_to_clusters(tail_off + len(tail), cs)
+        out.write(bytes(n_area * cs - tail_off - len(tail)))
+        out.flush()
         virtual_size = self.meta_offset + n_area * cs
-        self._pwrite(area + bytes(n_area * cs - len(area)), data_end)
         first = self.meta_offset // cs
         virt = np.concatenate([virt.astype(np.uint64),
                                np.arange(first, first + n_area, dtype=np.uint64)])
         hosts = np.concatenate([hosts, data_end + np.arange(n_area, dtype=np.uint64) * np.uint64(cs)])
         tl, l1_size = self._write_tables(virt, hosts, data_end + n_area * cs, virtual_size)
-        region = area[:meta_length]
         self._write_header(complete=True, size=virtual_size, l1_size=l1_size,
                            l1_offset=tl.l1_offset, reftable_offset=tl.reftable_offset,
                            reftable_clusters=tl.reftable_clusters, meta_offset=self.meta_offset,
-                           meta_length=meta_length, meta_crc=crc32c(region))
+                           meta_length=meta_length, meta_crc=meta_crc)
         self._sync()
         self._put_in_place()
 
@@ -448,14 +453,14 @@ def _data_clusters(img):
     return virt, hosts, data_end
 
 
-def replace_metadata(img, area, meta_length):
+def replace_metadata(img, doc, tail_off, tail):
     """Replace the metadata of the opened image ``img`` crash-safely: a complete new
-    image (same data clusters, ``area`` as its metadata region followed by whatever
-    lies after it) is written beside it, synced and renamed over it."""
+    image (same data clusters, the metadata region of ``doc`` followed by ``tail``
+    at ``tail_off`` from its start) is written beside it, synced and renamed over it."""
     w = ImageWriter(img.path, cluster_size=img.cluster_size, cache="writeback",
                     target_page_size=img.target_page_size)
     try:
-        w._replace_metadata(img, area, meta_length)
+        w._replace_metadata(img, doc, tail_off, tail)
     except BaseException:
         w.abort()
         raise
