@@ -89,6 +89,7 @@ cdef extern from "csrc/sink.h" nogil:
         QS_SINK_EINVAL
         QS_SINK_ETHREAD
         QS_SINK_EINTR
+        QS_SINK_ESPILL
 
     ctypedef struct qs_sink_err:
         int status
@@ -130,9 +131,11 @@ cdef extern from "csrc/sink.h" nogil:
     void qs_sink_get_stats(const qs_sink *s, qs_sink_stats *out)
     uint64_t qs_sink_n_clusters(const qs_sink *s)
     uint64_t qs_sink_n_pages(const qs_sink *s)
-    const uint64_t *qs_sink_host_map(const qs_sink *s)
-    const uint8_t *qs_sink_bitmap(const qs_sink *s)
-    const uint32_t *qs_sink_crcs(const qs_sink *s)
+    int qs_sink_set_spill(qs_sink *s, int fd, qs_sink_err *err)
+    int qs_sink_read_hosts(qs_sink *s, uint64_t first, uint64_t n, uint64_t *out,
+                           qs_sink_err *err)
+    int qs_sink_read_pages(qs_sink *s, uint64_t first, uint64_t n, uint8_t *bitmap,
+                           uint32_t *crcs, qs_sink_err *err)
     const uint64_t *qs_sink_block_records(const qs_sink *s)
 
 
@@ -211,6 +214,8 @@ cdef extern from "emit.h" nogil:
         uint64_t n_pages
         const uint8_t *bitmap
         const uint32_t *crcs
+        uint64_t state_first
+        uint64_t state_end
 
     ctypedef struct qs_emit:
         int fd

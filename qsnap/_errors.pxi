@@ -118,6 +118,10 @@ cdef object _sink_error(const qs_sink_err *err, str path, object block_names, _I
         return _IOFailure(f"{_strerror(err.errnum)} reading {path} at offset 0x{err.host_off:x}")
     if st == QS_SINK_ENOMEM:
         return _no_memory(f"page sink tables for {path}", err.value)
+    if st == QS_SINK_ESPILL:
+        verb = "writing" if err.value else "reading"
+        return _IOFailure(f"{_strerror(err.errnum)} {verb} the page-state spill file of {path} "
+                          f"at offset 0x{err.host_off:x}")
     if st == QS_SINK_ETHREAD:
         return _IOFailure(f"cannot start the page sink's writer threads for {path}: "
                           f"{_strerror(err.errnum)}")

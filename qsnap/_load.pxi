@@ -183,9 +183,15 @@ cdef class PageEmitter:
                 if not 1 <= len(raw) <= 255:
                     raise ValueError(f"block idstr length {len(raw)} not in 1..255")
                 npages = (length + ps - 1) // ps
+                if bitmap is None and checksums is None:   # state given window by window
+                    bitmap = _lnp.zeros(0, _lnp.uint8)
+                    checksums = _lnp.zeros(0, _lnp.uint32)
+                    npages_state = 0
+                else:
+                    npages_state = npages
                 bitmap = _as_exact(bitmap, _lnp.uint8, "block bitmap")
                 checksums = _as_exact(checksums, _lnp.uint32, "block checksums")
-                if bitmap.shape[0] * 8 < npages or checksums.shape[0] < npages:
+                if bitmap.shape[0] * 8 < npages_state or checksums.shape[0] < npages_state:
                     raise ValueError(f"bitmap/checksums of block '{raw.decode(errors='replace')}' "
                                      f"too short for {npages} pages")
                 if region % ps:
@@ -199,7 +205,7 @@ cdef class PageEmitter:
                 cb[i].region = region
                 cb[i].length = length
                 cb[i].n_pages = npages
-                if npages:
+                if npages_state:
                     bm = bitmap
                     cs = checksums
                     cb[i].bitmap = &bm[0]
@@ -286,28 +292,54 @@ cdef class PageEmitter:
         if rc != QS_EMIT_OK:
             raise self._error(&err)
 
-    def zero_range(self, Py_ssize_t block, uint64_t first=0, end=None):
-        """Queue ZERO records for the unstored pages in [first, end) of a block."""
-        cdef const qs_emit_block *b = self._block(block)
-        cdef uint64_t stop = b.n_pages if end is None else end
+    def zero_range(self, Py_ssize_t block, uint64_t first=0, end=None, bitmap=None):
+        """Queue ZERO records for the unstored pages in [first, end) of a block.
+
+        ``bitmap``: the stored bits of pages first.. (``first`` a multiple of 8),
+        in place of the block's own (a window of a large block's state)."""
+        cdef qs_emit_block wb = self._block(block)[0]
+        cdef uint64_t stop = wb.n_pages if end is None else end
+        cdef const uint8_t[::1] bm
         cdef qs_emit_err err
         _memset(&err, 0, sizeof(err))
         cdef int rc
+        if bitmap is not None:
+            bm = _as_exact(bitmap, _lnp.uint8, "bitmap window")
+            if first % 8 or bm.shape[0] * 8 < min(stop, wb.n_pages) - min(first, stop):
+                raise ValueError(f"bitmap window of {bm.shape[0]} bytes at page {first} does not "
+                                 f"cover pages {first}..{stop}")
+            if first >= stop:
+                return
+            wb.bitmap = &bm[0]
+            wb.crcs = NULL
+            wb.state_first = first
+            wb.state_end = first + <uint64_t>bm.shape[0] * 8
         with nogil:
-            rc = qs_emit_zero_range(&self.em, b, first, stop, &err)
+            rc = qs_emit_zero_range(&self.em, &wb, first, stop, &err)
         if rc != QS_EMIT_OK:
             raise self._error(&err)
+
+    def state_window_pages(self, size_t cluster_pages):
+        return state_window_pages(cluster_pages)
 
     def send_clusters(self, int fd, host_offsets, virtual_offsets, block_index,
                       size_t cluster_size, bytes part_start, bytes part_end,
                       uint64_t part_bytes=64 << 20, size_t buf_size=AIO_DEFAULT_BUF_SIZE,
-                      unsigned n_bufs=AIO_DEFAULT_BUFS, unsigned n_threads=AIO_DEFAULT_THREADS):
+                      unsigned n_bufs=AIO_DEFAULT_BUFS, unsigned n_threads=AIO_DEFAULT_THREADS,
+                      state=None):
         """PAGE records for the clusters at ``host_offsets`` of ``fd``, read in that order.
 
         Cluster k holds virtual offset ``virtual_offsets[k]`` of block
         ``block_index[k]``.  Records are framed as sections: ``part_start``
         before the first record, ``part_end`` once ``part_bytes`` of page data
         went out (and after the last).  Returns the number of sections.
+
+        ``state``: None to use the blocks' own bitmaps and checksums, else a
+        callable ``state(k0) -> (k1, bitmaps, crcs)`` giving the page state of
+        clusters k0..k1-1 (k1 > k0): uint8 rows of ``state_window_pages(...)``/8
+        stored-bit bytes and uint32 rows of as many checksums, row k - k0
+        starting at the cluster's first page rounded down to a multiple of 8.
+        So only a window of the state is in memory at a time.
         """
         host = _as_exact(host_offsets, _lnp.uint64, "host_offsets")
         virt = _as_exact(virtual_offsets, _lnp.uint64, "virtual_offsets")
@@ -342,6 +374,12 @@ cdef class PageEmitter:
         cdef uint64_t before, acc = 0
         cdef bint part_open = False
         cdef Py_ssize_t parts = 0
+        cdef bint windowed = state is not None
+        cdef size_t k0 = 0, k1 = 0, wp = state_window_pages(cluster_size // page_size)
+        cdef const uint8_t[:, ::1] wbm
+        cdef const uint32_t[:, ::1] wcrc
+        cdef qs_emit_block wb
+        cdef const qs_emit_block *bk
         with nogil:
             arc = qs_aio_open(&ring, fd, <const qs_extent *>&ev[0, 0], n, buf_size, n_bufs,
                               n_threads, &aerr)
@@ -362,7 +400,19 @@ cdef class PageEmitter:
                                     break
                                 part_open = True
                             before = self.em.pages
-                            erc = qs_emit_cluster(&self.em, &self.blocks[bp[k]], vp[k],
+                            bk = &self.blocks[bp[k]]
+                            if windowed:
+                                if k >= k1:
+                                    with gil:
+                                        k0 = k
+                                        k1, wbm, wcrc = _state_rows(state, k, n, wp)
+                                wb = bk[0]
+                                wb.state_first = ((vp[k] - wb.region) // page_size) & ~(<uint64_t>7)
+                                wb.state_end = wb.state_first + wp
+                                wb.bitmap = &wbm[k - k0, 0]
+                                wb.crcs = &wcrc[k - k0, 0]
+                                bk = &wb
+                            erc = qs_emit_cluster(&self.em, bk, vp[k],
                                                   c.data + pos, cluster_size, &eerr)
                             if erc != QS_EMIT_OK:
                                 break
@@ -391,3 +441,20 @@ cdef class PageEmitter:
             with nogil:
                 qs_aio_close(ring)
         return parts
+
+
+def state_window_pages(size_t cluster_pages):
+    """Pages of state per cluster for PageEmitter.send_clusters(state=...): the
+    cluster's pages from its first page rounded down to a multiple of 8."""
+    return (cluster_pages + 7) // 8 * 8 + (8 if cluster_pages % 8 else 0)
+
+
+def _state_rows(state, size_t k, size_t n, size_t wp):
+    """The next window of cluster page state from the send_clusters callable, checked."""
+    k1, bitmaps, crcs = state(k)
+    bitmaps = _as_exact(bitmaps, _lnp.uint8, "state bitmaps")
+    crcs = _as_exact(crcs, _lnp.uint32, "state checksums")
+    if not k < k1 <= n or bitmaps.shape != (k1 - k, wp // 8) or crcs.shape != (k1 - k, wp):
+        raise ValueError(f"page state for clusters {k}..{k1} of {n} has shapes {bitmaps.shape}, "
+                         f"{crcs.shape}; expected ({k1 - k}, {wp // 8}), ({k1 - k}, {wp})")
+    return k1, bitmaps, crcs

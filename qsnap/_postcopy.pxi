@@ -84,15 +84,19 @@ cdef class HostPager:
     def n_host_pages(self, Py_ssize_t block):
         return self.sent[block].shape[0]
 
-    def emit(self, Py_ssize_t block, uint64_t hp0, uint64_t hp1, data=None, uint64_t data_tp0=0):
+    def emit(self, Py_ssize_t block, uint64_t hp0, uint64_t hp1, data=None, uint64_t data_tp0=0,
+             state=None):
         """Records for the unsent host pages in [hp0, hp1) of ``block``, then flush.
 
         ``data`` (or None when none of them has a stored page) holds the image
         bytes of target pages ``data_tp0`` onwards and must cover every stored
-        page of the range.  Returns the number of host pages sent.
+        page of the range.  ``state``: None for the block's own page state, or
+        (first, bitmap, crcs) for a window of it from target page ``first`` (a
+        multiple of 8) covering the range.  Returns the number of host pages sent.
         """
         self._current()
-        cdef const qs_emit_block *b = self.em._block(block)
+        cdef qs_emit_block wb
+        cdef const qs_emit_block *b = _windowed(self.em._block(block), state, &wb)
         cdef uint64_t t = self.tphp[block]
         cdef uint64_t nhp = self.sent[block].shape[0]
         cdef uint64_t ps = self.em.em.page_size
@@ -125,33 +129,40 @@ cdef class HostPager:
             raise self.em._error(&err)
         return count
 
-    def zero_pass(self, Py_ssize_t block, uint64_t hp0, uint64_t hp1, has_data):
+    def zero_pass(self, Py_ssize_t block, uint64_t hp0, uint64_t hp1, has_data, bint window=False,
+                  state=None):
         """ZERO records for the unsent host pages in [hp0, hp1) without stored pages.
 
-        ``has_data``: uint8 per host page, 1 = some target page is stored.
+        ``has_data``: uint8 per host page, 1 = some target page is stored: one
+        per host page of the block, or with ``window`` one per host page of
+        [hp0, hp1) only (clipped to the block).  ``state`` as for emit().
         Records are queued, not flushed.  Returns the number of host pages sent.
         """
         self._current()
-        cdef const qs_emit_block *b = self.em._block(block)
+        cdef qs_emit_block wb
+        cdef const qs_emit_block *b = _windowed(self.em._block(block), state, &wb)
         cdef uint8_t[::1] sent = self.sent[block]
         cdef const uint8_t[::1] hd = _as_exact(has_data, _lnp.uint8, "has_data")
         cdef uint64_t t = self._tphp[block]
         cdef uint64_t nhp = sent.shape[0]
-        if hd.shape[0] != nhp:
-            raise ValueError("has_data must have one entry per host page")
         if hp1 > nhp:
             hp1 = nhp
+        cdef uint64_t base = hp0 if window else 0
+        if window and hd.shape[0] != (hp1 - hp0 if hp1 > hp0 else 0):
+            raise ValueError("has_data must have one entry per host page of the window")
+        if not window and hd.shape[0] != nhp:
+            raise ValueError("has_data must have one entry per host page")
         cdef uint64_t hp = hp0, j, tp1, count = 0
         cdef qs_emit_err err
         _memset(&err, 0, sizeof(err))
         cdef int rc = QS_EMIT_OK
         with nogil:
             while hp < hp1:
-                if sent[hp] or hd[hp]:
+                if sent[hp] or hd[hp - base]:
                     hp += 1
                     continue
                 j = hp
-                while j < hp1 and not sent[j] and not hd[j]:
+                while j < hp1 and not sent[j] and not hd[j - base]:
                     j += 1
                 tp1 = j * t
                 if tp1 > b.n_pages:
@@ -167,6 +178,31 @@ cdef class HostPager:
         if rc != QS_EMIT_OK:
             raise self.em._error(&err)
         return count
+
+
+cdef const qs_emit_block *_windowed(const qs_emit_block *b, state, qs_emit_block *wb) except NULL:
+    """``b``, or with ``state`` = (first, bitmap, crcs) a copy of it in ``wb`` whose
+    page state is that window (the arrays are kept alive by the caller's tuple)."""
+    cdef const uint8_t[::1] bm
+    cdef const uint32_t[::1] cr
+    if state is None:
+        return b
+    first, bitmap, crcs = state
+    for arr, dt in ((bitmap, _lnp.uint8), (crcs, _lnp.uint32)):
+        # no converted copy: the pointers must stay valid while the caller holds ``state``
+        if not isinstance(arr, _lnp.ndarray) or arr.dtype != dt or not arr.flags.c_contiguous:
+            raise TypeError(f"page state window arrays must be contiguous {_lnp.dtype(dt)} arrays")
+    bm = bitmap
+    cr = crcs
+    n = min(bm.shape[0] * 8, cr.shape[0])
+    if first % 8 or n == 0:
+        raise ValueError(f"page state window at page {first} of {n} pages")
+    wb[0] = b[0]
+    wb.state_first = first
+    wb.state_end = first + n
+    wb.bitmap = &bm[0]
+    wb.crcs = &cr[0]
+    return wb
 
 
 # step() results
@@ -190,7 +226,9 @@ cdef class ClusterPass:
     ``step()`` runs with the GIL released and returns when the pass is done,
     when ``flag`` (a RequestFlag) is set at a group boundary, or when the
     emitter's byte count reaches ``stop_bytes``; the next step() resumes
-    where it stopped.
+    where it stopped.  ``state``: None for the blocks' own page state, else a
+    callable giving it a batch of clusters at a time, as for
+    PageEmitter.send_clusters.
     """
 
     cdef HostPager pager
@@ -210,12 +248,18 @@ cdef class ClusterPass:
     cdef uint64_t q
     cdef bint q_set
     cdef readonly uint64_t host_pages_sent
+    cdef object state
+    cdef size_t k0, k1, wp
+    cdef const uint8_t[:, ::1] wbm
+    cdef const uint32_t[:, ::1] wcrc
 
     def __cinit__(self, HostPager pager, int fd, host_offsets, virtual_offsets, block_index,
                   uint64_t cluster_size, uint64_t group_pages, RequestFlag flag=None,
                   size_t buf_size=AIO_DEFAULT_BUF_SIZE, unsigned n_bufs=AIO_DEFAULT_BUFS,
-                  unsigned n_threads=AIO_DEFAULT_THREADS):
+                  unsigned n_threads=AIO_DEFAULT_THREADS, state=None):
         self.ring = NULL
+        self.state = state
+        self.k0 = self.k1 = 0
         self.pager = pager
         self.em = pager.em
         self.flag = flag
@@ -229,6 +273,7 @@ cdef class ClusterPass:
         self.group = group_pages
         self.cs = cluster_size
         cdef uint64_t ps = self.em.em.page_size
+        self.wp = state_window_pages(cluster_size // ps) if ps else 0
         if cluster_size < ps or cluster_size % ps:
             raise ValueError(f"cluster size {cluster_size} not a multiple of the page size")
         host = _as_exact(host_offsets, _lnp.uint64, "host_offsets")
@@ -305,6 +350,8 @@ cdef class ClusterPass:
         cdef size_t k
         cdef uint32_t bi
         cdef const qs_emit_block *b
+        cdef qs_emit_block wb
+        cdef bint windowed = self.state is not None
         cdef uint64_t t, p0, p1, qe, step, count = 0
         with nogil:
             while True:
@@ -319,6 +366,18 @@ cdef class ClusterPass:
                     k = self.c.first_extent + self.j
                     bi = self.bp[k]
                     b = &self.em.blocks[bi]
+                    if windowed:
+                        if k >= self.k1:
+                            with gil:
+                                self.k0 = k
+                                self.k1, self.wbm, self.wcrc = _state_rows(self.state, k, self.n,
+                                                                           self.wp)
+                        wb = b[0]
+                        wb.state_first = ((self.vp[k] - wb.region) // ps) & ~(<uint64_t>7)
+                        wb.state_end = wb.state_first + self.wp
+                        wb.bitmap = &self.wbm[k - self.k0, 0]
+                        wb.crcs = &self.wcrc[k - self.k0, 0]
+                        b = &wb
                     t = self.pager.tphp[bi]
                     p0 = (self.vp[k] - b.region) // ps
                     p1 = p0 + ppc

@@ -88,7 +88,10 @@ cdef class ClusterSink:
     ``fd`` is open read-write (with O_DIRECT when ``direct``); data clusters
     are appended from ``append_offset``. ``region_offsets``/``block_lengths``
     describe the blocks records refer to; ``block_names`` (idstrs) and
-    ``path`` only make error messages readable.
+    ``path`` only make error messages readable.  ``spill_dir``: where the
+    page-state spill file (an anonymous temporary file) goes, so that at
+    most a few MiB of per-page state stay in memory; None keeps it all in
+    memory (allocated as pages arrive).
     """
     cdef qs_sink *_s
     cdef readonly str path
@@ -97,12 +100,13 @@ cdef class ClusterSink:
     cdef readonly uint32_t cluster_size
     cdef readonly uint32_t page_size
     cdef object _region_offsets
+    cdef object _spill
     cdef _Interrupt _intr
 
     def __cinit__(self, int fd, uint64_t virtual_size, *, uint32_t cluster_size=1 << 20,
                   uint32_t page_size=4096, uint32_t n_slots=32, append_offset=None,
                   bint direct=False, region_offsets=None, block_lengths=None,
-                  block_names=None, str path="<fd>"):
+                  block_names=None, str path="<fd>", spill_dir=None):
         cdef uint64_t app = cluster_size if append_offset is None else append_offset
         cdef qs_sink_err err
         cdef int rc
@@ -118,6 +122,9 @@ cdef class ClusterSink:
         if rc:
             raise _sink_error(&err, path, None, self._intr)
         qs_sink_set_intr(self._s, &self._intr.c)
+        self._spill = None
+        if spill_dir is not None:
+            self._set_spill(spill_dir, path)
         self.path = path
         self.block_names = list(block_names) if block_names is not None else None
         self.virtual_size = virtual_size
@@ -133,6 +140,19 @@ cdef class ClusterSink:
                 raise ValueError("region_offsets and block_lengths differ in shape")
             self._set_blocks(offs, lens)
             self._region_offsets = offs
+
+    cdef int _set_spill(self, spill_dir, str path) except -1:
+        import tempfile
+        cdef qs_sink_err err
+        memset(&err, 0, sizeof(err))
+        try:
+            self._spill = tempfile.TemporaryFile(dir=spill_dir, prefix=".qsnap-state-")
+        except OSError as e:
+            raise _IOFailure(f"{_strerror(e.errno or 0)} creating the page-state spill file "
+                             f"of {path} in {spill_dir}") from None
+        if qs_sink_set_spill(self._s, self._spill.fileno(), &err):
+            raise _sink_error(&err, path, None, self._intr)
+        return 0
 
     cdef int _set_blocks(self, object offs, object lens) except -1:
         cdef const uint64_t[::1] o = offs
@@ -171,6 +191,9 @@ cdef class ClusterSink:
         self._s = NULL
         with nogil:
             qs_sink_free(s)
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
     def put_batch(self, records, data, region_offsets=None):
         """Apply a batch of page records (PAGE_REC_DTYPE array) whose payloads are in ``data``."""
@@ -270,13 +293,26 @@ cdef class ClusterSink:
     def n_pages(self):
         return qs_sink_n_pages(self._live())
 
-    def host_map(self):
-        """NumPy uint64 copy: host offset of each virtual cluster (0 = unallocated)."""
-        n = qs_sink_n_clusters(self._live())
+    def host_map(self, first=0, n=None):
+        """NumPy uint64 copy: host offset of virtual clusters first..first+n-1
+        (all by default; 0 = unallocated)."""
+        cdef qs_sink *s = self._live()
+        cdef qs_sink_err err
+        cdef int rc
+        total = qs_sink_n_clusters(s)
+        if n is None:
+            n = total - first
+        if first < 0 or n < 0 or first + n > total:
+            raise ValueError(f"cluster range {first}+{n} outside 0..{total}")
         out = _np.zeros(n, dtype=_np.uint64)
         cdef uint64_t[::1] o = out
-        if n:
-            memcpy(&o[0], qs_sink_host_map(self._live()), <size_t>n * sizeof(uint64_t))
+        cdef uint64_t f = first, k = n
+        memset(&err, 0, sizeof(err))
+        if k:
+            with nogil:
+                rc = qs_sink_read_hosts(s, f, k, &o[0], &err)
+            if rc:
+                raise _sink_error(&err, self.path, None, self._intr)
         return out
 
     def block_records(self):
@@ -310,19 +346,31 @@ cdef class ClusterSink:
         out = _np.zeros(nbytes, dtype=_np.uint8)
         cdef uint8_t[::1] o = out
         if nbytes:
-            memcpy(&o[0], qs_sink_bitmap(self._live()) + <size_t>(first_page // 8), <size_t>nbytes)
+            self._read_pages(first_page, n_pages, &o[0], NULL)
             if n_pages % 8:
                 out[-1] &= (1 << (n_pages % 8)) - 1
         return out
 
+    cdef int _read_pages(self, uint64_t first, uint64_t n, uint8_t *bm, uint32_t *crcs) except -1:
+        cdef qs_sink *s = self._live()
+        cdef qs_sink_err err
+        cdef int rc
+        memset(&err, 0, sizeof(err))
+        with nogil:
+            rc = qs_sink_read_pages(s, first, n, bm, crcs, &err)
+        if rc:
+            raise _sink_error(&err, self.path, None, self._intr)
+        return 0
+
     def checksums(self, first_page=0, n_pages=None):
         """NumPy little-endian uint32 copy of the page crcs for a page range."""
         first_page, n_pages = self._page_range(first_page, n_pages)
-        out = _np.zeros(n_pages, dtype='<u4')
+        lead = first_page % 8   # pages are read from a multiple of 8 on
+        out = _np.zeros(n_pages + lead, dtype='<u4')
         cdef uint32_t[::1] o = out
         if n_pages:
-            memcpy(&o[0], qs_sink_crcs(self._live()) + <size_t>first_page, <size_t>n_pages * sizeof(uint32_t))
-        return out
+            self._read_pages(first_page - lead, n_pages + lead, NULL, &o[0])
+        return out[lead:]
 
     cdef qs_sink_stats _stats(self):
         cdef qs_sink_stats st

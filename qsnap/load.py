@@ -28,7 +28,7 @@ import time
 from qsnap import _core
 from qsnap.errors import ImageError
 from qsnap.image import pages
-from qsnap.image.pages import cluster_plan, open_data
+from qsnap.image.pages import ClusterState, cluster_plan, open_data
 from qsnap.stream import constants as C
 from qsnap.stream import encode
 
@@ -131,7 +131,8 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
 
     grow_pipe(out_fd)
     em = _core.PageEmitter(out_fd, page_size)
-    em.set_blocks([(b.idstr, b.offset, b.length, b.bitmap, b.checksums) for b in blocks])
+    # page state (stored bits, checksums) goes to the emitter a window at a time
+    em.set_blocks([(b.idstr, b.offset, b.length, None, None) for b in blocks])
     host, virt, bidx = cluster_plan(img, blocks)
     if prefetch:
         host, virt, bidx = working_set_plan(img, host, virt, bidx, log)
@@ -145,7 +146,9 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
         t_pages = time.monotonic()
         parts = em.send_clusters(fd, host, virt, bidx, cs, framing.part_start,
                                  framing.section_close, part_bytes=part_bytes,
-                                 buf_size=buf_size, n_bufs=n_bufs, n_threads=n_threads)
+                                 buf_size=buf_size, n_bufs=n_bufs, n_threads=n_threads,
+                                 state=ClusterState(img, blocks, virt, bidx,
+                                                    em.state_window_pages(cs // page_size)))
         t_pages = time.monotonic() - t_pages
     finally:
         os.close(fd)
@@ -196,7 +199,8 @@ def _send_zero_pages(em, blocks, framing):
                 em.bytes(framing.part_start)
                 open_ = True
             before = em.zero_pages
-            em.zero_range(i, first, min(first + ZERO_PAGES_PER_CALL, n_pages))
+            end = min(first + ZERO_PAGES_PER_CALL, n_pages)
+            em.zero_range(i, first, end, bitmap=b.bits(first, end - first))
             in_part += em.zero_pages - before
             if in_part >= ZERO_PAGES_PER_PART:
                 em.bytes(framing.section_close)

@@ -39,7 +39,7 @@ import numpy as np
 from qsnap import _core
 from qsnap.errors import ImageError, IOFailure, ProtocolError, QsnapError, UsageError
 from qsnap.image import workingset
-from qsnap.image.pages import cluster_plan, open_data, read_target_pages
+from qsnap.image.pages import ClusterState, cluster_plan, open_data, read_target_pages
 from qsnap.load import PART_BYTES, grow_pipe, mem_size_record, ram_framing
 from qsnap.stream import constants as C
 from qsnap.stream import encode, returnpath
@@ -285,17 +285,45 @@ class _Postcopy:
                 raise ImageError(f"block '{b.idstr}' page size 0x{hps:x} unusable")
         self.tphp = [h // tps for h in self.host_sizes]
         self.n_pages = [-(-b.length // tps) for b in self.blocks]
-        self.has_data = []
-        self.cum = []
-        for b, t, n in zip(self.blocks, self.tphp, self.n_pages):
-            bits = np.unpackbits(b.bitmap, bitorder="little")[:n].astype(np.uint8)
-            nhp = -(-n // t)
-            padded = np.zeros(nhp * t, np.uint8)
-            padded[:n] = bits
-            self.has_data.append(padded.reshape(nhp, t).any(axis=1).astype(np.uint8))
-            self.cum.append(np.concatenate(([0], np.cumsum(bits, dtype=np.int64))))
+        self.n_host_pages = [-(-n // t) for n, t in zip(self.n_pages, self.tphp)]
         # small-page blocks go by data cluster, huge-page blocks by host page
         self.small = [hps <= cs for hps in self.host_sizes]
+
+    # Which pages are stored is read from the image when needed, a window at a
+    # time: no table per page or host page of the guest is kept for it.
+
+    def _has_data(self, bi, hp0, hp1):
+        """uint8 per host page of [hp0, hp1) of block bi: 1 where a target page is stored."""
+        t = self.tphp[bi]
+        hp1 = min(hp1, self.n_host_pages[bi])
+        bits = np.zeros(max(0, hp1 - hp0) * t, bool)
+        got = self.blocks[bi].stored_bits(hp0 * t, len(bits))
+        bits[:len(got)] = got
+        return bits.reshape(-1, t).any(axis=1).astype(np.uint8)
+
+    def _data_host_pages(self, bi):
+        """Host pages of block bi holding a stored page, ascending, a window at a time."""
+        for hp0 in range(0, self.n_host_pages[bi], ZERO_GROUP):
+            hd = self._has_data(bi, hp0, hp0 + ZERO_GROUP)
+            yield from (hp0 + int(h) for h in np.flatnonzero(hd))
+
+    def _stored_pages(self, bi, tp0, tp1):
+        return int(self.blocks[bi].stored_bits(tp0, tp1 - tp0).sum())
+
+    def _state(self, bi, tp0, tp1):
+        """The emitter's page-state window (first, stored bits, checksums) for target
+        pages [tp0, tp1) of block bi."""
+        b = self.blocks[bi]
+        first = tp0 & ~7
+        n = max(8, tp1 - first)
+        n += -n % 8
+        bits = np.zeros(n // 8, np.uint8)
+        crcs = np.zeros(n, np.uint32)
+        got = b.bits(first, n)
+        bits[:len(got)] = got
+        got = b.crcs(first, n)
+        crcs[:len(got)] = got
+        return first, bits, crcs
 
     def _check_return_path(self):
         """Raise the return path's error: QEMU went away or misbehaved.  The
@@ -325,9 +353,10 @@ class _Postcopy:
         """Read and send the unsent host pages [hp0, hp1) of block bi."""
         t = self.tphp[bi]
         tp0, tp1 = hp0 * t, min(hp1 * t, self.n_pages[bi])
-        data = (read_target_pages(self.img, self.req_fd, self.blocks[bi], tp0, tp1)
-                if self.has_data[bi][hp0:hp1].any() else None)
-        return self.pager.emit(bi, hp0, hp1, data, tp0)
+        state = self._state(bi, tp0, tp1)
+        stored = np.unpackbits(state[1], bitorder="little")[tp0 - state[0]:tp1 - state[0]].any()
+        data = read_target_pages(self.img, self.req_fd, self.blocks[bi], tp0, tp1) if stored else None
+        return self.pager.emit(bi, hp0, hp1, data, tp0, state=state)
 
     # --- requests -----------------------------------------------------------------
 
@@ -399,7 +428,8 @@ class _Postcopy:
         except OSError:
             pass
         self.em = _core.PageEmitter(self.out_fd, self.tps)
-        self.em.set_blocks([(b.idstr, b.offset, b.length, b.bitmap, b.checksums) for b in self.blocks])
+        # page state goes to the emitter a window at a time (_state, ClusterState)
+        self.em.set_blocks([(b.idstr, b.offset, b.length, None, None) for b in self.blocks])
         self.pager = _core.HostPager(self.em, self.tphp)
         for i, b in enumerate(self.blocks):
             if not b.migrated:
@@ -440,16 +470,16 @@ class _Postcopy:
             p0 = (int(virt[k]) - blocks[bi].offset) // self.tps
             p1 = min(p0 + ppc, self.n_pages[bi])
             keep[k] = True
-            acc += int(self.cum[bi][p1] - self.cum[bi][p0])
+            acc += self._stored_pages(bi, p0, p1)
         for bi in self.migrated:
             if self.small[bi]:
                 continue
-            for hp in np.flatnonzero(self.has_data[bi]):
+            t = self.tphp[bi]
+            for hp in self._data_host_pages(bi):
                 if acc >= target:
                     break
-                t = self.tphp[bi]
-                acc += int(self.cum[bi][min((hp + 1) * t, self.n_pages[bi])] - self.cum[bi][hp * t])
-                huge_pre.append((bi, int(hp)))
+                acc += self._stored_pages(bi, hp * t, min((hp + 1) * t, self.n_pages[bi]))
+                huge_pre.append((bi, hp))
         return keep, huge_pre
 
     def _send_precopy_share(self, fd, host, virt, bidx):
@@ -510,16 +540,21 @@ class _Postcopy:
             for hp in range(0, nhp, ZERO_GROUP):
                 self._serve()
                 self._part()
-                pager.zero_pass(bi, hp, hp + ZERO_GROUP, self.has_data[bi])
+                t = self.tphp[bi]
+                hp1 = min(hp + ZERO_GROUP, nhp)
+                pager.zero_pass(bi, hp, hp1, self._has_data(bi, hp, hp1), window=True,
+                                state=self._state(bi, hp * t, min(hp1 * t, self.n_pages[bi])))
                 em.flush()
         self._cluster_pass(fd, host, virt, bidx, serve=True)
         for bi in self.migrated:
             if self.small[bi]:
                 continue
-            for hp in np.flatnonzero(self.has_data[bi] & (pager.sent[bi] == 0)):
+            for hp in self._data_host_pages(bi):
+                if pager.sent[bi][hp]:
+                    continue
                 self._serve()
                 self._part()
-                self._send_host_pages(bi, int(hp), int(hp) + 1)
+                self._send_host_pages(bi, hp, hp + 1)
         self._serve()
         self._check_all_sent()
         self._close_part()
@@ -640,9 +675,11 @@ class _Postcopy:
         if not len(host):
             return
         group = self.group_pages if serve else self.cs // self.tps
+        state = ClusterState(self.img, blocks, virt, bidx,
+                             _core.state_window_pages(self.cs // self.tps))
         with _core.ClusterPass(self.pager, fd, host, virt, bidx, self.cs, group,
                                self.flag if serve else None, max(_core.AIO_DEFAULT_BUF_SIZE, self.cs),
-                               self.n_bufs, self.n_threads) as cp:
+                               self.n_bufs, self.n_threads, state=state) as cp:
             while True:
                 if serve:
                     self._serve()

@@ -31,9 +31,27 @@ static inline void put_be64(uint8_t *p, uint64_t v)
     }
 }
 
-static inline int page_stored(const uint8_t *bitmap, uint64_t i)
+/* Page i's stored bit and crc (i inside the block's state window). */
+static inline int page_stored(const qs_emit_block *b, uint64_t i)
 {
-    return (bitmap[i >> 3] >> (i & 7)) & 1;
+    i -= b->state_first;
+    return (b->bitmap[i >> 3] >> (i & 7)) & 1;
+}
+
+static inline uint32_t page_crc(const qs_emit_block *b, uint64_t i)
+{
+    return b->crcs[i - b->state_first];
+}
+
+/* Pages [p0, p1) lie inside b's state window (which has checksums if
+ * need_crcs): a block may come without state, given window by window. */
+static int check_window(const qs_emit_block *b, uint64_t p0, uint64_t p1, uint64_t ps,
+                        int need_crcs, qs_emit_err *err)
+{
+    uint64_t end = b->state_end ? b->state_end : b->n_pages;
+    if (p0 < b->state_first || p1 > end || !b->bitmap || (need_crcs && !b->crcs))
+        return set_err(err, QS_EMIT_EINVAL, 0, p0 * ps, b->state_first * ps);
+    return QS_EMIT_OK;
 }
 
 /* A pipe or socket is switched to O_NONBLOCK (restored by qs_emit_free): a
@@ -236,15 +254,15 @@ static int verify_pages(const qs_emit_block *b, uint64_t p0, uint64_t p1,
                         const uint8_t *data, uint64_t ps, qs_emit_err *err)
 {
     for (uint64_t i = p0; i < p1; i++) {
-        if (!page_stored(b->bitmap, i))
+        if (!page_stored(b, i))
             continue;
         if (!data)
             return set_err(err, QS_EMIT_EINVAL, 0, i * ps, 0);
         uint32_t c = qs_crc32c(0, data + (i - p0) * ps, ps);
-        if (c != b->crcs[i]) {
+        if (c != page_crc(b, i)) {
             set_err(err, QS_EMIT_ECRC, 0, i * ps, 0);
             err->block = b->index;
-            err->expected = b->crcs[i];
+            err->expected = page_crc(b, i);
             err->actual = c;
             return QS_EMIT_ECRC;
         }
@@ -278,6 +296,9 @@ int qs_emit_cluster(qs_emit *e, const qs_emit_block *b, uint64_t voff,
     uint64_t p1 = p0 + len / ps;
     if (p1 > b->n_pages)
         p1 = b->n_pages;
+    rc = check_window(b, p0, p1, ps, 1, err);
+    if (rc)
+        return rc;
 
     /* 1. every stored page's checksum, before anything of this cluster goes out */
     rc = verify_pages(b, p0, p1, data, ps, err);
@@ -286,7 +307,7 @@ int qs_emit_cluster(qs_emit *e, const qs_emit_block *b, uint64_t voff,
 
     /* 2. header in the arena + data in place, per stored page */
     for (uint64_t i = p0; i < p1; i++) {
-        if (!page_stored(b->bitmap, i))
+        if (!page_stored(b, i))
             continue;
         rc = reserve(e, 9 + 255, 2, err);
         if (rc)
@@ -307,12 +328,17 @@ int qs_emit_zero_range(qs_emit *e, const qs_emit_block *b, uint64_t first, uint6
         return set_err(err, QS_EMIT_EINVAL, 0, b->index, 0);
     if (end > b->n_pages)
         end = b->n_pages;
+    if (first < end) {
+        int rc = check_window(b, first, end, e->page_size, 0, err);
+        if (rc)
+            return rc;
+    }
     for (uint64_t i = first; i < end; i++) {
-        if ((i & 7) == 0 && i + 8 <= end && b->bitmap[i >> 3] == 0xff) {
+        if ((i & 7) == 0 && i + 8 <= end && b->bitmap[(i - b->state_first) >> 3] == 0xff) {
             i += 7;
             continue;
         }
-        if (page_stored(b->bitmap, i))
+        if (page_stored(b, i))
             continue;
         int rc = reserve(e, 10 + 255, 1, err);
         if (rc)
@@ -333,14 +359,17 @@ int qs_emit_page_range(qs_emit *e, const qs_emit_block *b, uint64_t p0, uint64_t
         return set_err(err, QS_EMIT_EINVAL, 0, b->index, 0);
     if (p1 > b->n_pages || p0 > p1)
         return set_err(err, QS_EMIT_EINVAL, 0, p0 * ps, p1);
-    int rc = verify_pages(b, p0, p1, data, ps, err);
+    int rc = p0 < p1 ? check_window(b, p0, p1, ps, 1, err) : QS_EMIT_OK;
+    if (rc)
+        return rc;
+    rc = verify_pages(b, p0, p1, data, ps, err);
     if (rc)
         return rc;
     for (uint64_t i = p0; i < p1; i++) {
         int rc = reserve(e, 10 + 255, 2, err);
         if (rc)
             return rc;
-        if (page_stored(b->bitmap, i)) {
+        if (page_stored(b, i)) {
             commit(e, put_header(e, b, i, QS_RAM_SAVE_FLAG_PAGE));
             e->iov[e->n_iov].iov_base = (void *)(data + (i - p0) * ps);
             e->iov[e->n_iov].iov_len = ps;

@@ -61,6 +61,12 @@ typedef struct qs_emit_block {
     uint64_t n_pages;        /* ceil(length / page_size) */
     const uint8_t *bitmap;   /* 1 bit per target page, LSB first; 1 = stored */
     const uint32_t *crcs;    /* crc32c per target page (native endian) */
+    /* The pages bitmap and crcs describe: [state_first, state_end), bit 0 of
+     * bitmap[0] and crcs[0] being page state_first (a multiple of 8), so that
+     * a window of a large block's state serves.  state_end 0: the whole block
+     * from page 0.  A page outside the window is QS_EMIT_EINVAL. */
+    uint64_t state_first;
+    uint64_t state_end;
 } qs_emit_block;
 
 typedef struct qs_emit {

@@ -89,6 +89,41 @@ typedef struct bufpool {
     uint32_t n_free;
 } bufpool;
 
+/* Per-cluster and per-page state (host offset, open slot, pages seen, stored
+ * bits, crc32c) in chunks of CHUNK_PAGES pages: a bounded cache of chunks in
+ * memory, the rest in a spill file, so that the sink's memory does not grow
+ * with the guest.  A chunk never written to the spill file reads as zeros
+ * (the file is sparse).  Without a spill file every chunk stays in memory,
+ * allocated on first use.  Layout of a chunk (K clusters, CHUNK_PAGES pages):
+ * host u64[K], slot u32[K] (slot + 1, 0 = none), cl_seen u16[K], then
+ * (8-aligned) stored bits, seen bits, crc u32[CHUNK_PAGES]. */
+#define CHUNK_PAGES 4096u
+/* Chunks kept in memory with a spill file (~4.5 MiB of 4 KiB pages' state);
+ * the native tests build with a few, to exercise the spill. */
+#ifndef QS_SINK_CACHE_CHUNKS
+#define QS_SINK_CACHE_CHUNKS 256u
+#endif
+#define CACHE_CHUNKS QS_SINK_CACHE_CHUNKS
+
+typedef struct pchunk {
+    uint64_t idx;      /* chunk index, UINT64_MAX = empty */
+    uint64_t stamp;    /* last use, for LRU */
+    int dirty;
+    uint8_t *mem;
+} pchunk;
+
+typedef struct pstate {
+    int fd;              /* spill file, -1 = none */
+    uint32_t k;          /* clusters per chunk */
+    uint64_t n_chunks;
+    size_t bytes;        /* of one chunk */
+    size_t off_slot, off_clseen, off_bm, off_seen, off_crc;
+    uint32_t cap, used;  /* cache entries: allowed, in use */
+    pchunk *cache;
+    int32_t *where;      /* per chunk: its cache entry or -1 */
+    uint64_t clock;
+} pstate;
+
 struct qs_sink {
     int fd;
     int direct;
@@ -99,12 +134,7 @@ struct qs_sink {
     uint32_t page_bits;
     uint64_t n_clusters;
     uint64_t n_pages;
-    uint64_t *host;    /* per cluster: host offset, 0 = unallocated */
-    int32_t *slot_of;  /* per cluster: open slot or NO_SLOT */
-    uint8_t *bitmap;   /* per page: stored (non-zero) bit */
-    uint32_t *crcs;    /* per page */
-    uint8_t *seen;     /* per page: a record for it arrived */
-    uint16_t *cl_seen; /* per cluster: its pages seen (<= 4096) */
+    pstate ps;         /* per-cluster and per-page state, in chunks */
 
     uint32_t n_slots;
     uint8_t **slot_buf;     /* the slot's cluster buffer, NULL while free */
@@ -238,6 +268,113 @@ static int fail(qs_sink_err *err, int status, int errnum, uint64_t voff,
     return status;
 }
 
+/* --- page state ------------------------------------------------------------ */
+
+static int pstate_init(pstate *p, uint64_t n_pages, uint32_t cluster_pages)
+{
+    p->fd = -1;
+    p->k = CHUNK_PAGES / cluster_pages;
+    p->n_chunks = (n_pages + CHUNK_PAGES - 1) / CHUNK_PAGES;
+    p->off_slot = (size_t)p->k * 8;
+    p->off_clseen = p->off_slot + (size_t)p->k * 4;
+    p->off_bm = (p->off_clseen + (size_t)p->k * 2 + 7) & ~(size_t)7;
+    p->off_seen = p->off_bm + CHUNK_PAGES / 8;
+    p->off_crc = p->off_seen + CHUNK_PAGES / 8;
+    p->bytes = p->off_crc + (size_t)CHUNK_PAGES * 4;
+    if (p->n_chunks > INT32_MAX)
+        return -1;
+    p->cap = p->n_chunks ? (uint32_t)p->n_chunks : 1;   /* until a spill file is set */
+    p->cache = calloc(p->cap, sizeof(pchunk));
+    p->where = malloc((p->n_chunks ? p->n_chunks : 1) * sizeof(int32_t));
+    if (!p->cache || !p->where)
+        return -1;
+    for (uint64_t i = 0; i < p->n_chunks; i++)
+        p->where[i] = -1;
+    return 0;
+}
+
+static void pstate_free(pstate *p)
+{
+    if (p->cache)
+        for (uint32_t i = 0; i < p->used; i++)
+            free(p->cache[i].mem);
+    free(p->cache);
+    free(p->where);
+}
+
+static int spill_io(pstate *p, int wr, uint8_t *buf, uint64_t idx, qs_sink_err *err)
+{
+    size_t done = 0;
+    off_t at = (off_t)(idx * p->bytes);
+    while (done < p->bytes) {
+        ssize_t r = wr ? pwrite(p->fd, buf + done, p->bytes - done, at + (off_t)done)
+                       : pread(p->fd, buf + done, p->bytes - done, at + (off_t)done);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return fail(err, QS_SINK_ESPILL, errno, 0, (uint64_t)at + done, wr);
+        if (r == 0) {
+            if (wr)
+                return fail(err, QS_SINK_ESPILL, EIO, 0, (uint64_t)at + done, wr);
+            memset(buf + done, 0, p->bytes - done);   /* never written: zeros */
+            break;
+        }
+        done += (size_t)r;
+    }
+    return QS_SINK_OK;
+}
+
+/* *out = the chunk of chunk index idx, loaded (and the least recently used
+ * one written back) if needed; a status (ENOMEM, ESPILL) on failure.  The
+ * pointer stays valid until the next call for another chunk that misses
+ * while this one is the least recently used of a full cache: callers look a
+ * chunk up again after anything that may load others. */
+static int pstate_chunk(pstate *p, uint64_t idx, int dirty, uint8_t **out, qs_sink_err *err)
+{
+    int rc;
+    int32_t e = p->where[idx];
+    *out = NULL;
+    if (e < 0) {
+        if (p->used < p->cap) {
+            uint8_t *mem = calloc(1, p->bytes);
+            if (!mem)
+                return fail(err, QS_SINK_ENOMEM, ENOMEM, 0, 0, p->bytes);
+            e = (int32_t)p->used++;
+            p->cache[e].mem = mem;
+        } else {
+            e = 0;
+            for (uint32_t i = 1; i < p->used; i++)
+                if (p->cache[i].stamp < p->cache[e].stamp)
+                    e = (int32_t)i;
+            pchunk *v = &p->cache[e];
+            if (v->dirty && (rc = spill_io(p, 1, v->mem, v->idx, err)))
+                return rc;
+            p->where[v->idx] = -1;
+            v->dirty = 0;
+        }
+        pchunk *c = &p->cache[e];
+        c->idx = idx;
+        if (p->fd >= 0 && (rc = spill_io(p, 0, c->mem, idx, err))) {
+            c->idx = UINT64_MAX;
+            c->stamp = 0;
+            return rc;
+        }
+        p->where[idx] = e;
+    }
+    pchunk *c = &p->cache[e];
+    c->stamp = ++p->clock;
+    c->dirty |= dirty;
+    *out = c->mem;
+    return QS_SINK_OK;
+}
+
+static inline uint64_t *ch_host(const pstate *p, uint8_t *m) { (void)p; return (uint64_t *)m; }
+static inline uint32_t *ch_slot(const pstate *p, uint8_t *m) { return (uint32_t *)(m + p->off_slot); }
+static inline uint16_t *ch_clseen(const pstate *p, uint8_t *m) { return (uint16_t *)(m + p->off_clseen); }
+static inline uint8_t *ch_bm(const pstate *p, uint8_t *m) { return m + p->off_bm; }
+static inline uint8_t *ch_seen(const pstate *p, uint8_t *m) { return m + p->off_seen; }
+static inline uint32_t *ch_crc(const pstate *p, uint8_t *m) { return (uint32_t *)(m + p->off_crc); }
+
 static void *writer_main(void *arg);
 
 /* Start the writer threads (two with O_DIRECT, else one); they take no
@@ -296,9 +433,9 @@ static int prealloc_helps(int fd)
 /* The sizes of what qs_sink_new allocates, for an ENOMEM report. */
 static uint64_t sink_bytes(const qs_sink *s, uint32_t n_cbufs, uint32_t n_pbufs)
 {
-    uint64_t nc = s->n_clusters, np = s->n_pages;
-    return sizeof(*s) + nc * (sizeof(uint64_t) + sizeof(int32_t) + sizeof(uint16_t)) +
-           np * sizeof(uint32_t) + 2 * (np / 8 + 1) + (uint64_t)s->q_cap * sizeof(wjob) +
+    uint64_t nch = s->ps.n_chunks;
+    return sizeof(*s) + nch * (sizeof(int32_t) + sizeof(pchunk)) + s->ps.bytes +
+           (uint64_t)s->q_cap * sizeof(wjob) +
            (uint64_t)n_cbufs * s->cluster_size + (uint64_t)n_pbufs * s->pbuf_size;
 }
 
@@ -343,12 +480,7 @@ int qs_sink_new(qs_sink **out, int fd, uint64_t virtual_size, uint32_t cluster_s
     n_pbufs = n_pbufs < 4 ? 4 : n_pbufs > 256 ? 256 : n_pbufs;
     s->q_cap = n_cbufs + n_pbufs;
 
-    s->host = calloc(s->n_clusters ? s->n_clusters : 1, sizeof(uint64_t));
-    s->slot_of = malloc((s->n_clusters ? s->n_clusters : 1) * sizeof(int32_t));
-    s->bitmap = calloc((s->n_pages + 7) / 8 + 1, 1);
-    s->crcs = calloc(s->n_pages ? s->n_pages : 1, sizeof(uint32_t));
-    s->seen = calloc((s->n_pages + 7) / 8 + 1, 1);
-    s->cl_seen = calloc(s->n_clusters ? s->n_clusters : 1, sizeof(uint16_t));
+    int pst = pstate_init(&s->ps, s->n_pages, 1u << (cbits - pbits));
     s->slot_buf = calloc(n_slots, sizeof(uint8_t *));
     s->slot_cluster = malloc(n_slots * sizeof(uint64_t));
     s->slot_stamp = calloc(n_slots, sizeof(uint64_t));
@@ -357,15 +489,12 @@ int qs_sink_new(qs_sink **out, int fd, uint64_t virtual_size, uint32_t cluster_s
     s->q = calloc(s->q_cap, sizeof(wjob));
     int pools = pool_init(&s->cpool, n_cbufs, cluster_size) |
                 pool_init(&s->ppool, n_pbufs, s->pbuf_size);
-    if (pools || !s->host || !s->slot_of || !s->bitmap || !s->crcs || !s->seen ||
-        !s->cl_seen || !s->slot_buf ||
+    if (pools || pst || !s->slot_buf ||
         !s->slot_cluster || !s->slot_stamp || !s->bounce || !s->scratch || !s->q) {
         uint64_t want = sink_bytes(s, n_cbufs, n_pbufs);
         qs_sink_free(s);
         return fail(err, QS_SINK_ENOMEM, ENOMEM, 0, 0, want);
     }
-    for (uint64_t c = 0; c < s->n_clusters; c++)
-        s->slot_of[c] = NO_SLOT;
     for (uint32_t i = 0; i < n_slots; i++)
         s->slot_cluster[i] = UINT64_MAX;
     int rc = writer_start(s);
@@ -396,12 +525,7 @@ void qs_sink_free(qs_sink *s)
         pthread_cond_destroy(&s->work_cv);
         pthread_mutex_destroy(&s->mu);
     }
-    free(s->host);
-    free(s->slot_of);
-    free(s->bitmap);
-    free(s->crcs);
-    free(s->seen);
-    free(s->cl_seen);
+    pstate_free(&s->ps);
     free(s->slot_buf);
     free(s->slot_cluster);
     free(s->slot_stamp);
@@ -424,6 +548,22 @@ void qs_sink_set_intr(qs_sink *s, const qs_intr *intr)
         s->intr = *intr;
     else
         s->intr.fn = NULL;
+}
+
+int qs_sink_set_spill(qs_sink *s, int fd, qs_sink_err *err)
+{
+    pstate *p = &s->ps;
+    if (fd < 0 || p->used)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, (uint64_t)(int64_t)fd);
+    uint32_t cap = p->n_chunks < CACHE_CHUNKS ? (uint32_t)p->n_chunks : CACHE_CHUNKS;
+    cap = cap ? cap : 1;
+    pchunk *c = realloc(p->cache, cap * sizeof(pchunk));
+    if (c) {   /* shrinking: a failure keeps the larger array, which works as well */
+        p->cache = c;
+    }
+    p->cap = cap;
+    p->fd = fd;
+    return QS_SINK_OK;
 }
 
 int qs_sink_set_blocks(qs_sink *s, const uint64_t *offsets,
@@ -739,20 +879,20 @@ static inline uint32_t cluster_pages(const qs_sink *s)
     return 1u << (s->cluster_bits - s->page_bits);
 }
 
-/* Zero the pages of cluster c's buffer that hold no data; return how many
- * pages do. */
-static uint64_t clear_holes(const qs_sink *s, uint64_t c, uint8_t *buf)
+/* Zero the pages of cluster c's buffer that hold no data (bm: the stored
+ * bits of its chunk); return how many pages do. */
+static uint64_t clear_holes(const qs_sink *s, uint64_t c, const uint8_t *bm, uint8_t *buf)
 {
     uint64_t n = cluster_pages(s);
-    uint64_t first = c * n;
+    uint64_t first = (c % s->ps.k) * n;
     uint64_t stored = 0;
     for (uint64_t i = 0; i < n; i++) {
         /* a cluster of 8 pages or more starts on a bitmap byte: take whole
          * bytes of stored pages at a time */
-        if (i % 8 == 0 && n - i >= 8 && s->bitmap[(first + i) / 8] == 0xff) {
+        if (i % 8 == 0 && n - i >= 8 && bm[(first + i) / 8] == 0xff) {
             stored += 8;
             i += 7;
-        } else if (bit_get(s->bitmap, first + i)) {
+        } else if (bit_get(bm, first + i)) {
             stored++;
         } else {
             memset(buf + (i << s->page_bits), 0, s->page_size);
@@ -783,17 +923,21 @@ static int slot_write_out(qs_sink *s, int32_t slot, qs_sink_err *err)
     uint64_t c = s->slot_cluster[slot];
     if (c == UINT64_MAX)
         return QS_SINK_OK;
+    uint8_t *m;
+    int rc = pstate_chunk(&s->ps, c / s->ps.k, 1, &m, err);
+    if (rc)
+        return rc;
     wjob j = {JOB_CLUSTER, s->slot_buf[slot], 0, 0, c << s->cluster_bits};
-    if (clear_holes(s, c, j.buf)) {
+    if (clear_holes(s, c, ch_bm(&s->ps, m), j.buf)) {
         j.len = (uint32_t)s->cluster_size;
         j.host_off = s->st.append_offset;
-        s->host[c] = j.host_off;
+        ch_host(&s->ps, m)[c % s->ps.k] = j.host_off;
         s->st.append_offset += s->cluster_size;
         s->st.clusters_written++;
         preallocate(s, s->st.append_offset);
     }
     s->slot_buf[slot] = NULL;
-    s->slot_of[c] = NO_SLOT;
+    ch_slot(&s->ps, m)[c % s->ps.k] = 0;
     s->slot_cluster[slot] = UINT64_MAX;
     store_fence();   /* the copies' streaming stores, before a writer sees the buffer */
     return enqueue(s, &j, err);
@@ -818,8 +962,17 @@ found:
     rc = take_buf(s, &s->cpool, &s->slot_buf[victim], c << s->cluster_bits, err);
     if (rc)
         return rc;
+    uint8_t *m;
+    rc = pstate_chunk(&s->ps, c / s->ps.k, 1, &m, err);
+    if (rc) {   /* the buffer goes back to the pool: the slot stays free */
+        pthread_mutex_lock(&s->mu);
+        s->cpool.free[s->cpool.n_free++] = s->slot_buf[victim];
+        pthread_mutex_unlock(&s->mu);
+        s->slot_buf[victim] = NULL;
+        return rc;
+    }
     s->slot_cluster[victim] = c;
-    s->slot_of[c] = victim;
+    ch_slot(&s->ps, m)[c % s->ps.k] = (uint32_t)victim + 1;
     *out = victim;
     return QS_SINK_OK;
 }
@@ -861,8 +1014,15 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
     } else {
         zero = 1;
     }
-    int was = bit_get(s->bitmap, pi);
-    int32_t slot = s->slot_of[c];
+    const pstate *p = &s->ps;
+    uint64_t ci = c % p->k, pj = pi % CHUNK_PAGES;
+    uint8_t *m;
+    int rc = pstate_chunk(&s->ps, c / p->k, 1, &m, err);
+    if (rc)
+        return rc;
+    int was = bit_get(ch_bm(p, m), pj);
+    int32_t slot = (int32_t)ch_slot(p, m)[ci] - 1;
+    uint64_t host = ch_host(p, m)[ci];
 
     if (slot != NO_SLOT) {
         /* a page that becomes zero only loses its bit: the bytes left in
@@ -870,28 +1030,32 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
         if (!zero)
             copy_to_cluster(s->slot_buf[slot] + in, data, ps);
         s->slot_stamp[slot] = ++s->clock;
-    } else if (s->host[c]) {
+    } else if (host) {
         if (!zero || was) {
-            int rc = queue_page(s, s->host[c] + in, voff, zero ? NULL : data, err);
+            rc = queue_page(s, host + in, voff, zero ? NULL : data, err);
             if (rc)
                 return rc;
             s->st.page_rewrites++;
         }
     } else if (!zero) {
-        int rc = slot_open(s, c, &slot, err);
+        rc = slot_open(s, c, &slot, err);
         if (rc)
             return rc;
         copy_to_cluster(s->slot_buf[slot] + in, data, ps);
         s->slot_stamp[slot] = ++s->clock;
     }
+    /* slot_open may have loaded another chunk: look this one up again */
+    rc = pstate_chunk(&s->ps, c / p->k, 1, &m, err);
+    if (rc)
+        return rc;
 
     if (zero) {
-        bit_set(s->bitmap, pi, 0);
-        s->crcs[pi] = 0;
+        bit_set(ch_bm(p, m), pj, 0);
+        ch_crc(p, m)[pj] = 0;
         s->st.pages_zero++;
     } else {
-        bit_set(s->bitmap, pi, 1);
-        s->crcs[pi] = qs_crc32c(0, data, ps);
+        bit_set(ch_bm(p, m), pj, 1);
+        ch_crc(p, m)[pj] = qs_crc32c(0, data, ps);
         s->st.pages_nonzero++;
     }
 
@@ -900,10 +1064,11 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
      * slot or two busy, not all of them, and so touches few buffers and
      * keeps them in the cache.  A later re-send of one of its pages (live
      * precopy) is a rewrite in place. */
-    if (!bit_get(s->seen, pi)) {
-        bit_set(s->seen, pi, 1);
-        if (++s->cl_seen[c] == cluster_pages(s) && s->slot_of[c] != NO_SLOT)
-            return slot_write_out(s, s->slot_of[c], err);
+    if (!bit_get(ch_seen(p, m), pj)) {
+        bit_set(ch_seen(p, m), pj, 1);
+        slot = (int32_t)ch_slot(p, m)[ci] - 1;
+        if (++ch_clseen(p, m)[ci] == cluster_pages(s) && slot != NO_SLOT)
+            return slot_write_out(s, slot, err);
     }
     return QS_SINK_OK;
 }
@@ -917,17 +1082,24 @@ int qs_sink_get(qs_sink *s, uint64_t voff, uint8_t *out, qs_sink_err *err)
         return fail(err, QS_SINK_ERANGE, 0, voff, 0, voff);
     uint64_t c = voff >> s->cluster_bits;
     uint64_t in = voff & (s->cluster_size - 1);
-    int32_t slot = s->slot_of[c];
-    if (slot != NO_SLOT && bit_get(s->bitmap, voff >> s->page_bits)) {
+    const pstate *p = &s->ps;
+    uint8_t *m;
+    int rc = pstate_chunk(&s->ps, c / p->k, 0, &m, err);
+    if (rc)
+        return rc;
+    int32_t slot = (int32_t)ch_slot(p, m)[c % p->k] - 1;
+    uint64_t host = ch_host(p, m)[c % p->k];
+    int stored = bit_get(ch_bm(p, m), (voff >> s->page_bits) % CHUNK_PAGES);
+    if (slot != NO_SLOT && stored) {
         memcpy(out, s->slot_buf[slot] + in, ps);
     } else if (slot != NO_SLOT) {
         memset(out, 0, ps);   /* the buffer may hold stale bytes there */
-    } else if (s->host[c] && bit_get(s->bitmap, voff >> s->page_bits)) {
+    } else if (host && stored) {
         /* the cluster, or a rewrite of this page, may still be queued */
-        int rc = drain(s, err);
+        rc = drain(s, err);
         if (rc)
             return rc;
-        rc = pread_full(s, s->bounce, ps, s->host[c] + in, voff, err);
+        rc = pread_full(s, s->bounce, ps, host + in, voff, err);
         if (rc)
             return rc;
         memcpy(out, s->bounce, ps);
@@ -1035,7 +1207,44 @@ void qs_sink_get_stats(const qs_sink *s, qs_sink_stats *out)
 
 uint64_t qs_sink_n_clusters(const qs_sink *s) { return s->n_clusters; }
 uint64_t qs_sink_n_pages(const qs_sink *s) { return s->n_pages; }
-const uint64_t *qs_sink_host_map(const qs_sink *s) { return s->host; }
-const uint8_t *qs_sink_bitmap(const qs_sink *s) { return s->bitmap; }
-const uint32_t *qs_sink_crcs(const qs_sink *s) { return s->crcs; }
+
+int qs_sink_read_hosts(qs_sink *s, uint64_t first, uint64_t n, uint64_t *out, qs_sink_err *err)
+{
+    const pstate *p = &s->ps;
+    if (first > s->n_clusters || n > s->n_clusters - first)
+        return fail(err, QS_SINK_ERANGE, 0, 0, 0, first);
+    for (uint64_t c = first; c < first + n;) {
+        uint8_t *m;
+        int rc = pstate_chunk(&s->ps, c / p->k, 0, &m, err);
+        if (rc)
+            return rc;
+        uint64_t ci = c % p->k, take = p->k - ci;
+        take = take < first + n - c ? take : first + n - c;
+        memcpy(out + (c - first), ch_host(p, m) + ci, take * sizeof(uint64_t));
+        c += take;
+    }
+    return QS_SINK_OK;
+}
+
+int qs_sink_read_pages(qs_sink *s, uint64_t first, uint64_t n, uint8_t *bitmap,
+                       uint32_t *crcs, qs_sink_err *err)
+{
+    const pstate *p = &s->ps;
+    if (first % 8 || first > s->n_pages || n > s->n_pages - first)
+        return fail(err, QS_SINK_ERANGE, 0, 0, 0, first);
+    for (uint64_t i = first; i < first + n;) {
+        uint8_t *m;
+        int rc = pstate_chunk(&s->ps, i / CHUNK_PAGES, 0, &m, err);
+        if (rc)
+            return rc;
+        uint64_t pj = i % CHUNK_PAGES, take = CHUNK_PAGES - pj;
+        take = take < first + n - i ? take : first + n - i;
+        if (bitmap)
+            memcpy(bitmap + (i - first) / 8, ch_bm(p, m) + pj / 8, (take + 7) / 8);
+        if (crcs)
+            memcpy(crcs + (i - first), ch_crc(p, m) + pj, take * sizeof(uint32_t));
+        i += take;
+    }
+    return QS_SINK_OK;
+}
 const uint64_t *qs_sink_block_records(const qs_sink *s) { return s->blk_records; }

@@ -3,7 +3,10 @@
  * A qs_sink covers a "virtual RAM space" (the block regions of
  * docs/image-format.md, section 2). It keeps, per virtual cluster, its host
  * offset in the file (0 = unallocated) and the slot buffer it is open in; per
- * target page, a "stored" bit (the page is non-zero) and its crc32c.
+ * target page, a "stored" bit (the page is non-zero) and its crc32c.  That
+ * state lives in chunks (4096 pages each): a bounded number in memory, the
+ * others in a spill file (qs_sink_set_spill), so the sink's memory does not
+ * grow with the guest.
  * Clusters are written whole, at the append position, as soon as every page
  * of theirs has arrived (data or zero), else when their slot is evicted
  * (least recently used) or on qs_sink_flush(); a page that arrives for a
@@ -49,6 +52,7 @@ enum {
     QS_SINK_EINVAL = -10,     /* bad sink parameters; value = the bad one (block = its index) */
     QS_SINK_ETHREAD = -11,    /* pthread_*_init / pthread_create failed (errnum) */
     QS_SINK_EINTR = -12,      /* a wait for the writers abandoned by the interrupt hook */
+    QS_SINK_ESPILL = -13,     /* spill file read/write failed (errnum); host_off = where; value = 1 if writing */
 };
 
 typedef struct qs_sink_err {
@@ -94,6 +98,12 @@ void qs_sink_free(qs_sink *s);
  * the page it was putting not stored; the sink may be used or freed. */
 void qs_sink_set_intr(qs_sink *s, const qs_intr *intr);
 
+/* The page-state spill file (open read-write, empty, owned by the caller, open
+ * until qs_sink_free): from now on at most a few MiB of page state stay in
+ * memory.  Only before the first page is put (EINVAL otherwise, or for fd < 0).
+ * Without one, all page state stays in memory (allocated as it is touched). */
+int qs_sink_set_spill(qs_sink *s, int fd, qs_sink_err *err);
+
 /* Block regions: offsets[i] (cluster aligned) and lengths[i] (used_length);
  * records address pages by (block, offset). Copies the arrays.  EINVAL names
  * the block (block, offset = its region offset, value = its length). */
@@ -123,9 +133,13 @@ int qs_sink_get(qs_sink *s, uint64_t voff, uint8_t *out, qs_sink_err *err);
 void qs_sink_get_stats(const qs_sink *s, qs_sink_stats *out);
 uint64_t qs_sink_n_clusters(const qs_sink *s);
 uint64_t qs_sink_n_pages(const qs_sink *s);
-const uint64_t *qs_sink_host_map(const qs_sink *s);   /* per virtual cluster */
-const uint8_t *qs_sink_bitmap(const qs_sink *s);      /* 1 bit per page, LSB first */
-const uint32_t *qs_sink_crcs(const qs_sink *s);       /* per page */
+/* Host offsets of virtual clusters first..first+n-1 into out (0 = unallocated). */
+int qs_sink_read_hosts(qs_sink *s, uint64_t first, uint64_t n, uint64_t *out, qs_sink_err *err);
+/* Pages first..first+n-1 (first a multiple of 8): stored bits into bitmap
+ * (ceil(n/8) bytes, LSB first; bits past n undefined) and crcs into crcs
+ * (n entries, native endianness); either may be NULL.  ERANGE: value = first. */
+int qs_sink_read_pages(qs_sink *s, uint64_t first, uint64_t n, uint8_t *bitmap,
+                       uint32_t *crcs, qs_sink_err *err);
 const uint64_t *qs_sink_block_records(const qs_sink *s); /* records per block */
 
 #endif

@@ -115,6 +115,30 @@ class Blob:
 
     def __init__(self, data):
         self.data = bytes(data)
+        self.length = len(self.data)
+        self.crc = None
+
+    def checksum(self):
+        if self.crc is None:
+            self.crc = _crc32c(self.data)
+        return self.crc
+
+    def chunks(self):
+        yield self.data
+
+
+class StreamBlob(Blob):
+    """A blob too large to hold: its length and crc32c are known beforehand and
+    ``chunks()`` (a callable) yields its bytes piece by piece when it is written."""
+
+    def __init__(self, length, crc, chunks):
+        self.data = None
+        self.length = length
+        self.crc = crc
+        self._chunks = chunks
+
+    def chunks(self):
+        return self._chunks()
 
 
 def _collect_blobs(obj, out):
@@ -138,37 +162,68 @@ def _substitute(obj, refs):
     return obj
 
 
-def build_meta_region(doc):
-    """Serialise ``doc`` (Blob values inside) into the metadata region bytes."""
+def plan_meta_region(doc):
+    """Lay out ``doc`` (Blob values inside) as a metadata region without its blobs'
+    bytes: (head and JSON bytes, [(offset, blob)], region length)."""
     blobs = []
     _collect_blobs(doc, blobs)
-    crcs = {id(b): _crc32c(b.data) for b in blobs}
     start = BLOB_ALIGN
     while True:
         refs = {}
         pos = start
         for b in blobs:
-            refs[id(b)] = {"offset": pos, "length": len(b.data), "crc32c": crcs[id(b)]}
-            pos = align_up(pos + len(b.data), BLOB_ALIGN)
+            refs[id(b)] = {"offset": pos, "length": b.length, "crc32c": b.checksum()}
+            pos = align_up(pos + b.length, BLOB_ALIGN)
         text = json.dumps(_substitute(doc, refs), separators=(",", ":"), sort_keys=False).encode()
         need = align_up(META_HEAD.size + len(text), BLOB_ALIGN)
         if need <= start:
             break
         start = need
-    out = bytearray(pos if blobs else align_up(META_HEAD.size + len(text), BLOB_ALIGN))
-    out[:META_HEAD.size] = META_HEAD.pack({"magic": META_MAGIC, "format_version": FORMAT_VERSION,
-                                           "json_length": len(text)})
-    out[META_HEAD.size:META_HEAD.size + len(text)] = text
-    for b in blobs:
-        off = refs[id(b)]["offset"]
-        out[off:off + len(b.data)] = b.data
-    return bytes(out)
+    head = META_HEAD.pack({"magic": META_MAGIC, "format_version": FORMAT_VERSION,
+                           "json_length": len(text)}) + text
+    length = pos if blobs else align_up(len(head), BLOB_ALIGN)
+    return head, [(refs[id(b)]["offset"], b) for b in blobs], length
 
 
-def parse_meta_region(region, meta_offset):
-    """(JSON document, end of the block regions) of a metadata region (crc already checked)."""
-    n = meta_json_length(region[:META_HEAD.size], len(region), meta_offset)
-    return parse_meta_json(bytes(region[META_HEAD.size:META_HEAD.size + n]), len(region), meta_offset)
+def write_meta_region(doc, write):
+    """Stream the metadata region of ``doc`` to ``write(bytes)`` in order (zero
+    padding included), one blob piece at a time: (region length, its crc32c)."""
+    head, placed, length = plan_meta_region(doc)
+    crc = 0
+    pos = 0
+
+    def out(buf):
+        nonlocal crc, pos
+        write(buf)
+        crc = _crc32c(buf, crc)
+        pos += len(buf)
+
+    out(head)
+    for off, b in placed:
+        _zeros_to(out, pos, off)
+        for piece in b.chunks():
+            out(piece)
+        if pos != off + b.length:
+            raise AssertionError(f"blob at 0x{off:x} yielded {pos - off} bytes, not {b.length}")
+    _zeros_to(out, pos, length)
+    return length, crc
+
+
+def _zeros_to(out, pos, end):
+    while pos < end:
+        n = min(end - pos, 1 << 20)
+        out(bytes(n))
+        pos += n
+
+
+def parse_meta_region(head, region_length, meta_offset):
+    """(JSON document, end of the block regions) of a metadata region of
+    ``region_length`` bytes whose first bytes (head and JSON at least) are ``head``."""
+    n = meta_json_length(head[:META_HEAD.size], region_length, meta_offset)
+    if len(head) < META_HEAD.size + n:
+        raise ImageError(f"metadata JSON length {n} runs past the region "
+                         f"({region_length} bytes) at virtual offset 0x{meta_offset + 8:x}")
+    return parse_meta_json(bytes(head[META_HEAD.size:META_HEAD.size + n]), region_length, meta_offset)
 
 
 def meta_json_length(head, region_length, meta_offset):
@@ -200,14 +255,10 @@ def parse_meta_json(text, region_length, meta_offset):
     return doc, regions_end
 
 
-def get_blob(region, ref, what):
-    """Bytes of a blob (bounds validated already), checked against its crc32c."""
-    data = bytes(region[ref["offset"]:ref["offset"] + ref["length"]])
-    crc = _crc32c(data)
+def check_crc(crc, ref, what):
     if crc != ref["crc32c"]:
         raise ChecksumError(f"checksum mismatch in metadata blob {what}: stored 0x{ref['crc32c']:08x}, "
                             f"computed 0x{crc:08x} (metadata offset 0x{ref['offset']:x})")
-    return data
 
 
 # --- strict JSON validation -------------------------------------------------------

@@ -82,6 +82,47 @@ def cluster_plan(img, blocks):
     return host[inside], virt[inside], idx[inside].astype(np.uint32)
 
 
+class ClusterState:
+    """The page state (stored bits, checksums) of the clusters of a cluster plan,
+    read from the image a batch of clusters at a time: the callable that
+    PageEmitter.send_clusters(state=...) asks for the next batch.  Row k - k0 of
+    each array covers ``window`` pages from cluster k's first page rounded down
+    to a multiple of 8; pages past the block's end are 0."""
+
+    STATE_PAGES = 1 << 18   # pages of state per batch (1 MiB of checksums)
+
+    def __init__(self, img, blocks, virt, bidx, window):
+        self.img, self.blocks, self.window = img, blocks, window
+        self.virt, self.bidx = virt, bidx
+        self.batch = max(1, self.STATE_PAGES // window)
+        cs = img.cluster_size
+        ppc = cs // img.target_page_size
+        # clusters that continue the previous one's pages: one read for a run of them
+        follows = np.zeros(len(virt), bool)
+        if len(virt) > 1 and ppc == window:
+            follows[1:] = (bidx[1:] == bidx[:-1]) & (virt[1:] == virt[:-1] + np.uint64(cs))
+        self.follows = follows
+
+    def __call__(self, k0):
+        k1 = min(k0 + self.batch, len(self.virt))
+        w, tps = self.window, self.img.target_page_size
+        bits = np.zeros((k1 - k0, w // 8), np.uint8)
+        crcs = np.zeros((k1 - k0, w), np.uint32)
+        j = k0
+        while j < k1:
+            r = j + 1
+            while r < k1 and self.follows[r]:
+                r += 1
+            b = self.blocks[int(self.bidx[j])]
+            first = ((int(self.virt[j]) - b.offset) // tps) & ~7
+            got = b.bits(first, (r - j) * w)
+            bits[j - k0:r - k0].reshape(-1)[:len(got)] = got
+            got = b.crcs(first, (r - j) * w)
+            crcs[j - k0:r - k0].reshape(-1)[:len(got)] = got
+            j = r
+        return k1, bits, crcs
+
+
 def read_target_pages(img, fd, block, tp0, tp1):
     """Image bytes of target pages [tp0, tp1) of ``block`` (pread on ``fd``, unallocated -> zeros)."""
     tps, cs = img.target_page_size, img.cluster_size

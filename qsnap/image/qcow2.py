@@ -175,22 +175,27 @@ def pack_header_cluster(header, exts, cluster_size):
 
 # --- tables -------------------------------------------------------------------
 
-def build_l2_tables(host_map, cluster_bits):
-    """L2 tables for a host map (uint64 host offset per virtual cluster, 0 = none).
+def sparse_l2_tables(virt, host, cluster_bits):
+    """L2 tables for a sparse map: host offsets ``host`` of virtual clusters ``virt``
+    (uint64 arrays, any order, no cluster twice).
 
-    Returns (l1_indices, tables): the L1 indices that need an L2 table and a
-    big-endian uint64 array of shape (len(l1_indices), l2_entries)."""
+    Returns (l1_indices, tables): the L1 indices that need an L2 table, ascending,
+    and an iterator of their tables' bytes (big-endian), built one at a time."""
     import numpy as np  # the writer's tables only: reading a header must not import NumPy
 
-    l2_entries = 1 << l2_bits(cluster_bits)
-    hm = np.asarray(host_map, dtype=np.uint64)
-    n_l1 = max(1, size_to_clusters(len(hm), l2_entries))
-    padded = np.zeros(n_l1 * l2_entries, dtype=np.uint64)
-    padded[:len(hm)] = hm
-    entries = np.where(padded != 0, padded | np.uint64(QCOW_OFLAG_COPIED), np.uint64(0))
-    entries = entries.reshape(n_l1, l2_entries)
-    used = np.flatnonzero(entries.any(axis=1))
-    return used, entries[used].astype(">u8")
+    l2b = l2_bits(cluster_bits)
+    order = np.argsort(virt, kind="stable")
+    v, h = np.asarray(virt, np.uint64)[order], np.asarray(host, np.uint64)[order]
+    l1_indices, starts = np.unique(v >> np.uint64(l2b), return_index=True)
+    bounds = list(starts) + [len(v)]
+
+    def tables():
+        for k, i in enumerate(l1_indices):
+            lo, hi = bounds[k], bounds[k + 1]
+            t = np.zeros(1 << l2b, dtype=np.uint64)
+            t[(v[lo:hi] - (i << np.uint64(l2b))).astype(np.int64)] = h[lo:hi] | np.uint64(QCOW_OFLAG_COPIED)
+            yield t.astype(">u8").tobytes()
+    return l1_indices.astype(np.int64), tables()
 
 
 @dataclass

@@ -19,11 +19,17 @@ from qsnap.image.qcow2 import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MA
                                L2E_STD_RESERVED_MASK, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
                                QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, INCOMPAT_FEATURE_NAMES)
 
-VERIFY_READ = 64 << 20  # bytes per read in verify_all
+VERIFY_READ = 8 << 20   # bytes per read in verify_all (a bound on check's memory)
+SCAN_READ = 8 << 20     # bytes per read while the metadata region's checksums are verified
 
 
 @dataclass
 class BlockInfo:
+    """A RAM block of the image.  Its stored-page bitmap and page checksums stay in
+    the image (1 bit and 4 bytes per target page: a GiB per TiB of guest) and are
+    read window by window: bits() and crcs().  ``bitmap`` and ``checksums`` read
+    them whole, for small images and tests only."""
+
     idstr: str
     length: int
     page_size: int
@@ -32,11 +38,45 @@ class BlockInfo:
     migrated: bool
     page_size_on_wire: bool
     gpa: object
-    bitmap: np.ndarray = field(repr=False)     # uint8, 1 bit per target page, LSB first
-    checksums: np.ndarray = field(repr=False)  # '<u4' per target page
+    _img: object = field(repr=False)
+    _bitmap_at: int = field(repr=False)     # virtual offsets of the blobs
+    _checksums_at: int = field(repr=False)
+
+    @property
+    def n_pages(self):
+        return pages_of(self.length, self._img.target_page_size)
+
+    def bits(self, first, n):
+        """uint8 stored-bit bytes of pages first..first+n-1 (``first`` a multiple of 8;
+        bits past the block's last page are 0)."""
+        if first % 8 or first < 0 or n < 0:
+            raise ValueError(f"bitmap window {first}+{n} does not start at a multiple of 8")
+        n = max(0, min(n, self.n_pages - first))
+        data = self._img._read_virtual(self._bitmap_at + first // 8, (n + 7) // 8)
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def stored_bits(self, first, n):
+        """bool array: which of pages first..first+n-1 are stored (clipped to the block)."""
+        lead = first % 8
+        bits = np.unpackbits(self.bits(first - lead, n + lead), bitorder="little")
+        return bits[lead:lead + max(0, min(n, self.n_pages - first))].astype(bool)
+
+    def crcs(self, first, n):
+        """'<u4' checksums of pages first..first+n-1 (clipped to the block)."""
+        n = max(0, min(n, self.n_pages - first))
+        data = self._img._read_virtual(self._checksums_at + 4 * first, 4 * n)
+        return np.frombuffer(data, dtype="<u4")
+
+    @property
+    def bitmap(self):
+        return self.bits(0, self.n_pages)
+
+    @property
+    def checksums(self):
+        return self.crcs(0, self.n_pages)
 
     def stored(self, page_index):
-        return bool((self.bitmap[page_index >> 3] >> (page_index & 7)) & 1)
+        return bool((int(self.bits(page_index & ~7, 8)[0]) >> (page_index & 7)) & 1)
 
 
 def pread_exact(fd, length, offset, path):
@@ -175,12 +215,12 @@ class Image:
         self.meta_clusters = {0}  # host clusters holding qcow2 metadata
         self._check_tables(hdr)
         self._map_clusters(hdr)
-        region, doc = self._read_metadata(ext, ext_off)
-        self._load_blocks(region, doc)
+        doc, blobs = self._read_metadata(ext, ext_off)
+        self._load_blocks(doc, blobs)
         self._check_ram_clusters()
-        self.header_bytes = layout.get_blob(region, doc["stream"]["header"], "stream.header")
-        self.pre_ram = layout.get_blob(region, doc["stream"]["pre_ram"], "stream.pre_ram")
-        self.device_state = layout.get_blob(region, doc["device_state"], "device_state")
+        self.header_bytes = blobs.take(doc["stream"]["header"], "stream.header")
+        self.pre_ram = blobs.take(doc["stream"]["pre_ram"], "stream.pre_ram")
+        self.device_state = blobs.take(doc["device_state"], "device_state")
         self.stream_info = doc["stream"]
         # a damaged working set is reported, never fatal: it only orders pages
         self.working_set, self.working_set_problem = workingset.read(self)
@@ -292,7 +332,9 @@ class Image:
                              f"offset 0x{v * cs:x}) overlaps qcow2 metadata")
 
     def _read_metadata(self, ext, ext_off):
-        """The metadata region, checksum checked and parsed: (region bytes, document)."""
+        """The metadata region, checked in one streaming pass (its crc32c, every
+        blob's, the bitmaps' population counts) without holding it whole:
+        (document, _Blobs)."""
         cs, size, vsize = self.cluster_size, self.file_bytes, self.virtual_size
         mo, ml = ext["meta_offset"], ext["meta_length"]
         if mo % cs or ml < layout.META_HEAD.size or mo + ml > vsize:
@@ -301,13 +343,14 @@ class Image:
         if ml > size:  # stored in the file: never allocate more than the file holds
             raise ImageError(f"metadata length 0x{ml:x} at image offset 0x{ext_off + 16:x} exceeds "
                              f"the file size 0x{size:x}")
-        region = self._read_virtual(mo, ml)
-        crc = crc32c(region)
-        if crc != ext["meta_crc32c"]:
-            raise ChecksumError(f"metadata region checksum mismatch: stored 0x{ext['meta_crc32c']:08x}, "
-                                f"computed 0x{crc:08x} (metadata at virtual offset 0x{mo:x}, "
-                                f"image offset 0x{self.host_offset(mo):x})")
-        doc, regions_end = layout.parse_meta_region(region, mo)
+        self.meta_offset = mo
+        self.meta_length = ml
+        try:
+            doc, regions_end = layout.parse_meta_region(self._meta_head(mo, ml), ml, mo)
+        except ImageError:
+            self._scan_region(mo, ml, ext["meta_crc32c"], None)   # a damaged region says so first
+            raise
+        blobs = self._scan_region(mo, ml, ext["meta_crc32c"], doc)
         if doc["cluster_size"] != cs:
             raise ImageError(f"metadata cluster_size {doc['cluster_size']} differs from the header's {cs}")
         if doc["target_page_size"] != ext["target_page_size"]:
@@ -318,28 +361,54 @@ class Image:
                              f"at 0x{mo:x}")
         self.meta = doc
         self.target_page_size = doc["target_page_size"]
-        self.meta_offset = mo
-        self.meta_length = ml
-        self._region = region
-        return region, doc
+        return doc, blobs
 
-    def _load_blocks(self, region, doc):
-        tps = self.target_page_size
+    def _meta_head(self, mo, ml):
+        """The metadata region's head and JSON document (all of it, however long)."""
+        head = self._read_virtual(mo, min(ml, 1 << 20))
+        if len(head) >= layout.META_HEAD.size:
+            want = layout.META_HEAD.size + layout.META_HEAD.unpack(head)["json_length"]
+            if len(head) < want <= ml:
+                head = self._read_virtual(mo, want)
+        return head
+
+    def _scan_region(self, mo, ml, want_crc, doc):
+        """Read the region once: check its crc32c, compute each blob's crc32c and
+        each bitmap's population count, keep the small blobs' bytes."""
+        blobs = _Blobs(doc, doc["target_page_size"] if doc is not None else 0)
+        crc = 0
+        for pos in range(0, ml, SCAN_READ):
+            buf = self._read_virtual(mo + pos, min(SCAN_READ, ml - pos))
+            crc = crc32c(buf, crc)
+            blobs.feed(pos, buf)
+        if crc != want_crc:
+            raise ChecksumError(f"metadata region checksum mismatch: stored 0x{want_crc:08x}, "
+                                f"computed 0x{crc:08x} (metadata at virtual offset 0x{mo:x}, "
+                                f"image offset 0x{self.host_offset(mo):x})")
+        return blobs
+
+    def _load_blocks(self, doc, blobs):
+        mo = self.meta_offset
         blocks = []
         for i, b in enumerate(doc["ram_blocks"]):
-            bitmap = np.frombuffer(layout.get_blob(region, b["bitmap"], f"ram_blocks[{i}].bitmap"),
-                                   dtype=np.uint8)
-            crcs = np.frombuffer(layout.get_blob(region, b["checksums"], f"ram_blocks[{i}].checksums"),
-                                 dtype="<u4")
-            n = pages_of(b["length"], tps)
-            nz = int(np.unpackbits(bitmap, bitorder="little")[:n].sum())
+            blobs.check(b["bitmap"], f"ram_blocks[{i}].bitmap")
+            blobs.check(b["checksums"], f"ram_blocks[{i}].checksums")
+            nz = blobs.popcount(b["bitmap"])
             if nz != b["nonzero_pages"]:
                 raise ImageError(f"block '{b['idstr']}': nonzero_pages {b['nonzero_pages']} but the "
                                  f"bitmap has {nz} pages")
             blocks.append(BlockInfo(b["idstr"], b["length"], b["page_size"], b["offset"],
                                     b["nonzero_pages"], b["migrated"], b["page_size_on_wire"],
-                                    b["gpa"], bitmap, crcs))
+                                    b["gpa"], self, mo + b["bitmap"]["offset"],
+                                    mo + b["checksums"]["offset"]))
         self.blocks = blocks
+
+    def blob_chunks(self, ref):
+        """The bytes of a blob of the metadata region, SCAN_READ at a time (its
+        crc32c was checked when the image was opened)."""
+        start = self.meta_offset + ref["offset"]
+        for pos in range(0, ref["length"], SCAN_READ):
+            yield self._read_virtual(start + pos, min(SCAN_READ, ref["length"] - pos))
 
     def _check_ram_clusters(self):
         """Every data cluster below the metadata region belongs to a block's region."""
@@ -411,7 +480,7 @@ class Image:
                              f"(virtual offset 0x{voff:x})")
         data = pread_exact(self._fd, tps, h, self.path)
         crc = crc32c(data)
-        if crc != int(b.checksums[p]):
+        if crc != int(b.crcs(p, 1)[0]):
             raise ChecksumError(f"checksum mismatch in block '{b.idstr}' page 0x{offset:x} "
                                 f"(image offset 0x{h:x})")
         return data
@@ -451,10 +520,9 @@ class Image:
                 b = self.blocks[bi]
                 first = (int(pairs[k, 1]) - b.offset) // tps
                 n = min(ppc, pages_of(b.length, tps) - first)
-                bits = np.unpackbits(b.bitmap[first // 8:(first + n + 7) // 8],
-                                     bitorder="little")[:n].astype(bool)
+                bits = b.stored_bits(first, n)
                 got = crcs[(k - i) * ppc:(k - i) * ppc + n]
-                bad = np.flatnonzero(bits & (got != b.checksums[first:first + n]))
+                bad = np.flatnonzero(bits & (got != b.crcs(first, n)))
                 for p in bad:
                     po = (first + int(p)) * tps
                     problems.append(f"checksum mismatch in block '{b.idstr}' page 0x{po:x} "
@@ -500,3 +568,66 @@ class Image:
             "working_set": self.working_set.info() if self.working_set is not None else None,
             "working_set_problem": self.working_set_problem,
         }
+
+
+class _BlobScan:
+    """One blob's running crc32c, and for a bitmap its population count over
+    ``n_pages`` bits, or for a small blob its bytes."""
+
+    def __init__(self, ref, n_pages=None, keep=False):
+        self.ref, self.n_pages = ref, n_pages
+        self.crc, self.popcount = 0, 0
+        self.data = bytearray() if keep else None
+
+    def feed(self, piece, last):
+        self.crc = crc32c(piece, self.crc)
+        if self.data is not None:
+            self.data += piece
+        if self.n_pages is not None:
+            bits = np.frombuffer(piece, dtype=np.uint8)
+            if last and self.n_pages % 8:   # bits past the block's last page do not count
+                bits = bits.copy()
+                bits[-1] &= (1 << (self.n_pages % 8)) - 1
+            self.popcount += int(np.bitwise_count(bits).sum())
+
+
+class _Blobs:
+    """What one pass over the metadata region learns about its blobs (_BlobScan each)."""
+
+    def __init__(self, doc, target_page_size):
+        self.scans = {}
+        if doc is None:
+            return
+        for ref in (doc["stream"]["header"], doc["stream"]["pre_ram"], doc["device_state"]):
+            self._add(ref, keep=True)
+        for b in doc["ram_blocks"]:
+            self._add(b["bitmap"], n_pages=pages_of(b["length"], target_page_size))
+            self._add(b["checksums"])
+
+    def _add(self, ref, **kw):
+        key = (ref["offset"], ref["length"])
+        if key not in self.scans:
+            self.scans[key] = _BlobScan(ref, **kw)
+        elif kw.get("keep"):
+            self.scans[key].data = self.scans[key].data or bytearray()
+
+    def feed(self, pos, buf):
+        end = pos + len(buf)
+        view = memoryview(buf)
+        for (off, length), scan in self.scans.items():
+            lo, hi = max(off, pos), min(off + length, end)
+            if lo < hi:
+                scan.feed(view[lo - pos:hi - pos], hi == off + length)
+
+    def _scan(self, ref):
+        return self.scans[(ref["offset"], ref["length"])]
+
+    def check(self, ref, what):
+        layout.check_crc(self._scan(ref).crc, ref, what)
+
+    def popcount(self, ref):
+        return self._scan(ref).popcount
+
+    def take(self, ref, what):
+        self.check(ref, what)
+        return bytes(self._scan(ref).data)

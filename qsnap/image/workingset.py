@@ -172,11 +172,14 @@ def clusters_first(entries, blocks, host, virt, cluster_size, tps):
 # --- storing --------------------------------------------------------------------------
 
 def _rebuild_doc(img):
-    """The image's metadata document with every blob reference replaced by its bytes."""
+    """The image's metadata document with every blob reference replaced by a blob
+    that reads its bytes from the image as the new region is written, a window
+    at a time (their crc32c were checked when the image was opened)."""
     def walk(obj, path):
         if isinstance(obj, dict):
             if set(obj) == {"offset", "length", "crc32c"}:
-                return layout.Blob(layout.get_blob(img._region, obj, path))
+                return layout.StreamBlob(obj["length"], obj["crc32c"],
+                                         lambda ref=obj: img.blob_chunks(ref))
             return {k: walk(v, f"{path}.{k}") for k, v in obj.items()}
         if isinstance(obj, list):
             return [walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]
@@ -186,7 +189,7 @@ def _rebuild_doc(img):
 
 
 def metadata_with(doc, ws, data, cluster_size):
-    """(metadata region, working-set offset relative to the region) for ``doc``
+    """(document, working-set offset relative to the region, region length): ``doc``
     plus a ``working_set`` reference to ``data`` at the first cluster boundary
     after the region (it depends on the JSON's length: iterate to the fixed point)."""
     crc = layout._crc32c(data)
@@ -195,11 +198,11 @@ def metadata_with(doc, ws, data, cluster_size):
         ref = {"offset": off, "length": len(data), "crc32c": crc, "pages": len(ws),
                "recorded": ws.recorded, "first_recorded": ws.first_recorded,
                "restores": ws.restores}
-        region = layout.build_meta_region({**doc, "working_set": ref})
-        need = layout.align_up(len(region), cluster_size)
-        if need <= off:
-            return region, off
-        off = need
+        full = {**doc, "working_set": ref}
+        length = layout.plan_meta_region(full)[2]
+        if layout.align_up(length, cluster_size) <= off:
+            return full, off, length
+        off = layout.align_up(length, cluster_size)
 
 
 def store(path, new_entries, log=None, now=None):
@@ -221,7 +224,6 @@ def store(path, new_entries, log=None, now=None):
             ws = WorkingSet(merge(old.entries, new_entries), now, old.first_recorded,
                             old.restores + 1)
         data = ws.entries.tobytes()
-        region, off = metadata_with(_rebuild_doc(img), ws, data, img.cluster_size)
-        area = region + bytes(off - len(region)) + data
-        replace_metadata(img, area, len(region))
+        doc, off, _ = metadata_with(_rebuild_doc(img), ws, data, img.cluster_size)
+        replace_metadata(img, doc, off, data)
     return ws

@@ -17,9 +17,14 @@ from qsnap._core import ClusterSink, crc32c
 from qsnap.atomic import fsync_dir, io_error
 from qsnap.errors import ImageError, IOFailure, UsageError
 from qsnap.image import layout, qcow2
-from qsnap.image.layout import Blob, block_field, pages_of
+from qsnap.image.layout import Blob, StreamBlob, block_field, pages_of
 
 DEFAULT_CLUSTER_SIZE = 1 << 20
+# Pages of per-page state (stored bits, checksums) read from the sink at a time
+# while the metadata is written: 4 MiB of checksums, whatever the guest's size.
+STATE_WINDOW = 1 << 20
+# Bytes gathered before one write of the metadata region.
+META_WRITE = 4 << 20
 # Where data clusters are written: 'writeback' through the page cache; 'none'
 # with O_DIRECT (a warning and the page cache where the filesystem refuses it);
 # 'auto' with O_DIRECT where the filesystem takes it, silently the page cache
@@ -161,7 +166,8 @@ class ImageWriter:
                                 page_size=self.target_page_size, n_slots=self.n_slots,
                                 append_offset=self.cluster_size, direct=self.direct,
                                 region_offsets=self.region_offsets, block_lengths=lengths,
-                                block_names=[b["idstr"] for b in self.blocks], path=self.tmp_path)
+                                block_names=[b["idstr"] for b in self.blocks], path=self.tmp_path,
+                                spill_dir=self.dir)
         return self.region_offsets
 
     def finish(self, *, header_bytes=b"", pre_ram=b"", device_state=b"", stream_info=None,
@@ -183,7 +189,7 @@ class ImageWriter:
                 machine, created, vm):
         sink = self.sink
         sink.flush()
-        ram_blocks, total_nonzero, n_records = self._ram_blocks()
+        ram_blocks, total_nonzero, n_records, (virt, hosts) = self._ram_blocks()
         full_counts = {"pages": n_records, "nonzero_pages": total_nonzero,
                        "zero_pages": n_records - min(n_records, total_nonzero),
                        "page_records": n_records, "stream_bytes": 0}
@@ -203,15 +209,15 @@ class ImageWriter:
         }
         if vm is not None:
             doc["vm"] = vm
-        region = layout.build_meta_region(doc)
-        host_map, pos, virtual_size = self._write_metadata(region)
-        tl, l1_size = self._write_tables(host_map, pos, virtual_size)
+        meta_length, meta_crc, virt, hosts, pos, virtual_size = self._write_metadata(doc, virt, hosts)
+        tl, l1_size = self._write_tables(virt, hosts, pos, virtual_size)
         self._write_header(complete=True, size=virtual_size, l1_size=l1_size,
                            l1_offset=tl.l1_offset, reftable_offset=tl.reftable_offset,
                            reftable_clusters=tl.reftable_clusters, meta_offset=self.meta_offset,
-                           meta_length=len(region), meta_crc=crc32c(region))
+                           meta_length=meta_length, meta_crc=meta_crc)
         self._sync()
-        counters, n_clusters = sink.counters(), sink.n_clusters
+        counters, n_data = sink.counters(), len(virt) - qcow2.size_to_clusters(meta_length,
+                                                                                self.cluster_size)
         sink.close()   # its writer threads go before the fd they write to
         self._put_in_place()
         return {
@@ -219,9 +225,9 @@ class ImageWriter:
             "file_bytes": tl.end,
             "virtual_size": virtual_size,
             "cluster_size": self.cluster_size,
-            "data_clusters": int(np.count_nonzero(host_map[:n_clusters])),
+            "data_clusters": n_data,
             "meta_offset": self.meta_offset,
-            "meta_length": len(region),
+            "meta_length": meta_length,
             "nonzero_pages": total_nonzero,
             "blocks": len(self.blocks),
             "direct_io": self.direct,
@@ -230,7 +236,10 @@ class ImageWriter:
         }
 
     def _ram_blocks(self):
-        """Metadata of every block (bitmap and checksums from the sink), pages stored, records seen."""
+        """Metadata of every block, pages stored, records seen, and the data clusters
+        (virtual cluster indices, host offsets).  The bitmaps and checksums are blobs
+        read from the sink window by window (their crc32c now, their bytes when the
+        metadata region is written), so they are never held whole."""
         sink, tps = self.sink, self.target_page_size
         records = sink.block_records()
         ram_blocks = []
@@ -238,20 +247,45 @@ class ImageWriter:
         for i, b in enumerate(self.blocks):
             first = int(self.region_offsets[i]) // tps
             n = pages_of(b["length"], tps)
-            bitmap = sink.nonzero_bitmap(first, n)
-            crcs = sink.checksums(first, n)
-            nz = int(np.unpackbits(bitmap, bitorder="little").sum())
+            bm_crc, crc_crc, nz = 0, 0, 0
+            for bm, crcs in self._state_windows(first, n):
+                bm_crc = crc32c(bm, bm_crc)
+                crc_crc = crc32c(crcs, crc_crc)
+                nz += int(np.bitwise_count(np.frombuffer(bm, np.uint8)).sum())
             total_nonzero += nz
             ram_blocks.append({
                 **b,
                 "offset": int(self.region_offsets[i]),
                 "migrated": bool(records[i]) if len(records) else False,
                 "nonzero_pages": nz,
-                "bitmap": Blob(bitmap.tobytes()),
-                "checksums": Blob(crcs.astype("<u4").tobytes()),
+                "bitmap": StreamBlob((n + 7) // 8, bm_crc,
+                                        lambda f=first, n=n: (w[0] for w in self._state_windows(f, n))),
+                "checksums": StreamBlob(4 * n, crc_crc,
+                                           lambda f=first, n=n: (w[1] for w in self._state_windows(f, n))),
             })
         n_records = int(records.sum()) if len(records) else 0
-        return ram_blocks, total_nonzero, n_records
+        return ram_blocks, total_nonzero, n_records, self._data_clusters()
+
+    def _state_windows(self, first, n):
+        """(stored bits, little-endian checksums) bytes of pages first..first+n-1,
+        STATE_WINDOW pages at a time (``first`` is cluster aligned, so a multiple of 8)."""
+        for at in range(0, n, STATE_WINDOW):
+            k = min(STATE_WINDOW, n - at)
+            yield (self.sink.nonzero_bitmap(first + at, k).tobytes(),
+                   self.sink.checksums(first + at, k).astype("<u4", copy=False).tobytes())
+
+    def _data_clusters(self):
+        """(virtual cluster indices, host offsets) of the data clusters written."""
+        sink = self.sink
+        n = sink.n_clusters
+        step = STATE_WINDOW
+        virt, hosts = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
+        for at in range(0, n, step):
+            h = sink.host_map(at, min(step, n - at))
+            used = np.flatnonzero(h)
+            virt.append(used.astype(np.uint64) + np.uint64(at))
+            hosts.append(h[used])
+        return np.concatenate(virt), np.concatenate(hosts)
 
     def _stream_doc(self, header_bytes, pre_ram, commands, stream_info):
         """meta.stream: what regenerates the stream besides pages and device state."""
@@ -266,29 +300,32 @@ class ImageWriter:
         stream.update({k: v for k, v in stream_info.items() if k not in ("header", "pre_ram", "commands")})
         return stream
 
-    def _write_metadata(self, region):
-        """Metadata clusters, appended after the data clusters: (host map, next offset, virtual size)."""
-        sink, cs = self.sink, self.cluster_size
-        meta_length = len(region)
-        meta_clusters = qcow2.size_to_clusters(meta_length, cs)
-        virtual_size = self.meta_offset + meta_clusters * cs
-        pos = sink.append_offset
-        host_map = np.zeros(virtual_size // cs, dtype=np.uint64)
-        host_map[:sink.n_clusters] = sink.host_map()
-        padded = region + bytes(meta_clusters * cs - meta_length)
-        self._pwrite(padded, pos)
-        first_meta = self.meta_offset // cs
-        host_map[first_meta:first_meta + meta_clusters] = \
-            pos + np.arange(meta_clusters, dtype=np.uint64) * np.uint64(cs)
-        return host_map, pos + meta_clusters * cs, virtual_size
-
-    def _write_tables(self, host_map, pos, virtual_size):
-        """L2 tables, L1, refcount blocks and table from ``pos`` on, synced: (table layout, l1_size)."""
+    def _write_metadata(self, doc, virt, hosts):
+        """The metadata region, streamed to the clusters after the data clusters:
+        (its length, its crc32c, data and metadata clusters (virtual, host), next
+        offset, virtual size)."""
         cs = self.cluster_size
-        l1_indices, l2 = qcow2.build_l2_tables(host_map, self.cluster_bits)
+        pos = self.sink.append_offset
+        out = _Appender(self, pos)
+        meta_length, meta_crc = layout.write_meta_region(doc, out.write)
+        meta_clusters = qcow2.size_to_clusters(meta_length, cs)
+        out.write(bytes(meta_clusters * cs - meta_length))
+        out.flush()
+        virtual_size = self.meta_offset + meta_clusters * cs
+        first_meta = self.meta_offset // cs
+        virt = np.concatenate([virt, np.arange(first_meta, first_meta + meta_clusters, dtype=np.uint64)])
+        hosts = np.concatenate([hosts, pos + np.arange(meta_clusters, dtype=np.uint64) * np.uint64(cs)])
+        return meta_length, meta_crc, virt, hosts, pos + meta_clusters * cs, virtual_size
+
+    def _write_tables(self, virt, hosts, pos, virtual_size):
+        """L2 tables, L1, refcount blocks and table from ``pos`` on, synced: (table layout, l1_size).
+        ``virt``/``hosts``: every mapped cluster (virtual cluster index, host offset)."""
+        cs = self.cluster_size
+        l1_indices, l2_tables = qcow2.sparse_l2_tables(virt, hosts, self.cluster_bits)
         l1_size = qcow2.l1_size_for(virtual_size, self.cluster_bits)
         tl = qcow2.plan_tables(pos, len(l1_indices), l1_size, cs)
-        self._pwrite(l2.tobytes(), tl.l2_offset)
+        for k, table in enumerate(l2_tables):
+            self._pwrite(table, tl.l2_offset + k * cs)
         self._pwrite(qcow2.build_l1_table(l1_size, l1_indices, tl.l2_offset, cs, tl.l1_clusters),
                      tl.l1_offset)
         refblocks, reftable = qcow2.build_refcounts(tl)
@@ -297,26 +334,31 @@ class ImageWriter:
         self._sync()
         return tl, l1_size
 
-    def _replace_metadata(self, img, area, meta_length):
-        """Copy the data clusters of ``img`` at their host offsets, append ``area``
-        (metadata region and what follows it) and new tables, mark COMPLETE."""
+    def _replace_metadata(self, img, doc, tail_off, tail):
+        """Copy the data clusters of ``img`` at their host offsets, append the
+        metadata region of ``doc`` (streamed: its blobs may read from ``img``),
+        ``tail`` at ``tail_off`` from the region's start, new tables; mark COMPLETE."""
         cs = self.cluster_size
         self.meta_offset = img.meta_offset
         virt, hosts, data_end = _data_clusters(img)
         self._copy_range(img.fd, cs, data_end)
-        n_area = qcow2.size_to_clusters(len(area), cs)
+        out = _Appender(self, data_end)
+        meta_length, meta_crc = layout.write_meta_region(doc, out.write)
+        out.write(bytes(tail_off - meta_length))
+        out.write(tail)
+        n_area = qcow2.size_to_clusters(tail_off + len(tail), cs)
+        out.write(bytes(n_area * cs - tail_off - len(tail)))
+        out.flush()
         virtual_size = self.meta_offset + n_area * cs
-        self._pwrite(area + bytes(n_area * cs - len(area)), data_end)
-        host_map = np.zeros(virtual_size // cs, dtype=np.uint64)
-        host_map[virt] = hosts
         first = self.meta_offset // cs
-        host_map[first:first + n_area] = data_end + np.arange(n_area, dtype=np.uint64) * np.uint64(cs)
-        tl, l1_size = self._write_tables(host_map, data_end + n_area * cs, virtual_size)
-        region = area[:meta_length]
+        virt = np.concatenate([virt.astype(np.uint64),
+                               np.arange(first, first + n_area, dtype=np.uint64)])
+        hosts = np.concatenate([hosts, data_end + np.arange(n_area, dtype=np.uint64) * np.uint64(cs)])
+        tl, l1_size = self._write_tables(virt, hosts, data_end + n_area * cs, virtual_size)
         self._write_header(complete=True, size=virtual_size, l1_size=l1_size,
                            l1_offset=tl.l1_offset, reftable_offset=tl.reftable_offset,
                            reftable_clusters=tl.reftable_clusters, meta_offset=self.meta_offset,
-                           meta_length=meta_length, meta_crc=crc32c(region))
+                           meta_length=meta_length, meta_crc=meta_crc)
         self._sync()
         self._put_in_place()
 
@@ -377,6 +419,24 @@ class ImageWriter:
         return False
 
 
+class _Appender:
+    """Sequential writes to the image from ``pos`` on, gathered into META_WRITE pieces."""
+
+    def __init__(self, writer, pos):
+        self.w, self.pos, self.buf = writer, pos, bytearray()
+
+    def write(self, data):
+        self.buf += data
+        if len(self.buf) >= META_WRITE:
+            self.flush()
+
+    def flush(self):
+        if self.buf:
+            self.w._pwrite(self.buf, self.pos)
+            self.pos += len(self.buf)
+            self.buf = bytearray()
+
+
 def _data_clusters(img):
     """(virtual cluster, host offset) arrays of the RAM data clusters and where they end.
 
@@ -393,14 +453,14 @@ def _data_clusters(img):
     return virt, hosts, data_end
 
 
-def replace_metadata(img, area, meta_length):
+def replace_metadata(img, doc, tail_off, tail):
     """Replace the metadata of the opened image ``img`` crash-safely: a complete new
-    image (same data clusters, ``area`` as its metadata region followed by whatever
-    lies after it) is written beside it, synced and renamed over it."""
+    image (same data clusters, the metadata region of ``doc`` followed by ``tail``
+    at ``tail_off`` from its start) is written beside it, synced and renamed over it."""
     w = ImageWriter(img.path, cluster_size=img.cluster_size, cache="writeback",
                     target_page_size=img.target_page_size)
     try:
-        w._replace_metadata(img, area, meta_length)
+        w._replace_metadata(img, doc, tail_off, tail)
     except BaseException:
         w.abort()
         raise

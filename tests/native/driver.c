@@ -116,6 +116,17 @@ static void test_xbzrle(void)
     }
 }
 
+/* Host offsets of all the sink's clusters (malloc'd). */
+static uint64_t *host_map_of(qs_sink *s)
+{
+    qs_sink_err err;
+    uint64_t n = qs_sink_n_clusters(s);
+    uint64_t *host = malloc((n ? n : 1) * sizeof(uint64_t));
+    CHECK(host != NULL);
+    CHECK(qs_sink_read_hosts(s, 0, n, host, &err) == QS_SINK_OK);
+    return host;
+}
+
 static void test_sink(void)
 {
     char path[] = "/tmp/qsnap-native-XXXXXX";
@@ -194,7 +205,7 @@ static void test_sink(void)
     free(one);
 
     CHECK(qs_sink_flush(s, &err) == 0);
-    const uint64_t *host = qs_sink_host_map(s);
+    uint64_t *host = host_map_of(s);
     uint8_t *buf = malloc(cs);
     for (uint64_t c = 0; c < vsize / cs; c++) {
         if (host[c]) {
@@ -208,6 +219,7 @@ static void test_sink(void)
     qs_sink_get_stats(s, &st);
     CHECK(st.append_offset == (uint64_t)lseek(fd, 0, SEEK_END));
     CHECK(st.append_offset % cs == 0);
+    free(host);
     free(buf);
     free(model);
     free(data);
@@ -257,7 +269,7 @@ static int temp_image_direct(uint32_t cs, int *direct_fd)
 static void check_image(int fd, qs_sink *s, const uint8_t *model, uint64_t vsize, uint32_t cs,
                         uint32_t ps)
 {
-    const uint64_t *host = qs_sink_host_map(s);
+    uint64_t *host = host_map_of(s);
     uint8_t *buf = malloc(cs);
     uint64_t allocated = 0;
     for (uint64_t c = 0; c < vsize / cs; c++) {
@@ -269,6 +281,7 @@ static void check_image(int fd, qs_sink *s, const uint8_t *model, uint64_t vsize
         }
         CHECK(memcmp(buf, model + c * cs, cs) == 0);
     }
+    free(host);
     free(buf);
     qs_sink_stats st;
     qs_sink_get_stats(s, &st);
@@ -297,6 +310,8 @@ static void test_sink_queue_stress(uint32_t n_slots, int direct)
     CHECK(s != NULL);
     uint64_t off0 = 0, len0 = vsize;
     qs_sink_err err;
+    int spill = temp_image(cs);   /* page state beyond the few chunks in memory */
+    CHECK(qs_sink_set_spill(s, spill, &err) == 0);
     CHECK(qs_sink_set_blocks(s, &off0, &len0, 1, &err) == 0);
     uint8_t *model = calloc(1, vsize);
     uint8_t *data = malloc(8 * ps);
@@ -380,6 +395,7 @@ static void test_sink_queue_stress(uint32_t n_slots, int direct)
     free(data);
     free(model);
     qs_sink_free(s);
+    close(spill);
     if (dfd >= 0)
         close(dfd);
     close(fd);
@@ -807,7 +823,7 @@ static void test_emit(void)
             data[(size_t)i * ps + k] = (uint8_t)rnd();
         crcs[i] = qs_crc32c(0, data + (size_t)i * ps, ps);
     }
-    qs_emit_block b = {0, 6, (const uint8_t *)"pc.ram", 0, (uint64_t)np * ps, np, bm, crcs};
+    qs_emit_block b = {0, 6, (const uint8_t *)"pc.ram", 0, (uint64_t)np * ps, np, bm, crcs, 0, 0};
 
     /* the expected stream: "HDR", PAGE records of stored pages, ZERO records of the others */
     uint8_t *want = malloc(3 + (size_t)np * (15 + ps));
@@ -848,9 +864,30 @@ static void test_emit(void)
     qs_intr in = hook(&h);
     qs_emit_set_intr(&e, &in);
     CHECK(qs_emit_bytes(&e, "HDR", 3, &err) == QS_EMIT_OK);
-    for (uint32_t c = 0; c < np; c += 16)
-        CHECK(qs_emit_cluster(&e, &b, (uint64_t)c * ps, data + (size_t)c * ps, 16 * ps, &err) == QS_EMIT_OK);
-    CHECK(qs_emit_zero_range(&e, &b, 0, np, &err) == QS_EMIT_OK);
+    for (uint32_t c = 0; c < np; c += 16) {
+        /* odd clusters through a window of the state holding only their pages */
+        qs_emit_block w = b;
+        if (c / 16 % 2) {
+            w.state_first = c;
+            w.state_end = c + 16;
+            w.bitmap = bm + c / 8;
+            w.crcs = crcs + c;
+            uint64_t out_before = e.bytes_out;
+            CHECK(qs_emit_cluster(&e, &w, (uint64_t)(c - 16) * ps, data, 16 * ps, &err) ==
+                  QS_EMIT_EINVAL);   /* pages outside the window */
+            CHECK(e.bytes_out == out_before);
+        }
+        CHECK(qs_emit_cluster(&e, &w, (uint64_t)c * ps, data + (size_t)c * ps, 16 * ps, &err) == QS_EMIT_OK);
+    }
+    qs_emit_block half = b;   /* zero records from two windows of the bitmap */
+    half.state_first = 0;
+    half.state_end = np / 2;
+    CHECK(qs_emit_zero_range(&e, &half, 0, np / 2, &err) == QS_EMIT_OK);
+    half.state_first = np / 2;
+    half.state_end = np;
+    half.bitmap = bm + np / 16;
+    half.crcs = NULL;
+    CHECK(qs_emit_zero_range(&e, &half, np / 2, np, &err) == QS_EMIT_OK);
     CHECK(qs_emit_flush(&e, &err) == QS_EMIT_OK);
     CHECK(e.bytes_out == wl);
     printf("emit: %d waits for the reader went to the hook\n", h.calls);

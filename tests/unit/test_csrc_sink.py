@@ -553,3 +553,50 @@ def test_incomplete_cluster_stays_in_its_slot(tmp_path):
     sink.flush()
     assert_same(content(path, sink.host_map(), n * CS, CS), model, "file content")
     os.close(fd)
+
+
+def test_page_state_spilled_beyond_the_cache_matches_a_model(tmp_path):
+    """A space of 600 page-state chunks (4096 pages each) with a spill file: more
+    chunks than the sink keeps in memory (256), touched at random, so chunks are
+    written to the spill file and read back; contents, stored bits, checksums and
+    host offsets all match a model."""
+    rnd = random.Random(7)
+    chunk_pages = 4096
+    vsize = 600 * chunk_pages * PS
+    npages = vsize // PS
+    path, fd, sink = make_sink(tmp_path, vsize, n_slots=4, spill_dir=str(tmp_path))
+    model = {}
+    hot = [rnd.randrange(npages) for _ in range(50)]
+    for step in range(4000):
+        p = rnd.choice(hot) if rnd.random() < 0.3 else rnd.randrange(npages)
+        if rnd.random() < 0.2:
+            sink.put_page(p * PS, None)
+            model[p] = bytes(PS)
+        else:
+            page = rnd.getrandbits(64).to_bytes(8, "little") + bytes(PS - 8)
+            sink.put_page(p * PS, page)
+            model[p] = page
+        if step % 97 == 0:
+            q = rnd.choice(list(model))
+            assert sink.get_page(q * PS) == model[q]
+    sink.flush()
+    spill = [f for f in os.listdir(tmp_path) if f != "img"]
+    assert spill == []   # anonymous: nothing left beside the image
+    hm = sink.host_map()
+    assert sink.clusters_written == np.count_nonzero(hm)
+    with open(path, "rb") as f:
+        for p, page in model.items():
+            h = int(hm[p * PS // CS])
+            stored = page != bytes(PS)
+            assert bool(h) or not stored, p
+            if h:
+                f.seek(h + p * PS % CS)
+                assert f.read(PS) == page, p
+    for p, page in model.items():
+        bit = int(np.unpackbits(sink.nonzero_bitmap(p - p % 8, 8), bitorder="little")[p % 8])
+        assert bit == (page != bytes(PS)), p
+        assert sink.checksums(p, 1)[0] == (_core.crc32c(page) if bit else 0), p
+    untouched = [p for p in (rnd.randrange(npages) for _ in range(200)) if p not in model]
+    assert not any(sink.get_page(p * PS) != bytes(PS) for p in untouched)
+    sink.close()
+    os.close(fd)

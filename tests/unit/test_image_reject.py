@@ -203,7 +203,7 @@ def test_flipped_bit_in_metadata(img):
 def test_bad_json_rejected_even_with_valid_crc(img):
     # rewrite the metadata with a wrong bitmap length and a fixed-up crc
     with Image.open(img) as im:
-        region = bytearray(im._region)
+        region = bytearray(im._read_virtual(im.meta_offset, im.meta_length))
         mo = im.meta_offset
         h = im.host_offset(mo)
     jl = struct.unpack(">Q", region[8:16])[0]
@@ -226,8 +226,8 @@ def test_bad_json_rejected_even_with_valid_crc(img):
 def test_ram_section_other_than_qemus_rejected(good, field, value):
     # load sends these in the RAM SECTION_START, which QEMU takes only as instance 0, version 4
     with Image.open(good[0]) as im:
-        region = bytes(im._region)
-        doc, _ = layout.parse_meta_region(region, im.meta_offset)
+        region = im._read_virtual(im.meta_offset, im.meta_length)
+        doc, _ = layout.parse_meta_region(region, len(region), im.meta_offset)
     jl = struct.unpack(">Q", region[8:16])[0]
     doc["stream"]["ram_section"] = {"section_id": 2, "instance_id": 0, "version_id": 4}
     layout.validate_meta(doc, len(region), 16 + jl)

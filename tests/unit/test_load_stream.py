@@ -67,9 +67,9 @@ def fake_image(tmp_path, *, caps=(), ram_end=True, switchover=False, footers=Tru
     path.write_bytes(bytes(f))
     pairs = np.array(sorted((h, c * CS) for c, h in host.items()), np.uint64)
     blocks = [
-        SimpleNamespace(idstr="pc.ram", length=n * PAGE, offset=0, migrated=True, gpa=0,
+        FakeBlock(idstr="pc.ram", length=n * PAGE, offset=0, migrated=True, gpa=0,
                         bitmap=np.packbits(stored, bitorder="little"), checksums=crcs),
-        SimpleNamespace(idstr="shared", length=2 * PAGE, offset=3 * CS, migrated=False,
+        FakeBlock(idstr="shared", length=2 * PAGE, offset=3 * CS, migrated=False,
                         gpa=0xFFFC0000, bitmap=np.zeros(1, np.uint8), checksums=np.zeros(2, np.uint32)),
     ]
     info = {"footers": footers, "ram_section": {"section_id": 2, "instance_id": 0, "version_id": 4},
@@ -81,6 +81,16 @@ def fake_image(tmp_path, *, caps=(), ram_end=True, switchover=False, footers=Tru
                               b"\x7e" + be32(7), b""),
                           data_clusters=lambda: pairs)
     return img, data.tobytes(), stored
+
+
+class FakeBlock(SimpleNamespace):
+    """A block as the engines read it: page state by window (BlockInfo.bits/crcs)."""
+
+    def bits(self, first, n):
+        return self.bitmap[first // 8:(first + n + 7) // 8]
+
+    def crcs(self, first, n):
+        return self.checksums[first:first + n]
 
 
 def run(img, tmp_path, **kw):

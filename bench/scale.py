@@ -1,0 +1,219 @@
+"""Peak memory and time of `qsnap save`, `load` and `check` against the guest's size.
+
+    python -m bench.scale [--case all-2G ...] [--tree DIR ...] [--dir DIR] [--out NAME]
+
+Each case is a synthetic background-snapshot stream (bench/scale_gen.c, compiled
+here: a file header, configuration and MEM_SIZE from qsnap.stream.writer, then
+RAM PART sections written by C into a pipe, then synth's device state), so no
+stream file of the guest's size is ever written.  Per case and tree (a checkout
+with its built extension; default: this one) it runs, under /usr/bin/time:
+
+  save:  scale_gen ... | python -m qsnap save -q IMG
+  load:  python -m qsnap load -q IMG > /dev/null
+  check: python -m qsnap check IMG
+
+and records the peak RSS (VmHWM, /usr/bin/time's %M) and the wall time, then
+deletes the image at once (a 16 GiB all-data guest makes a 16 GiB image).
+Case "qemu-64G" is a real QEMU (qsnaptest blob guest under KVM, ``-m 64G``, a
+64 MiB random blob; untouched RAM costs the host nothing and QEMU sends it as
+ZERO records): ``exec:`` save of a background snapshot, ``exec:`` load into a
+fresh ``-incoming defer`` QEMU (the blob checked there), check.
+Results go to bench/results/scale-NAME.json and .md.
+"""
+import argparse
+import datetime
+from functools import partial
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 1 << 30
+PS = 4096
+SECTION_ID = 2
+PART_PAGES = 4096   # as scale_gen.c
+
+# name -> (guest bytes, every n-th MiB holds data: the image is 1/n of the guest)
+CASES = {
+    "all-2G": (2 * GiB, 1),
+    "all-8G": (8 * GiB, 1),
+    "all-16G": (16 * GiB, 1),
+    "quarter-64G": (64 * GiB, 4),     # a 16 GiB image
+    "sparse-1T": (1024 * GiB, 1024),  # a 1 GiB image
+    "qemu-64G": (64 * GiB, None),
+    "qemu-2G": (2 * GiB, None),   # a quick check of the real-QEMU harness
+}
+
+
+def build_gen(tmp):
+    exe = Path(tmp) / "scale_gen"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(ROOT / "bench" / "scale_gen.c")], check=True)
+    return exe
+
+
+def stream_ends(tmp, size):
+    """Prefix (header, configuration, RAM START + MEM_SIZE) and suffix (device state) files."""
+    sys.path.insert(0, str(ROOT))
+    from qsnap.stream.events import RamBlock
+    from qsnap.stream.synth import _device_state
+    from qsnap.stream.writer import StreamWriter
+
+    pre, suf = Path(tmp) / "prefix", Path(tmp) / "suffix"
+    with open(pre, "wb") as f:
+        w = StreamWriter(f, page_size=PS, footers=True)
+        w.header()
+        w.configuration("pc-i440fx-7.2")
+        w.section_start(SECTION_ID, "ram", 0, 4)
+        w.mem_size([RamBlock("pc.ram", size)])
+        w.eos()
+        w.footer(SECTION_ID)
+    suf.write_bytes(_device_state(PS, True, 0, SECTION_ID, True))
+    return pre, suf
+
+
+def stream_bytes(pre, suf, size, every):
+    """Bytes scale_gen writes for this guest (to report time per GiB of stream)."""
+    n = size // PS
+    data = sum(min(256, n - p) for p in range(0, n, 256 * every))   # scale_gen's RUN_PAGES
+    sections = (n + PART_PAGES - 1) // PART_PAGES
+    records = n * 8 + data * PS + (n - data) + sections * (1 + len("pc.ram"))
+    return pre.stat().st_size + suf.stat().st_size + records + sections * (5 + 8 + 5)
+
+
+def timed(cmd, tree, stdin=None, stdout=subprocess.DEVNULL):
+    """(peak RSS MiB, seconds) of one command under /usr/bin/time."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    r = subprocess.run(["/usr/bin/time", "-f", "%M %e", *cmd], cwd=tree, env=env, stdin=stdin,
+                       stdout=stdout, stderr=subprocess.PIPE, text=True)
+    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} in {tree} failed: {r.stderr.strip()[-2000:]}")
+    kib, secs = last.split()
+    return int(kib) / 1024, float(secs)
+
+
+def run_case(gen, name, tree, workdir):
+    size, every = CASES[name]
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="qsnap-scale-") as tmp:
+        pre, suf = stream_ends(tmp, size)
+        img = Path(tmp) / "vm.qsnap"
+        py = [sys.executable, "-m", "qsnap"]
+        g = subprocess.Popen([str(gen), str(pre), str(suf), str(SECTION_ID), str(PS), str(every),
+                              f"pc.ram:{size}"], stdout=subprocess.PIPE)
+        try:
+            save = timed([*py, "save", "-q", str(img)], tree, stdin=g.stdout)
+        finally:
+            g.stdout.close()
+            g.wait()
+        row = {"case": name, "tree": str(tree), "guest_gib": size / GiB, "data_every": every,
+               "stream_gib": stream_bytes(pre, suf, size, every) / GiB,
+               "image_gib": img.stat().st_size / GiB,
+               "save_mib": save[0], "save_s": save[1]}
+        with open(os.devnull, "wb") as null:
+            row["load_mib"], row["load_s"] = timed([*py, "load", "-q", str(img)], tree, stdout=null)
+        row["check_mib"], row["check_s"] = timed([*py, "check", str(img)], tree)
+        img.unlink()
+    return row
+
+
+def run_qemu_case(name, tree, workdir):
+    """The real-QEMU case: save and load through exec:, check; peak RSS from /usr/bin/time -o."""
+    sys.path.insert(0, str(ROOT))
+    from qsnaptest.guests import make_blobs
+    from qsnaptest.qemu import BlobGuest
+
+    size = CASES[name][0]
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    py = f"{sys.executable} -m qsnap"
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="qsnap-scale-") as tmp:
+        blobs = make_blobs(tmp, [(16 << 20, 64 << 20)])
+        img, t_save, t_load = Path(tmp) / "vm.qsnap", Path(tmp) / "save.time", Path(tmp) / "load.time"
+        timed_exec = "cd {} && /usr/bin/time -f '%M %e' -o {} {} {}"
+        # MAP_NORESERVE: a guest larger than the host's RAM starts (Linux's
+        # overcommit heuristic refuses a 64 GiB reservation on a 24 GiB host)
+        ram = ["-object", f"memory-backend-ram,id=pc.ram,size={size},reserve=off",
+               "-machine", "memory-backend=pc.ram"]
+        with BlobGuest(memory=size, blobs=blobs, env=env, accel="kvm", args=ram) as vm:
+            vm.wait_bios_done()
+            vm.set_parameters(max_bandwidth=16 << 30)
+            vm.set_capabilities(background_snapshot=True)
+            vm.migrate("exec:" + timed_exec.format(tree, t_save, py, f"save -q {img}"))
+            vm.wait_migration(timeout=1800)
+            vm.wait_no_descendants(1800)
+        with BlobGuest(memory=size, incoming=True, env=env, accel="kvm", args=ram) as dst:
+            dst.migrate_incoming("exec:" + timed_exec.format(tree, t_load, py, f"load -q {img}"))
+            dst.wait_migration(timeout=1800)
+            dst.verify_blobs(blobs)
+        info = json.loads(subprocess.run([sys.executable, "-m", "qsnap", "info", "--output=json",
+                                          str(img)], cwd=tree, env=env, capture_output=True,
+                                         check=True).stdout)
+        row = {"case": name, "tree": str(tree), "guest_gib": size / GiB, "data_every": None,
+               "stream_gib": info["counts"]["stream_bytes"] / GiB,
+               "image_gib": img.stat().st_size / GiB}
+        for what, path in (("save", t_save), ("load", t_load)):
+            kib, secs = path.read_text().split()[-2:]
+            row[f"{what}_mib"], row[f"{what}_s"] = int(kib) / 1024, float(secs)
+        row["check_mib"], row["check_s"] = timed([sys.executable, "-m", "qsnap", "check", str(img)], tree)
+        img.unlink()
+    return row
+
+
+def machine():
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.processor())
+    mem = next(int(ln.split()[1]) // 1024 for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
+    return f"{os.cpu_count()} x {cpu}, {mem} MiB RAM, Linux {platform.release()}"
+
+
+def table(rows):
+    out = ["| case | tree | guest GiB | stream GiB | save MiB | save s/GiB | load MiB | load s/GiB "
+           "| check MiB | check s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        sg = r["stream_gib"]
+        out.append(f"| {r['case']} | {Path(r['tree']).name} | {r['guest_gib']:g} | {sg:.2f} "
+                   f"| {r['save_mib']:.0f} | {r['save_s'] / sg:.2f} | {r['load_mib']:.0f} "
+                   f"| {r['load_s'] / sg:.2f} | {r['check_mib']:.0f} | {r['check_s']:.1f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", action="append", choices=sorted(CASES))
+    p.add_argument("--tree", action="append", help="a qsnap checkout (default: this one)")
+    p.add_argument("--dir", default="/var/tmp", help="where images are written (and deleted)")
+    p.add_argument("--out", default=datetime.date.today().isoformat())
+    a = p.parse_args(argv)
+    trees = [Path(t).resolve() for t in (a.tree or [ROOT])]
+    cases = a.case or [c for c in CASES if c != "qemu-2G"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qsnap-scale-gen-") as tmp:
+        gen = build_gen(tmp)
+        for name in cases:
+            size, every = CASES[name]
+            need = size // (every or 1024) * 1.1
+            if shutil.disk_usage(a.dir).free < need + 20 * GiB:
+                print(f"skipping {name}: {a.dir} has less than {need / GiB + 20:.0f} GiB free",
+                      file=sys.stderr)
+                continue
+            for tree in trees:
+                try:
+                    run = run_qemu_case if CASES[name][1] is None else partial(run_case, gen)
+                    rows.append(run(name, tree, a.dir))
+                except RuntimeError as e:   # e.g. out of memory on an old tree: a row saying so
+                    rows.append({"case": name, "tree": str(tree), "error": str(e)[-500:]})
+                print(json.dumps(rows[-1]), flush=True)
+    res = ROOT / "bench" / "results"
+    (res / f"scale-{a.out}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    (res / f"scale-{a.out}.md").write_text(f"Machine: {machine()}\n\n"
+                                           + table([r for r in rows if "error" not in r]) + "\n")
+    print(table([r for r in rows if "error" not in r]))
+
+
+if __name__ == "__main__":
+    main()

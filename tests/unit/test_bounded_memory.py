@@ -1,0 +1,106 @@
+"""save, check and load of a guest far larger than the memory they may use.
+
+A 256 GiB guest's per-page state is 264 MiB in the image (1 bit and a 4-byte
+crc32c per 4 KiB page).  Holding it whole (and its copies while the metadata is
+written or read) needs well over the 640 MiB of address space that each
+command gets here beyond what Python and qsnap's imports take; the page state
+kept in chunks (csrc/sink.c, a spill file), written and read window by window
+(image/writer.py, image/reader.py), needs a few MiB.  Run from another
+checkout's root (``cd OTHER && python -m pytest THIS_FILE``) the commands run
+that checkout's code (the child's working directory is the current one).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from qsnap.image.reader import Image
+from qsnap.stream.events import RamBlock
+from qsnap.stream.synth import _device_state
+from qsnap.stream.writer import StreamWriter
+
+GiB = 1 << 30
+PS = 4096
+GUEST = 256 * GiB
+HEADROOM = 640 << 20   # address space beyond the imports' own
+N_DATA = 64
+
+
+def sparse_stream(path):
+    """A background snapshot of a GUEST-byte block with N_DATA pages of data spread
+    over it (QEMU would send the others as ZERO records; their absence changes
+    nothing the per-page state costs): (page offsets, page bytes, device state)."""
+    offsets = np.linspace(0, GUEST - PS, N_DATA).astype(np.uint64) & ~np.uint64(PS - 1)
+    pages = np.random.default_rng(5).integers(1, 256, (N_DATA, PS), dtype=np.uint8)
+    tail = _device_state(PS, True, 0, 2, True)
+    with open(path, "wb") as f:
+        w = StreamWriter(f, page_size=PS, footers=True)
+        w.header()
+        w.configuration("pc-i440fx-7.2")
+        w.section_start(2, "ram", 0, 4)
+        w.mem_size([RamBlock("pc.ram", GUEST)])
+        w.eos()
+        w.footer(2)
+        w.section_part(2)
+        w.write_pages("pc.ram", offsets, pages.tobytes())
+        w.eos()
+        w.footer(2)
+        w.raw(tail)
+    return offsets, pages, tail
+
+
+def limited(args):
+    """The command line of ``python -m qsnap ARGS`` with RLIMIT_AS capped HEADROOM
+    above its size once the engines' modules are imported."""
+    prog = textwrap.dedent(f"""
+        import resource, runpy, sys
+        import numpy, qsnap.cli, qsnap.save, qsnap.load, qsnap.image.writer, qsnap.image.inspect
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (used + {HEADROOM}, resource.RLIM_INFINITY))
+        sys.argv = ["qsnap"] + {list(args)!r}
+        runpy.run_module("qsnap", run_name="__main__", alter_sys=True)
+    """)
+    return [sys.executable, "-c", prog]
+
+
+def run_limited(args, **kw):
+    return subprocess.run(limited(args), cwd=os.getcwd(), timeout=600, capture_output=True,
+                          text=True, **kw)
+
+
+def load_limited(img, tail_len):
+    """`qsnap load` under the cap into a pipe: (exit status, stderr, bytes, last bytes)."""
+    out_r, out_w = os.pipe()
+    child = subprocess.Popen(limited(["load", "-q", str(img)]), cwd=os.getcwd(), stdout=out_w,
+                             stderr=subprocess.PIPE)
+    os.close(out_w)
+    total, end = 0, b""
+    with os.fdopen(out_r, "rb") as src:
+        while chunk := src.read(1 << 20):
+            total += len(chunk)
+            end = (end + chunk)[-tail_len:]
+    err = child.stderr.read().decode()
+    return child.wait(timeout=600), err, total, end
+
+
+def test_save_check_load_of_a_256g_guest_in_bounded_memory(tmp_path):
+    stream, img = tmp_path / "stream", tmp_path / "vm.qsnap"
+    offsets, pages, tail = sparse_stream(stream)
+    with open(stream, "rb") as f:
+        r = run_limited(["save", "-q", str(img)], stdin=f)
+    assert r.returncode == 0, r.stderr
+    stream.unlink()
+    r = run_limited(["check", str(img)])
+    assert r.returncode == 0, r.stderr + r.stdout
+    with Image.open(img) as im:
+        assert im.blocks[0].length == GUEST and im.blocks[0].nonzero_pages == N_DATA
+        for off, page in zip(offsets.tolist(), pages):
+            assert im.read_page(0, off) == page.tobytes()
+    status, err, total, end = load_limited(img, len(tail))
+    assert status == 0, err
+    # every page of the guest as a record: an 8-byte header and data or a fill byte
+    assert total > GUEST // PS * 9
+    assert end == tail
