@@ -55,17 +55,22 @@ def test_document_across_a_cluster_boundary(tmp_path):
 
 def test_vm_record_read(good, tmp_path):
     """A VM record in the document is read as stored (built the way save stores it)."""
-    with Image.open(good) as im:
-        mo, h = im.meta_offset, im.host_offset(im.meta_offset)
-        region = bytearray(im._read_virtual(mo, im.meta_length))
-    p = tmp_path / "vm.qsnap"
-    p.write_bytes(good.read_bytes())
-    doc, _ = layout.parse_meta_region(bytes(region), len(region), mo)
+    p, region, h, doc = _copy_with_doc(good, tmp_path / "vm.qsnap")
     doc["vm"] = {"qemu_version": "7.2.22", "qemu_package": None, "machine": "pc-i440fx-7.2",
                  "cmdline": ["qemu-system-x86_64", "-m", "128M"], "mode": "stopped", "was_running": True,
                  "downtime_ms": None, "ram_only": True, "disks": []}
     _rewrite_json(p, region, h, doc)
     assert read_metadata(p)["vm"] == doc["vm"]
+
+
+def _copy_with_doc(good, p):
+    """A copy of ``good`` at ``p``: (p, its metadata region, the region's image offset, its document)."""
+    with Image.open(good) as im:
+        mo, h = im.meta_offset, im.host_offset(im.meta_offset)
+        region = bytearray(im._read_virtual(mo, im.meta_length))
+    p.write_bytes(good.read_bytes())
+    doc, _ = layout.parse_meta_region(bytes(region), len(region), mo)
+    return p, region, h, doc
 
 
 def _rewrite_json(p, region, host, doc):
@@ -136,12 +141,7 @@ def test_bad_l1_entry(img, bad):
 
 
 def test_json_checked_as_the_reader_checks_it(good, tmp_path):
-    with Image.open(good) as im:
-        mo, h = im.meta_offset, im.host_offset(im.meta_offset)
-        region = bytearray(im._read_virtual(mo, im.meta_length))
-    p = tmp_path / "badjson.qsnap"
-    p.write_bytes(good.read_bytes())
-    doc, _ = layout.parse_meta_region(bytes(region), len(region), mo)
+    p, region, h, doc = _copy_with_doc(good, tmp_path / "badjson.qsnap")
     doc["ram_blocks"][0]["length"] = "big"
     _rewrite_json(p, region, h, doc)
     with pytest.raises(ImageError, match=r"bad image metadata: meta.ram_blocks\[0\].length must be an unsigned"):
