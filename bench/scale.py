@@ -11,9 +11,14 @@ with its built extension; default: this one) it runs, under /usr/bin/time:
   save:  scale_gen ... | python -m qsnap save -q IMG
   load:  python -m qsnap load -q IMG > /dev/null
   check: python -m qsnap check IMG
+  postcopy: python -m qsnap load --postcopy=10 -q IMG   (with --postcopy)
 
 and records the peak RSS (VmHWM, /usr/bin/time's %M) and the wall time, then
 deletes the image at once (a 16 GiB all-data guest makes a 16 GiB image).
+The postcopy load talks to a simulated destination in this process
+(postcopy_peer: page requests spread over the guest, the stream read to its
+end and dropped, then SHUT, as tests/unit/test_postcopy.py's FakeDest does),
+so its VmHWM is the engine's own.
 Case "qemu-64G" is a real QEMU (qsnaptest blob guest under KVM, ``-m 64G``, a
 64 MiB random blob; untouched RAM costs the host nothing and QEMU sends it as
 ZERO records): ``exec:`` save of a background snapshot, ``exec:`` load into a
@@ -27,9 +32,11 @@ import json
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,17 +94,90 @@ def stream_bytes(pre, suf, size, every):
 
 def timed(cmd, tree, stdin=None, stdout=subprocess.DEVNULL):
     """(peak RSS MiB, seconds) of one command under /usr/bin/time."""
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    r = subprocess.run(["/usr/bin/time", "-f", "%M %e", *cmd], cwd=tree, env=env, stdin=stdin,
+    r = subprocess.run(time_cmd(cmd), cwd=tree, env=tree_env(tree), stdin=stdin,
                        stdout=stdout, stderr=subprocess.PIPE, text=True)
-    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} in {tree} failed: {r.stderr.strip()[-2000:]}")
+    return time_result(cmd, tree, r.returncode, r.stderr)
+
+
+def time_cmd(cmd):
+    return ["/usr/bin/time", "-f", "%M %e", *cmd]
+
+
+def tree_env(tree):
+    return dict(os.environ, PYTHONPATH=str(tree))
+
+
+def time_result(cmd, tree, status, stderr):
+    """(peak RSS MiB, seconds) from /usr/bin/time's last line of ``stderr``."""
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    if status != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} in {tree} failed: {stderr.strip()[-2000:]}")
     kib, secs = last.split()
     return int(kib) / 1024, float(secs)
 
 
-def run_case(gen, name, tree, workdir):
+PEER_REQUESTS = 16   # page requests the simulated destination makes, spread over the guest
+
+
+def rp_message(typ, payload):
+    """A return-path message (migration.c: migrate_send_rp_message)."""
+    return struct.pack(">HH", typ, len(payload)) + payload
+
+
+def postcopy_peer(size):
+    """The simulated destination of a postcopy load of a one-block ``size``-byte guest:
+    (run(stream_fd, return_path_fd), stream bytes read).  It asks for PEER_REQUESTS
+    pages up front (served first after the switch), reads the stream to its end,
+    then sends SHUT(0) as QEMU does when the migration completed."""
+    sys.path.insert(0, str(ROOT))
+    from qsnap.stream import constants as C
+
+    got = [0]
+
+    def run(stream_fd, rp_fd):
+        name = b"pc.ram"
+        for k in range(PEER_REQUESTS):
+            start = size // PEER_REQUESTS * k + size // (2 * PEER_REQUESTS)
+            start -= start % PS
+            os.write(rp_fd, rp_message(C.MIG_RP_MSG_REQ_PAGES_ID,
+                                       struct.pack(">QIB", start, PS, len(name)) + name))
+        while chunk := os.read(stream_fd, 1 << 20):
+            got[0] += len(chunk)
+        os.write(rp_fd, rp_message(C.MIG_RP_MSG_SHUT, struct.pack(">I", 0)))
+    return run, got
+
+
+def timed_postcopy(py, img, tree, size):
+    """(peak RSS MiB, seconds) of a postcopy load of ``img`` against postcopy_peer,
+    run here.  Not under /usr/bin/time: it would hold the stream pipe open, and
+    the peer must see the stream's end; wait4's ru_maxrss is the same VmHWM."""
+    s_r, s_w = os.pipe()
+    rp_r, rp_w = os.pipe()
+    run, got = postcopy_peer(size)
+    cmd = [*py, "load", "--postcopy=10", "-q", str(img)]
+    t = time.monotonic()
+    child = subprocess.Popen(cmd, cwd=tree, env=tree_env(tree), stdin=rp_r, stdout=s_w,
+                             stderr=subprocess.PIPE, text=True)
+    os.close(s_w)
+    os.close(rp_r)
+    try:
+        run(s_r, rp_w)
+    except BrokenPipeError:
+        pass   # the load failed: its status says why
+    finally:
+        os.close(s_r)
+        os.close(rp_w)
+    err = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} in {tree} failed: {err.strip()[-2000:]}")
+    if got[0] < size // PS * 9:   # every page as a record: header + data or fill byte
+        raise RuntimeError(f"postcopy load of {img} wrote only {got[0]} bytes")
+    return usage.ru_maxrss / 1024, time.monotonic() - t
+
+
+def run_case(gen, name, tree, workdir, postcopy=False):
     size, every = CASES[name]
     with tempfile.TemporaryDirectory(dir=workdir, prefix="qsnap-scale-") as tmp:
         pre, suf = stream_ends(tmp, size)
@@ -117,6 +197,8 @@ def run_case(gen, name, tree, workdir):
         with open(os.devnull, "wb") as null:
             row["load_mib"], row["load_s"] = timed([*py, "load", "-q", str(img)], tree, stdout=null)
         row["check_mib"], row["check_s"] = timed([*py, "check", str(img)], tree)
+        if postcopy:
+            row["postcopy_mib"], row["postcopy_s"] = timed_postcopy(py, img, tree, size)
         img.unlink()
     return row
 
@@ -170,6 +252,13 @@ def machine():
     return f"{os.cpu_count()} x {cpu}, {mem} MiB RAM, Linux {platform.release()}"
 
 
+def postcopy_table(rows):
+    out = ["| case | tree | guest GiB | postcopy load MiB | postcopy load s |", "|---|---|---:|---:|---:|"]
+    out += [f"| {r['case']} | {Path(r['tree']).name} | {r['guest_gib']:g} | {r['postcopy_mib']:.0f} "
+            f"| {r['postcopy_s']:.1f} |" for r in rows if "postcopy_mib" in r]
+    return "\n".join(out)
+
+
 def table(rows):
     out = ["| case | tree | guest GiB | stream GiB | save MiB | save s/GiB | load MiB | load s/GiB "
            "| check MiB | check s |",
@@ -188,6 +277,8 @@ def main(argv=None):
     p.add_argument("--tree", action="append", help="a qsnap checkout (default: this one)")
     p.add_argument("--dir", default="/var/tmp", help="where images are written (and deleted)")
     p.add_argument("--out", default=datetime.date.today().isoformat())
+    p.add_argument("--postcopy", action="store_true",
+                   help="also a postcopy load of each synthetic image (simulated destination)")
     a = p.parse_args(argv)
     trees = [Path(t).resolve() for t in (a.tree or [ROOT])]
     cases = a.case or [c for c in CASES if c != "qemu-2G"]
@@ -203,16 +294,18 @@ def main(argv=None):
                 continue
             for tree in trees:
                 try:
-                    run = run_qemu_case if CASES[name][1] is None else partial(run_case, gen)
+                    run = run_qemu_case if CASES[name][1] is None else \
+                        partial(run_case, gen, postcopy=a.postcopy)
                     rows.append(run(name, tree, a.dir))
                 except RuntimeError as e:   # e.g. out of memory on an old tree: a row saying so
                     rows.append({"case": name, "tree": str(tree), "error": str(e)[-500:]})
                 print(json.dumps(rows[-1]), flush=True)
     res = ROOT / "bench" / "results"
     (res / f"scale-{a.out}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
-    (res / f"scale-{a.out}.md").write_text(f"Machine: {machine()}\n\n"
-                                           + table([r for r in rows if "error" not in r]) + "\n")
-    print(table([r for r in rows if "error" not in r]))
+    ok = [r for r in rows if "error" not in r]
+    text = table(ok) + ("\n\n" + postcopy_table(ok) if a.postcopy else "")
+    (res / f"scale-{a.out}.md").write_text(f"Machine: {machine()}\n\n{text}\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 # Postcopy page delivery (load --postcopy): whole host pages, each at most once.
 #
-# HostPager keeps one byte per host page and block ("sent") and emits runs of
+# HostPager keeps one bit per host page and block ("sent": 32 MiB for a TiB of
+# 4 KiB pages, scanned in C without temporaries) and emits runs of
 # unsent host pages through a PageEmitter with csrc/emit.c's
 # qs_emit_page_range (PAGE for stored target pages, ZERO for the others,
 # checksums checked before anything of the run is queued).  Loops run with
@@ -10,6 +11,9 @@
 # blocks: it emits from the read-ahead ring's buffers (no copy), one record
 # group at a time, and hands control back to Python when the return-path
 # thread sets a RequestFlag, so requested pages go out ahead of the rest.
+
+
+import operator as _operator
 
 
 cdef class RequestFlag:
@@ -26,6 +30,82 @@ cdef class RequestFlag:
 
     def __bool__(self):
         return qs_flag_get(&self.value) != 0
+
+
+cdef extern from "emit.h" nogil:
+    uint64_t qs_bits_find(const uint8_t *bits, uint64_t start, uint64_t end, int value)
+    void qs_bits_set(uint8_t *bits, uint64_t start, uint64_t end)
+
+
+cdef class SentBits:
+    """One block's sent state: 1 bit per host page (NumPy "little" bit order).
+
+    Indexing gives a page's state (a bool) or a slice's (a bool array of that
+    slice only); the scans run in C over the bits.
+    """
+
+    cdef readonly object bits     # uint8 array, (n + 7) // 8 bytes
+    cdef uint8_t *p
+    cdef readonly uint64_t n
+
+    def __cinit__(self, uint64_t n):
+        self.n = n
+        self.bits = _lnp.zeros(max((n + 7) // 8, 1), dtype=_lnp.uint8)
+        cdef uint8_t[::1] v = self.bits
+        self.p = &v[0]
+
+    def __len__(self):
+        return self.n
+
+    @property
+    def shape(self):
+        return (self.n,)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, stride = key.indices(self.n)
+            if stride != 1:
+                raise ValueError("sent state slices must be contiguous")
+            stop = max(start, stop)
+            first = start & ~7
+            window = _lnp.unpackbits(self.bits[first // 8:(stop + 7) // 8], bitorder="little")
+            return window[start - first:stop - first].astype(bool)
+        i = _operator.index(key)
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(f"host page {key} out of range")
+        return bool((self.p[i >> 3] >> (i & 7)) & 1)
+
+    def find(self, uint64_t start, uint64_t end, bint value):
+        """The first host page in [start, end) whose state is ``value``, else end."""
+        if end > self.n:
+            end = self.n
+        if start >= end:
+            return end
+        with nogil:
+            start = qs_bits_find(self.p, start, end, value)
+        return start
+
+    def all(self, uint64_t start=0, end=None):
+        """True when every host page of [start, end) has been sent."""
+        cdef uint64_t e = self.n if end is None else min(<uint64_t>end, self.n)
+        return start >= e or self.find(start, e, False) == e
+
+    def set(self, uint64_t start=0, end=None):
+        """Mark host pages [start, end) sent."""
+        cdef uint64_t e = self.n if end is None else min(<uint64_t>end, self.n)
+        if start < e:
+            with nogil:
+                qs_bits_set(self.p, start, e)
+
+    def unsent_runs(self):
+        """(first, end) host-page runs not yet sent, ascending, one at a time."""
+        cdef uint64_t i = self.find(0, self.n, False), j
+        while i < self.n:
+            j = self.find(i, self.n, True)
+            yield i, j
+            i = self.find(j, self.n, False)
 
 
 cdef class HostPager:
@@ -53,7 +133,7 @@ cdef class HostPager:
             raise ValueError("pages_per_host must list every block")
         self.blocks_gen = em.blocks_gen
         cdef Py_ssize_t i
-        cdef uint8_t[::1] sv
+        cdef SentBits sb
         self.sentp = <uint8_t **>_calloc(em.n_blocks + 1, sizeof(uint8_t *))
         self.tphp = <uint64_t *>_calloc(em.n_blocks + 1, sizeof(uint64_t))
         if self.sentp == NULL or self.tphp == NULL:
@@ -63,11 +143,10 @@ cdef class HostPager:
             if t < 1 or t & (t - 1):
                 raise ValueError(f"bad target pages per host page {t}")
             n = (em.blocks[i].n_pages + t - 1) // t
-            arr = _lnp.zeros(max(n, 1), dtype=_lnp.uint8)
-            sv = arr
-            self.sentp[i] = &sv[0]
+            sb = SentBits(n)
+            self.sentp[i] = sb.p
             self.tphp[i] = t
-            self.sent.append(arr[:n])
+            self.sent.append(sb)
             self._tphp.append(t)
 
     def __dealloc__(self):
@@ -82,7 +161,7 @@ cdef class HostPager:
         return 0
 
     def n_host_pages(self, Py_ssize_t block):
-        return self.sent[block].shape[0]
+        return (<SentBits>self.sent[block]).n
 
     def emit(self, Py_ssize_t block, uint64_t hp0, uint64_t hp1, data=None, uint64_t data_tp0=0,
              state=None):
@@ -98,7 +177,7 @@ cdef class HostPager:
         cdef qs_emit_block wb
         cdef const qs_emit_block *b = _windowed(self.em._block(block), state, &wb)
         cdef uint64_t t = self.tphp[block]
-        cdef uint64_t nhp = self.sent[block].shape[0]
+        cdef uint64_t nhp = (<SentBits>self.sent[block]).n
         cdef uint64_t ps = self.em.em.page_size
         cdef const uint8_t[::1] dv
         cdef const uint8_t *dp = NULL
@@ -141,10 +220,10 @@ cdef class HostPager:
         self._current()
         cdef qs_emit_block wb
         cdef const qs_emit_block *b = _windowed(self.em._block(block), state, &wb)
-        cdef uint8_t[::1] sent = self.sent[block]
+        cdef uint8_t *sent = self.sentp[block]
         cdef const uint8_t[::1] hd = _as_exact(has_data, _lnp.uint8, "has_data")
         cdef uint64_t t = self._tphp[block]
-        cdef uint64_t nhp = sent.shape[0]
+        cdef uint64_t nhp = (<SentBits>self.sent[block]).n
         if hp1 > nhp:
             hp1 = nhp
         cdef uint64_t base = hp0 if window else 0
@@ -157,12 +236,13 @@ cdef class HostPager:
         _memset(&err, 0, sizeof(err))
         cdef int rc = QS_EMIT_OK
         with nogil:
+            hp = qs_bits_find(sent, hp, hp1, 0)
             while hp < hp1:
-                if sent[hp] or hd[hp - base]:
-                    hp += 1
+                if hd[hp - base]:
+                    hp = qs_bits_find(sent, hp + 1, hp1, 0)
                     continue
-                j = hp
-                while j < hp1 and not sent[j] and not hd[j - base]:
+                j = hp + 1
+                while j < hp1 and not hd[j - base] and not (sent[j >> 3] >> (j & 7)) & 1:
                     j += 1
                 tp1 = j * t
                 if tp1 > b.n_pages:
@@ -170,10 +250,9 @@ cdef class HostPager:
                 rc = qs_emit_page_range(&self.em.em, b, hp * t, tp1, NULL, &err)
                 if rc != QS_EMIT_OK:
                     break
-                while hp < j:
-                    sent[hp] = 1
-                    hp += 1
-                    count += 1
+                qs_bits_set(sent, hp, j)
+                count += j - hp
+                hp = qs_bits_find(sent, j, hp1, 0)
         self.host_pages_sent += count
         if rc != QS_EMIT_OK:
             raise self.em._error(&err)

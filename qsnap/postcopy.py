@@ -53,6 +53,7 @@ PING_VALUES = (1, 2, 3, 4)
 EARLY_BYTES = 1 << 20            # per block, always sent before LISTEN
 WS_RUN_BYTES = 1 << 20           # working-set pages read and sent per run (at most)
 PREFETCH_MODES = ("after", "before", "none")   # when the working set goes: after/before the switch
+DISCARD_BATCH = C.MAX_DISCARDS_PER_COMMAND * 1024   # ranges encoded at a time (whole commands)
 _DEBUG = bool(os.environ.get("QSNAP_PC_DEBUG"))
 
 
@@ -371,8 +372,7 @@ class _Postcopy:
             self.requests += 1
             hps = self.host_sizes[bi]
             hp0, hp1 = start // hps, (start + length) // hps
-            sent = self.pager.sent[bi]
-            if sent[hp0:hp1].all():
+            if self.pager.sent[bi].all(hp0, hp1):
                 self.requests_ignored += 1
                 continue
             self._part()
@@ -433,7 +433,7 @@ class _Postcopy:
         self.pager = _core.HostPager(self.em, self.tphp)
         for i, b in enumerate(self.blocks):
             if not b.migrated:
-                self.pager.sent[i][:] = 1
+                self.pager.sent[i].set()
 
     def _negotiate(self):
         """Header, return path, ADVISE (before any RAM data), RAM START."""
@@ -515,9 +515,7 @@ class _Postcopy:
             # THP may have populated neighbours of precopy pages: discard every
             # range not sent (the first discard also turns THP off).
             for bi in self.migrated:
-                ranges = self._unsent_ranges(bi)
-                n_ranges += len(ranges)
-                em.bytes(encode.ram_discard(self.blocks[bi].idstr, ranges))
+                n_ranges += self._send_discards(bi)
         em.bytes(encode.ping(2))
         blob = encode.postcopy_listen() + dev + encode.ping(3) + encode.postcopy_run()
         em.bytes(encode.packaged_header(len(blob)))
@@ -574,7 +572,7 @@ class _Postcopy:
         for bi, hp0, hp1 in working_set_runs(self.working_set.entries, self.tphp, self.host_sizes):
             if serve:
                 self._serve()
-            if self.pager.sent[bi][hp0:hp1].all():
+            if self.pager.sent[bi].all(hp0, hp1):
                 continue
             self._part()
             self.ws_pages += self._send_host_pages(bi, hp0, hp1)
@@ -602,9 +600,10 @@ class _Postcopy:
 
     def _check_all_sent(self):
         for bi in self.migrated:
-            left = np.flatnonzero(self.pager.sent[bi] == 0)
-            if len(left):
-                raise ImageError(f"host page 0x{int(left[0]) * self.host_sizes[bi]:x} of block "
+            sent = self.pager.sent[bi]
+            left = sent.find(0, len(sent), False)
+            if left < len(sent):
+                raise ImageError(f"host page 0x{left * self.host_sizes[bi]:x} of block "
                                  f"'{self.blocks[bi].idstr}' has no data cluster")
 
     def _wait_shut(self):
@@ -651,15 +650,23 @@ class _Postcopy:
         except OSError:
             pass
 
-    def _unsent_ranges(self, bi):
-        """(start, length) byte ranges of the block's unsent host pages."""
-        sent = self.pager.sent[bi]
+    def _send_discards(self, bi):
+        """DISCARD commands for every byte range of the block's unsent host pages
+        (a batch of ranges at a time: their number grows with the guest); returns
+        the number of ranges."""
         hps = self.host_sizes[bi]
         length = self.blocks[bi].length
-        d = np.diff(np.concatenate(([1], sent.astype(np.int8), [1])))
-        starts = np.flatnonzero(d == -1)
-        ends = np.flatnonzero(d == 1)
-        return [(int(s) * hps, min(int(e) * hps, length) - int(s) * hps) for s, e in zip(starts, ends)]
+        name = self.blocks[bi].idstr
+        batch, n = [], 0
+        for s, e in self.pager.sent[bi].unsent_runs():
+            batch.append((s * hps, min(e * hps, length) - s * hps))
+            if len(batch) == DISCARD_BATCH:
+                self.em.bytes(encode.ram_discard(name, batch))
+                n += len(batch)
+                batch = []
+        if batch:
+            self.em.bytes(encode.ram_discard(name, batch))
+        return n + len(batch)
 
     def _cluster_pass(self, fd, host, virt, bidx, serve):
         """Send the unsent host pages of data clusters (small-page blocks), host order.

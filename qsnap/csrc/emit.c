@@ -385,6 +385,47 @@ int qs_emit_page_range(qs_emit *e, const qs_emit_block *b, uint64_t p0, uint64_t
     return QS_EMIT_OK;
 }
 
+static inline int bit_get(const uint8_t *bits, uint64_t i)
+{
+    return (bits[i >> 3] >> (i & 7)) & 1;
+}
+
+uint64_t qs_bits_find(const uint8_t *bits, uint64_t start, uint64_t end, int value)
+{
+    /* whole bytes without the wanted bit value are skipped 8 at a time */
+    const uint64_t skip8 = value ? 0 : UINT64_MAX;
+    const uint8_t skip = value ? 0 : 0xFF;
+    uint64_t i = start;
+    for (; i < end && (i & 7); i++)
+        if (bit_get(bits, i) == value)
+            return i;
+    while (i + 64 <= end) {
+        uint64_t w;
+        memcpy(&w, bits + (i >> 3), 8);
+        if (w != skip8)
+            break;
+        i += 64;
+    }
+    while (i + 8 <= end && bits[i >> 3] == skip)
+        i += 8;
+    for (; i < end; i++)
+        if (bit_get(bits, i) == value)
+            return i;
+    return end;
+}
+
+void qs_bits_set(uint8_t *bits, uint64_t start, uint64_t end)
+{
+    for (; start < end && (start & 7); start++)
+        bits[start >> 3] |= (uint8_t)(1u << (start & 7));
+    if (start + 8 <= end) {
+        memset(bits + (start >> 3), 0xFF, (end - start) >> 3);
+        start += (end - start) & ~(uint64_t)7;
+    }
+    for (; start < end; start++)
+        bits[start >> 3] |= (uint8_t)(1u << (start & 7));
+}
+
 int qs_emit_host_pages(qs_emit *e, const qs_emit_block *b, uint8_t *sent, uint64_t tphp,
                        uint64_t hp0, uint64_t hp1, const uint8_t *data, uint64_t data_tp0,
                        uint64_t *count, qs_emit_err *err)
@@ -395,15 +436,9 @@ int qs_emit_host_pages(qs_emit *e, const qs_emit_block *b, uint8_t *sent, uint64
         return set_err(err, QS_EMIT_EINVAL, 0, 0, tphp);
     if (hp1 > nhp)
         hp1 = nhp;
-    uint64_t hp = hp0;
+    uint64_t hp = qs_bits_find(sent, hp0, hp1, 0);
     while (hp < hp1) {
-        if (sent[hp]) {
-            hp++;
-            continue;
-        }
-        uint64_t j = hp;
-        while (j < hp1 && !sent[j])
-            j++;
+        uint64_t j = qs_bits_find(sent, hp, hp1, 1);
         uint64_t tp0 = hp * tphp, tp1 = j * tphp;
         if (tp1 > b->n_pages)
             tp1 = b->n_pages;
@@ -414,8 +449,8 @@ int qs_emit_host_pages(qs_emit *e, const qs_emit_block *b, uint8_t *sent, uint64
             return rc;
         if (count)
             *count += j - hp;
-        for (; hp < j; hp++)
-            sent[hp] = 1;
+        qs_bits_set(sent, hp, j);
+        hp = qs_bits_find(sent, j, hp1, 0);
     }
     return QS_EMIT_OK;
 }

@@ -127,8 +127,16 @@ int qs_emit_page_range(qs_emit *e, const qs_emit_block *b, uint64_t p0, uint64_t
                        const uint8_t *data, qs_emit_err *err);
 
 /*
- * Postcopy: queue records for the host pages in [hp0, hp1) of b whose byte in
- * `sent` (one per host page of `tphp` target pages) is 0, as runs of whole
+ * Postcopy sent state: 1 bit per host page, bit i&7 of byte i>>3 (NumPy's
+ * "little" bit order).  qs_bits_find returns the first i in [start, end)
+ * whose bit is `value` (0 or 1), else end; qs_bits_set sets [start, end).
+ */
+uint64_t qs_bits_find(const uint8_t *bits, uint64_t start, uint64_t end, int value);
+void qs_bits_set(uint8_t *bits, uint64_t start, uint64_t end);
+
+/*
+ * Postcopy: queue records for the host pages in [hp0, hp1) of b whose bit in
+ * `sent` (one per host page of `tphp` target pages, as above) is 0, as runs of whole
  * host pages (qs_emit_page_range), and mark them sent.  data holds the image
  * bytes of target pages data_tp0 onwards (NULL when none of them is stored).
  * *count grows by the host pages queued.  Nothing is flushed.

@@ -386,3 +386,32 @@ def test_cluster_pass_stops_for_requests_and_resumes(image, tmp_path):
     assert len(seen) == n_rec
     for (name, off), payload in seen.items():
         assert_same(payload, synth.final_page(name, off), (name, off))
+
+
+def test_sent_bits_scans_match_a_byte_per_page():
+    """SentBits' C scans (by bit, byte and 64-page word) against a plain byte array."""
+    import numpy as np
+    from qsnap import _core
+
+    rng = np.random.default_rng(3)
+    n = 1000
+    null = os.open(os.devnull, os.O_WRONLY)
+    em = _core.PageEmitter(null, PS)
+    em.set_blocks([("pc.ram", 0, n * PS, None, None)])
+    sent = _core.HostPager(em, [1]).sent[0]
+    os.close(null)   # nothing is emitted
+    ref = np.zeros(n, bool)
+    for a, b in [(3, 9), (64, 200), (201, 202), (500, 1000), (0, 1)]:
+        sent.set(a, b)
+        ref[a:b] = True
+        for _ in range(50):
+            s, e = sorted(rng.integers(0, n + 1, 2).tolist())
+            for value in (False, True):
+                hits = np.flatnonzero(ref[s:e] == value)
+                assert sent.find(s, e, value) == (s + int(hits[0]) if len(hits) else e)
+            assert sent.all(s, e) == bool(ref[s:e].all())
+            assert (sent[s:e] == ref[s:e]).all()
+        runs = list(sent.unsent_runs())
+        d = np.diff(np.concatenate(([1], ref.astype(np.int8), [1])))
+        assert runs == list(zip(np.flatnonzero(d == -1).tolist(), np.flatnonzero(d == 1).tolist()))
+    assert sent[999] and not sent[250] and len(sent) == n
