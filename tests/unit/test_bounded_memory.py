@@ -90,13 +90,19 @@ def load_limited(img, tail_len):
     return child.wait(timeout=600), err, total, end
 
 
-def test_save_check_load_of_a_256g_guest_in_bounded_memory(tmp_path):
+def saved_sparse_guest(tmp_path):
+    """The sparse guest's stream saved under the cap: (image, data page offsets, pages, stream tail)."""
     stream, img = tmp_path / "stream", tmp_path / "vm.qsnap"
     offsets, pages, tail = sparse_stream(stream)
     with open(stream, "rb") as f:
         r = run_limited(["save", "-q", str(img)], stdin=f)
     assert r.returncode == 0, r.stderr
     stream.unlink()
+    return img, offsets, pages, tail
+
+
+def test_save_check_load_of_a_256g_guest_in_bounded_memory(tmp_path):
+    img, offsets, pages, tail = saved_sparse_guest(tmp_path)
     r = run_limited(["check", str(img)])
     assert r.returncode == 0, r.stderr + r.stdout
     with Image.open(img) as im:
@@ -159,12 +165,7 @@ def postcopy_limited(img, requests):
 
 
 def test_postcopy_load_of_a_256g_guest_in_bounded_memory(tmp_path):
-    stream, img = tmp_path / "stream", tmp_path / "vm.qsnap"
-    offsets, pages, tail = sparse_stream(stream)
-    with open(stream, "rb") as f:
-        r = run_limited(["save", "-q", str(img)], stdin=f)
-    assert r.returncode == 0, r.stderr
-    stream.unlink()
+    img, offsets, pages, tail = saved_sparse_guest(tmp_path)
     status, err, total, head = postcopy_limited(img, offsets.tolist())
     assert status == 0, err
     assert err == ""
