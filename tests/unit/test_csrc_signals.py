@@ -154,10 +154,13 @@ def test_postcopy_writer_waiting_for_a_reader_sees_qemu_go_away(image):
         else:
             result.append(None)
 
+    # the pipe's size before the engine sets its own (which it grows, then shrinks
+    # to POSTCOPY_PIPE_SIZE): read once it could be the passing larger size, which
+    # the pipe then never holds
+    size = fcntl.fcntl(out_r, F_GETPIPE_SZ)
     t = threading.Thread(target=run)
     t.start()
     try:
-        size = fcntl.fcntl(out_r, F_GETPIPE_SZ)
         buf = bytearray(4)
         while True:
             fcntl.ioctl(out_r, termios.FIONREAD, buf)
