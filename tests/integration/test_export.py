@@ -111,15 +111,21 @@ def blob_cores(qemu_bin, tmp_path_factory):
     d = tmp_path_factory.mktemp("export-blob")
     guests.check_blob_layout(LAYOUT, parse_size(MEMORY))
     blobs = guests.make_blobs(d / "blobs", LAYOUT, SEED)
+    img, ours, qemu = saved_and_dumped(blobs, MEMORY, d)
+    return blobs, img, ours, qemu
+
+
+def saved_and_dumped(blobs, memory, d):
+    """A blob guest saved stopped into d/vm.qsnap and dumped by QEMU's dump-guest-memory:
+    (image, our ELF export of it, QEMU's core), both cores read."""
     img = d / "vm.qsnap"
-    vm = qsnaptools.blob_guest(blobs, MEMORY)
+    vm = qsnaptools.blob_guest(blobs, memory)
     try:
         save_stopped(vm, img)
         qemu = dump_guest_memory(vm, d / "qemu.core")
     finally:
         vm.shutdown()
-    ours = read_core(export(img, d / "qsnap.core", "elf"))
-    return blobs, img, ours, qemu
+    return img, read_core(export(img, d / "qsnap.core", "elf")), qemu
 
 
 def test_blob_elf_matches_dump_guest_memory(blob_cores):
@@ -181,14 +187,7 @@ BIG_LAYOUT = [(32 * MIB, 2 * MIB), ((1 << 32) + 100 * MIB + 0x777, 2 * MIB)]
 @pytest.mark.slow
 def test_blob_elf_above_4g_matches_dump_guest_memory(qemu_bin, tmp_path):
     blobs = guests.make_blobs(tmp_path / "blobs", BIG_LAYOUT, SEED + 2)
-    img = tmp_path / "vm.qsnap"
-    vm = qsnaptools.blob_guest(blobs, BIG_MEMORY)
-    try:
-        save_stopped(vm, img)
-        qemu = dump_guest_memory(vm, tmp_path / "qemu.core")
-    finally:
-        vm.shutdown()
-    ours = read_core(export(img, tmp_path / "qsnap.core", "elf"))
+    _, ours, qemu = saved_and_dumped(blobs, BIG_MEMORY, tmp_path)
     assert [(s.paddr, s.memsz) for s in ours.loads if s.paddr != (1 << 32) - 0x40000] == \
         [(0, 3 << 30), (1 << 32, 512 * MIB)]
     assert_same_loads(ours, qemu)
