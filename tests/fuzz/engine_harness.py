@@ -89,9 +89,12 @@ def finding(exc, data, extra=b""):
         path.write_bytes(bytes(data))
 
 
-def leftovers(directory, expected):
-    """Names in ``directory`` other than ``expected`` (temporary files, stray images)."""
-    return sorted(set(os.listdir(directory)) - set(expected))
+def check_no_leftovers(directory, expected, where="beside the image"):
+    """ContractViolation when ``directory`` holds names other than ``expected``
+    (temporary files, stray images)."""
+    extra = sorted(set(os.listdir(directory)) - set(expected))
+    if extra:
+        raise ContractViolation(f"files left {where}: {extra}")
 
 
 def write_seed_dir(name, items):

@@ -157,9 +157,7 @@ def run_one(data):
             os.close(r_out)
     if stuck:
         raise H.ContractViolation("a postcopy thread still runs after the return path closed")
-    extra = H.leftovers(st["dir"], [st["name"]])
-    if extra:
-        raise H.ContractViolation(f"files left beside the image: {extra}")
+    H.check_no_leftovers(st["dir"], [st["name"]])
 
 
 def TestOneInput(data):

@@ -173,9 +173,7 @@ def check_round_trip(st, stream):
 
 def check_files(st, ok, had_old, stream):
     names = [st["name"]] if ok or had_old else []
-    extra = H.leftovers(st["dir"], names)
-    if extra:
-        raise H.ContractViolation(f"files left in the image directory: {extra}")
+    H.check_no_leftovers(st["dir"], names, "in the image directory")
     if ok:
         check_round_trip(st, stream)
     elif had_old:
