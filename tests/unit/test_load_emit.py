@@ -342,3 +342,51 @@ def test_load_path_takes_plain_buffers_without_numpy(tmp_path):
     assert bytes.fromhex(plain["ring_bytes"]) == ring_bytes == bytes(img[ep.CLUSTER:])
     # PAGE records (the first with the idstr), then CONTINUE ZERO records, and "<" ">" per section
     assert len(got) == len(stored) * (8 + PAGE) + 7 + (n_pages - len(stored)) * 9 + 2 * parts
+
+
+def _zero_records_reference(bitmap, first, end, state_first, idstr, cont):
+    """ZERO records of the unstored pages in [first, end), one page at a time."""
+    out = bytearray()
+    for p in range(first, end):
+        i = p - state_first
+        if bitmap[i // 8] >> (i % 8) & 1:
+            continue
+        out += be64(p * PAGE | FLAG_ZERO | (FLAG_CONT if cont else 0))
+        if not cont:
+            out += counted(idstr)
+            cont = True
+        out += b"\0"
+    return bytes(out)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zero_range_runs_byte_exact(out, seed):
+    """Runs of unstored pages of every length (beyond one arena of records too),
+    whole stored bytes and single stored pages, over a bitmap window."""
+    rnd = random.Random(seed)
+    n = 120_000
+    bits = []
+    while len(bits) < n:
+        bits += [rnd.random() < 0.3] * rnd.choice([1, 2, 7, 8, 9, 63, 64, 65, 500, 40_000])
+    bits = bits[:n]
+    bm = bytearray((n + 7) // 8)
+    for p, b in enumerate(bits):
+        bm[p // 8] |= b << (p % 8)
+    window_first = 8 * rnd.randrange(1, 100)
+    end = n - rnd.randrange(0, 20)
+    em = _core.PageEmitter(out.fileno(), PAGE)
+    em.set_blocks([("pc.ram", 0, n * PAGE, None, None)])
+    em.zero_range(0, window_first, end, bitmap=bm[window_first // 8:])     # a window of the state
+    em.flush()
+    want = _zero_records_reference(bm[window_first // 8:], window_first, end, window_first, b"pc.ram", False)
+    assert_same(read_all(out), want, "ZERO records of a window")
+    assert em.zero_pages == bits[window_first:end].count(False)
+
+    first = rnd.randrange(0, 100)                                          # the block's own state
+    em.set_blocks([("pc.ram", 0, n * PAGE, bm, np.zeros(n, np.uint32))])
+    out.seek(0)
+    out.truncate()
+    em.zero_range(0, first, end)
+    em.flush()
+    want = _zero_records_reference(bm, first, end, 0, b"pc.ram", False)
+    assert_same(read_all(out), want, "ZERO records of a block")
