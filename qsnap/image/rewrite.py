@@ -62,9 +62,12 @@ def _refuse_chain_member(img, out_path, keep_top):
                              f"{img.path}: writing it would change the content of its children")
 
 
-def rewrite(src, out_path, base):
+def rewrite(src, out_path, base, working_set=None, compare_own=True):
     """Write ``src``'s content on top of the chain ``base`` (or stand-alone) at
-    ``out_path``; returns a summary dict."""
+    ``out_path``; returns a summary dict.  ``working_set``: a WorkingSet to store
+    instead of ``src``'s.  ``compare_own=False`` copies the clusters of ``src``'s
+    own file without comparing them with the base (``base`` is ``src``'s parent:
+    they were stored because they differ)."""
     out_path = os.fspath(out_path)
     name = layout.backing_name(base.path, out_path) if base is not None else None
     if name is not None:
@@ -77,8 +80,8 @@ def rewrite(src, out_path, base):
     out = _Output(out_path, src.cluster_size)
     try:
         plan = _plan_clusters(src, base)
-        virt, hosts, zero_virt, counts = _write_clusters(out, src, base, plan)
-        doc, ws_off, ws_data = _metadata(src, base, name)
+        virt, hosts, zero_virt, counts = _write_clusters(out, src, base, plan, compare_own)
+        doc, ws_off, ws_data = _metadata(src, base, name, working_set or src.working_set)
         summary = out.finish(src, doc, ws_off, ws_data, virt, hosts, zero_virt, name)
     except BaseException:
         out.abort()
@@ -119,7 +122,7 @@ def _plan_clusters(src, base):
     return virt, srcidx, host, b_img, b_host, zero_virt
 
 
-def _write_clusters(out, src, base, plan):
+def _write_clusters(out, src, base, plan, compare_own):
     """Decide and write every RAM cluster: (virtual clusters copied, their host
     offsets in the output, zero-flagged virtual clusters, counts)."""
     virt, srcidx, host, b_img, b_host, zero_virt = plan
@@ -141,7 +144,7 @@ def _write_clusters(out, src, base, plan):
             else:
                 counts["clusters_inherited"] += 1
             continue
-        if bi >= 0:
+        if bi >= 0 and (compare_own or si):
             g = base.chain[bi]
             if pread_exact(g.fd, cs, int(b_host[k]), g.path) == data:
                 counts["clusters_inherited"] += 1
@@ -154,7 +157,7 @@ def _write_clusters(out, src, base, plan):
             np.concatenate(zeros).astype(np.uint64), counts)
 
 
-def _metadata(src, base, name):
+def _metadata(src, base, name, ws):
     """(document, working-set offset or None, working-set bytes) of the output."""
     doc = workingset._rebuild_doc(src)
     doc["format_version"] = layout.FORMAT_VERSION
@@ -162,7 +165,6 @@ def _metadata(src, base, name):
     doc["parent"] = layout.parent_record(base, name) if base is not None else None
     doc = {"format_version": doc.pop("format_version"), "image_id": doc.pop("image_id"),
            "parent": doc.pop("parent"), **doc}
-    ws = src.working_set
     if ws is None:
         return doc, None, b""
     data = ws.entries.tobytes()
