@@ -86,17 +86,26 @@ def readahead(path):
     """Start reading into the page cache the parts of the image the full reader reads
     when it opens it: the L1 table, every L2 table, the refcount table and the metadata
     region's clusters (posix_fadvise WILLNEED: the kernel reads them in the background).
-    Returns the bytes asked for; a damaged image is left to the reader to report."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
-        return _Reader(fd, path).readahead()
-    except (ImageError, IOFailure, OSError):  # OSError: a filesystem without fadvise
-        return 0
-    finally:
-        os.close(fd)
+    Returns the bytes asked for; a damaged image is left to the reader to report.
+    The same for every parent of a backing chain (the reader opens them all)."""
+    total = 0
+    for _ in range(layout.MAX_CHAIN_DEPTH + 1):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return total
+        try:
+            r = _Reader(fd, path)
+            total += r.readahead()
+            parent = r.document().get("parent")
+        except (ImageError, IOFailure, OSError):  # OSError: a filesystem without fadvise
+            return total
+        finally:
+            os.close(fd)
+        if not isinstance(parent, dict):
+            return total
+        path = layout.resolve_backing(parent["backing_file"], path)
+    return total
 
 
 class _Reader:

@@ -391,3 +391,12 @@ def test_signal_during_commit_leaves_no_trace(chain):
     assert r.returncode == 128 + 15, r.stderr
     assert _one_error(r) == "qsnap: error: terminated by signal SIGTERM"
     assert {n: (d / n).read_bytes() for n in os.listdir(d)} == before
+
+
+def test_readahead_covers_the_chain(chain):
+    from qsnap.image.metadata import readahead
+    d = chain[0]
+    whole, base = readahead(str(d / "child.qsnap")), readahead(str(d / "base.qsnap"))
+    os.unlink(d / "base.qsnap")
+    own = readahead(str(d / "child.qsnap"))     # a missing parent is left to the reader to report
+    assert own > 0 and base > 0 and whole == own + base
