@@ -105,8 +105,8 @@ def check_parent(child, parent):
     theirs = [(b["idstr"], b["length"], b["offset"], b["page_size"]) for b in rec["ram_blocks"]]
     if mine != theirs:
         k = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-        raise ImageError(f"{child.path}: RAM block {k} of the image differs from its parent record's "
-                         f"({_block(mine, k)} in the image, {_block(theirs, k)} in the record)")
+        raise ImageError(f"parent image {parent.path} of {child.path} does not match: RAM block {k} is "
+                         f"{_block(theirs, k)} in the parent, {_block(mine, k)} in the child")
 
 
 def _block(blocks, k):

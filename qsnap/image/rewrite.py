@@ -93,11 +93,11 @@ def rewrite(src, out_path, base, working_set=None, compare_own=True):
 
 def _check_same_layout(src, base):
     """The base chain holds the same machine and RAM layout (it is src's ancestry)."""
-    mine = [(b.idstr, b.length, b.offset) for b in src.blocks]
-    theirs = [(b.idstr, b.length, b.offset) for b in base.blocks]
+    mine = [(b.idstr, b.length, b.offset, b.page_size) for b in src.blocks]
+    theirs = [(b.idstr, b.length, b.offset, b.page_size) for b in base.blocks]
     if mine != theirs or src.cluster_size != base.cluster_size \
-            or src.target_page_size != base.target_page_size:
-        raise ImageError(f"{base.path} has another RAM layout than {src.path}")
+            or src.target_page_size != base.target_page_size or src.meta["machine"] != base.meta["machine"]:
+        raise ImageError(f"{base.path} has another machine or RAM layout than {src.path}")
 
 
 def _plan_clusters(src, base):

@@ -400,3 +400,36 @@ def test_readahead_covers_the_chain(chain):
     os.unlink(d / "base.qsnap")
     own = readahead(str(d / "child.qsnap"))     # a missing parent is left to the reader to report
     assert own > 0 and base > 0 and whole == own + base
+
+
+def _forced_child(tmp_path, monkeypatch, **full_kw):
+    """A child written onto a base of another machine or RAM layout (rewrite refuses that
+    itself: the check is switched off to make the image a reader must refuse)."""
+    base, child = two_generations()
+    write_full(tmp_path / "base.qsnap", base)
+    write_full(tmp_path / "full.qsnap", child, **full_kw)
+    with pytest.raises(ImageError, match="has another machine or RAM layout than"):
+        rebase(tmp_path / "full.qsnap", tmp_path / "base.qsnap", tmp_path / "child.qsnap")
+    monkeypatch.setattr(rewrite_mod, "_check_same_layout", lambda src, base: None)
+    rebase(tmp_path / "full.qsnap", tmp_path / "base.qsnap", tmp_path / "child.qsnap")
+    return tmp_path / "child.qsnap"
+
+
+def test_cli_mismatched_machine(tmp_path, monkeypatch):
+    p = _forced_child(tmp_path, monkeypatch, machine="pc-q35-7.2")
+    for cmd in ("info", "load"):
+        r = qsnap(cmd, str(p))
+        assert r.returncode == 1
+        assert _one_error(r) == (f"qsnap: error: parent image {tmp_path / 'base.qsnap'} of {p} does not "
+                                 "match: machine pc-q35-7.2 recorded, pc-i440fx-7.2 found")
+
+
+def test_cli_mismatched_blocks(tmp_path, monkeypatch):
+    from _chainutil import BLOCKS
+    blocks = [BLOCKS[0], {**BLOCKS[1], "length": 128 * 1024}]
+    p = _forced_child(tmp_path, monkeypatch, blocks=blocks)
+    r = qsnap("info", str(p))
+    assert r.returncode == 1
+    assert _one_error(r) == (f"qsnap: error: parent image {tmp_path / 'base.qsnap'} of {p} does not match: "
+                             "RAM block 1 is 'vga.vram' length 0x40000 offset 0x200000 page size 4096 in the "
+                             "parent, 'vga.vram' length 0x20000 offset 0x200000 page size 4096 in the child")
