@@ -16,6 +16,7 @@ directory; on any error or signal the temporary file is removed and whatever was
 at ``out_path`` is untouched.
 """
 import os
+from array import array
 
 import numpy as np
 
@@ -128,7 +129,7 @@ def _write_clusters(out, src, base, plan, compare_own):
     virt, srcidx, host, b_img, b_host, zero_virt = plan
     cs = src.cluster_size
     shared = {k for k, im in enumerate(src.chain) if base is not None and im in base.chain}
-    copied_v, copied_h, zeros = [], [], [zero_virt]
+    copied_v, copied_h, zeros = array("Q"), array("Q"), array("Q")   # 8 bytes per cluster
     counts = {"clusters_copied": 0, "clusters_inherited": 0, "clusters_zeroed": len(zero_virt)}
     for k in range(len(virt)):
         si, bi = int(srcidx[k]), int(b_img[k])
@@ -139,7 +140,7 @@ def _write_clusters(out, src, base, plan, compare_own):
         data = pread_exact(f.fd, cs, int(host[k]), f.path)
         if is_zero(data):
             if bi >= 0:
-                zeros.append(virt[k:k + 1])
+                zeros.append(int(virt[k]))
                 counts["clusters_zeroed"] += 1
             else:
                 counts["clusters_inherited"] += 1
@@ -153,8 +154,8 @@ def _write_clusters(out, src, base, plan, compare_own):
         copied_h.append(out.append_cluster(data))
         counts["clusters_copied"] += 1
     out.flush()
-    return (np.array(copied_v, np.uint64), np.array(copied_h, np.uint64),
-            np.concatenate(zeros).astype(np.uint64), counts)
+    return (np.frombuffer(copied_v, np.uint64), np.frombuffer(copied_h, np.uint64),
+            np.concatenate([zero_virt, np.frombuffer(zeros, np.uint64)]).astype(np.uint64), counts)
 
 
 def _metadata(src, base, name, ws):
