@@ -145,8 +145,9 @@ def _backing_name(hdr, ext, exts, head, cs):
                          f"{ext['format_version']} has no backing chains)")
     end = exts[-1][2] + 8 + qcow2.align_up(len(exts[-1][1]), 8) + 8 if exts else hdr["header_length"] + 8
     if off < end or size == 0 or size > qcow2.MAX_BACKING_FILE_SIZE or off + size > min(cs, len(head)):
-        raise ImageError(f"backing file name at image offset 0x{off:x} ({size} bytes, at image offset 0x8) "
-                         f"overlaps the header extensions or lies outside cluster 0")
+        raise ImageError(f"backing file name of {size} bytes at image offset 0x{off:x} (header field at "
+                         f"image offset 0x8) is empty, too long, overlaps the header extensions or lies "
+                         f"outside cluster 0")
     raw = bytes(head[off:off + size])
     for t, payload, at in exts:
         if t == qcow2.QCOW2_EXT_MAGIC_BACKING_FORMAT and payload != qcow2.BACKING_FORMAT:
@@ -192,7 +193,7 @@ class Image:
     @classmethod
     def open(cls, path):
         """Open the image at ``path`` and its whole backing chain (each file checked
-        against the parent record of the image above it: chain.open_parent)."""
+        against the parent record of the image above it: chain.open_parents)."""
         img = cls._open_one(os.fspath(path))
         try:
             from qsnap.image.chain import open_parents

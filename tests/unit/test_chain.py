@@ -433,3 +433,15 @@ def test_cli_mismatched_blocks(tmp_path, monkeypatch):
     assert _one_error(r) == (f"qsnap: error: parent image {tmp_path / 'base.qsnap'} of {p} does not match: "
                              "RAM block 1 is 'vga.vram' length 0x40000 offset 0x200000 page size 4096 in the "
                              "parent, 'vga.vram' length 0x20000 offset 0x200000 page size 4096 in the child")
+
+
+@pytest.mark.parametrize("offset, size", [(16, 10), (CS - 4, 10), (0x200, 0), (0x200, 1024)])
+def test_backing_name_out_of_place(chain, offset, size):
+    d = chain[0]
+    buf = bytearray((d / "child.qsnap").read_bytes())
+    buf[8:20] = offset.to_bytes(8, "big") + size.to_bytes(4, "big")
+    (d / "child.qsnap").write_bytes(bytes(buf))
+    with pytest.raises(ImageError, match=f"backing file name of {size} bytes at image offset 0x{offset:x}"):
+        Image.open(d / "child.qsnap")
+    r = qsnap("check", str(d / "child.qsnap"))
+    assert r.returncode == 2 and "backing file name" in r.stdout
