@@ -8,8 +8,10 @@ QEMU 7.2+ destination accepts as a precopy migration (migration-stream.md 6.1):
     SECTION_START ram             MEM_SIZE + block list, EOS, footer
     SECTION_PART ram  x N         PAGE records of every stored page, in host-file
                                   order (sequential reads through the C read-ahead
-                                  ring), then ZERO records of every unstored page
-                                  of every migrated block; EOS, footer
+                                  ring; for a backing chain one pass per file, each
+                                  with its own descriptor), then ZERO records of
+                                  every unstored page of every migrated block; EOS,
+                                  footer
     [COMMAND SWITCHOVER_START]    if the saved stream had one
     [SECTION_END ram]             EOS, footer; if the saved stream had a RAM END
     device state                  verbatim: FULL sections, EOF, VMDESCRIPTION
