@@ -445,3 +445,12 @@ def test_backing_name_out_of_place(chain, offset, size):
         Image.open(d / "child.qsnap")
     r = qsnap("check", str(d / "child.qsnap"))
     assert r.returncode == 2 and "backing file name" in r.stdout
+
+
+def test_working_set_recorded_into_the_parent_keeps_the_child_valid(chain):
+    from qsnap.image import workingset
+    d, _, child, _ = chain
+    workingset.store(str(d / "base.qsnap"), workingset.entries([(0, 3, 1), (0, 100, 2)]))
+    with Image.open(d / "child.qsnap") as im:
+        assert len(im.parent.working_set) == 2
+    assert_content(d / "child.qsnap", child)
