@@ -194,8 +194,11 @@ def _decode_field(cur, f, where, depth):
         return value
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise StreamError(f"{where}: VMDESCRIPTION gives no size")
+    kind = f.get("type")
+    if kind is not None and not isinstance(kind, str):
+        raise StreamError(f"{where}: VMDESCRIPTION 'type' is not a string")
     raw = cur.take(size, where)
-    signed = _INT_TYPES.get(f.get("type"))
+    signed = _INT_TYPES.get(kind)
     if signed is not None and size in (1, 2, 4, 8):
         return int.from_bytes(raw, "big", signed=signed)
     return bytes(raw)
