@@ -158,6 +158,9 @@ class Image:
     def __init__(self, path, fd):
         self.path = path
         self._fd = fd
+        self.parent = None      # the backing image (Image), None for a stand-alone image
+        self.chain = [self]     # [self, parent, grandparent, ...]
+        self.image_id = None
 
     @classmethod
     def open(cls, path):
@@ -353,6 +356,9 @@ class Image:
         blobs = self._scan_region(mo, ml, ext["meta_crc32c"], doc)
         if doc["cluster_size"] != cs:
             raise ImageError(f"metadata cluster_size {doc['cluster_size']} differs from the header's {cs}")
+        if doc["format_version"] != ext["format_version"]:
+            raise ImageError(f"metadata format_version {doc['format_version']} differs from the header "
+                             f"extension's {ext['format_version']}")
         if doc["target_page_size"] != ext["target_page_size"]:
             raise ImageError(f"metadata target_page_size {doc['target_page_size']} differs from the "
                              f"header extension's {ext['target_page_size']}")
@@ -360,6 +366,7 @@ class Image:
             raise ImageError(f"RAM block regions end at 0x{regions_end:x}, past the metadata region "
                              f"at 0x{mo:x}")
         self.meta = doc
+        self.image_id = doc.get("image_id") if doc["format_version"] >= 2 else None
         self.target_page_size = doc["target_page_size"]
         return doc, blobs
 
