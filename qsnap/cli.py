@@ -111,8 +111,12 @@ def _add_save(sub):
                    help="how image data is written: none = O_DIRECT, writeback = through "
                    "the page cache, auto (default) = O_DIRECT where the filesystem "
                    "supports it, else the page cache")
-    s.add_argument("--cluster-size", type=_size, default=1 << 20, metavar="SIZE",
-                   help="qcow2 cluster size, 64K..2M (default 1M)")
+    s.add_argument("--cluster-size", type=_size, default=None, metavar="SIZE",
+                   help="qcow2 cluster size, 64K..2M (default 1M, with --parent the parent's)")
+    s.add_argument("--parent", metavar="PARENT",
+                   help="an incremental image: store only the pages whose content differs "
+                   "from PARENT's (and its own chain's); IMG's qcow2 header names PARENT as "
+                   "its backing file")
     s.add_argument("--stats", metavar="FILE", help="write save statistics as JSON to FILE")
     s.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
     s.add_argument("--vm-info", metavar="FILE",
@@ -261,7 +265,8 @@ def _cmd_save(args):
     from qsnap.save import save
 
     stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet,
-                 vm_info=args.vm_info, report=args.report, on_stream_end=on_stream_end)
+                 vm_info=args.vm_info, report=args.report, on_stream_end=on_stream_end,
+                 parent=args.parent)
     _write_stats(args.stats, stats)
     return 0
 
