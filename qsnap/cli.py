@@ -190,6 +190,12 @@ def _add_snapshot(sub):
                     "precopy, paused for the switch-over; stopped: paused for the whole save")
     sn.add_argument("--disks", choices=("overlay", "none"), default="overlay",
                     help="overlay (default): freeze the disks at the snapshot instant; none: RAM only")
+    inc = sn.add_mutually_exclusive_group()
+    inc.add_argument("--parent", metavar="PARENT",
+                     help="incremental: IMG stores only the RAM that differs from PARENT's")
+    inc.add_argument("--incremental", action="store_true",
+                     help="incremental to this VM's last snapshot (by qsnap snapshot of the "
+                     "same QEMU process, its disks still on the overlays it made)")
     sn.add_argument("--output", choices=("human", "json"), default="human")
 
 
@@ -328,7 +334,8 @@ def _cmd_snapshot(args):
     from qsnap.vm import snapshot
 
     out = snapshot.snapshot(args.qmp, args.image, mode=args.mode, disks=args.disks,
-                            progress=sys.stderr.isatty())
+                            progress=sys.stderr.isatty(), parent=args.parent,
+                            incremental=args.incremental)
     if args.output == "json":
         print(json.dumps(out, indent=2))
     else:

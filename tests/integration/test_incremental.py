@@ -20,7 +20,7 @@ import pytest
 
 from bigcmp import assert_same
 
-from qsnaptest import guests, tools as qsnaptools
+from qsnaptest import diskguest, guests, tools as qsnaptools
 from qsnaptest.qemu import Qemu, parse_size
 from qsnaptest.tools import (assert_same_vm_ram, postcopy_restore, qemu_img_check, qsnap_cmd,
                              qsnap_env, run_qsnap, wait_save)
@@ -195,3 +195,78 @@ def test_swapped_parent_is_refused(chain, tmp_path):
     assert r.returncode != 0
     err = r.stderr.decode()
     assert err.startswith("qsnap: error: ") and "does not match" in err and base.name in err, err
+
+
+# --- qsnap snapshot --incremental: RAM and disks chain together ---------------------------
+
+@pytest.fixture(scope="module")
+def disk_guest_files(qemu_bin):
+    try:
+        return diskguest.files()
+    except guests.GuestUnavailable as e:
+        pytest.skip(f"disk guest unavailable: {e}")
+
+
+def _snapshot(sock, img, *args):
+    r = run_qsnap("snapshot", "--qmp", sock, "--output=json", *args, img, timeout=900)
+    return r, (json.loads(r.stdout) if r.returncode == 0 else None)
+
+
+def _chain_files(path):
+    return [Path(i["filename"]).name for i in qemu_img_json("info", "--backing-chain", str(path))]
+
+
+def test_incremental_snapshot_chains_ram_and_disks(disk_guest_files, tmp_path):
+    """A disk guest snapshotted, then snapshotted with --incremental: the second
+    image's parent is the first, and its frozen disk is the overlay the first
+    snapshot put the VM on (so the disks chain as the images do).  Restored
+    through the chain, the guest reads its disk back and goes on from the
+    snapshot's record."""
+    disk = diskguest.create_disk(tmp_path / "disk.qcow2")
+    sock = tmp_path / "qsnap.qmp"
+    vm = diskguest.DiskGuest(*disk_guest_files, disks=[disk], env=qsnap_env(), name="src",
+                             args=["-chardev", f"socket,id=qsnapmon,path={sock},server=on,wait=off",
+                                   "-mon", "chardev=qsnapmon,mode=control"])
+    vm.start()
+    try:
+        vm.wait_record(3, timeout=300)
+        r, _ = _snapshot(sock, tmp_path / "none.qsnap", "--incremental")
+        err = r.stderr.decode()
+        assert r.returncode != 0 and err.startswith("qsnap: error: ") and \
+            "no earlier snapshot" in err and len(err.strip().splitlines()) == 1, err
+        assert vm.status() == "running" and not (tmp_path / "none.qsnap").exists()
+
+        r, a = _snapshot(sock, tmp_path / "a.qsnap")
+        assert r.returncode == 0, r.stderr.decode()
+        vm.wait_record(vm.last_record() + 3)
+        r, b = _snapshot(sock, tmp_path / "b.qsnap", "--incremental")
+        assert r.returncode == 0, r.stderr.decode()
+        vm.wait_record(vm.last_record() + 2)
+    finally:
+        vm.shutdown()
+    assert b["parent"] == str(tmp_path / "a.qsnap")
+    assert _chain_files(tmp_path / "b.qsnap") == ["b.qsnap", "a.qsnap"]
+    frozen_b = Path(b["disks"][0]["frozen"])
+    assert frozen_b == Path(a["disks"][0]["overlay"]) == tmp_path / "disk.a.qcow2"
+    assert _chain_files(b["disks"][0]["overlay"]) == ["disk.a.b.qcow2", "disk.a.qcow2", "disk.qcow2"]
+    assert os.path.getsize(tmp_path / "b.qsnap") < os.path.getsize(tmp_path / "a.qsnap")
+
+    _needs_chain_reader()
+    frozen_recs = diskguest.records(frozen_b)
+    k = diskguest.contiguous_top(frozen_recs)
+    restored_disk = diskguest.create_overlay(tmp_path / "restored.qcow2", frozen_b)
+    dst = diskguest.DiskGuest(*disk_guest_files, disks=[restored_disk], incoming=True,
+                              env=qsnap_env(), name="dst")
+    dst.start()
+    try:
+        dst.migrate_incoming("exec:" + qsnap_cmd("load", tmp_path / "b.qsnap"))
+        dst.wait_migration(timeout=600)
+        if dst.status() != "running":
+            dst.cont()
+        dst.wait_record(k + 3, timeout=300)
+        k2, m = diskguest.check_continuation(frozen_recs, diskguest.records(restored_disk))
+        assert k2 == k and m >= k + 3
+        assert dst.recs()[0] in (k, k + 1)
+        assert dst.errors() == []
+    finally:
+        dst.shutdown()
