@@ -6,11 +6,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from qsnap.errors import ImageError, UsageError
-from qsnap.image import qcow2
+from qsnap.image import ImageWriter, qcow2
+from qsnap.image.reader import Image
 from qsnap.save import save
+from qsnap.stream.constants import RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO
 from qsnap.stream.synth import synth_stream
 
 from bigcmp import assert_same
@@ -184,3 +187,51 @@ def test_cli_save_parent_and_missing_parent(chain, tmp_path):
     assert r.stderr.startswith("qsnap: error: ") and "nope.qsnap" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "n.qsnap").exists()
+
+
+def _write(path, pages, parent=None):
+    """An image of one 4 MiB block (64 KiB clusters): ``pages`` {page: bytes or None}."""
+    dtype = np.dtype([('offset', 'u8'), ('data_pos', 'u8'), ('data_len', 'u4'),
+                      ('block', 'u4'), ('flags', 'u2'), ('fill', 'u1'), ('_pad', 'V5')])
+    par = Image.open(str(parent)) if parent else None
+    try:
+        with ImageWriter(str(path), cluster_size=CS, parent=par) as w:
+            w.start([{"idstr": "pc.ram", "length": 4 << 20, "page_size": 4096}])
+            recs = np.zeros(len(pages), dtype)
+            data = bytearray()
+            for i, (p, content) in enumerate(sorted(pages.items())):
+                recs[i]["offset"] = p * 4096
+                if content is None:
+                    recs[i]["flags"] = RAM_SAVE_FLAG_ZERO
+                else:
+                    recs[i]["flags"] = RAM_SAVE_FLAG_PAGE
+                    recs[i]["data_pos"] = len(data)
+                    recs[i]["data_len"] = 4096
+                    data += content
+            w.sink.put_batch(recs, bytes(data))
+            return w.finish(header_bytes=b"QEVM\0\0\0\3", device_state=b"\x04dev" * 10,
+                            stream_info={"ram_end": True}, machine="pc-i440fx-7.2")
+    finally:
+        if par is not None:
+            par.close()
+
+
+def test_cluster_that_became_zero_is_zero_flagged(tmp_path):
+    """Clusters 0..3 full of data in the parent; the child's stream zeroes cluster
+    1 and changes nothing else: cluster 1 gets the bare zero flag (zeros whatever the
+    parent holds), the others are inherited, and the stream's other pages, never
+    sent in the parent, stay zero."""
+    rnd = np.random.default_rng(1)
+    ppc = CS // 4096
+    parent = {p: rnd.bytes(4096) for p in range(4 * ppc)}
+    _write(tmp_path / "p.qsnap", parent)
+    child = dict(parent)
+    child.update({p: None for p in range(ppc, 2 * ppc)})
+    summary = _write(tmp_path / "c.qsnap", child, parent=tmp_path / "p.qsnap")
+    assert summary["clusters_written"] == 0 and summary["clusters_zeroed"] == 1
+    extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(tmp_path / "c.qsnap")],
+                                        capture_output=True, text=True, check=True).stdout)
+    zero = [e for e in extents if e["depth"] == 0 and e["zero"] and e["start"] < 4 << 20]
+    assert [(e["start"], e["length"]) for e in zero] == [(CS, CS)]
+    want = b"".join(child.get(p) or bytes(4096) for p in range((4 << 20) // 4096))
+    assert_same(raw(tmp_path / "c.qsnap", tmp_path), want, "the child through its parent")
