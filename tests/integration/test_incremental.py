@@ -270,3 +270,50 @@ def test_incremental_snapshot_chains_ram_and_disks(disk_guest_files, tmp_path):
         assert dst.errors() == []
     finally:
         dst.shutdown()
+
+
+def test_snapshot_incremental_and_parent_ram_only(qemu_bin, tmp_path):
+    """A RAM-only blob guest: `snapshot --incremental` takes the last snapshot as
+    parent, `--parent` the one given; through qemu-img convert each child reads
+    as a later stand-alone snapshot of the same halted guest, but for what
+    SeaBIOS' timer interrupt updates meanwhile (the BIOS data area)."""
+    blobs = guests.make_blobs(tmp_path / "blobs", LAYOUT, SEED)
+    sock = tmp_path / "qsnap.qmp"
+    vm = qsnaptools.blob_guest(blobs, MEMORY, accel="kvm",
+                               args=["-chardev", f"socket,id=qsnapmon,path={sock},server=on,wait=off",
+                                     "-mon", "chardev=qsnapmon,mode=control"])
+    try:
+        r, base = _snapshot(sock, tmp_path / "base.qsnap", "--disks=none")
+        assert r.returncode == 0, r.stderr.decode()
+        r, one = _snapshot(sock, tmp_path / "one.qsnap", "--disks=none", "--incremental")
+        assert r.returncode == 0, r.stderr.decode()
+        if chain_reader():   # saving onto a child opens it
+            r, two = _snapshot(sock, tmp_path / "two.qsnap", "--disks=none", "--parent",
+                               tmp_path / "one.qsnap")
+            assert r.returncode == 0, r.stderr.decode()
+            assert two["parent"] == str(tmp_path / "one.qsnap")
+        r, full = _snapshot(sock, tmp_path / "full.qsnap", "--disks=none")
+        assert r.returncode == 0, r.stderr.decode()
+    finally:
+        vm.shutdown()
+    assert base["parent"] is None and full["parent"] is None
+    assert one["parent"] == str(tmp_path / "base.qsnap")
+    assert _chain_files(tmp_path / "one.qsnap") == ["one.qsnap", "base.qsnap"]
+    # the halted guest's RAM does not change: the child holds its own header,
+    # metadata region and tables, and what SeaBIOS' timers touch
+    assert os.path.getsize(tmp_path / "one.qsnap") <= 9 * MIB
+    full_ram = _outside_bios(raw_ram(tmp_path / "full.qsnap", tmp_path))
+    assert_same(_outside_bios(raw_ram(tmp_path / "one.qsnap", tmp_path)), full_ram,
+                "the --incremental child through its parent")
+    if chain_reader():
+        assert _chain_files(tmp_path / "two.qsnap") == ["two.qsnap", "one.qsnap", "base.qsnap"]
+        assert_same(_outside_bios(raw_ram(tmp_path / "two.qsnap", tmp_path)), full_ram,
+                    "the --parent child through its chain")
+
+
+def _outside_bios(ram):
+    """The RAM regions with the areas SeaBIOS may write zeroed (pc.ram comes first)."""
+    ram = bytearray(ram)
+    for lo, hi in guests.seabios_areas(parse_size(MEMORY)):
+        ram[lo:hi] = bytes(hi - lo)
+    return bytes(ram)
