@@ -90,6 +90,9 @@ cdef extern from "csrc/sink.h" nogil:
         QS_SINK_ETHREAD
         QS_SINK_EINTR
         QS_SINK_ESPILL
+        QS_SINK_EPARENT
+        QS_SINK_HOST_ZERO
+        QS_SINK_HOST_INHERIT
 
     ctypedef struct qs_sink_err:
         int status
@@ -109,6 +112,9 @@ cdef extern from "csrc/sink.h" nogil:
         uint64_t bytes_written
         uint64_t append_offset
         uint64_t wait_ns
+        uint64_t clusters_inherited
+        uint64_t clusters_zeroed
+        uint64_t parent_bytes_read
 
     ctypedef struct qs_sink:
         pass
@@ -132,6 +138,9 @@ cdef extern from "csrc/sink.h" nogil:
     uint64_t qs_sink_n_clusters(const qs_sink *s)
     uint64_t qs_sink_n_pages(const qs_sink *s)
     int qs_sink_set_spill(qs_sink *s, int fd, qs_sink_err *err)
+    int qs_sink_set_parent(qs_sink *s, const int *fds, uint32_t n_fds, const uint64_t *virt,
+                           const uint32_t *src, const uint64_t *host, uint64_t n,
+                           qs_sink_err *err)
     int qs_sink_read_hosts(qs_sink *s, uint64_t first, uint64_t n, uint64_t *out,
                            qs_sink_err *err)
     int qs_sink_read_pages(qs_sink *s, uint64_t first, uint64_t n, uint8_t *bitmap,

@@ -160,6 +160,12 @@ cdef object _ram_error(const qs_ram_state *st, blocks, buf):
 
 # --- csrc/sink.c ----------------------------------------------------------------
 
+cdef object _parent_read_error(const qs_sink_err *err, str parent, str path):
+    """QS_SINK_EPARENT: a read from the parent chain's file ``parent`` failed."""
+    return _IOFailure(f"{_strerror(err.errnum)} reading the parent image {parent} at offset "
+                      f"0x{err.host_off:x} (saving {path}, virtual offset 0x{err.voff:x})")
+
+
 cdef object _sink_error(const qs_sink_err *err, str path, object block_names, _Interrupt intr):
     """A qs_sink_* status with its error struct (``intr``: the sink's hook)."""
     st = err.status

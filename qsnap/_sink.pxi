@@ -102,6 +102,7 @@ cdef class ClusterSink:
     cdef readonly uint32_t page_size
     cdef object _region_offsets
     cdef object _spill
+    cdef object _parent_paths
     cdef _Interrupt _intr
 
     def __cinit__(self, int fd, uint64_t virtual_size, *, uint32_t cluster_size=1 << 20,
@@ -124,6 +125,7 @@ cdef class ClusterSink:
             raise _sink_error(&err, path, None, self._intr)
         qs_sink_set_intr(self._s, &self._intr.c)
         self._spill = None
+        self._parent_paths = None
         if spill_dir is not None:
             self._set_spill(spill_dir, path)
         self.path = path
@@ -155,6 +157,47 @@ cdef class ClusterSink:
             raise _sink_error(&err, path, None, self._intr)
         return 0
 
+    def set_parent(self, fds, virt, src, host, paths):
+        """Parent mode (csrc/sink.h): ``fds`` are the parent chain's files (open
+        for reading while the sink lives; ``paths`` name them in errors); virtual
+        cluster ``virt[i]`` reads from file ``src[i]`` at ``host[i]``
+        (qsnap.image.chain.cluster_sources).  Only before the first page."""
+        cdef qs_sink *s = self._live()
+        cdef qs_sink_err err
+        cdef int rc
+        fd_arr = _np.ascontiguousarray(fds, dtype=_np.intc)
+        v = _as_exact(virt, _np.uint64, "virt")
+        sr = _as_exact(src, _np.uint32, "src")
+        h = _as_exact(host, _np.uint64, "host")
+        if not (v.shape == sr.shape == h.shape) or v.ndim != 1 or fd_arr.ndim != 1:
+            raise ValueError("virt, src and host differ in shape")
+        if fd_arr.shape[0] == 0 or len(paths) != fd_arr.shape[0]:
+            raise ValueError("set_parent needs one path per parent fd, at least one")
+        cdef const int[::1] f = fd_arr
+        cdef const uint64_t[::1] vv = v if v.shape[0] else _np.zeros(1, _np.uint64)
+        cdef const uint32_t[::1] ss = sr if sr.shape[0] else _np.zeros(1, _np.uint32)
+        cdef const uint64_t[::1] hh = h if h.shape[0] else _np.zeros(1, _np.uint64)
+        cdef uint64_t n = v.shape[0]
+        memset(&err, 0, sizeof(err))
+        with nogil:
+            rc = qs_sink_set_parent(s, &f[0], <uint32_t>f.shape[0], &vv[0], &ss[0], &hh[0], n,
+                                    &err)
+        if rc == QS_SINK_EINVAL:
+            raise ValueError(f"bad parent cluster row {err.value} (cluster outside the sink, "
+                             f"file index outside the chain, a cluster listed twice) or "
+                             f"set_parent after the first page")
+        if rc:
+            raise self._error(&err, None)
+        self._parent_paths = list(paths)
+
+    cdef object _error(self, qs_sink_err *err, object block_names):
+        """_sink_error with the parent chain's file named for a read from it."""
+        if err.status == QS_SINK_EPARENT and self._parent_paths is not None:
+            name = (self._parent_paths[err.value] if err.value < len(self._parent_paths)
+                    else f"parent file {err.value}")
+            return _parent_read_error(err, name, self.path)
+        return _sink_error(err, self.path, block_names, self._intr)
+
     cdef int _set_blocks(self, object offs, object lens) except -1:
         cdef const uint64_t[::1] o = offs
         cdef const uint64_t[::1] l = lens
@@ -170,7 +213,7 @@ cdef class ClusterSink:
             raise ValueError(f"block {err.block} region at 0x{err.offset:x} (length 0x{err.value:x}) "
                              f"not cluster aligned or beyond the virtual size 0x{self.virtual_size:x}")
         if rc:
-            raise _sink_error(&err, self.path, None, self._intr)
+            raise self._error(&err, None)
         return 0
 
     def __dealloc__(self):
@@ -234,7 +277,7 @@ cdef class ClusterSink:
         finally:
             PyBuffer_Release(&rv)
         if rc:
-            raise _sink_error(&err, self.path, self.block_names, self._intr)
+            raise self._error(&err, self.block_names)
 
     def put_page(self, uint64_t voff, data=None, int fill=0):
         """Put one page at virtual offset ``voff``: ``data`` (page_size bytes) or None for zero/fill."""
@@ -257,7 +300,7 @@ cdef class ClusterSink:
             finally:
                 PyBuffer_Release(&v)
         if rc:
-            raise _sink_error(&err, self.path, None, self._intr)
+            raise self._error(&err, None)
 
     def get_page(self, uint64_t voff):
         """Current content of the page at ``voff`` (slot, file or zeros), as bytes."""
@@ -271,7 +314,7 @@ cdef class ClusterSink:
         with nogil:
             rc = qs_sink_get(s, voff, &o[0], &err)
         if rc:
-            raise _sink_error(&err, self.path, None, self._intr)
+            raise self._error(&err, None)
         return bytes(out)
 
     def flush(self):
@@ -284,7 +327,7 @@ cdef class ClusterSink:
         with nogil:
             rc = qs_sink_flush(s, &err)
         if rc:
-            raise _sink_error(&err, self.path, None, self._intr)
+            raise self._error(&err, None)
 
     @property
     def n_clusters(self):
@@ -296,7 +339,8 @@ cdef class ClusterSink:
 
     def host_map(self, first=0, n=None):
         """NumPy uint64 copy: host offset of virtual clusters first..first+n-1
-        (all by default; 0 = unallocated)."""
+        (all by default; 0 = unallocated; parent mode: HOST_ZERO, HOST_INHERIT).
+        Data clusters are those >= cluster_size."""
         cdef qs_sink *s = self._live()
         cdef qs_sink_err err
         cdef int rc
@@ -313,7 +357,7 @@ cdef class ClusterSink:
             with nogil:
                 rc = qs_sink_read_hosts(s, f, k, &o[0], &err)
             if rc:
-                raise _sink_error(&err, self.path, None, self._intr)
+                raise self._error(&err, None)
         return out
 
     def block_records(self):
@@ -360,7 +404,7 @@ cdef class ClusterSink:
         with nogil:
             rc = qs_sink_read_pages(s, first, n, bm, crcs, &err)
         if rc:
-            raise _sink_error(&err, self.path, None, self._intr)
+            raise self._error(&err, None)
         return 0
 
     def checksums(self, first_page=0, n_pages=None):
@@ -407,4 +451,13 @@ cdef class ClusterSink:
         st = self._stats()
         return {"pages_zero": st.pages_zero, "pages_nonzero": st.pages_nonzero,
                 "clusters_written": st.clusters_written, "page_rewrites": st.page_rewrites,
-                "bytes_written": st.bytes_written, "disk_wait_s": st.wait_ns / 1e9}
+                "bytes_written": st.bytes_written, "disk_wait_s": st.wait_ns / 1e9,
+                "clusters_inherited": st.clusters_inherited,
+                "clusters_zeroed": st.clusters_zeroed,
+                "parent_bytes_read": st.parent_bytes_read}
+
+
+# Host map values of parent mode (csrc/sink.h).
+HOST_ZERO = QS_SINK_HOST_ZERO
+HOST_INHERIT = QS_SINK_HOST_INHERIT
+

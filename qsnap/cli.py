@@ -111,8 +111,12 @@ def _add_save(sub):
                    help="how image data is written: none = O_DIRECT, writeback = through "
                    "the page cache, auto (default) = O_DIRECT where the filesystem "
                    "supports it, else the page cache")
-    s.add_argument("--cluster-size", type=_size, default=1 << 20, metavar="SIZE",
-                   help="qcow2 cluster size, 64K..2M (default 1M)")
+    s.add_argument("--cluster-size", type=_size, default=None, metavar="SIZE",
+                   help="qcow2 cluster size, 64K..2M (default 1M, with --parent the parent's)")
+    s.add_argument("--parent", metavar="PARENT",
+                   help="an incremental image: store only the pages whose content differs "
+                   "from PARENT's (and its own chain's); IMG's qcow2 header names PARENT as "
+                   "its backing file")
     s.add_argument("--stats", metavar="FILE", help="write save statistics as JSON to FILE")
     s.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
     s.add_argument("--vm-info", metavar="FILE",
@@ -206,6 +210,12 @@ def _add_snapshot(sub):
                     "precopy, paused for the switch-over; stopped: paused for the whole save")
     sn.add_argument("--disks", choices=("overlay", "none"), default="overlay",
                     help="overlay (default): freeze the disks at the snapshot instant; none: RAM only")
+    inc = sn.add_mutually_exclusive_group()
+    inc.add_argument("--parent", metavar="PARENT",
+                     help="incremental: IMG stores only the RAM that differs from PARENT's")
+    inc.add_argument("--incremental", action="store_true",
+                     help="incremental to this VM's last snapshot (by qsnap snapshot of the "
+                     "same QEMU process, its disks still on the overlays it made)")
     sn.add_argument("--output", choices=("human", "json"), default="human")
 
 
@@ -281,7 +291,8 @@ def _cmd_save(args):
     from qsnap.save import save
 
     stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet,
-                 vm_info=args.vm_info, report=args.report, on_stream_end=on_stream_end)
+                 vm_info=args.vm_info, report=args.report, on_stream_end=on_stream_end,
+                 parent=args.parent)
     _write_stats(args.stats, stats)
     return 0
 
@@ -366,7 +377,8 @@ def _cmd_snapshot(args):
     from qsnap.vm import snapshot
 
     out = snapshot.snapshot(args.qmp, args.image, mode=args.mode, disks=args.disks,
-                            progress=sys.stderr.isatty())
+                            progress=sys.stderr.isatty(), parent=args.parent,
+                            incremental=args.incremental)
     if args.output == "json":
         print(json.dumps(out, indent=2))
     else:

@@ -88,8 +88,8 @@ class _StreamFacts:
         }
 
 
-def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=1 << 20, quiet=False,
-         log=sys.stderr, vm_info=None, report=None, on_stream_end=None):
+def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=None, quiet=False,
+         log=sys.stderr, vm_info=None, report=None, on_stream_end=None, parent=None):
     """Save the migration stream read from ``in_fd`` as the image ``path``.
 
     Returns a summary dict.  Raises a QsnapError (and leaves nothing at ``path``
@@ -101,10 +101,13 @@ def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=1 << 20, quiet=F
     "error": "..."}``.  A failed save drains ``in_fd`` to its end before it
     raises, so that QEMU never blocks writing into a pipe nobody reads.
     ``on_stream_end()`` is called once the whole stream has been read.
+    ``parent``: the path of an image this one is incremental to (stores only
+    what differs from it; its chain stays needed).  ``cluster_size``: None for
+    1 MiB, or the parent's.
     """
     try:
         summary = _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info,
-                        on_stream_end)
+                        on_stream_end, parent)
     except BaseException as e:
         if report:
             write_report(report, {"ok": False, "error": error_line(e)})
@@ -187,7 +190,44 @@ def read_vm_info(path):
     return vm
 
 
-def _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info, on_stream_end):
+def open_parent(parent, path):
+    """The image ``parent`` (with its chain), opened for an incremental save to
+    ``path``, which must not be a file of that chain."""
+    from qsnap.image.reader import Image
+
+    img = Image.open(parent)
+    try:
+        target = os.stat(path)
+    except OSError:
+        return img
+    for member in img.chain:
+        st = os.fstat(member.fd)
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            close_chain(img)
+            raise UsageError(f"cannot save {path} onto {parent}: {path} is "
+                             f"{'that image' if member is img else 'in its backing chain'}")
+    return img
+
+
+def close_chain(img):
+    for member in img.chain:
+        member.close()
+
+
+def _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info, on_stream_end, parent):
+    parent_img = open_parent(parent, path) if parent else None
+    try:
+        if cluster_size is None:
+            cluster_size = parent_img.cluster_size if parent_img else 1 << 20
+        return _save_stream(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info,
+                            on_stream_end, parent_img)
+    finally:
+        if parent_img is not None:
+            close_chain(parent_img)
+
+
+def _save_stream(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info, on_stream_end,
+                 parent_img):
     t0 = time.monotonic()
     rp = ReturnPath(out_fd)
     facts = _StreamFacts()
@@ -198,7 +238,7 @@ def _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info, on_stre
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        with ImageWriter(path, cluster_size=cluster_size, cache=cache) as img:
+        with ImageWriter(path, cluster_size=cluster_size, cache=cache, parent=parent_img) as img:
             _consume(reader, img, facts, rp)
             t_end = time.monotonic()  # the last byte of the stream is in
             if on_stream_end:

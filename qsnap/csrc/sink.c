@@ -96,7 +96,8 @@ typedef struct bufpool {
  * (the file is sparse).  Without a spill file every chunk stays in memory,
  * allocated on first use.  Layout of a chunk (K clusters, CHUNK_PAGES pages):
  * host u64[K], slot u32[K] (slot + 1, 0 = none), cl_seen u16[K], then
- * (8-aligned) stored bits, seen bits, crc u32[CHUNK_PAGES]. */
+ * (8-aligned) stored bits, seen bits, differs bits (parent mode: the page's
+ * content may differ from the parent chain's), crc u32[CHUNK_PAGES]. */
 #define CHUNK_PAGES 4096u
 /* Chunks kept in memory with a spill file (~4.5 MiB of 4 KiB pages' state);
  * the native tests build with a few, to exercise the spill. */
@@ -117,7 +118,7 @@ typedef struct pstate {
     uint32_t k;          /* clusters per chunk */
     uint64_t n_chunks;
     size_t bytes;        /* of one chunk */
-    size_t off_slot, off_clseen, off_bm, off_seen, off_crc;
+    size_t off_slot, off_clseen, off_bm, off_seen, off_diff, off_crc;
     uint32_t cap, used;  /* cache entries: allowed, in use */
     pchunk *cache;
     int32_t *where;      /* per chunk: its cache entry or -1 */
@@ -151,6 +152,13 @@ struct qs_sink {
     uint64_t *blk_records;
 
     qs_sink_stats st;  /* the caller's; bytes_written is kept below */
+
+    /* parent mode (the caller's): the chain's files, and per virtual cluster
+     * the file holding it (index + 1, 0 = none: zeros) and where */
+    int *par_fds;
+    uint32_t n_par;
+    uint32_t *par_src;
+    uint64_t *par_host;
 
     /* writer thread */
     uint32_t pbuf_size;   /* max(page_size, IO_ALIGN) */
@@ -279,7 +287,8 @@ static int pstate_init(pstate *p, uint64_t n_pages, uint32_t cluster_pages)
     p->off_clseen = p->off_slot + (size_t)p->k * 4;
     p->off_bm = (p->off_clseen + (size_t)p->k * 2 + 7) & ~(size_t)7;
     p->off_seen = p->off_bm + CHUNK_PAGES / 8;
-    p->off_crc = p->off_seen + CHUNK_PAGES / 8;
+    p->off_diff = p->off_seen + CHUNK_PAGES / 8;
+    p->off_crc = p->off_diff + CHUNK_PAGES / 8;
     p->bytes = p->off_crc + (size_t)CHUNK_PAGES * 4;
     if (p->n_chunks > INT32_MAX)
         return -1;
@@ -373,6 +382,7 @@ static inline uint32_t *ch_slot(const pstate *p, uint8_t *m) { return (uint32_t 
 static inline uint16_t *ch_clseen(const pstate *p, uint8_t *m) { return (uint16_t *)(m + p->off_clseen); }
 static inline uint8_t *ch_bm(const pstate *p, uint8_t *m) { return m + p->off_bm; }
 static inline uint8_t *ch_seen(const pstate *p, uint8_t *m) { return m + p->off_seen; }
+static inline uint8_t *ch_diff(const pstate *p, uint8_t *m) { return m + p->off_diff; }
 static inline uint32_t *ch_crc(const pstate *p, uint8_t *m) { return (uint32_t *)(m + p->off_crc); }
 
 static void *writer_main(void *arg);
@@ -539,6 +549,9 @@ void qs_sink_free(qs_sink *s)
     free(s->blk_off);
     free(s->blk_len);
     free(s->blk_records);
+    free(s->par_fds);
+    free(s->par_src);
+    free(s->par_host);
     free(s);
 }
 
@@ -563,6 +576,44 @@ int qs_sink_set_spill(qs_sink *s, int fd, qs_sink_err *err)
     }
     p->cap = cap;
     p->fd = fd;
+    return QS_SINK_OK;
+}
+
+int qs_sink_set_parent(qs_sink *s, const int *fds, uint32_t n_fds, const uint64_t *virt,
+                       const uint32_t *src, const uint64_t *host, uint64_t n,
+                       qs_sink_err *err)
+{
+    if (s->ps.used || s->par_src || n_fds == 0)
+        return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, n_fds);
+    int *f = malloc(n_fds * sizeof(int));
+    uint32_t *ps = calloc(s->n_clusters ? s->n_clusters : 1, sizeof(uint32_t));
+    uint64_t *ph = calloc(s->n_clusters ? s->n_clusters : 1, sizeof(uint64_t));
+    if (!f || !ps || !ph) {
+        free(f);
+        free(ps);
+        free(ph);
+        return fail(err, QS_SINK_ENOMEM, ENOMEM, 0, 0, s->n_clusters * 12 + n_fds * sizeof(int));
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        if (virt[i] >= s->n_clusters || src[i] >= n_fds || ps[virt[i]]) {
+            free(f);
+            free(ps);
+            free(ph);
+            return fail(err, QS_SINK_EINVAL, EINVAL, 0, 0, i);
+        }
+        ps[virt[i]] = src[i] + 1;
+        ph[virt[i]] = host[i];
+    }
+    for (uint32_t i = 0; i < n_fds; i++) {
+        f[i] = fds[i];
+        /* clusters are mostly asked for in the order they were written:
+         * a larger readahead window; a hint, so its failure does not matter */
+        (void)posix_fadvise(fds[i], 0, 0, POSIX_FADV_SEQUENTIAL);
+    }
+    s->par_fds = f;
+    s->n_par = n_fds;
+    s->par_src = ps;
+    s->par_host = ph;
     return QS_SINK_OK;
 }
 
@@ -658,6 +709,27 @@ static int pread_full(qs_sink *s, uint8_t *buf, size_t len, uint64_t off,
             return fail(err, QS_SINK_EREAD, EIO, voff, off + done, len);
         done += (size_t)r;
     }
+    return QS_SINK_OK;
+}
+
+/* Read len bytes of the parent chain's content of cluster c from byte `in`
+ * of it (the chain holds data for c). */
+static int parent_read(qs_sink *s, uint64_t c, uint64_t in, uint8_t *buf, size_t len,
+                       qs_sink_err *err)
+{
+    uint32_t f = s->par_src[c] - 1;
+    uint64_t off = s->par_host[c] + in;
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pread(s->par_fds[f], buf + done, len - done, (off_t)(off + done));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return fail(err, QS_SINK_EPARENT, r < 0 ? errno : EIO, c << s->cluster_bits,
+                        off + done, f);
+        done += (size_t)r;
+    }
+    s->st.parent_bytes_read += len;
     return QS_SINK_OK;
 }
 
@@ -916,9 +988,49 @@ static void preallocate(qs_sink *s, uint64_t end)
         s->prealloc_end = 0;
 }
 
+/* Parent mode: the chain holds data for cluster c. */
+static inline int parent_has(const qs_sink *s, uint64_t c)
+{
+    return s->par_src && s->par_src[c];
+}
+
+/* Whether cluster c (the chain holds data for it; open in `buf`) differs from
+ * the chain's: a page marked differs, or (`final`: no more pages come) a
+ * page never put (it is zero) where the buffer still holds the chain's bytes
+ * and they are not zero.  An evicted cluster is not final: its missing pages
+ * may still come, and qs_sink_flush looks at it again. */
+static int cluster_differs(const qs_sink *s, uint64_t c, uint8_t *m, const uint8_t *buf,
+                           int final)
+{
+    uint64_t n = cluster_pages(s);
+    uint64_t first = (c % s->ps.k) * n;
+    const uint8_t *diff = ch_diff(&s->ps, m), *seen = ch_seen(&s->ps, m);
+    for (uint64_t i = 0; i < n; i++) {
+        if (bit_get(diff, first + i))
+            return 1;
+        if (final && !bit_get(seen, first + i) &&
+            !qs_is_zero(buf + (i << s->page_bits), s->page_size))
+            return 1;
+    }
+    return 0;
+}
+
+/* Mark every page of cluster c as differing from the chain: once ZERO, the
+ * cluster's content is no longer the chain's, and a reopened slot starts from
+ * zeros, which are not what the chain holds. */
+static void mark_differs(const qs_sink *s, uint64_t c, uint8_t *m)
+{
+    uint64_t n = cluster_pages(s);
+    uint64_t first = (c % s->ps.k) * n;
+    for (uint64_t i = 0; i < n; i++)
+        bit_set(ch_diff(&s->ps, m), first + i, 1);
+}
+
 /* Queue the cluster open in `slot` for writing at the append position (unless
- * it became all zero) and free the slot.  Its buffer goes with the job. */
-static int slot_write_out(qs_sink *s, int32_t slot, qs_sink_err *err)
+ * it became all zero, or in parent mode is as the chain has it) and free the
+ * slot.  Its buffer goes with the job (len 0: only recycled).  `final`: no
+ * more pages come (cluster_differs). */
+static int slot_write_out(qs_sink *s, int32_t slot, int final, qs_sink_err *err)
 {
     uint64_t c = s->slot_cluster[slot];
     if (c == UINT64_MAX)
@@ -928,13 +1040,21 @@ static int slot_write_out(qs_sink *s, int32_t slot, qs_sink_err *err)
     if (rc)
         return rc;
     wjob j = {JOB_CLUSTER, s->slot_buf[slot], 0, 0, c << s->cluster_bits};
-    if (clear_holes(s, c, ch_bm(&s->ps, m), j.buf)) {
+    int par = parent_has(s, c);
+    if (par && !cluster_differs(s, c, m, j.buf, final)) {
+        ch_host(&s->ps, m)[c % s->ps.k] = QS_SINK_HOST_INHERIT;
+        s->st.clusters_inherited++;
+    } else if (clear_holes(s, c, ch_bm(&s->ps, m), j.buf)) {
         j.len = (uint32_t)s->cluster_size;
         j.host_off = s->st.append_offset;
         ch_host(&s->ps, m)[c % s->ps.k] = j.host_off;
         s->st.append_offset += s->cluster_size;
         s->st.clusters_written++;
         preallocate(s, s->st.append_offset);
+    } else if (par) {
+        ch_host(&s->ps, m)[c % s->ps.k] = QS_SINK_HOST_ZERO;
+        mark_differs(s, c, m);
+        s->st.clusters_zeroed++;
     }
     s->slot_buf[slot] = NULL;
     ch_slot(&s->ps, m)[c % s->ps.k] = 0;
@@ -955,7 +1075,7 @@ static int slot_open(qs_sink *s, uint64_t c, int32_t *out, qs_sink_err *err)
         if (s->slot_stamp[i] < s->slot_stamp[victim])
             victim = (int32_t)i;
     }
-    rc = slot_write_out(s, victim, err);
+    rc = slot_write_out(s, victim, 0, err);
     if (rc)
         return rc;
 found:
@@ -975,6 +1095,50 @@ found:
     ch_slot(&s->ps, m)[c % s->ps.k] = (uint32_t)victim + 1;
     *out = victim;
     return QS_SINK_OK;
+}
+
+/* Parent mode: open a slot for cluster c (the chain holds data for it; not
+ * on disk, not open), its buffer holding the cluster's current content: the
+ * chain's bytes (never opened, or INHERITED) or zeros (ZERO). */
+static int slot_reopen(qs_sink *s, uint64_t c, uint64_t host, int32_t *out, qs_sink_err *err)
+{
+    int rc = slot_open(s, c, out, err);
+    if (rc)
+        return rc;
+    uint8_t *buf = s->slot_buf[*out];
+    if (host == QS_SINK_HOST_ZERO) {
+        memset(buf, 0, s->cluster_size);
+        return QS_SINK_OK;
+    }
+    rc = parent_read(s, c, 0, buf, s->cluster_size, err);
+    if (rc) {   /* the buffer goes back to the pool: the slot stays free */
+        uint8_t *m;
+        pthread_mutex_lock(&s->mu);
+        s->cpool.free[s->cpool.n_free++] = buf;
+        pthread_mutex_unlock(&s->mu);
+        s->slot_buf[*out] = NULL;
+        s->slot_cluster[*out] = UINT64_MAX;
+        if (pstate_chunk(&s->ps, c / s->ps.k, 1, &m, NULL) == QS_SINK_OK)
+            ch_slot(&s->ps, m)[c % s->ps.k] = 0;
+    }
+    return rc;
+}
+
+/* Parent mode: note whether the page at byte `in` of the cluster open in
+ * `slot` changes with this put (data, or NULL for zeros) while it is still as
+ * the chain has it; the buffer holds the page's current content there.  A
+ * page once marked stays marked (a page changed and changed back costs a
+ * write, never a wrong inherit). */
+static void note_differs(qs_sink *s, int32_t slot, uint64_t in, uint8_t *m, uint64_t pj,
+                         const uint8_t *data)
+{
+    uint8_t *diff = ch_diff(&s->ps, m);
+    if (bit_get(diff, pj))
+        return;
+    const uint8_t *cur = s->slot_buf[slot] + in;
+    int same = data ? memcmp(cur, data, s->page_size) == 0 : qs_is_zero(cur, s->page_size);
+    if (!same)
+        bit_set(diff, pj, 1);
 }
 
 /* Queue an in-place write of one page (data, or zeros if NULL) of a cluster on disk. */
@@ -1020,17 +1184,32 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
     int rc = pstate_chunk(&s->ps, c / p->k, 1, &m, err);
     if (rc)
         return rc;
-    int was = bit_get(ch_bm(p, m), pj);
     int32_t slot = (int32_t)ch_slot(p, m)[ci] - 1;
     uint64_t host = ch_host(p, m)[ci];
+    int par = parent_has(s, c);
+
+    /* parent mode: a cluster the chain holds data for opens with its current
+     * content (a zero put to a ZERO cluster changes nothing) */
+    if (par && slot == NO_SLOT && host <= QS_SINK_HOST_INHERIT &&
+        !(zero && host == QS_SINK_HOST_ZERO)) {
+        rc = slot_reopen(s, c, host, &slot, err);
+        if (rc)
+            return rc;
+        rc = pstate_chunk(&s->ps, c / p->k, 1, &m, err);
+        if (rc)
+            return rc;
+    }
+    int was = bit_get(ch_bm(p, m), pj);
 
     if (slot != NO_SLOT) {
+        if (par)
+            note_differs(s, slot, in, m, pj, zero ? NULL : data);
         /* a page that becomes zero only loses its bit: the bytes left in
          * the buffer are cleared when the cluster is queued */
         if (!zero)
             copy_to_cluster(s->slot_buf[slot] + in, data, ps);
         s->slot_stamp[slot] = ++s->clock;
-    } else if (host) {
+    } else if (host > QS_SINK_HOST_INHERIT) {
         if (!zero || was) {
             rc = queue_page(s, host + in, voff, zero ? NULL : data, err);
             if (rc)
@@ -1068,7 +1247,7 @@ int qs_sink_put(qs_sink *s, uint64_t voff, const uint8_t *data, uint8_t fill,
         bit_set(ch_seen(p, m), pj, 1);
         slot = (int32_t)ch_slot(p, m)[ci] - 1;
         if (++ch_clseen(p, m)[ci] == cluster_pages(s) && slot != NO_SLOT)
-            return slot_write_out(s, slot, err);
+            return slot_write_out(s, slot, 0, err);
     }
     return QS_SINK_OK;
 }
@@ -1094,7 +1273,11 @@ int qs_sink_get(qs_sink *s, uint64_t voff, uint8_t *out, qs_sink_err *err)
         memcpy(out, s->slot_buf[slot] + in, ps);
     } else if (slot != NO_SLOT) {
         memset(out, 0, ps);   /* the buffer may hold stale bytes there */
-    } else if (host && stored) {
+    } else if (host == QS_SINK_HOST_INHERIT && stored) {
+        rc = parent_read(s, c, in, out, ps, err);
+        if (rc)
+            return rc;
+    } else if (host > QS_SINK_HOST_INHERIT && stored) {
         /* the cluster, or a rewrite of this page, may still be queued */
         rc = drain(s, err);
         if (rc)
@@ -1175,8 +1358,44 @@ int qs_sink_put_batch(qs_sink *s, const qs_sink_rec *recs, size_t n,
     return QS_SINK_OK;
 }
 
+/* Parent mode, once every slot is closed: a cluster the chain holds data
+ * for that no put opened becomes ZERO (an unsent page is zero); one INHERITED
+ * when it was evicted with pages missing is opened and closed again, now
+ * with its missing pages zero. */
+static int settle_parent(qs_sink *s, qs_sink_err *err)
+{
+    if (!s->par_src)
+        return QS_SINK_OK;
+    for (uint64_t c = 0; c < s->n_clusters; c++) {
+        if (!s->par_src[c])
+            continue;
+        uint8_t *m;
+        int rc = pstate_chunk(&s->ps, c / s->ps.k, 0, &m, err);
+        if (rc)
+            return rc;
+        uint64_t host = ch_host(&s->ps, m)[c % s->ps.k];
+        if (host == QS_SINK_HOST_INHERIT && ch_clseen(&s->ps, m)[c % s->ps.k] < cluster_pages(s)) {
+            int32_t slot;
+            rc = slot_reopen(s, c, host, &slot, err);
+            if (rc == QS_SINK_OK)
+                rc = slot_write_out(s, slot, 1, err);
+            if (rc)
+                return rc;
+        } else if (host == 0) {
+            rc = pstate_chunk(&s->ps, c / s->ps.k, 1, &m, err);
+            if (rc)
+                return rc;
+            ch_host(&s->ps, m)[c % s->ps.k] = QS_SINK_HOST_ZERO;
+            mark_differs(s, c, m);
+            s->st.clusters_zeroed++;
+        }
+    }
+    return QS_SINK_OK;
+}
+
 int qs_sink_flush(qs_sink *s, qs_sink_err *err)
 {
+    int rc = QS_SINK_OK;
     for (;;) {
         int32_t best = NO_SLOT;
         for (uint32_t i = 0; i < s->n_slots; i++) {
@@ -1185,11 +1404,19 @@ int qs_sink_flush(qs_sink *s, qs_sink_err *err)
             if (best == NO_SLOT || s->slot_cluster[i] < s->slot_cluster[best])
                 best = (int32_t)i;
         }
-        /* on an error too: when flush returns, the writer leaves the fd alone */
-        if (best == NO_SLOT || slot_write_out(s, best, err))
+        if (best == NO_SLOT || (rc = slot_write_out(s, best, 1, err)))
             break;
     }
-    int rc = drain(s, err);
+    if (rc == QS_SINK_OK)
+        rc = settle_parent(s, err);
+    /* on an error too: when flush returns, the writer leaves the fd alone */
+    qs_sink_err derr = err ? *err : (qs_sink_err){0};
+    int drc = drain(s, &derr);
+    if (drc && (drc == QS_SINK_EINTR || rc == QS_SINK_OK)) {
+        rc = drc;
+        if (err)
+            *err = derr;
+    }
     if (rc == QS_SINK_EINTR)
         return rc;   /* writes still in flight: the file is trimmed by the next flush */
     /* the file ends at the append position again (written clusters only) */

@@ -12,6 +12,14 @@
  * (least recently used) or on qs_sink_flush(); a page that arrives for a
  * cluster already on disk is rewritten in place.
  *
+ * Parent mode (qs_sink_set_parent): the image is a child whose clusters
+ * may read from a parent chain.  A cluster the chain holds data for is
+ * pre-filled from it when its slot opens; each page put is compared with the
+ * bytes there while it is still as the parent has it.  At close a cluster
+ * with no page that differs is INHERITED (not written), one whose pages are
+ * all zero is ZERO, any other is written whole.  The host map then holds
+ * QS_SINK_HOST_ZERO / QS_SINK_HOST_INHERIT for those (docs/architecture.md).
+ *
  * The writes run on writer threads that the sink starts and stops: a
  * complete or evicted cluster or a rewritten page is queued (its host offset
  * assigned at once) and the caller goes on.  A failed write is reported by the calls that
@@ -53,7 +61,13 @@ enum {
     QS_SINK_ETHREAD = -11,    /* pthread_*_init / pthread_create failed (errnum) */
     QS_SINK_EINTR = -12,      /* a wait for the writers abandoned by the interrupt hook */
     QS_SINK_ESPILL = -13,     /* spill file read/write failed (errnum); host_off = where; value = 1 if writing */
+    QS_SINK_EPARENT = -14,    /* reading the parent chain failed (errnum; EIO: it ends early);
+                               * value = the file's index, host_off = where, voff = the cluster */
 };
+
+/* Host map values below any data cluster's offset (those are >= cluster_size). */
+#define QS_SINK_HOST_ZERO 1     /* the cluster reads as zeros, whatever the parent chain holds */
+#define QS_SINK_HOST_INHERIT 2  /* the cluster reads from the parent chain (qcow2: unallocated) */
 
 typedef struct qs_sink_err {
     int status;
@@ -74,6 +88,9 @@ typedef struct qs_sink_stats {
     uint64_t bytes_written;    /* bytes the writer thread has written so far */
     uint64_t append_offset;    /* next free host offset (file length after a flush) */
     uint64_t wait_ns;          /* time the caller waited for the writers (buffers, drains) */
+    uint64_t clusters_inherited; /* parent mode: closes as INHERITED (a cluster reopened counts again) */
+    uint64_t clusters_zeroed;  /* parent mode: closes as ZERO (the chain holds data there; likewise) */
+    uint64_t parent_bytes_read; /* parent mode: bytes read from the parent chain */
 } qs_sink_stats;
 
 typedef struct qs_sink qs_sink;
@@ -104,6 +121,15 @@ void qs_sink_set_intr(qs_sink *s, const qs_intr *intr);
  * Without one, all page state stays in memory (allocated as it is touched). */
 int qs_sink_set_spill(qs_sink *s, int fd, qs_sink_err *err);
 
+/* Parent mode: fds[0..n_fds) are the parent chain's files (open for reading,
+ * until qs_sink_free; not closed by the sink); virt[i] (a virtual cluster
+ * index < n_clusters, each listed once) reads from file src[i] at host[i].
+ * Clusters not listed read as zeros in the chain.  Only before the first page
+ * is put; EINVAL names the bad row (value = its index).  ~12 bytes per cluster. */
+int qs_sink_set_parent(qs_sink *s, const int *fds, uint32_t n_fds, const uint64_t *virt,
+                       const uint32_t *src, const uint64_t *host, uint64_t n,
+                       qs_sink_err *err);
+
 /* Block regions: offsets[i] (cluster aligned) and lengths[i] (used_length);
  * records address pages by (block, offset). Copies the arrays.  EINVAL names
  * the block (block, offset = its region offset, value = its length). */
@@ -123,7 +149,9 @@ int qs_sink_put_batch(qs_sink *s, const qs_sink_rec *recs, size_t n,
                       qs_sink_err *err);
 
 /* Write every open cluster (in virtual order) and close its slot; returns
- * once every queued write is done, with the first write error if one failed. */
+ * once every queued write is done, with the first write error if one failed.
+ * Parent mode: a cluster the chain holds data for that no page was put to
+ * becomes ZERO (an unsent page is zero). */
 int qs_sink_flush(qs_sink *s, qs_sink_err *err);
 
 /* Read the current content of one page (from a slot, the file or zeros);
@@ -133,7 +161,8 @@ int qs_sink_get(qs_sink *s, uint64_t voff, uint8_t *out, qs_sink_err *err);
 void qs_sink_get_stats(const qs_sink *s, qs_sink_stats *out);
 uint64_t qs_sink_n_clusters(const qs_sink *s);
 uint64_t qs_sink_n_pages(const qs_sink *s);
-/* Host offsets of virtual clusters first..first+n-1 into out (0 = unallocated). */
+/* Host offsets of virtual clusters first..first+n-1 into out (0 = unallocated;
+ * parent mode: QS_SINK_HOST_ZERO, QS_SINK_HOST_INHERIT, see above). */
 int qs_sink_read_hosts(qs_sink *s, uint64_t first, uint64_t n, uint64_t *out, qs_sink_err *err);
 /* Pages first..first+n-1 (first a multiple of 8): stored bits into bitmap
  * (ceil(n/8) bytes, LSB first; bits past n undefined) and crcs into crcs

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 
 import qsnap
-from qsnap._core import ClusterSink, crc32c
+from qsnap._core import HOST_ZERO, ClusterSink, crc32c
 from qsnap.atomic import fsync_dir, io_error
 from qsnap.errors import ImageError, IOFailure, UsageError
 from qsnap.image import layout, qcow2
@@ -44,10 +44,15 @@ class ImageWriter:
 
     An exception inside the ``with`` (or abort()) removes the temporary file;
     the file at ``path`` is replaced only by a successful finish().
+
+    ``parent``: an opened Image (with its chain): the image is its child
+    (docs/image-format.md, "Backing chains"), storing only the clusters whose
+    content differs from the chain's.  The caller keeps it open until the
+    writer is finished or aborted.
     """
 
     def __init__(self, path, *, cluster_size=DEFAULT_CLUSTER_SIZE, cache="writeback",
-                 target_page_size=4096, n_slots=32):
+                 target_page_size=4096, n_slots=32, parent=None):
         if cluster_size & (cluster_size - 1) or not (1 << 16) <= cluster_size <= (1 << 21):
             raise UsageError(f"cluster size {cluster_size} is not a power of two in 64 KiB..2 MiB")
         if target_page_size & (target_page_size - 1) or not 512 <= target_page_size <= 65536:
@@ -60,6 +65,8 @@ class ImageWriter:
         self.target_page_size = target_page_size
         self.cache = cache
         self.n_slots = n_slots
+        self.parent = parent
+        self.backing_name = layout.backing_name(parent.path, self.path) if parent else None
         self.sink = None
         self.blocks = None
         self.region_offsets = None
@@ -138,7 +145,7 @@ class ImageWriter:
                                     meta_crc32c=meta_crc, target_page_size=self.target_page_size,
                                     format_version=format_version)
         self._pwrite(qcow2.pack_header_cluster(hdr, [(layout.QSNAP_EXT_TYPE, ext)],
-                                               self.cluster_size), 0)
+                                               self.cluster_size, backing_name=self.backing_name), 0)
 
     # --- the save -----------------------------------------------------------------
 
@@ -163,6 +170,8 @@ class ImageWriter:
             })
         offsets, self.meta_offset = layout.compute_regions(self.blocks, self.cluster_size)
         self.region_offsets = np.array(offsets, dtype=np.uint64)
+        if self.parent is not None:
+            self._check_parent_layout()
         lengths = np.array([b["length"] for b in self.blocks], dtype=np.uint64)
         self.sink = ClusterSink(self._dfd, self.meta_offset, cluster_size=self.cluster_size,
                                 page_size=self.target_page_size, n_slots=self.n_slots,
@@ -170,7 +179,43 @@ class ImageWriter:
                                 region_offsets=self.region_offsets, block_lengths=lengths,
                                 block_names=[b["idstr"] for b in self.blocks], path=self.tmp_path,
                                 spill_dir=self.dir)
+        if self.parent is not None:
+            self._attach_parent()
         return self.region_offsets
+
+    def _check_parent_layout(self):
+        """A child's RAM is laid out as its parent's: the same cluster and target
+        page size, the same blocks (idstr, length, page size) at the same regions;
+        else a clear error before any page is stored."""
+        p = self.parent
+
+        def mismatch(what, mine, theirs):
+            raise ImageError(f"cannot save {self.path} onto parent image {p.path}: {what} is "
+                             f"{mine} in this stream, {theirs} in the parent (another VM or "
+                             f"RAM layout)")
+
+        if p.cluster_size != self.cluster_size:
+            mismatch("the cluster size", self.cluster_size, p.cluster_size)
+        if p.target_page_size != self.target_page_size:
+            mismatch("the target page size", self.target_page_size, p.target_page_size)
+        theirs = p.meta["ram_blocks"]
+        if len(theirs) != len(self.blocks):
+            mismatch("the number of RAM blocks", len(self.blocks), len(theirs))
+        for i, (b, q) in enumerate(zip(self.blocks, theirs)):
+            mine = {"idstr": b["idstr"], "length": b["length"], "page_size": b["page_size"],
+                    "offset": int(self.region_offsets[i])}
+            for key, value in mine.items():
+                if q[key] != value:
+                    show = (lambda v: repr(v)) if key == "idstr" else (lambda v: f"0x{v:x}")
+                    mismatch(f"RAM block {i} ({b['idstr']!r}) {key}", show(value), show(q[key]))
+
+    def _attach_parent(self):
+        """Give the sink the chain's RAM clusters and files (parent mode)."""
+        virt, src, host = cluster_sources(self.parent)
+        ram = virt < np.uint64(self.meta_offset // self.cluster_size)
+        chain = self.parent.chain
+        self.sink.set_parent([img.fd for img in chain], virt[ram], src[ram], host[ram],
+                             [img.path for img in chain])
 
     def finish(self, *, header_bytes=b"", pre_ram=b"", device_state=b"", stream_info=None,
                commands=(), counts=None, machine=None, created=None, vm=None):
@@ -191,7 +236,7 @@ class ImageWriter:
                 machine, created, vm):
         sink = self.sink
         sink.flush()
-        ram_blocks, total_nonzero, n_records, (virt, hosts) = self._ram_blocks()
+        ram_blocks, total_nonzero, n_records, (virt, hosts, zero_virt) = self._ram_blocks()
         full_counts = {"pages": n_records, "nonzero_pages": total_nonzero,
                        "zero_pages": n_records - min(n_records, total_nonzero),
                        "page_records": n_records, "stream_bytes": 0}
@@ -199,7 +244,8 @@ class ImageWriter:
         doc = {
             "format_version": layout.FORMAT_VERSION,
             "image_id": layout.new_image_id(),
-            "parent": None,
+            "parent": (layout.parent_record(self.parent, self.backing_name)
+                       if self.parent is not None else None),
             "qsnap_version": qsnap.__version__,
             "created": created or layout.iso_utc_now(),
             "machine": machine,
@@ -214,7 +260,7 @@ class ImageWriter:
         if vm is not None:
             doc["vm"] = vm
         meta_length, meta_crc, virt, hosts, pos, virtual_size = self._write_metadata(doc, virt, hosts)
-        tl, l1_size = self._write_tables(virt, hosts, pos, virtual_size)
+        tl, l1_size = self._write_tables(virt, hosts, pos, virtual_size, zero_virt)
         self._write_header(complete=True, size=virtual_size, l1_size=l1_size,
                            l1_offset=tl.l1_offset, reftable_offset=tl.reftable_offset,
                            reftable_clusters=tl.reftable_clusters, meta_offset=self.meta_offset,
@@ -279,17 +325,21 @@ class ImageWriter:
                    self.sink.checksums(first + at, k).astype("<u4", copy=False).tobytes())
 
     def _data_clusters(self):
-        """(virtual cluster indices, host offsets) of the data clusters written."""
+        """(virtual cluster indices, host offsets) of the data clusters written, and
+        the virtual clusters that read as zeros whatever the parent chain holds (a
+        child only; the sink's other clusters are unallocated: zeros in a
+        stand-alone image, the chain's content in a child)."""
         sink = self.sink
         n = sink.n_clusters
         step = STATE_WINDOW
-        virt, hosts = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
+        virt, hosts, zero = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
         for at in range(0, n, step):
             h = sink.host_map(at, min(step, n - at))
-            used = np.flatnonzero(h)
+            used = np.flatnonzero(h >= np.uint64(self.cluster_size))
             virt.append(used.astype(np.uint64) + np.uint64(at))
             hosts.append(h[used])
-        return np.concatenate(virt), np.concatenate(hosts)
+            zero.append(np.flatnonzero(h == np.uint64(HOST_ZERO)).astype(np.uint64) + np.uint64(at))
+        return np.concatenate(virt), np.concatenate(hosts), np.concatenate(zero)
 
     def _stream_doc(self, header_bytes, pre_ram, commands, stream_info):
         """meta.stream: what regenerates the stream besides pages and device state."""
@@ -321,11 +371,12 @@ class ImageWriter:
         hosts = np.concatenate([hosts, pos + np.arange(meta_clusters, dtype=np.uint64) * np.uint64(cs)])
         return meta_length, meta_crc, virt, hosts, pos + meta_clusters * cs, virtual_size
 
-    def _write_tables(self, virt, hosts, pos, virtual_size):
+    def _write_tables(self, virt, hosts, pos, virtual_size, zero_virt=None):
         """L2 tables, L1, refcount blocks and table from ``pos`` on, synced: (table layout, l1_size).
-        ``virt``/``hosts``: every mapped cluster (virtual cluster index, host offset)."""
+        ``virt``/``hosts``: every mapped cluster (virtual cluster index, host offset);
+        ``zero_virt``: the clusters that get the bare zero flag."""
         cs = self.cluster_size
-        l1_indices, l2_tables = qcow2.sparse_l2_tables(virt, hosts, self.cluster_bits)
+        l1_indices, l2_tables = qcow2.sparse_l2_tables(virt, hosts, self.cluster_bits, zero_virt)
         l1_size = qcow2.l1_size_for(virtual_size, self.cluster_bits)
         tl = qcow2.plan_tables(pos, len(l1_indices), l1_size, cs)
         for k, table in enumerate(l2_tables):
@@ -422,6 +473,22 @@ class ImageWriter:
         if not self._done:
             self.abort()
         return False
+
+
+try:
+    from qsnap.image.chain import cluster_sources
+except ImportError:   # a reader that does not follow backing chains yet
+    def cluster_sources(img):
+        """(virt, src, host): the RAM clusters of a stand-alone ``img``
+        (docs: format 2, "Shared Python API"); a child is refused."""
+        if getattr(img, "parent", None) is not None or img.meta.get("parent"):
+            raise ImageError(f"{img.path} is itself an incremental image: this qsnap cannot "
+                             "read its backing chain")
+        ram = img._mapped_virt < np.uint64(img.meta_offset >> img.cluster_bits)
+        virt = img._mapped_virt[ram].astype(np.uint64)
+        host = img._mapped_host[ram].astype(np.uint64)
+        order = np.argsort(host, kind="stable")
+        return virt[order], np.zeros(len(virt), np.uint32), host[order]
 
 
 class _Appender:

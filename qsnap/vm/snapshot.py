@@ -19,6 +19,12 @@ them back; the VM ends in the run state it had.  The wait is for the save's own
 --report, not for QEMU's ``completed``: QEMU 10.0 reports ``completed`` before the
 image is renamed into place, and without a return path QEMU never learns of a
 failure after the last byte.
+
+Incremental snapshots (``parent``, or ``incremental``: this VM's last snapshot) give
+the save ``--parent``: the image stores only what changed since.  The disks chain by
+themselves: the VM runs on the overlays the last snapshot made, which this one
+freezes.  The last snapshot of a QEMU process is a small record in the state
+directory (last_snapshot), written when a snapshot succeeds.
 """
 import json
 import os
@@ -27,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from qsnap.errors import VmError
+from qsnap.errors import QsnapError, VmError
 from qsnap.vm import migration, overlays, vmrecord
 from qsnap.vm.progress import Progress
 from qsnap.vm.qmp import Qmp
@@ -49,11 +55,20 @@ SETTLE_TIMEOUT = 60.0          # s for QEMU to leave finish-migrate after `compl
 STARTABLE = {"running": True, "paused": False, "prelaunch": False, "postmigrate": False}
 
 
-def snapshot(qmp_path, image, *, mode="background", disks="overlay", progress=None):
-    """Snapshot the VM whose QMP socket is ``qmp_path`` into ``image``; the summary dict."""
+def snapshot(qmp_path, image, *, mode="background", disks="overlay", progress=None,
+             parent=None, incremental=False):
+    """Snapshot the VM whose QMP socket is ``qmp_path`` into ``image``; the summary dict.
+
+    ``parent``: an image the new one is incremental to; ``incremental``: the
+    VM's last snapshot (taken by qsnap snapshot of this QEMU process)."""
     if mode not in MODES:
         raise VmError(f"unknown snapshot mode {mode!r} (one of {', '.join(MODES)})")
-    return _Snapshot(qmp_path, os.path.abspath(image), mode, disks == "overlay", progress).run()
+    if parent and incremental:
+        raise VmError("--parent and --incremental exclude each other")
+    snap = _Snapshot(qmp_path, os.path.abspath(image), mode, disks == "overlay", progress)
+    snap.parent = os.path.abspath(parent) if parent else None
+    snap.incremental = incremental
+    return snap.run()
 
 
 class _Snapshot:
@@ -78,6 +93,8 @@ class _Snapshot:
         self.child = None     # the SaveChild
         self.fd_named = False  # QEMU may hold the pipe under fd_name
         self.fd_name = f"qsnap-snapshot-{os.getpid()}"
+        self.parent = None       # the image the save is incremental to
+        self.incremental = False  # parent = the VM's last snapshot
 
     # -- the whole operation ------------------------------------------------------------
 
@@ -100,6 +117,7 @@ class _Snapshot:
                 if self.child:
                     self.child.stop()
                 shutil.rmtree(self.workdir, ignore_errors=True)
+            remember_snapshot(q.pid, self.image, self.disks)
         return self._summary(report, time.monotonic() - t0)
 
     # -- before touching the VM ---------------------------------------------------------
@@ -121,6 +139,10 @@ class _Snapshot:
             self.disks = overlays.plan(overlays.writable_disks(q, self.cwd), self.image)
         self.identity = vmrecord.qemu_identity(q)
         self.cmdline = vmrecord.read_cmdline(q.pid)
+        if self.incremental:
+            self.parent = last_snapshot(q.pid, overlays.writable_disks(q, self.cwd), q.path)
+        if self.parent and not os.path.isfile(self.parent):
+            raise VmError(f"parent image {self.parent} does not exist")
 
     # -- taking it ----------------------------------------------------------------------
 
@@ -213,8 +235,9 @@ class _Snapshot:
 
     def _start_save(self):
         """Start the save and give QEMU its stdin pipe, before the guest is paused."""
+        parent = ["--parent", self.parent] if self.parent else []
         self.child = SaveChild(["--quiet", "--vm-info", self._path("vm.json"),
-                                "--report", self._path("report.json"), self.image],
+                                "--report", self._path("report.json"), *parent, self.image],
                                self._path("save.stderr"))
         self.fd_named = True  # first: an interrupt during getfd must still close it
         try:
@@ -389,7 +412,8 @@ class _Snapshot:
         return round((t1 - t0) * 1000, 3) if t1 >= t0 else None
 
     def _summary(self, report, seconds):
-        return {"image": self.image, "mode": self.mode, "was_running": self.was_running,
+        return {"image": self.image, "parent": self.parent, "mode": self.mode,
+                "was_running": self.was_running,
                 "downtime_ms": self.downtime_ms, "seconds": round(seconds, 3),
                 "ram_only": not self.disks,
                 "disks": [{"device": d.device, "qdev": d.qdev, "frozen": d.image, "overlay": d.overlay}
@@ -398,6 +422,84 @@ class _Snapshot:
 
     def _path(self, name):
         return os.path.join(self.workdir, name)
+
+
+# --- the last snapshot of a VM ---------------------------------------------------------
+
+def state_dir():
+    """Where the last-snapshot records live: $QSNAP_STATE_DIR, else
+    $XDG_RUNTIME_DIR/qsnap, else /tmp/qsnap-UID (per user, like a runtime dir)."""
+    d = os.environ.get("QSNAP_STATE_DIR")
+    if not d:
+        run = os.environ.get("XDG_RUNTIME_DIR")
+        d = os.path.join(run, "qsnap") if run else f"/tmp/qsnap-{os.getuid()}"
+    return d
+
+
+def _vm_key(pid):
+    """A QEMU process, across pid reuse: its pid and start time (/proc/PID/stat
+    field 22, clock ticks since boot), or None when they cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except (OSError, IndexError, TypeError):
+        return None
+    return f"{boot}-{pid}-{fields[19]}"
+
+
+def _record_path(pid):
+    key = _vm_key(pid)
+    return os.path.join(state_dir(), f"last-snapshot-{key}.json") if key else None
+
+
+def remember_snapshot(pid, image, disks):
+    """Record ``image`` (its image_id) as the last snapshot of the QEMU ``pid``, and
+    the overlays its disks now run on.  Best effort: a snapshot that succeeded is
+    not failed by a record that cannot be written (--incremental then says so)."""
+    from qsnap.image.metadata import read_metadata
+
+    path = _record_path(pid)
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        doc = {"image": image, "image_id": read_metadata(image).get("image_id"),
+               "overlays": sorted(d.overlay for d in disks)}
+        from qsnap import atomic
+        atomic.write_json(path, doc, indent=1)
+    except (OSError, QsnapError):
+        pass
+
+
+def last_snapshot(pid, disks, qmp_path):
+    """The image of the last snapshot of the QEMU ``pid`` (for --incremental), checked:
+    it still exists with the content it had, and the VM's writable disks are on the
+    overlays it left them on.  VmError saying what does not hold."""
+    from qsnap.image.metadata import read_metadata
+
+    path = _record_path(pid)
+    try:
+        with open(path or "") as f:
+            doc = json.load(f)
+        image = doc["image"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise VmError(f"the VM at {qmp_path} has no earlier snapshot by qsnap snapshot to be "
+                      "incremental to (take a full one first, or name one with --parent)") from None
+    try:
+        image_id = read_metadata(image).get("image_id")
+    except QsnapError as e:
+        raise VmError(f"the VM's last snapshot {image} cannot be used: {e}") from None
+    if image_id != doc.get("image_id"):
+        raise VmError(f"the VM's last snapshot {image} no longer matches: it was replaced "
+                      f"(image_id {doc.get('image_id')} recorded, {image_id} found)")
+    now = sorted(d.image for d in disks)
+    if doc.get("overlays") and now != doc["overlays"]:   # none: a RAM-only snapshot
+        raise VmError(f"the VM's disks are no longer on the overlays its last snapshot {image} "
+                      f"made ({', '.join(doc.get('overlays') or ['none'])}; now on "
+                      f"{', '.join(now) or 'none'}): name the parent with --parent")
+    return image
 
 
 def _check_image_dir(image):
@@ -432,6 +534,8 @@ def format_summary(s):
     state = "" if s["was_running"] else " (VM paused, left paused)"
     lines = [f"snapshot {s['image']}: mode {s['mode']}{state}, downtime {downtime}, "
              f"{s['seconds']:.2f} s"]
+    if s.get("parent"):
+        lines.append(f"incremental to {s['parent']}")
     if s["ram_only"]:
         lines.append("disks: none (RAM only)")
     for d in s["disks"]:

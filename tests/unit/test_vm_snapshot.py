@@ -251,3 +251,43 @@ def test_pipe_name_close_failure_is_reported():
     s.q, s.fd_named = FdQmp("QMP connection lost"), True
     with pytest.raises(VmError, match="connection lost"):
         s._close_fd_name()
+
+
+# --- the last snapshot of a VM (--incremental) -------------------------------------------
+
+def _saved_image(tmp_path, name, seed):
+    from qsnap.save import save
+    from qsnap.stream.synth import synth_stream
+    stream = tmp_path / f"{name}.stream"
+    with open(stream, "wb") as f:
+        synth_stream(f, blocks=[("pc.ram", 1 << 20)], seed=seed)
+    with open(stream, "rb") as f:
+        save(str(tmp_path / name), in_fd=f.fileno(), out_fd=-1, quiet=True)
+    return str(tmp_path / name)
+
+
+def test_last_snapshot_is_recorded_per_qemu_process_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("QSNAP_STATE_DIR", str(tmp_path / "state"))
+    pid = os.getpid()   # stands for the QEMU process
+    with pytest.raises(VmError, match="has no earlier snapshot by qsnap snapshot"):
+        snapshot.last_snapshot(pid, [], "/run/vm.qmp")
+    img = _saved_image(tmp_path, "a.qsnap", 1)
+    disk = overlays.Disk(device="d0", qdev=None, node_name="n", image="/d/disk.qcow2",
+                         format="qcow2", virtual_size=1, chain=[], overlay="/d/disk.a.qcow2")
+    snapshot.remember_snapshot(pid, img, [disk])
+    on_overlay = overlays.Disk(device="d0", qdev=None, node_name="n2", image="/d/disk.a.qcow2",
+                               format="qcow2", virtual_size=1, chain=[])
+    assert snapshot.last_snapshot(pid, [on_overlay], "/run/vm.qmp") == img
+    with pytest.raises(VmError, match=r"no longer on the overlays .*/d/disk.a.qcow2; now on /d/disk.qcow2"):
+        snapshot.last_snapshot(pid, [disk], "/run/vm.qmp")
+    os.replace(_saved_image(tmp_path, "b.qsnap", 2), img)   # another snapshot at its path
+    with pytest.raises(VmError, match="no longer matches: it was replaced"):
+        snapshot.last_snapshot(pid, [on_overlay], "/run/vm.qmp")
+    os.unlink(img)
+    with pytest.raises(VmError, match="last snapshot .*a.qsnap cannot be used"):
+        snapshot.last_snapshot(pid, [on_overlay], "/run/vm.qmp")
+
+
+def test_parent_and_incremental_exclude_each_other():
+    with pytest.raises(VmError, match="exclude each other"):
+        snapshot.snapshot("/nonexistent.qmp", "/tmp/x.qsnap", parent="/tmp/p.qsnap", incremental=True)
