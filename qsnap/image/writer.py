@@ -17,6 +17,7 @@ from qsnap._core import HOST_ZERO, ClusterSink, crc32c
 from qsnap.atomic import fsync_dir, io_error
 from qsnap.errors import ImageError, IOFailure, UsageError
 from qsnap.image import layout, qcow2
+from qsnap.image.chain import cluster_sources
 from qsnap.image.layout import Blob, StreamBlob, block_field, pages_of
 
 DEFAULT_CLUSTER_SIZE = 1 << 20
@@ -473,22 +474,6 @@ class ImageWriter:
         if not self._done:
             self.abort()
         return False
-
-
-try:
-    from qsnap.image.chain import cluster_sources
-except ImportError:   # a reader that does not follow backing chains yet
-    def cluster_sources(img):
-        """(virt, src, host): the RAM clusters of a stand-alone ``img``
-        (docs: format 2, "Shared Python API"); a child is refused."""
-        if getattr(img, "parent", None) is not None or img.meta.get("parent"):
-            raise ImageError(f"{img.path} is itself an incremental image: this qsnap cannot "
-                             "read its backing chain")
-        ram = img._mapped_virt < np.uint64(img.meta_offset >> img.cluster_bits)
-        virt = img._mapped_virt[ram].astype(np.uint64)
-        host = img._mapped_host[ram].astype(np.uint64)
-        order = np.argsort(host, kind="stable")
-        return virt[order], np.zeros(len(virt), np.uint32), host[order]
 
 
 class _Appender:
