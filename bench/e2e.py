@@ -509,7 +509,8 @@ class Case:
                     "loadavg_1min": round(os.getloadavg()[0], 2),
                     "save": {"qsnap": [], "cat": [], "savevm": [], "snapshot": [], "snapshotram": [],
                              "snapshotbase": []},
-                    "load": {"qsnap": [], "cat": [], "launch": []}, "postcopy": {}, "launch_postcopy": {}}
+                    "load": {"qsnap": [], "cat": [], "launch": [], "snapload": []}, "postcopy": {},
+                    "launch_postcopy": {}}
 
     # -- save ----------------------------------------------------------------------
     def run_saves(self):
@@ -646,7 +647,8 @@ class Case:
             if f.exists():
                 f.unlink()
         try:
-            row = load_once(who, pct, self.mem, self.dst_disks, self.img, self.raw, tf, stats, self.blobs,
+            img = self.snap_img if who == "snapload" else self.img
+            row = load_once(who, pct, self.mem, self.dst_disks, img, self.raw, tf, stats, self.blobs,
                             self.py, self.timeout, self.data_files())
         except (QemuError, AssertionError, OSError) as e:
             if pct is None:
@@ -661,10 +663,12 @@ def load_order(pcts, launches, r):
     """The loads of round ``r``: exec:cat, then each exec: load beside its launch
     (precopy, then each postcopy percentage); in odd rounds the pairs and the order
     within each are reversed, so that neither the launch nor the exec: load always
-    goes first, nor always follows the same row."""
-    pairs = [("qsnap", "launch")] + [(f"postcopy{p}", f"launchpc{p}") for p in pcts]
+    goes first, nor always follows the same row.  "snapload" is exec:qsnap load of
+    the launch's image (qsnap snapshot's, where "qsnap" loads exec:qsnap save's): it
+    tells the image's share of a difference from the launch's."""
+    pairs = [("qsnap", "snapload", "launch")] + [(f"postcopy{p}", f"launchpc{p}") for p in pcts]
     if not launches:
-        pairs = [(a,) for a, _ in pairs]
+        pairs = [(p[0],) for p in pairs]
     if r % 2:
         pairs = [p[::-1] for p in pairs[::-1]]
     return ["cat"] + [who for p in pairs for who in p]
@@ -785,11 +789,16 @@ def summarize_orchestration(res, out):
     s["downtime_over_base"] = _ratio(s["snapshot_downtime_ms"], s["base_downtime_ms"])
     s["snapshot_ram_over_save"] = _ratio(s["snapshot_ram_s"], out["save_qsnap_s"])
     s["launch_over_load"] = _ratio(s["load_launch_s"], out["load_qsnap_s"])
+    snaploads = res["load"].get("snapload") or []
+    s["load_snapimg_s"] = _med(snaploads)
+    s["load_snapimg_all"] = [r.get("s") for r in snaploads]
+    s["launch_over_snapimg_load"] = _ratio(s["load_launch_s"], s["load_snapimg_s"])
     # round by round, with which of the two went first (load_order)
     s["launch_rounds"] = [
         {"launch_s": a.get("s"), "exec_s": b.get("s"), "ratio": _ratio(a.get("s"), b.get("s")),
-         "first": next((w for w in order if w in ("launch", "qsnap")), None)}
-        for a, b, order in zip(launches, res["load"]["qsnap"], res.get("load_orders") or [])]
+         "snapimg_s": c.get("s"), "first": next((w for w in order if w in ("launch", "qsnap")), None)}
+        for a, b, c, order in zip(launches, res["load"]["qsnap"], snaploads or [{}] * len(launches),
+                                  res.get("load_orders") or [])]
     s["launch_restore_over_load"] = _ratio(s["launch_restore_s"], out["load_qsnap_s"])
     if qemu_start is not None and out["load_qsnap_s"]:
         s["launch_over_start_plus_load"] = _ratio(s["load_launch_s"], out["load_qsnap_s"] + qemu_start)
@@ -920,12 +929,13 @@ def orchestration_markdown(summaries):
     if rounds:
         lines += ["", "Round by round (each load after the images and streams were evicted from the "
                   "page cache; \"first\" is which of the two ran first in that round):", "",
-                  "| QEMU | guest | round | first | launch s | exec load s | launch/load |",
-                  "|---|---|---:|---|---:|---:|---:|"]
+                  "| QEMU | guest | round | first | launch s | exec load s | launch/load "
+                  "| exec load of the launch's image s |",
+                  "|---|---|---:|---|---:|---:|---:|---:|"]
         for s, i, r in rounds:
             first = {"qsnap": "exec", "launch": "launch"}.get(r["first"], "")
             lines.append(f"| {s.get('qemu')} | {s['guest']} | {i + 1} | {first} | {_f(r['launch_s'])} "
-                         f"| {_f(r['exec_s'])} | {_f(r['ratio'])} |")
+                         f"| {_f(r['exec_s'])} | {_f(r['ratio'])} | {_f(r.get('snapimg_s'))} |")
     if any(s.get("snapshot_ram_s") for s in summaries):
         lines += ["", "RAM only (`--disks=none`: QEMU stops and resumes the guest itself, no QMP "
                   "round trips while it is paused):", "",
