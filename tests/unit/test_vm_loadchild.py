@@ -66,3 +66,29 @@ def test_a_postcopy_load_that_dies_ends_the_stream(tmp_path, fake_load):
     assert child.wait(30) and child.proc.returncode == 3
     child.stop()
     assert not child.relay.thread.is_alive()
+
+
+class Facts:
+    path = "/img/x.qsnap"
+
+    def origin(self):
+        return "saved by QEMU 7.2.22 with machine type pc-i440fx-7.2"
+
+
+def test_a_load_that_failed_ends_a_migration_qemu_still_waits_for(tmp_path, fake_load):
+    """A postcopy destination whose load died waits in postcopy-paused for a recovery:
+    the restore says why instead of waiting for ever."""
+    from qsnap.errors import VmError
+    from qsnap.vm.restore import Restore
+
+    fake_load("import sys; sys.stderr.write('qsnap: error: image went away\\n'); sys.exit(2)")
+    child = LoadChild(["x"], str(tmp_path / "load.log"), return_path=True)
+    assert child.wait(30)
+    job = Restore(None, Facts(), str(tmp_path), child, postcopy=10)
+    assert job._check_load("completed") == "completed"
+    with pytest.raises(VmError) as e:
+        job._check_load("postcopy-paused")
+    assert str(e.value) == ("qsnap load exited with status 2 while the incoming migration was postcopy-paused "
+                            "(qsnap load: image went away); the image was saved by QEMU 7.2.22 with "
+                            "machine type pc-i440fx-7.2")
+    child.stop()
