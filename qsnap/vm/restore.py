@@ -439,7 +439,7 @@ class Restore:
         recovery that will not come (QEMU notices a failed precopy load itself)."""
         code = self.child.proc.poll()
         if code and status not in ("completed", "failed", "cancelled"):
-            raise VmError(self._load_failure(f"qsnap load {self.child.describe_end().split(':')[0]} "
+            raise VmError(self._load_failure(f"qsnap load {self.child.describe_status()} "
                                              f"while the incoming migration was {status}"))
         return status
 

@@ -77,12 +77,15 @@ class EngineChild:
             lines = []
         return lines[-1].removeprefix("qsnap: error: ") if lines else None
 
+    def describe_status(self):
+        """'exited with status 2', 'was killed by signal 9' or 'is still running'."""
+        status = self.proc.poll()
+        return "is still running" if status is None else (
+            f"was killed by signal {-status}" if status < 0 else f"exited with status {status}")
+
     def describe_end(self):
         """How the child ended, for an error message: its status and last error line."""
-        status = self.proc.poll()
-        what = "is still running" if status is None else (
-            f"was killed by signal {-status}" if status < 0 else f"exited with status {status}")
-        last = self.last_error()
+        what, last = self.describe_status(), self.last_error()
         return f"{what}: {last}" if last else what
 
 
