@@ -133,6 +133,9 @@ def test_snapshot_disk_guest(source, disk_guest_files, mode, tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     out = json.loads(r.stdout)
     assert out["mode"] == mode and out["was_running"] and not out["ram_only"]
+    # background: guest RAM was collapsed into huge pages before the pause, or why not
+    hp = out["hugepages"]
+    assert (hp["bytes"] > 0 or hp["error"]) if mode == "background" else hp is None, hp
     (disk,) = out["disks"]
     frozen, overlay = Path(disk["frozen"]), Path(disk["overlay"])
     assert overlay == frozen.parent / f"{frozen.stem}.{mode}.qcow2" and overlay.exists()
