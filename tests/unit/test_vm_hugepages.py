@@ -42,6 +42,35 @@ def test_collapse_keeps_every_byte(anon_mapping):
     assert ctypes.string_at(start, end - start) == b"\x5a" * (end - start)
 
 
+def test_every_range_the_process_holds_all_pages_of(anon_mapping):
+    start, end = anon_mapping  # every page written by the fixture
+    first = -(-start // hugepages.HUGE_PAGE) * hugepages.HUGE_PAGE
+    whole = (end - first) // hugepages.HUGE_PAGE * hugepages.HUGE_PAGE
+    got = hugepages.populated_huge_ranges(os.getpid(), [anon_mapping])
+    assert got == [(first, first + whole)]
+    assert hugepages.populated_huge_ranges(2 ** 22 + 12345, [anon_mapping]) is None  # no such process
+
+
+def test_the_zero_page_holes_and_half_written_ranges_are_left_out():
+    """Collapsing those would allocate memory the guest never wrote."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
+    huge, size = hugepages.HUGE_PAGE, 10 << 20
+    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    try:
+        first = -(-addr // huge) * huge
+        for off in range(0, huge, hugepages.PAGE):
+            ctypes.c_char.from_address(first + off).value   # read only: the shared zero page
+        ctypes.memset(first + huge, 1, huge // 2)           # half written, half a hole
+        ctypes.memset(first + 2 * huge, 1, huge)            # all written
+        got = hugepages.populated_huge_ranges(os.getpid(), [(addr, addr + size)])
+        assert got == [(first + 2 * huge, first + 3 * huge)]
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+
+
 def test_an_exhausted_budget_stops_early(anon_mapping):
     done, error = hugepages.collapse_ranges(os.getpid(), [anon_mapping], budget=-1)
     assert done == 0 and "stopped after" in error
