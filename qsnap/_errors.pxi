@@ -20,8 +20,8 @@
 # the conversion functions below hand back that very exception.
 
 import os as _os
-
-import numpy as _np
+import sys as _sys
+from array import array as _array
 
 from cpython.exc cimport PyErr_CheckSignals
 
@@ -29,7 +29,6 @@ from qsnap.errors import ChecksumError as _ChecksumError
 from qsnap.errors import ImageError as _ImageError
 from qsnap.errors import IOFailure as _IOFailure
 from qsnap.errors import StreamError as _StreamError
-from qsnap.stream._pyreader import ram_error_message as _ram_error_message
 
 
 cdef str _strerror(int errnum):
@@ -82,8 +81,22 @@ cdef int _intr_hook(void *ctx) noexcept with gil:
     return 0
 
 
+class _LazyNumPy:
+    """NumPy, imported on first use.  Importing it costs more than all the rest
+    of `qsnap load`'s start-up, and the load path needs none of it: the code
+    here that takes or makes NumPy arrays (the sink, postcopy, the parser's
+    record array) reaches it through ``_np``."""
+
+    def __getattr__(self, name):
+        import numpy
+        return getattr(numpy, name)
+
+
+_np = _LazyNumPy()
+
+
 cdef object _as_exact(obj, dtype, str what):
-    """A C-contiguous array of exactly ``dtype`` for C: an array of another
+    """A C-contiguous NumPy array of exactly ``dtype`` for C: an array of another
     dtype is refused (TypeError; no silent cast that could wrap or truncate
     values), another sequence converted."""
     if isinstance(obj, _np.ndarray) and obj.dtype != dtype:
@@ -91,11 +104,56 @@ cdef object _as_exact(obj, dtype, str what):
     return _np.ascontiguousarray(obj, dtype=dtype)
 
 
+# Buffer formats (struct module syntax) of unsigned integers, and the byte order
+# prefix that still means native.
+_UNSIGNED_FORMATS = ("B", "H", "I", "L", "Q", "N")
+_NATIVE_PREFIXES = ("@", "=", "<" if _sys.byteorder == "little" else ">")
+
+
+cdef object _c_array(obj, str code, str what):
+    """``obj`` as a flat C-contiguous memoryview of the unsigned C type of array
+    typecode ``code`` ("B" uint8_t, "I" uint32_t, "Q" uint64_t) for a typed
+    memoryview, without NumPy.  A buffer of unsigned native items of that size
+    (array.array, bytes, bytearray, memoryview, a NumPy array of any shape) is
+    taken as it is, copied only if it is not contiguous; a buffer of other items
+    is refused (TypeError: no silent cast that could wrap or truncate values); a
+    sequence of ints, or of rows of ints, is converted (ValueError if one does
+    not fit)."""
+    cdef Py_ssize_t size = _array(code).itemsize
+    try:
+        m = memoryview(obj)
+    except TypeError:
+        return _array_of_ints(obj, code, size, what)
+    fmt = m.format[1:] if m.format[:1] in _NATIVE_PREFIXES else m.format
+    if m.itemsize != size or fmt not in _UNSIGNED_FORMATS:
+        dtype = getattr(obj, "dtype", None)    # a NumPy array names its own type
+        raise TypeError(f"{what} must have dtype uint{size * 8}, not "
+                        f"{dtype if dtype is not None else repr(m.format) + ' items'}")
+    if m.ndim == 1 and m.c_contiguous:
+        return m
+    flat = memoryview(m.tobytes()) if not m.c_contiguous else m.cast("B")
+    return flat.cast(code)
+
+
+cdef object _array_of_ints(seq, str code, Py_ssize_t size, str what):
+    """A sequence of ints, or of rows of ints (read row by row), as a memoryview of
+    an array.array."""
+    items = list(seq)
+    try:
+        try:
+            return memoryview(_array(code, items))
+        except TypeError:
+            return memoryview(_array(code, [x for row in items for x in row]))
+    except OverflowError:
+        raise ValueError(f"{what}: a value does not fit in {size * 8} unsigned bits") from None
+
+
 # --- csrc/ramparse.c ------------------------------------------------------------
 
 cdef object _ram_error(const qs_ram_state *st, blocks, buf):
     """QS_RAM_ERR of qs_ram_parse over ``buf``; the message is shared with the
-    pure-Python parser (qsnap.stream._pyreader)."""
+    pure-Python parser (qsnap.stream._pyreader, imported here: it needs NumPy)."""
+    from qsnap.stream._pyreader import ram_error_message as _ram_error_message
     return _StreamError(_ram_error_message(st.err_code, st.err_offset, st.err_value, blocks,
                                            memoryview(buf).cast("B"), st.last_block))
 

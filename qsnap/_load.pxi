@@ -10,11 +10,13 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport calloc as _calloc, free as _free
 from libc.string cimport memset as _memset
 
-import numpy as _lnp
+_lnp = _np   # NumPy on first use (_errors.pxi), for _postcopy.pxi: the load path needs none
 
 AIO_DEFAULT_BUF_SIZE = 1 << 20
 AIO_DEFAULT_BUFS = 8
 AIO_DEFAULT_THREADS = 4
+
+_EMPTY_CRCS = _array("I")
 
 
 cdef class AioRing:
@@ -34,14 +36,14 @@ cdef class AioRing:
         self.ring = NULL
         self.holding = False
         self._intr = _Interrupt()
-        arr = _as_exact(extents, _lnp.uint64, "extents").reshape(-1, 2)
-        cdef const uint64_t[:, ::1] v = arr
-        cdef size_t n = arr.shape[0]
-        cdef const qs_extent *ext = <const qs_extent *>&v[0, 0] if n else NULL
+        cdef const uint64_t[::1] v = _c_array(extents, "Q", "extents")
+        if v.shape[0] % 2:
+            raise ValueError(f"extents: {v.shape[0]} numbers, not (offset, length) pairs")
+        cdef size_t n = v.shape[0] // 2
+        cdef const qs_extent *ext = <const qs_extent *>&v[0] if n else NULL
         cdef qs_aio_err err
         _memset(&err, 0, sizeof(err))
         cdef int rc
-        _memset(&err, 0, sizeof(err))
         with nogil:
             rc = qs_aio_open(&self.ring, fd, ext, n, buf_size, n_bufs, n_threads, &err)
         if rc != QS_AIO_OK:
@@ -184,14 +186,14 @@ cdef class PageEmitter:
                     raise ValueError(f"block idstr length {len(raw)} not in 1..255")
                 npages = (length + ps - 1) // ps
                 if bitmap is None and checksums is None:   # state given window by window
-                    bitmap = _lnp.zeros(0, _lnp.uint8)
-                    checksums = _lnp.zeros(0, _lnp.uint32)
+                    bitmap = b""
+                    checksums = _EMPTY_CRCS
                     npages_state = 0
                 else:
                     npages_state = npages
-                bitmap = _as_exact(bitmap, _lnp.uint8, "block bitmap")
-                checksums = _as_exact(checksums, _lnp.uint32, "block checksums")
-                if bitmap.shape[0] * 8 < npages_state or checksums.shape[0] < npages_state:
+                bitmap = _c_array(bitmap, "B", "block bitmap")
+                checksums = _c_array(checksums, "I", "block checksums")
+                if len(bitmap) * 8 < npages_state or len(checksums) < npages_state:
                     raise ValueError(f"bitmap/checksums of block '{raw.decode(errors='replace')}' "
                                      f"too short for {npages} pages")
                 if region % ps:
@@ -304,7 +306,7 @@ cdef class PageEmitter:
         _memset(&err, 0, sizeof(err))
         cdef int rc
         if bitmap is not None:
-            bm = _as_exact(bitmap, _lnp.uint8, "bitmap window")
+            bm = _c_array(bitmap, "B", "bitmap window")
             if first % 8 or bm.shape[0] * 8 < min(stop, wb.n_pages) - min(first, stop):
                 raise ValueError(f"bitmap window of {bm.shape[0]} bytes at page {first} does not "
                                  f"cover pages {first}..{stop}")
@@ -336,27 +338,27 @@ cdef class PageEmitter:
 
         ``state``: None to use the blocks' own bitmaps and checksums, else a
         callable ``state(k0) -> (k1, bitmaps, crcs)`` giving the page state of
-        clusters k0..k1-1 (k1 > k0): uint8 rows of ``state_window_pages(...)``/8
-        stored-bit bytes and uint32 rows of as many checksums, row k - k0
-        starting at the cluster's first page rounded down to a multiple of 8.
-        So only a window of the state is in memory at a time.
+        clusters k0..k1-1 (k1 > k0): rows of ``state_window_pages(...)``/8
+        stored-bit bytes (uint8) and rows of as many checksums (uint32), row
+        k - k0 starting at the cluster's first page rounded down to a multiple
+        of 8, each as one buffer (flat, or 2-D of those rows).  So only a
+        window of the state is in memory at a time.
+
+        The offsets and indexes are any buffers of uint64 / uint32 items
+        (array.array "Q" / "I", NumPy arrays) or sequences of ints.
         """
-        host = _as_exact(host_offsets, _lnp.uint64, "host_offsets")
-        virt = _as_exact(virtual_offsets, _lnp.uint64, "virtual_offsets")
-        blk = _as_exact(block_index, _lnp.uint32, "block_index")
-        cdef Py_ssize_t n = host.shape[0]
-        if virt.shape[0] != n or blk.shape[0] != n:
+        cdef const uint64_t[::1] hv = _c_array(host_offsets, "Q", "host_offsets")
+        cdef const uint64_t[::1] vv = _c_array(virtual_offsets, "Q", "virtual_offsets")
+        cdef const uint32_t[::1] bv = _c_array(block_index, "I", "block_index")
+        cdef Py_ssize_t n = hv.shape[0]
+        if vv.shape[0] != n or bv.shape[0] != n:
             raise ValueError("host_offsets, virtual_offsets and block_index differ in length")
         if n == 0:
             return 0
-        if blk.max() >= self.n_blocks:
-            raise ValueError(f"block index {blk.max()} out of range")
-        ext = _lnp.empty((n, 2), dtype=_lnp.uint64)
-        ext[:, 0] = host
-        ext[:, 1] = cluster_size
-        cdef const uint64_t[::1] vv = virt
-        cdef const uint32_t[::1] bv = blk
-        cdef const uint64_t[:, ::1] ev = ext
+        cdef Py_ssize_t i
+        for i in range(n):
+            if bv[i] >= self.n_blocks:
+                raise ValueError(f"block index {bv[i]} out of range")
         cdef const uint64_t *vp = &vv[0]
         cdef const uint32_t *bp = &bv[0]
         cdef const uint8_t *ps_ptr = part_start
@@ -380,9 +382,15 @@ cdef class PageEmitter:
         cdef const uint32_t[:, ::1] wcrc
         cdef qs_emit_block wb
         cdef const qs_emit_block *bk
+        cdef qs_extent *ext = <qs_extent *>_calloc(n, sizeof(qs_extent))
+        if ext == NULL:
+            raise _no_memory("the cluster read list", n * sizeof(qs_extent))
+        for i in range(n):
+            ext[i].offset = hv[i]
+            ext[i].length = cluster_size
         with nogil:
-            arc = qs_aio_open(&ring, fd, <const qs_extent *>&ev[0, 0], n, buf_size, n_bufs,
-                              n_threads, &aerr)
+            arc = qs_aio_open(&ring, fd, ext, n, buf_size, n_bufs, n_threads, &aerr)
+        _free(ext)   # copied by the ring
         if arc != QS_AIO_OK:
             raise _aio_error(&aerr, self.intr)
         qs_aio_set_intr(ring, &self.intr.c)
@@ -450,11 +458,24 @@ def state_window_pages(size_t cluster_pages):
 
 
 def _state_rows(state, size_t k, size_t n, size_t wp):
-    """The next window of cluster page state from the send_clusters callable, checked."""
+    """The next window of cluster page state from the send_clusters callable, checked:
+    (k1, bitmap rows, checksum rows) as 2-D buffers."""
     k1, bitmaps, crcs = state(k)
-    bitmaps = _as_exact(bitmaps, _lnp.uint8, "state bitmaps")
-    crcs = _as_exact(crcs, _lnp.uint32, "state checksums")
-    if not k < k1 <= n or bitmaps.shape != (k1 - k, wp // 8) or crcs.shape != (k1 - k, wp):
-        raise ValueError(f"page state for clusters {k}..{k1} of {n} has shapes {bitmaps.shape}, "
-                         f"{crcs.shape}; expected ({k1 - k}, {wp // 8}), ({k1 - k}, {wp})")
-    return k1, bitmaps, crcs
+    bits_flat = _c_array(bitmaps, "B", "state bitmaps")
+    crcs_flat = _c_array(crcs, "I", "state checksums")
+    shapes = (_shape(bitmaps, bits_flat), _shape(crcs, crcs_flat))
+    if not k < k1 <= n or shapes[0] not in ((k1 - k, wp // 8), ((k1 - k) * wp // 8,)) \
+            or shapes[1] not in ((k1 - k, wp), ((k1 - k) * wp,)):
+        raise ValueError(f"page state for clusters {k}..{k1} of {n} has shapes {shapes[0]}, "
+                         f"{shapes[1]}; expected ({k1 - k}, {wp // 8}), ({k1 - k}, {wp})")
+    rows = k1 - k
+    return (k1, bits_flat.cast("B").cast("B", shape=(rows, wp // 8)),
+            crcs_flat.cast("B").cast("I", shape=(rows, wp)))
+
+
+cdef tuple _shape(obj, flat):
+    """The shape of ``obj`` as a buffer, or of its flat copy if it is a sequence."""
+    try:
+        return memoryview(obj).shape
+    except TypeError:
+        return (len(flat),)

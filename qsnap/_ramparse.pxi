@@ -9,15 +9,18 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, 
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 
-import numpy as _np
-
-from qsnap.stream.events import PAGE_REC_DTYPE
-
 RAM_NEED_MORE = QS_RAM_NEED_MORE
 RAM_EOS = QS_RAM_EOS
 RAM_FULL = QS_RAM_FULL
 RAM_MEMSIZE = QS_RAM_MEMSIZE
 RAM_ERR = QS_RAM_ERR
+
+
+cdef object _page_rec_dtype():
+    """qsnap.stream.events.PAGE_REC_DTYPE, the records' layout: a NumPy dtype, so
+    looked up when a parser or sink first needs it, not when _core is imported."""
+    from qsnap.stream.events import PAGE_REC_DTYPE
+    return PAGE_REC_DTYPE
 
 
 cdef int _fill_blocks(qs_block *nb, list blocks) except -1:
@@ -59,7 +62,7 @@ cdef class RamParser:
         if page_size < 512 or (page_size & (page_size - 1)) != 0:
             raise ValueError("page size must be a power of two >= 512")
         self.cap = cap
-        self.records_array = _np.zeros(cap, PAGE_REC_DTYPE)
+        self.records_array = _np.zeros(cap, _page_rec_dtype())
         PyObject_GetBuffer(self.records_array, &self.recbuf, PyBUF_WRITABLE)
         self.have_recbuf = True
         self.cblocks = NULL

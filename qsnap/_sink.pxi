@@ -3,14 +3,15 @@
 # C status codes from csrc/sink.c become qsnap.errors exceptions in
 # _sink_error() (_errors.pxi) and nowhere else.
 
-import numpy as _np
-
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from libc.string cimport memcpy, memset
 
-# The sink takes the parser's records as they are (qs_sink_rec is qs_page_rec).
-SINK_REC_DTYPE = PAGE_REC_DTYPE
-assert SINK_REC_DTYPE.itemsize == sizeof(qs_sink_rec) == 32
+# The sink takes the parser's records as they are (qs_sink_rec is qs_page_rec);
+# their dtype (_core.SINK_REC_DTYPE) is NumPy's, made on first use.
+cdef object _sink_rec_dtype():
+    dt = _page_rec_dtype()
+    assert dt.itemsize == sizeof(qs_sink_rec) == 32
+    return dt
 
 
 def is_zero(buf):
@@ -205,7 +206,7 @@ cdef class ClusterSink:
         cdef const uint64_t[::1] offs
         cdef uint32_t nb = 0
         cdef qs_sink *s = self._live()
-        if not isinstance(records, _np.ndarray) or records.dtype != SINK_REC_DTYPE:
+        if not isinstance(records, _np.ndarray) or records.dtype != _sink_rec_dtype():
             raise TypeError(f"records must be an array of the page-record dtype, not "
                             f"{getattr(records, 'dtype', type(records).__name__)}")
         records = _np.ascontiguousarray(records)

@@ -163,6 +163,26 @@ def _add_check(sub):
     c.add_argument("--output", choices=("human", "json"), default="human")
 
 
+def _add_flatten(sub):
+    f = sub.add_parser("flatten", help="write a stand-alone copy of an image of a backing chain",
+                       description="Write OUT, a stand-alone image with IMG's content and image id "
+                                   "(no parent). IMG and its chain are not changed; OUT is replaced "
+                                   "atomically.")
+    f.add_argument("image", metavar="IMG")
+    f.add_argument("out", metavar="OUT")
+    f.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
+
+
+def _add_commit(sub):
+    c = sub.add_parser("commit", help="fold an image's parent into it (shortens its chain by one)",
+                       description="Rewrite IMG so that it holds what it read from its parent: IMG then "
+                                   "backs onto its grandparent, or stands alone. IMG keeps its content "
+                                   "and image id (its children stay valid); the parent is not changed. "
+                                   "IMG is replaced atomically.")
+    c.add_argument("image", metavar="IMG")
+    c.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
+
+
 def _add_demo(sub):
     d = sub.add_parser("demo", help="save and load a synthetic VM, no QEMU needed")
     d.add_argument("--size", type=_size, default=256 << 20, metavar="SIZE",
@@ -319,6 +339,29 @@ def _cmd_check(args):
     return report["exit_code"]
 
 
+def _cmd_flatten(args):
+    from qsnap.image.rewrite import flatten
+
+    _rewrite_summary(args, "flattened", flatten(args.image, args.out))
+    return 0
+
+
+def _cmd_commit(args):
+    from qsnap.image.rewrite import commit
+
+    _rewrite_summary(args, "committed", commit(args.image))
+    return 0
+
+
+def _rewrite_summary(args, what, s):
+    if args.quiet:
+        return
+    onto = f"backed by {s['backing_file']}" if s["backing_file"] else "stand-alone"
+    sys.stderr.write(f"qsnap: {what} {args.image} into {s['path']} ({onto}): "
+                     f"{s['clusters_copied']} clusters copied, {s['clusters_inherited']} inherited, "
+                     f"{s['clusters_zeroed']} zero, {s['file_bytes'] / 1e6:.1f} MB\n")
+
+
 def _cmd_snapshot(args):
     from qsnap.vm import snapshot
 
@@ -377,6 +420,8 @@ _PARSERS = {  # in the order of `qsnap --help`
     "load": _add_load,
     "info": _add_info,
     "check": _add_check,
+    "flatten": _add_flatten,
+    "commit": _add_commit,
     "snapshot": _add_snapshot,
     "restore": _add_restore,
     "export": _add_export,
@@ -388,6 +433,8 @@ _COMMANDS = {
     "save": _cmd_save,
     "load": _cmd_load,
     "info": _cmd_info,
+    "flatten": _cmd_flatten,
+    "commit": _cmd_commit,
     "check": _cmd_check,
     "demo": _cmd_demo,
     "restore": _cmd_restore,

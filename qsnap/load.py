@@ -8,8 +8,10 @@ QEMU 7.2+ destination accepts as a precopy migration (migration-stream.md 6.1):
     SECTION_START ram             MEM_SIZE + block list, EOS, footer
     SECTION_PART ram  x N         PAGE records of every stored page, in host-file
                                   order (sequential reads through the C read-ahead
-                                  ring), then ZERO records of every unstored page
-                                  of every migrated block; EOS, footer
+                                  ring; for a backing chain one pass per file, each
+                                  with its own descriptor), then ZERO records of
+                                  every unstored page of every migrated block; EOS,
+                                  footer
     [COMMAND SWITCHOVER_START]    if the saved stream had one
     [SECTION_END ram]             EOS, footer; if the saved stream had a RAM END
     device state                  verbatim: FULL sections, EOF, VMDESCRIPTION
@@ -28,7 +30,7 @@ import time
 from qsnap import _core
 from qsnap.errors import ImageError
 from qsnap.image import pages
-from qsnap.image.pages import ClusterState, cluster_plan, open_data
+from qsnap.image.pages import ClusterState, chain_of, chain_plan, cluster_plan, open_data
 from qsnap.stream import constants as C
 from qsnap.stream import encode
 
@@ -120,6 +122,45 @@ def working_set_plan(img, host, virt, bidx, log):
     return host[order], virt[order], bidx[order]
 
 
+def file_passes(img, src, host, virt, bidx, prefetch, log):
+    """[(chain index, host, virt, bidx)]: one cluster pass per file of the chain, each
+    with its own descriptor (QEMU takes a stream's pages in any order).  With
+    ``prefetch`` the working set's clusters go first: in a stand-alone image by
+    reordering its one pass, in a chain in one pass per file before the others."""
+    chain = chain_of(img)
+    if len(chain) == 1:
+        if prefetch:
+            host, virt, bidx = working_set_plan(img, host, virt, bidx, log)
+        return [(0, host, virt, bidx)]
+    import numpy as np
+    from qsnap.image import workingset
+
+    ws = workingset.usable(img, log) if prefetch else None
+    first, rest = [], []
+    for k in range(len(chain)):
+        sel = src == k
+        h, v, b = host[sel], virt[sel], bidx[sel]
+        m = 0
+        if ws is not None:
+            order = workingset.clusters_first(ws.entries, img.blocks, h, v, img.cluster_size,
+                                              img.target_page_size)
+            h, v, b = h[order], v[order], b[order]
+            m = int(np.count_nonzero(np.isin(v, _working_set_clusters(img, ws))))
+        first.append((k, h[:m], v[:m], b[:m]))
+        rest.append((k, h[m:], v[m:], b[m:]))
+    return [p for p in first + rest if len(p[1])]
+
+
+def _working_set_clusters(img, ws):
+    """Virtual offsets of the clusters that hold a page of the working set."""
+    import numpy as np
+
+    offs = np.array([b.offset for b in img.blocks], np.uint64)
+    e = ws.entries
+    v = offs[e["block"].astype(np.int64)] + e["page"].astype(np.uint64) * np.uint64(img.target_page_size)
+    return np.unique(v - v % np.uint64(img.cluster_size))
+
+
 def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads, prefetch):
     info = img.stream_info
     blocks = list(img.blocks)
@@ -133,25 +174,27 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
     em = _core.PageEmitter(out_fd, page_size)
     # page state (stored bits, checksums) goes to the emitter a window at a time
     em.set_blocks([(b.idstr, b.offset, b.length, None, None) for b in blocks])
-    host, virt, bidx = cluster_plan(img, blocks)
-    if prefetch:
-        host, virt, bidx = working_set_plan(img, host, virt, bidx, log)
+    src, host, virt, bidx = chain_plan(img, blocks)
+    passes = file_passes(img, src, host, virt, bidx, prefetch, log)
 
-    fd, direct = open_data(img.path, cache, log, lambda fd: _direct_read_works(fd))
-    try:
-        em.bytes(img.header_bytes)
-        em.bytes(img.pre_ram)
-        em.bytes(framing.start(mem_size_record(blocks, info)))
-        em.flush()
-        t_pages = time.monotonic()
-        parts = em.send_clusters(fd, host, virt, bidx, cs, framing.part_start,
-                                 framing.section_close, part_bytes=part_bytes,
-                                 buf_size=buf_size, n_bufs=n_bufs, n_threads=n_threads,
-                                 state=ClusterState(img, blocks, virt, bidx,
-                                                    em.state_window_pages(cs // page_size)))
-        t_pages = time.monotonic() - t_pages
-    finally:
-        os.close(fd)
+    em.bytes(img.header_bytes)
+    em.bytes(img.pre_ram)
+    em.bytes(framing.start(mem_size_record(blocks, info)))
+    em.flush()
+    t_pages = time.monotonic()
+    parts, direct = 0, False
+    for k, h, v, b in passes:
+        fd, direct_k = open_data(chain_of(img)[k].path, cache, log, lambda fd: _direct_read_works(fd))
+        direct = direct or direct_k
+        try:
+            parts += em.send_clusters(fd, h, v, b, cs, framing.part_start,
+                                      framing.section_close, part_bytes=part_bytes,
+                                      buf_size=buf_size, n_bufs=n_bufs, n_threads=n_threads,
+                                      state=ClusterState(img, blocks, v, b,
+                                                         em.state_window_pages(cs // page_size)))
+        finally:
+            os.close(fd)
+    t_pages = time.monotonic() - t_pages
     parts += _send_zero_pages(em, blocks, framing)
     if info.get("switchover_start"):
         em.bytes(encode.switchover_start())

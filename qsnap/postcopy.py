@@ -39,7 +39,8 @@ import numpy as np
 from qsnap import _core
 from qsnap.errors import ImageError, IOFailure, ProtocolError, QsnapError, UsageError
 from qsnap.image import workingset
-from qsnap.image.pages import ClusterState, cluster_plan, open_data, read_target_pages
+from qsnap.image.pages import (ClusterState, chain_of, chain_plan, close_all, open_chain, open_data,
+                               read_target_pages)
 from qsnap.load import PART_BYTES, grow_pipe, mem_size_record, ram_framing
 from qsnap.stream import constants as C
 from qsnap.stream import encode, returnpath
@@ -356,7 +357,7 @@ class _Postcopy:
         tp0, tp1 = hp0 * t, min(hp1 * t, self.n_pages[bi])
         state = self._state(bi, tp0, tp1)
         stored = np.unpackbits(state[1], bitorder="little")[tp0 - state[0]:tp1 - state[0]].any()
-        data = read_target_pages(self.img, self.req_fd, self.blocks[bi], tp0, tp1) if stored else None
+        data = read_target_pages(self.img, self.req_fds, self.blocks[bi], tp0, tp1) if stored else None
         return self.pager.emit(bi, hp0, hp1, data, tp0, state=state)
 
     # --- requests -----------------------------------------------------------------
@@ -396,23 +397,27 @@ class _Postcopy:
             self.rp.recorded = []
         self.em.interrupt_check = self._check_return_path
         self.rp.start()
-        host, virt, bidx = cluster_plan(self.img, self.blocks)
+        # every file of the backing chain: its data clusters in one pass each (chain_plan
+        # sorts them by file), on-demand reads through the chain (read_target_pages)
+        src, host, virt, bidx = chain_plan(self.img, self.blocks)
+        self.req_fds = open_chain(self.img)
+        fds = []
         try:
-            self.req_fd = os.open(self.img.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise IOFailure(f"cannot open image {self.img.path}: {e.strerror}") from None
-        fd, direct = open_data(self.img.path, self.cache, self.log)
-        try:
+            direct = False
+            for im in chain_of(self.img):
+                fd, direct_k = open_data(im.path, self.cache, self.log)
+                fds.append(fd)
+                direct = direct or direct_k
             self._negotiate()
-            keep = self._send_precopy_share(fd, host, virt, bidx)
+            keep = self._send_precopy_share(fds, src, host, virt, bidx)
             pages_precopy = self.em.pages + self.em.zero_pages
             n_ranges = self._hand_over(dev, precopy_data=pages_precopy > 0)
             self.t_switch = time.monotonic()
             t_handover = self.t_switch - self.t0
-            self._send_postcopy(fd, host[~keep], virt[~keep], bidx[~keep])
+            self._send_postcopy(fds, src[~keep], host[~keep], virt[~keep], bidx[~keep])
         finally:
-            os.close(fd)
-            os.close(self.req_fd)
+            close_all(fds)
+            close_all(self.req_fds)
         t_stream = time.monotonic() - self.t0
         self._close_output()
         self._wait_shut()
@@ -482,10 +487,10 @@ class _Postcopy:
                 huge_pre.append((bi, hp))
         return keep, huge_pre
 
-    def _send_precopy_share(self, fd, host, virt, bidx):
+    def _send_precopy_share(self, fds, src, host, virt, bidx):
         """The precopy pages; returns the mask of data clusters sent."""
         keep, huge_pre = self._precopy_plan(host, virt, bidx)
-        self._cluster_pass(fd, host[keep], virt[keep], bidx[keep], serve=False)
+        self._cluster_pass(fds, src[keep], host[keep], virt[keep], bidx[keep], serve=False)
         # Legacy low memory and the small ROM blocks always go before LISTEN:
         # QEMU's listen thread can block on a fault there (pc.ram 0xc0000 while
         # the main thread loads the PAM state), and a faulted listen thread
@@ -525,7 +530,7 @@ class _Postcopy:
         em.last_block = -1   # the source resets CONTINUE at the switch to postcopy
         return n_ranges
 
-    def _send_postcopy(self, fd, host, virt, bidx):
+    def _send_postcopy(self, fds, src, host, virt, bidx):
         """Requested pages first, then zero host pages, then data; END and EOF."""
         em, pager = self.em, self.pager
         self._serve()
@@ -543,7 +548,7 @@ class _Postcopy:
                 pager.zero_pass(bi, hp, hp1, self._has_data(bi, hp, hp1), window=True,
                                 state=self._state(bi, hp * t, min(hp1 * t, self.n_pages[bi])))
                 em.flush()
-        self._cluster_pass(fd, host, virt, bidx, serve=True)
+        self._cluster_pass(fds, src, host, virt, bidx, serve=True)
         for bi in self.migrated:
             if self.small[bi]:
                 continue
@@ -668,8 +673,15 @@ class _Postcopy:
             self.em.bytes(encode.ram_discard(name, batch))
         return n + len(batch)
 
-    def _cluster_pass(self, fd, host, virt, bidx, serve):
-        """Send the unsent host pages of data clusters (small-page blocks), host order.
+    def _cluster_pass(self, fds, src, host, virt, bidx, serve):
+        """Send the unsent host pages of data clusters (small-page blocks): one pass
+        per file of the chain (``src`` indexes it, ``fds`` holds its descriptors)."""
+        for k, fd in enumerate(fds):
+            sel = src == k
+            self._file_pass(fd, host[sel], virt[sel], bidx[sel], serve)
+
+    def _file_pass(self, fd, host, virt, bidx, serve):
+        """Send the unsent host pages of data clusters of one file, host order.
 
         The C pass emits straight from the read-ahead buffers with the GIL
         released; with ``serve`` it comes back here whenever the return-path

@@ -321,6 +321,40 @@ int qs_emit_cluster(qs_emit *e, const qs_emit_block *b, uint64_t voff,
     return qs_emit_flush(e, err);
 }
 
+/* Queue a ZERO record for every page in [p, end) of b (a run of unstored
+ * pages).  After the first record of a block every record is CONTINUE and 9
+ * bytes long: those are written straight into the arena, as many as fit per
+ * reserve(), without the per-record header logic. */
+static int zero_run(qs_emit *e, const qs_emit_block *b, uint64_t p, uint64_t end, qs_emit_err *err)
+{
+    const uint64_t ps = e->page_size;
+    const uint64_t flags = QS_RAM_SAVE_FLAG_ZERO | QS_RAM_SAVE_FLAG_CONTINUE;
+    while (p < end) {
+        int rc = reserve(e, 10 + 255, 1, err);
+        if (rc)
+            return rc;
+        if (e->last_block != (int64_t)b->index) {
+            size_t n = put_header(e, b, p, QS_RAM_SAVE_FLAG_ZERO);
+            e->arena[e->arena_len + n] = 0; /* fill byte */
+            commit(e, n + 1);
+            e->zero_pages++;
+            p++;
+            continue;
+        }
+        uint64_t room = (QS_EMIT_ARENA - e->arena_len) / 9;
+        uint64_t n = end - p < room ? end - p : room;
+        uint8_t *q = e->arena + e->arena_len;
+        for (uint64_t k = 0; k < n; k++, q += 9) {
+            put_be64(q, (p + k) * ps | flags);
+            q[8] = 0; /* fill byte */
+        }
+        commit(e, (size_t)n * 9);
+        e->zero_pages += n;
+        p += n;
+    }
+    return QS_EMIT_OK;
+}
+
 int qs_emit_zero_range(qs_emit *e, const qs_emit_block *b, uint64_t first, uint64_t end,
                        qs_emit_err *err)
 {
@@ -328,25 +362,20 @@ int qs_emit_zero_range(qs_emit *e, const qs_emit_block *b, uint64_t first, uint6
         return set_err(err, QS_EMIT_EINVAL, 0, b->index, 0);
     if (end > b->n_pages)
         end = b->n_pages;
-    if (first < end) {
-        int rc = check_window(b, first, end, e->page_size, 0, err);
+    if (first >= end)
+        return QS_EMIT_OK;
+    int rc = check_window(b, first, end, e->page_size, 0, err);
+    if (rc)
+        return rc;
+    /* runs of unstored pages, found in the bitmap (whose bit 0 is page state_first) */
+    const uint64_t s0 = b->state_first;
+    uint64_t i = qs_bits_find(b->bitmap, first - s0, end - s0, 0) + s0;
+    while (i < end) {
+        uint64_t j = qs_bits_find(b->bitmap, i - s0, end - s0, 1) + s0;
+        rc = zero_run(e, b, i, j, err);
         if (rc)
             return rc;
-    }
-    for (uint64_t i = first; i < end; i++) {
-        if ((i & 7) == 0 && i + 8 <= end && b->bitmap[(i - b->state_first) >> 3] == 0xff) {
-            i += 7;
-            continue;
-        }
-        if (page_stored(b, i))
-            continue;
-        int rc = reserve(e, 10 + 255, 1, err);
-        if (rc)
-            return rc;
-        size_t n = put_header(e, b, i, QS_RAM_SAVE_FLAG_ZERO);
-        e->arena[e->arena_len + n] = 0; /* fill byte */
-        commit(e, n + 1);
-        e->zero_pages++;
+        i = qs_bits_find(b->bitmap, j - s0, end - s0, 0) + s0;
     }
     return QS_EMIT_OK;
 }

@@ -16,6 +16,7 @@ import numpy as np
 from qsnap._core import page_crcs
 from qsnap.errors import ChecksumError, ImageError, IOFailure
 from qsnap.image.layout import pages_of
+from qsnap.image.pages import close_all, open_chain
 
 READ_BYTES = 8 << 20
 PREFETCH = 2  # reads in flight ahead of the writer: memory is (PREFETCH + 1) * READ_BYTES
@@ -41,19 +42,16 @@ class PageSource:
         self.img = img
         self.read_bytes = max(read_bytes, img.cluster_size)
         self._bufs = None
-        try:
-            self.fd = os.open(img.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise IOFailure(f"cannot open image {img.path}: {e.strerror}") from None
-        try:
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except (OSError, AttributeError):
-            pass
+        self.fds = open_chain(img)      # one per file of the backing chain
+        for fd in self.fds:
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            except (OSError, AttributeError):
+                pass
 
     def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        close_all(self.fds)
+        self.fds = []
 
     def __enter__(self):
         return self
@@ -89,8 +87,8 @@ class PageSource:
                     f.cancel()
 
     def _extents(self, b, bits):
-        """(first page, end page, host offset) of each read: clusters consecutive
-        both in the block and in the file, up to ``read_bytes``."""
+        """(first page, end page, (chain index, host offset)) of each read: clusters
+        consecutive both in the block and in one file of the chain, up to ``read_bytes``."""
         ppc = self.img.cluster_size // self.img.target_page_size
         n = len(bits)
         wanted = [c for c in range(-(-n // ppc)) if bits[c * ppc:(c + 1) * ppc].any()]
@@ -100,9 +98,9 @@ class PageSource:
             yield wanted[i] * ppc, min(n, wanted[j - 1] * ppc + ppc), hosts[0]
             i = j
 
-    def _load(self, b, p0, p1, host, buf):
+    def _load(self, b, p0, p1, where, buf):
         tps = self.img.target_page_size
-        view = self._pread(memoryview(buf)[:(p1 - p0) * tps], host, b, p0 * tps)
+        view = self._pread(memoryview(buf)[:(p1 - p0) * tps], where, b, p0 * tps)
         return p0, view, page_crcs(view, tps)
 
     def _checked_runs(self, b, bits, p0, mv, crcs):
@@ -120,33 +118,37 @@ class PageSource:
         while (j < len(wanted) and (j - i + 1) * cs <= self.read_bytes
                and wanted[j] == wanted[j - 1] + 1):
             h = self._host(b, wanted[j])
-            if h != hosts[-1] + cs:
+            if h != (hosts[-1][0], hosts[-1][1] + cs):
                 break
             hosts.append(h)
             j += 1
         return j, hosts
 
     def _host(self, b, cluster):
+        """(chain index, host offset) of a cluster of block ``b``: the file of the chain
+        that holds it."""
         voff = b.offset + cluster * self.img.cluster_size
-        h = self.img.host_offset(voff)
-        if not h:
+        f, h = self.img.locate(voff)
+        if f is None:
             raise ImageError(f"block '{b.idstr}' has stored pages at 0x{cluster * self.img.cluster_size:x} "
                              f"but no data cluster (virtual offset 0x{voff:x})")
-        return h
+        return next(k for k, im in enumerate(self.img.chain) if im is f), h
 
-    def _pread(self, view, offset, b, block_offset):
-        """Fill ``view`` from the image at ``offset``; returns it."""
+    def _pread(self, view, where, b, block_offset):
+        """Fill ``view`` from file ``where[0]`` of the chain at offset ``where[1]``; returns it."""
+        k, offset = where
+        path = self.img.chain[k].path
         done = 0
         try:
             while done < len(view):
-                n = os.preadv(self.fd, [view[done:]], offset + done)
+                n = os.preadv(self.fds[k], [view[done:]], offset + done)
                 if n == 0:
                     break
                 done += n
         except OSError as e:
-            raise IOFailure(f"cannot read image {self.img.path} at offset 0x{offset:x}: {e.strerror}") from None
+            raise IOFailure(f"cannot read image {path} at offset 0x{offset:x}: {e.strerror}") from None
         if done != len(view):
-            raise ImageError(f"image {self.img.path} ends inside block '{b.idstr}' page 0x{block_offset:x} "
+            raise ImageError(f"image {path} ends inside block '{b.idstr}' page 0x{block_offset:x} "
                              f"(image offset 0x{offset:x})")
         return view
 
@@ -155,8 +157,10 @@ class PageSource:
         bad = np.flatnonzero(sel & (got != b.checksums[p0:p0 + len(sel)]))
         if len(bad):
             po = (p0 + int(bad[0])) * tps
+            f, h = self.img.locate(b.offset + po)
+            where = "" if f is None or f is self.img else f" of {f.path}"
             raise ChecksumError(f"checksum mismatch in block '{b.idstr}' page 0x{po:x} "
-                                f"(image offset 0x{self.img.host_offset(b.offset + po):x})")
+                                f"(image offset 0x{h:x}{where})")
 
 
 def write_ranges(pages, out, ranges, offsets):

@@ -105,6 +105,10 @@ def format_info(info):
         f"density: {d['stored_pages']} of {d['pages']} pages stored ({100 * d['stored_share']:.1f} %)",
         f"device state: {info['device_state_bytes']} bytes",
         f"working set: {_ws_line(info)}",
+        f"image id: {info.get('image_id') or 'none (format 1)'}",
+    ]
+    lines += _chain_lines(info.get("chain") or [])
+    lines += [
         "RAM blocks:",
         f"    {'idstr':<24} {'length':>12} {'page size':>10} {'offset':>14} {'stored pages':>13}",
     ]
@@ -122,6 +126,17 @@ def format_info(info):
     if info.get("vm"):
         lines += _format_vm(info["vm"])
     return "\n".join(lines)
+
+
+def _chain_lines(chain):
+    """The backing chain, the image first, each file with its own size."""
+    if len(chain) <= 1:
+        return ["backing file: none (a stand-alone image)"]
+    lines = [f"backing chain: {len(chain)} images, {_size(sum(c['file_bytes'] for c in chain))} in all"]
+    for depth, c in enumerate(chain):
+        lines.append(f"    {depth}: {c['path']} ({_size(c['file_bytes'])}, created {c['created']}, "
+                     f"image id {c['image_id'] or 'none'})")
+    return lines
 
 
 def _format_vm(vm):
@@ -146,9 +161,10 @@ def _format_vm(vm):
 class _Walk:
     """Structure walk of one image: problems (corruption), leaks, reference counts."""
 
-    def __init__(self, fd, path, size, hdr, ext_end):
+    def __init__(self, fd, path, size, hdr, ext_end, format_version):
         self.fd, self.path, self.size, self.hdr = fd, path, size, hdr
         self.ext_end = ext_end  # end of the header extensions (after the end marker)
+        self.format_version = format_version
         self.cb = hdr["cluster_bits"]
         self.cs = 1 << self.cb
         self.n = (size + self.cs - 1) // self.cs     # host clusters in the file
@@ -186,7 +202,9 @@ class _Walk:
                 self.error(f"{name} 0x{hdr[name]:x} at image offset 0x{at:x} (qsnap writes 0)")
         if hdr["header_length"] != qcow2.HEADER_LENGTH_V3:
             self.error(f"header_length {hdr['header_length']} at image offset 0x64 (qsnap writes 104)")
-        self._zero_tail("header cluster", self.ext_end - 8, cs)  # end marker (all zero) and padding
+        self._zero_tail("header cluster", self.ext_end - 8, self.ext_end)  # the end marker
+        # padding after it (or after the backing file name, format 2)
+        self._zero_tail("header cluster", self.ext_end + hdr["backing_file_size"], cs)
         vsize = hdr["size"]
         if vsize % cs:
             self.error(f"virtual size 0x{vsize:x} at image offset 0x18 is not cluster aligned")
@@ -256,6 +274,8 @@ class _Walk:
             if e & qcow2.QCOW_OFLAG_COMPRESSED:
                 self.error(f"compressed L2 entry 0x{e:016x} at image offset 0x{at:x}")
                 continue
+            if e == qcow2.QCOW_OFLAG_ZERO and self.format_version >= 2:
+                continue   # reads as zeros, whatever a backing file holds: no cluster
             if e & (qcow2.L2E_STD_RESERVED_MASK | qcow2.QCOW_OFLAG_ZERO):
                 self.error(f"L2 entry 0x{e:016x} has reserved or zero-flag bits at image offset 0x{at:x}")
                 continue
@@ -298,10 +318,44 @@ def _foreign(fd, path, size):
     return None
 
 
+def _extensions_end(fd, path, size, hdr):
+    """The image offset just after the header extensions' end marker."""
+    cs = 1 << hdr["cluster_bits"]
+    head = pread_exact(fd, min(size, cs), 0, path)
+    exts = qcow2.unpack_extensions(head, hdr["header_length"], len(head))
+    if not exts:
+        return hdr["header_length"] + qcow2.EXT_HEADER.size
+    _, payload, at = exts[-1]
+    return at + qcow2.EXT_HEADER.size + qcow2.align_up(len(payload), 8) + qcow2.EXT_HEADER.size
+
+
 def check_image(path, progress=False):
-    """Verify structure, refcounts and every checksum; the report's exit_code is
-    `qsnap check`'s status (0 clean, 1 not checked, 2 corrupt, 3 leaks only)."""
-    path = os.fspath(path)
+    """Verify structure, refcounts and every checksum of the image and of every
+    parent in its backing chain (each parent's pages against its own checksums);
+    the report's exit_code is `qsnap check`'s status (0 clean, 1 not checked,
+    2 corrupt, 3 leaks only)."""
+    report = _check_one(os.fspath(path), progress)
+    report["parents_checked"] = len(report.get("parents", []))
+    for parent in report.pop("parents", []):
+        sub = _check_one(parent, False)
+        sub.pop("parents", None)
+        if sub["exit_code"] == CHECK_NOT_CHECKED:
+            sub["corruptions"] = max(1, sub["corruptions"])
+        report["corruptions"] += sub["corruptions"]
+        report["leaks"] += sub["leaks"]
+        report["checksum_errors"] += sub["checksum_errors"]
+        report["problems"] = (report["problems"]
+                              + [f"parent image {parent}: {p}" for p in sub["problems"]])[:MAX_LISTED]
+        report["exit_code"] = max(report["exit_code"], sub["exit_code"], key=_severity)
+    return report
+
+
+def _severity(code):
+    return {CHECK_OK: 0, CHECK_LEAKS: 1, CHECK_NOT_CHECKED: 2, CHECK_CORRUPT: 3}[code]
+
+
+def _check_one(path, progress):
+    """check_image of one file; report["parents"]: the paths of its parents."""
     report = {"path": path, "checked": False, "exit_code": CHECK_OK, "problems": [],
               "corruptions": 0, "leaks": 0, "leaked_clusters": [], "checksum_errors": 0}
     errors, leaks = [], []
@@ -325,8 +379,8 @@ def check_image(path, progress=False):
                           problems=["incomplete image (the save did not finish)"])
             return report
         report["checked"] = True
-        ext_end = ext_off + qcow2.align_up(layout.QSNAP_EXT.size, 8) + qcow2.EXT_HEADER.size
-        w = _Walk(fd, path, size, hdr, ext_end)
+        ext_end = _extensions_end(fd, path, size, hdr)
+        w = _Walk(fd, path, size, hdr, ext_end, ext["format_version"])
         try:
             w.run()
         except ImageError as e:  # e.g. a table that is cut short
@@ -343,6 +397,7 @@ def check_image(path, progress=False):
         os.close(fd)
     try:
         with Image.open(path) as img:
+            report["parents"] = [im.path for im in img.chain[1:]]
             report["virtual_clusters"] = img.virtual_size // img.cluster_size
             show = _progress_bar if progress else None
             bad = img.verify_all(progress=show)
@@ -389,6 +444,8 @@ def format_check(report):
         lines.append("No errors were found on the image.")
         if "stored_pages" in report:
             lines.append(f"{report['stored_pages']} stored pages verified against their crc32c checksums.")
+        if report.get("parents_checked"):
+            lines.append(f"{report['parents_checked']} parent image(s) of the backing chain checked too.")
     if "allocated_clusters" in report and report.get("virtual_clusters"):
         a, v = report["allocated_clusters"], report["virtual_clusters"]
         lines.append(f"{a}/{v} = {100 * a / v:.2f}% allocated")

@@ -3,12 +3,14 @@ block regions, the "qsnap" header extension, the metadata region and the
 strict validation of its JSON document."""
 
 import json
+import os
 
 from qsnap.errors import ChecksumError, ImageError
 from qsnap.image.qcow2 import Struct, align_up
 from qsnap.stream.constants import RAM_SECTION_VERSION
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2               # what qsnap writes
+READ_VERSIONS = (1, 2)           # what it reads: 1 has no image_id, parent or backing chain
 QSNAP_EXT_TYPE = 0x51534E50  # "QSNP"
 QSNAP_FLAG_COMPLETE = 1 << 0
 QSNAP_KNOWN_FLAGS = QSNAP_FLAG_COMPLETE
@@ -78,7 +80,7 @@ def _check_ext_fields(ext, image_offset):
     if ext["format_version"] > FORMAT_VERSION:
         raise ImageError(f"image format version {ext['format_version']} is newer than this qsnap "
                          f"supports ({FORMAT_VERSION})")
-    if ext["format_version"] != FORMAT_VERSION:
+    if ext["format_version"] not in READ_VERSIONS:
         raise ImageError(f"unknown image format version {ext['format_version']} "
                          f"at image offset 0x{image_offset:x}")
     if ext["flags"] & ~QSNAP_KNOWN_FLAGS:
@@ -179,7 +181,8 @@ def plan_meta_region(doc):
         if need <= start:
             break
         start = need
-    head = META_HEAD.pack({"magic": META_MAGIC, "format_version": FORMAT_VERSION,
+    # a rewritten v1 image (its working set recorded) keeps its version throughout
+    head = META_HEAD.pack({"magic": META_MAGIC, "format_version": doc.get("format_version", FORMAT_VERSION),
                            "json_length": len(text)}) + text
     length = pos if blobs else align_up(len(head), BLOB_ALIGN)
     return head, [(refs[id(b)]["offset"], b) for b in blobs], length
@@ -235,9 +238,9 @@ def meta_json_length(head, region_length, meta_offset):
     head = META_HEAD.unpack(head)
     if head["magic"] != META_MAGIC:
         raise ImageError(f"bad metadata magic 0x{head['magic']:08x} at virtual offset 0x{meta_offset:x}")
-    if head["format_version"] != FORMAT_VERSION:
+    if head["format_version"] not in READ_VERSIONS:
         raise ImageError(f"metadata format version {head['format_version']} at virtual offset "
-                         f"0x{meta_offset + 4:x}, expected {FORMAT_VERSION}")
+                         f"0x{meta_offset + 4:x}, expected one of {', '.join(map(str, READ_VERSIONS))}")
     if head["json_length"] > region_length - META_HEAD.size:
         raise ImageError(f"metadata JSON length {head['json_length']} runs past the region "
                          f"({region_length} bytes) at virtual offset 0x{meta_offset + 8:x}")
@@ -389,6 +392,84 @@ def validate_vm_record(vm, path="meta.vm"):
         _bad(f"{path}.disks", f"lists {len(vm['disks'])} disks in a RAM-only snapshot")
 
 
+# v2: the image's identity and its parent record (docs/image-format.md, "Backing chains")
+PARENT_SCHEMA = {"backing_file": str, "image_id": (str, None), "created": str,
+                 "device_state_crc32c": U32, "ram_blocks": list}
+PARENT_BLOCK_SCHEMA = {"idstr": str, "length": UINT, "offset": UINT, "page_size": UINT,
+                       "bitmap_crc32c": U32, "checksums_crc32c": U32}
+IMAGE_ID_DIGITS = 32
+MAX_CHAIN_DEPTH = 64
+
+
+def is_image_id(value):
+    return (type(value) is str and len(value) == IMAGE_ID_DIGITS
+            and all(c in "0123456789abcdef" for c in value))
+
+
+def _validate_identity(doc):
+    for key in ("image_id", "parent"):
+        if key not in doc:
+            _bad(f"meta.{key}", "is missing")
+    if not is_image_id(doc["image_id"]):
+        _bad("meta.image_id", f"{doc['image_id']!r} is not {IMAGE_ID_DIGITS} lowercase hex digits")
+    parent = doc["parent"]
+    if parent is None:
+        return
+    _check(parent, PARENT_SCHEMA, "meta.parent", {})
+    try:
+        from qsnap.image.qcow2 import check_backing_name
+        check_backing_name(parent["backing_file"])
+    except ValueError as e:
+        _bad("meta.parent.backing_file", str(e))
+    if parent["image_id"] is not None and not is_image_id(parent["image_id"]):
+        _bad("meta.parent.image_id", f"{parent['image_id']!r} is not {IMAGE_ID_DIGITS} lowercase hex digits")
+    for i, b in enumerate(parent["ram_blocks"]):
+        _check(b, PARENT_BLOCK_SCHEMA, f"meta.parent.ram_blocks[{i}]", {})
+
+
+def new_image_id():
+    """A fresh image_id: names a snapshot's content (uuid4, 32 lowercase hex digits)."""
+    import uuid
+    return uuid.uuid4().hex
+
+
+def backing_name(parent_path, child_path):
+    """The name a child's header gives its parent: the parent's basename when both
+    are in the same directory (after resolving the directories' symlinks), else
+    the parent's absolute path.  QEMU resolves a relative name against the child's
+    directory (block.c bdrv_get_full_backing_filename), as qsnap does."""
+    parent_path, child_path = os.fspath(parent_path), os.fspath(child_path)
+    pdir, pname = os.path.split(os.path.abspath(parent_path))
+    cdir = os.path.dirname(os.path.abspath(child_path))
+    if os.path.realpath(pdir) == os.path.realpath(cdir):
+        return pname
+    return os.path.join(pdir, pname)
+
+
+def resolve_backing(backing, child_path):
+    """The path of the file a child at ``child_path`` names as ``backing``."""
+    if os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(os.path.abspath(os.fspath(child_path))), backing)
+
+
+def parent_record(parent_img, backing_name):
+    """The "parent" record a child stores of the opened image ``parent_img``: what
+    identifies the parent's content (image_id and created of the snapshot, its blobs'
+    crc32c as a fingerprint of its RAM and device state), not its metadata region's
+    crc32c, which recording a working set changes."""
+    m = parent_img.meta
+    return {
+        "backing_file": backing_name,
+        "image_id": m.get("image_id"),
+        "created": m["created"],
+        "device_state_crc32c": m["device_state"]["crc32c"],
+        "ram_blocks": [{"idstr": b["idstr"], "length": b["length"], "offset": b["offset"],
+                        "page_size": b["page_size"], "bitmap_crc32c": b["bitmap"]["crc32c"],
+                        "checksums_crc32c": b["checksums"]["crc32c"]} for b in m["ram_blocks"]],
+    }
+
+
 def _pow2(n):
     return n > 0 and n & (n - 1) == 0
 
@@ -399,8 +480,11 @@ def validate_meta(doc, region_length, json_end):
     _check(doc, TOP_SCHEMA, "meta", ctx)
     if "vm" in doc:
         validate_vm_record(doc["vm"])
-    if doc["format_version"] != FORMAT_VERSION:
-        _bad("meta.format_version", f"is {doc['format_version']}, expected {FORMAT_VERSION}")
+    if doc["format_version"] not in READ_VERSIONS:
+        _bad("meta.format_version", f"is {doc['format_version']}, expected one of "
+                                    f"{', '.join(map(str, READ_VERSIONS))}")
+    if doc["format_version"] >= 2:
+        _validate_identity(doc)
     if doc["checksum"] != CHECKSUM_NAME:
         _bad("meta.checksum", f"is {doc['checksum']!r}, expected {CHECKSUM_NAME!r}")
     tps = doc["target_page_size"]

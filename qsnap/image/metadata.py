@@ -19,6 +19,7 @@ load failure.
 reads (the qcow2 tables and the whole metadata region), so that a restore can have
 it read while the QEMU it launched starts, instead of after.
 """
+import errno
 import os
 
 from qsnap.errors import ImageError, IOFailure
@@ -34,26 +35,77 @@ def read_metadata(path):
     except OSError as e:
         raise IOFailure(f"{os.strerror(e.errno).lower()} opening {path}") from None
     try:
-        return _Reader(fd, path).document()
+        doc = _Reader(fd, path).document()
+        seen = {_file_key(fd)}
     finally:
         os.close(fd)
+    _check_parents(path, doc, seen)
+    return doc
+
+
+def _file_key(fd):
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _check_parents(path, doc, seen):
+    """Every parent of a format 2 child exists, is a complete qsnap image and is the
+    snapshot the child records (image_id when recorded, created): what a restore
+    checks before it starts QEMU.  The full reader checks the rest when it loads."""
+    child = path
+    while doc.get("format_version", 1) >= 2 and doc.get("parent") is not None:
+        if len(seen) > layout.MAX_CHAIN_DEPTH:
+            raise ImageError(f"backing chain of {path} is deeper than {layout.MAX_CHAIN_DEPTH} images")
+        rec = doc["parent"]
+        parent = layout.resolve_backing(rec["backing_file"], child)
+        try:
+            fd = os.open(parent, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            what = "is missing" if e.errno == errno.ENOENT else f"cannot be opened ({os.strerror(e.errno)})"
+            raise ImageError(f"parent image {parent} of {child} {what}") from None
+        try:
+            if _file_key(fd) in seen:
+                raise ImageError(f"backing chain of {path} loops: parent image {parent} of {child} "
+                                 "is already in the chain")
+            seen.add(_file_key(fd))
+            try:
+                pdoc = _Reader(fd, parent).document()
+            except ImageError as e:
+                raise ImageError(f"parent image {parent} of {child} cannot be used: {e}") from None
+        finally:
+            os.close(fd)
+        for what, recorded, found in (("image_id", rec["image_id"], pdoc.get("image_id")),
+                                      ("created", rec["created"], pdoc["created"])):
+            if recorded is not None and recorded != found:
+                raise ImageError(f"parent image {parent} of {child} does not match: {what} {recorded} "
+                                 f"recorded, {found if found is not None else 'none'} found")
+        child, doc = parent, pdoc
 
 
 def readahead(path):
     """Start reading into the page cache the parts of the image the full reader reads
     when it opens it: the L1 table, every L2 table, the refcount table and the metadata
     region's clusters (posix_fadvise WILLNEED: the kernel reads them in the background).
-    Returns the bytes asked for; a damaged image is left to the reader to report."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
-        return _Reader(fd, path).readahead()
-    except (ImageError, IOFailure, OSError):  # OSError: a filesystem without fadvise
-        return 0
-    finally:
-        os.close(fd)
+    Returns the bytes asked for; a damaged image is left to the reader to report.
+    The same for every parent of a backing chain (the reader opens them all)."""
+    total = 0
+    for _ in range(layout.MAX_CHAIN_DEPTH + 1):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return total
+        try:
+            r = _Reader(fd, path)
+            total += r.readahead()
+            parent = r.document().get("parent")
+        except (ImageError, IOFailure, OSError):  # OSError: a filesystem without fadvise
+            return total
+        finally:
+            os.close(fd)
+        if not isinstance(parent, dict):
+            return total
+        path = layout.resolve_backing(parent["backing_file"], path)
+    return total
 
 
 class _Reader:
@@ -105,6 +157,7 @@ class _Reader:
     def _start(self):
         """Read the header: keeps it and the cluster size, returns the qsnap extension."""
         self.hdr, ext = self._header()
+        self.ext = ext
         self.cluster_bits = self.hdr["cluster_bits"]
         self.cluster_size = 1 << self.cluster_bits
         return ext
@@ -173,6 +226,8 @@ class _Reader:
         self._check_table(l2, at, "L2 table")
         at = l2 + 8 * qcow2.offset_to_l2_index(voff, cb)
         l2e = self._entry(at)
+        if l2e == qcow2.QCOW_OFLAG_ZERO and self.ext["format_version"] >= 2:
+            return 0    # reads as zeros
         if l2e & (qcow2.QCOW_OFLAG_COMPRESSED | qcow2.L2E_STD_RESERVED_MASK | qcow2.QCOW_OFLAG_ZERO):
             raise ImageError(f"L2 entry 0x{l2e:016x} is compressed or has reserved or zero-flag bits "
                              f"at image offset 0x{at:x}")

@@ -71,7 +71,32 @@ def cluster_plan(img, blocks):
         virt = dc[:, 1].astype(np.uint64)
     order = np.argsort(host, kind="stable")
     host, virt = host[order], virt[order]
-    cs = img.cluster_size
+    inside, idx = _block_of(virt, blocks, img.cluster_size)
+    return host[inside], virt[inside], idx[inside].astype(np.uint32)
+
+
+def chain_plan(img, blocks):
+    """(file, host, virtual, block index) of every data cluster inside a RAM region,
+    wherever in ``img.chain`` it lies (``file`` indexes the chain), sorted by
+    (file, host): each file is read in host order (chain.cluster_sources)."""
+    if len(chain_of(img)) == 1:    # a stand-alone image: its own data clusters
+        host, virt, bidx = cluster_plan(img, blocks)
+        return np.zeros(len(host), np.uint32), host, virt, bidx
+    from qsnap.image.chain import cluster_sources
+
+    virt, src, host = cluster_sources(img)
+    virt = virt << np.uint64(img.cluster_bits)
+    inside, idx = _block_of(virt, blocks, img.cluster_size)
+    return src[inside], host[inside], virt[inside], idx[inside].astype(np.uint32)
+
+
+def chain_of(img):
+    """The files of ``img``'s backing chain, ``img`` first (an object without one: itself)."""
+    return getattr(img, "chain", None) or [img]
+
+
+def _block_of(virt, blocks, cs):
+    """(mask of the virtual offsets ``virt`` inside a block's region, block index of each)."""
     starts = np.array([b.offset for b in blocks], np.uint64)
     ends = np.array([b.offset + -(-b.length // cs) * cs for b in blocks], np.uint64)
     by_start = np.argsort(starts, kind="stable")
@@ -79,7 +104,7 @@ def cluster_plan(img, blocks):
     inside = pos >= 0
     idx = np.where(inside, by_start[np.maximum(pos, 0)], 0)
     inside &= virt < ends[idx]                 # metadata-region clusters are not pages
-    return host[inside], virt[inside], idx[inside].astype(np.uint32)
+    return inside, idx
 
 
 class ClusterState:
@@ -123,23 +148,44 @@ class ClusterState:
         return k1, bits, crcs
 
 
-def read_target_pages(img, fd, block, tp0, tp1):
-    """Image bytes of target pages [tp0, tp1) of ``block`` (pread on ``fd``, unallocated -> zeros)."""
+def open_chain(img):
+    """Descriptors of every file of ``img.chain`` for reads on request (page cache)."""
+    fds = []
+    try:
+        for im in chain_of(img):
+            fds.append(os.open(im.path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as e:
+        close_all(fds)
+        raise IOFailure(f"cannot open image {chain_of(img)[len(fds)].path}: {e.strerror}") from None
+    return fds
+
+
+def close_all(fds):
+    for fd in fds:
+        os.close(fd)
+
+
+def read_target_pages(img, fds, block, tp0, tp1):
+    """Image bytes of target pages [tp0, tp1) of ``block``, read through the chain
+    (pread on ``fds[k]`` for ``img.chain[k]``; an int: the one file of a stand-alone
+    image; unallocated -> zeros)."""
     tps, cs = img.target_page_size, img.cluster_size
+    fds = [fds] if isinstance(fds, int) else fds
     v = block.offset + tp0 * tps
     end = block.offset + tp1 * tps
     parts = []
     while v < end:
         n = min(end - v, cs - (v & (cs - 1)))
-        h = img.host_offset(v)
-        if h:
+        f, h = img.locate(v)
+        if f is not None:
+            k = next(k for k, im in enumerate(img.chain) if im is f)
             try:
-                d = os.pread(fd, n, h)
+                d = os.pread(fds[k], n, h)
             except OSError as e:
-                raise IOFailure(f"cannot read the image: {e.strerror} at image offset "
+                raise IOFailure(f"cannot read the image {f.path}: {e.strerror} at image offset "
                                 f"0x{h:x}") from None
             if len(d) != n:
-                raise ImageError(f"image file truncated at image offset 0x{h:x}")
+                raise ImageError(f"image file {f.path} truncated at image offset 0x{h:x}")
             parts.append(d)
         else:
             parts.append(bytes(n))

@@ -22,6 +22,10 @@ L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 QCOW2_EXT_MAGIC_END = 0
+QCOW2_EXT_MAGIC_BACKING_FORMAT = 0xE2792ACA
+# block/qcow2.c qcow2_do_open: "backing_file_size > MIN(1023, ...)" is refused
+MAX_BACKING_FILE_SIZE = 1023
+BACKING_FORMAT = b"qcow2"
 REFCOUNT_ORDER = 4  # 16-bit refcounts
 HEADER_LENGTH_V3 = 104
 
@@ -109,13 +113,13 @@ def l1_size_for(virtual_size, cluster_bits):
 
 
 def make_header(*, cluster_bits, size, l1_size, l1_table_offset, refcount_table_offset,
-                refcount_table_clusters):
-    """A v3 header dict with qsnap's fixed fields (no backing, no snapshots, no features)."""
+                refcount_table_clusters, backing_file_offset=0, backing_file_size=0):
+    """A v3 header dict with qsnap's fixed fields (no snapshots, no features)."""
     return {
         "magic": QCOW_MAGIC,
         "version": QCOW_VERSION,
-        "backing_file_offset": 0,
-        "backing_file_size": 0,
+        "backing_file_offset": backing_file_offset,
+        "backing_file_size": backing_file_size,
         "cluster_bits": cluster_bits,
         "size": size,
         "crypt_method": 0,
@@ -165,9 +169,30 @@ def unpack_extensions(buf, start, limit):
         off = data + align_up(h["length"], 8)
 
 
-def pack_header_cluster(header, exts, cluster_size):
-    """Cluster 0: header, extensions, zero padding."""
-    buf = HEADER.pack(header) + pack_extensions(exts)
+def check_backing_name(name):
+    """The backing file name as header bytes: UTF-8, no NUL, at most 1023 bytes."""
+    raw = name.encode() if isinstance(name, str) else bytes(name)
+    if not raw or b"\0" in raw or len(raw) > MAX_BACKING_FILE_SIZE:
+        raise ValueError(f"backing file name {name!r} is empty, has a NUL byte or is longer than "
+                         f"{MAX_BACKING_FILE_SIZE} bytes")
+    return raw
+
+
+def pack_header_cluster(header, exts, cluster_size, backing_name=None):
+    """Cluster 0: header, extensions, then (``backing_name`` given) the backing file
+    name right after the end marker, zero padding.  A backing name also gets the
+    backing-format extension ("qcow2"), so that QEMU never probes the parent's format,
+    and sets the header's backing_file_offset/size."""
+    header = dict(header)
+    exts = list(exts)
+    name = b""
+    if backing_name is not None:
+        name = check_backing_name(backing_name)
+        exts.append((QCOW2_EXT_MAGIC_BACKING_FORMAT, BACKING_FORMAT))
+    packed_exts = pack_extensions(exts)
+    header["backing_file_offset"] = HEADER.size + len(packed_exts) if name else 0
+    header["backing_file_size"] = len(name)
+    buf = HEADER.pack(header) + packed_exts + name
     if len(buf) > cluster_size:
         raise ValueError("header and extensions do not fit in one cluster")
     return buf + bytes(cluster_size - len(buf))
@@ -175,17 +200,24 @@ def pack_header_cluster(header, exts, cluster_size):
 
 # --- tables -------------------------------------------------------------------
 
-def sparse_l2_tables(virt, host, cluster_bits):
+def sparse_l2_tables(virt, host, cluster_bits, zero_virt=None):
     """L2 tables for a sparse map: host offsets ``host`` of virtual clusters ``virt``
-    (uint64 arrays, any order, no cluster twice).
+    (uint64 arrays, any order, no cluster twice); the virtual clusters ``zero_virt``
+    (none of ``virt``) get the bare zero flag (QCOW_OFLAG_ZERO, no host offset: they
+    read as zeros whatever a backing file holds).
 
     Returns (l1_indices, tables): the L1 indices that need an L2 table, ascending,
     and an iterator of their tables' bytes (big-endian), built one at a time."""
     import numpy as np  # the writer's tables only: reading a header must not import NumPy
 
     l2b = l2_bits(cluster_bits)
+    entries = np.asarray(host, np.uint64) | np.uint64(QCOW_OFLAG_COPIED)
+    virt = np.asarray(virt, np.uint64)
+    if zero_virt is not None and len(zero_virt):
+        virt = np.concatenate([virt, np.asarray(zero_virt, np.uint64)])
+        entries = np.concatenate([entries, np.full(len(zero_virt), QCOW_OFLAG_ZERO, np.uint64)])
     order = np.argsort(virt, kind="stable")
-    v, h = np.asarray(virt, np.uint64)[order], np.asarray(host, np.uint64)[order]
+    v, h = virt[order], entries[order]
     l1_indices, starts = np.unique(v >> np.uint64(l2b), return_index=True)
     bounds = list(starts) + [len(v)]
 
@@ -193,7 +225,7 @@ def sparse_l2_tables(virt, host, cluster_bits):
         for k, i in enumerate(l1_indices):
             lo, hi = bounds[k], bounds[k + 1]
             t = np.zeros(1 << l2b, dtype=np.uint64)
-            t[(v[lo:hi] - (i << np.uint64(l2b))).astype(np.int64)] = h[lo:hi] | np.uint64(QCOW_OFLAG_COPIED)
+            t[(v[lo:hi] - (i << np.uint64(l2b))).astype(np.int64)] = h[lo:hi]
             yield t.astype(">u8").tobytes()
     return l1_indices.astype(np.int64), tables()
 

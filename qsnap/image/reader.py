@@ -19,6 +19,7 @@ from qsnap.image.qcow2 import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MA
                                L2E_STD_RESERVED_MASK, QCOW_MAGIC, QCOW_OFLAG_COMPRESSED,
                                QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, INCOMPAT_FEATURE_NAMES)
 
+ZERO_CLUSTER = QCOW_OFLAG_ZERO  # the L2 value kept for a zero-flagged cluster (no host offset is 1)
 VERIFY_READ = 8 << 20   # bytes per read in verify_all (a bound on check's memory)
 SCAN_READ = 8 << 20     # bytes per read while the metadata region's checksums are verified
 
@@ -111,8 +112,6 @@ def read_header(fd, path, file_size):
         names = [INCOMPAT_FEATURE_NAMES.get(b, f"unknown bit {b}") for b in range(64) if inc >> b & 1]
         raise ImageError(f"unsupported incompatible features 0x{inc:x} ({', '.join(names)}) "
                          f"at image offset 0x48")
-    if hdr["backing_file_offset"] or hdr["backing_file_size"]:
-        raise ImageError(f"unexpected backing file at image offset 0x{hdr['backing_file_offset']:x}")
     if hdr["crypt_method"]:
         raise ImageError(f"encrypted image (crypt_method {hdr['crypt_method']}) at image offset 0x20")
     if hdr["nb_snapshots"] or hdr["snapshots_offset"]:
@@ -130,7 +129,35 @@ def read_header(fd, path, file_size):
         raise ImageError(f"duplicate qsnap header extension at image offset 0x{found[1][1]:x}")
     payload, ext_off = found[0]
     ext = layout.unpack_qsnap_ext(payload, ext_off + 8)
+    hdr["backing_name"] = _backing_name(hdr, ext, exts, head, cs)
     return hdr, ext, ext_off + 8
+
+
+def _backing_name(hdr, ext, exts, head, cs):
+    """The backing file name of the header (str), or None.  Format 2 only; it lies
+    in cluster 0 after the extensions, at most 1023 bytes, no NUL, and a
+    backing-format extension, if any, says qcow2."""
+    off, size = hdr["backing_file_offset"], hdr["backing_file_size"]
+    if not off and not size:
+        return None
+    if ext["format_version"] < 2:
+        raise ImageError(f"unexpected backing file at image offset 0x{off:x} (format version "
+                         f"{ext['format_version']} has no backing chains)")
+    end = exts[-1][2] + 8 + qcow2.align_up(len(exts[-1][1]), 8) + 8 if exts else hdr["header_length"] + 8
+    if off < end or size == 0 or size > qcow2.MAX_BACKING_FILE_SIZE or off + size > min(cs, len(head)):
+        raise ImageError(f"backing file name of {size} bytes at image offset 0x{off:x} (header field at "
+                         f"image offset 0x8) is empty, too long, overlaps the header extensions or lies "
+                         f"outside cluster 0")
+    raw = bytes(head[off:off + size])
+    for t, payload, at in exts:
+        if t == qcow2.QCOW2_EXT_MAGIC_BACKING_FORMAT and payload != qcow2.BACKING_FORMAT:
+            raise ImageError(f"backing format {payload!r} at image offset 0x{at + 8:x}, expected 'qcow2'")
+    if b"\0" in raw:
+        raise ImageError(f"backing file name at image offset 0x{off:x} contains a NUL byte")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise ImageError(f"backing file name at image offset 0x{off:x} is not UTF-8") from None
 
 
 def peek_header(path):
@@ -158,10 +185,27 @@ class Image:
     def __init__(self, path, fd):
         self.path = path
         self._fd = fd
+        self.parent = None      # the backing image (Image), None for a stand-alone image
+        self.chain = [self]     # [self, parent, grandparent, ...]
+        self.image_id = None
+        self.backing_name = None
 
     @classmethod
     def open(cls, path):
-        path = os.fspath(path)
+        """Open the image at ``path`` and its whole backing chain (each file checked
+        against the parent record of the image above it: chain.open_parents)."""
+        img = cls._open_one(os.fspath(path))
+        try:
+            from qsnap.image.chain import open_parents
+            open_parents(img)
+        except BaseException:
+            img.close()
+            raise
+        return img
+
+    @classmethod
+    def _open_one(cls, path):
+        """Open and check one file of a chain (its parent is not opened)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -180,9 +224,12 @@ class Image:
         return self._fd
 
     def close(self):
+        """Close this image and its parents."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self.parent is not None:
+            self.parent.close()
 
     def __enter__(self):
         return self
@@ -216,6 +263,7 @@ class Image:
         self._check_tables(hdr)
         self._map_clusters(hdr)
         doc, blobs = self._read_metadata(ext, ext_off)
+        self._check_backing(hdr, doc)
         self._load_blocks(doc, blobs)
         self._check_ram_clusters()
         self.header_bytes = blobs.take(doc["stream"]["header"], "stream.header")
@@ -224,6 +272,29 @@ class Image:
         self.stream_info = doc["stream"]
         # a damaged working set is reported, never fatal: it only orders pages
         self.working_set, self.working_set_problem = workingset.read(self)
+
+    def _check_backing(self, hdr, doc):
+        """The header's backing name and the metadata's parent record agree, and a
+        child's metadata region is its own (every cluster allocated or zero-flagged)."""
+        name = hdr["backing_name"]
+        parent = doc.get("parent") if doc["format_version"] >= 2 else None
+        self.backing_name = name
+        if parent is None and name is not None:
+            raise ImageError(f"{self.path} names backing file {name!r} in its header but its "
+                             "metadata records no parent")
+        if parent is not None and parent["backing_file"] != name:
+            raise ImageError(f"{self.path}: metadata parent.backing_file {parent['backing_file']!r} "
+                             f"differs from the header's backing file {name!r}")
+        if name is None:
+            return
+        cb = self.cluster_bits
+        own = np.union1d(self._mapped_virt, self._zero_virt)
+        first, last = self.meta_offset >> cb, self.virtual_size >> cb
+        n_own = int(np.count_nonzero((own >= np.uint64(first)) & (own < np.uint64(last))))
+        if n_own != last - first:
+            raise ImageError(f"{self.path}: the metadata region of a child image is not all its own "
+                             f"({n_own} of {last - first} clusters from virtual offset 0x{first << cb:x} "
+                             "are allocated or zero)")
 
     def _claim_table(self, what, off, nbytes, at):
         """A metadata table must be cluster aligned, inside the file, and overlap no other."""
@@ -266,7 +337,7 @@ class Image:
         # Sparse map: only the L2 tables present in the file are kept (each one a distinct
         # host cluster), so memory is bounded by the file size whatever l1_size says.
         l2_tables = {}
-        virt_parts, host_parts = [], []
+        virt_parts, host_parts, zero_parts = [], [], []
         for i in np.flatnonzero(l1):
             i = int(i)
             offs = self._read_l2(int(l1[i]), l1_off + 8 * i)
@@ -278,8 +349,10 @@ class Image:
                 v = first + int(used[used >= n_clusters - first][0])
                 raise ImageError(f"cluster mapped past the virtual size at virtual offset 0x{v * cs:x}")
             l2_tables[i] = offs
-            virt_parts.append(used.astype(np.uint64) + np.uint64(first))
-            host_parts.append(offs[used])
+            zero = offs[used] == np.uint64(ZERO_CLUSTER)
+            virt_parts.append(used[~zero].astype(np.uint64) + np.uint64(first))
+            host_parts.append(offs[used[~zero]])
+            zero_parts.append(used[zero].astype(np.uint64) + np.uint64(first))
         mapped = np.concatenate(virt_parts) if virt_parts else np.zeros(0, np.uint64)
         offs = np.concatenate(host_parts) if host_parts else np.zeros(0, np.uint64)
         self._check_mapping(mapped, offs)
@@ -287,6 +360,8 @@ class Image:
         self._l2_bits = self.cluster_bits - 3
         self._mapped_virt = mapped      # virtual cluster index of every mapped cluster
         self._mapped_host = offs        # its host offset
+        # virtual clusters with the bare zero flag (format 2): zeros, whatever a parent holds
+        self._zero_virt = np.concatenate(zero_parts) if zero_parts else np.zeros(0, np.uint64)
 
     def _read_l2(self, e, at):
         """Host offsets of the L2 table of L1 entry ``e`` (read at image offset ``at``)."""
@@ -300,17 +375,21 @@ class Image:
         if len(bad):
             raise ImageError(f"compressed L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
                              f"0x{l2_off + 8 * int(bad[0]):x}")
-        bad = np.flatnonzero(l2 & np.uint64(L2E_STD_RESERVED_MASK | QCOW_OFLAG_ZERO))
+        # format 2 knows one zero-flag entry: exactly QCOW_OFLAG_ZERO (no host offset)
+        zero = (l2 == np.uint64(QCOW_OFLAG_ZERO)) if self.ext["format_version"] >= 2 \
+            else np.zeros(len(l2), bool)
+        bad = np.flatnonzero((l2 & np.uint64(L2E_STD_RESERVED_MASK | QCOW_OFLAG_ZERO) != 0) & ~zero)
         if len(bad):
             raise ImageError(f"L2 entry 0x{int(l2[bad[0]]):016x} has reserved or zero-flag bits "
                              f"at image offset 0x{l2_off + 8 * int(bad[0]):x}")
         offs = l2 & np.uint64(L2E_OFFSET_MASK)
-        bad = np.flatnonzero((l2 != 0) & ((offs == 0) | (offs % np.uint64(cs) != 0)
-                                          | (offs > np.uint64(size - cs))))
+        bad = np.flatnonzero((l2 != 0) & ~zero & ((offs == 0) | (offs % np.uint64(cs) != 0)
+                                                  | (offs > np.uint64(size - cs))))
         if len(bad):
             raise ImageError(f"L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
                              f"0x{l2_off + 8 * int(bad[0]):x} points outside the file "
                              f"(0x{size:x} bytes) or is unaligned")
+        offs[zero] = ZERO_CLUSTER
         return offs
 
     def _check_mapping(self, mapped, offs):
@@ -353,6 +432,9 @@ class Image:
         blobs = self._scan_region(mo, ml, ext["meta_crc32c"], doc)
         if doc["cluster_size"] != cs:
             raise ImageError(f"metadata cluster_size {doc['cluster_size']} differs from the header's {cs}")
+        if doc["format_version"] != ext["format_version"]:
+            raise ImageError(f"metadata format_version {doc['format_version']} differs from the header "
+                             f"extension's {ext['format_version']}")
         if doc["target_page_size"] != ext["target_page_size"]:
             raise ImageError(f"metadata target_page_size {doc['target_page_size']} differs from the "
                              f"header extension's {ext['target_page_size']}")
@@ -360,6 +442,7 @@ class Image:
             raise ImageError(f"RAM block regions end at 0x{regions_end:x}, past the metadata region "
                              f"at 0x{mo:x}")
         self.meta = doc
+        self.image_id = doc.get("image_id") if doc["format_version"] >= 2 else None
         self.target_page_size = doc["target_page_size"]
         return doc, blobs
 
@@ -415,37 +498,56 @@ class Image:
         cb, cs, blocks = self.cluster_bits, self.cluster_size, self.blocks
         starts = np.array([b.offset >> cb for b in blocks], dtype=np.uint64)
         ends = np.array([(b.offset + b.length + cs - 1) >> cb for b in blocks], dtype=np.uint64)
-        ram = self._mapped_virt[self._mapped_virt < np.uint64(self.meta_offset >> cb)]
+        every = np.concatenate([self._mapped_virt, self._zero_virt])
+        ram = every[every < np.uint64(self.meta_offset >> cb)]
         k = np.searchsorted(starts, ram, side="right").astype(np.int64) - 1
         outside = (k < 0) | (ram >= ends[np.maximum(k, 0)] if len(ends) else True)
         if np.any(outside):
             v = int(ram[np.flatnonzero(outside)[0]])
-            raise ImageError(f"data cluster at image offset 0x{self._cluster_host(v):x} maps virtual "
+            raise ImageError(f"data or zero cluster (L2 entry 0x{self._cluster_host(v):x}) maps virtual "
                              f"offset 0x{v << cb:x}, outside every RAM block")
 
     # --- access ------------------------------------------------------------------
 
     def host_offset(self, voff):
-        """Host offset of the byte at virtual offset ``voff`` (0 = unallocated)."""
+        """Host offset in this file of the byte at virtual offset ``voff`` (0 = not in
+        this file: unallocated or zero-flagged; see locate() for the chain)."""
         if not 0 <= voff < self.virtual_size:
             raise ImageError(f"virtual offset 0x{voff:x} outside the image (0x{self.virtual_size:x})")
         h = self._cluster_host(voff >> self.cluster_bits)
-        return h + (voff & (self.cluster_size - 1)) if h else 0
+        return h + (voff & (self.cluster_size - 1)) if h > ZERO_CLUSTER else 0
 
     def _cluster_host(self, vc):
+        """L2 value of virtual cluster ``vc``: 0 unallocated, ZERO_CLUSTER, else its host offset."""
         t = self._l2_tables.get(vc >> self._l2_bits)
         return 0 if t is None else int(t[vc & ((1 << self._l2_bits) - 1)])
 
+    def locate(self, voff):
+        """(image of the chain, host offset) holding the byte at virtual offset ``voff``,
+        or (None, 0) where it reads as zeros: the first file of the chain that
+        allocates or zero-flags its cluster decides (QEMU's backing-chain read)."""
+        if not 0 <= voff < self.virtual_size:
+            raise ImageError(f"virtual offset 0x{voff:x} outside the image (0x{self.virtual_size:x})")
+        vc = voff >> self.cluster_bits
+        for img in self.chain:
+            h = img._cluster_host(vc)
+            if h == ZERO_CLUSTER:
+                return None, 0
+            if h:
+                return img, h + (voff & (self.cluster_size - 1))
+        return None, 0
+
     def _read_virtual(self, voff, length):
+        """``length`` bytes of the virtual disk at ``voff``, read through the chain."""
         out = bytearray(length)
         cs = self.cluster_size
         pos = 0
         while pos < length:
             v = voff + pos
             n = min(length - pos, cs - (v & (cs - 1)))
-            h = self._cluster_host(v >> self.cluster_bits)
-            if h:
-                out[pos:pos + n] = pread_exact(self._fd, n, h + (v & (cs - 1)), self.path)
+            img, h = self.locate(v)
+            if img is not None:
+                out[pos:pos + n] = pread_exact(img._fd, n, h, img.path)
             pos += n
         return bytes(out)
 
@@ -474,78 +576,105 @@ class Image:
         if not b.stored(p):
             return bytes(tps)
         voff = b.offset + offset
-        h = self.host_offset(voff)
-        if not h:
+        img, h = self.locate(voff)
+        if img is None:
             raise ImageError(f"stored page 0x{offset:x} of block '{b.idstr}' has no data cluster "
                              f"(virtual offset 0x{voff:x})")
-        data = pread_exact(self._fd, tps, h, self.path)
+        data = pread_exact(img._fd, tps, h, img.path)
         crc = crc32c(data)
         if crc != int(b.crcs(p, 1)[0]):
+            where = "" if img is self else f" of {img.path}"
             raise ChecksumError(f"checksum mismatch in block '{b.idstr}' page 0x{offset:x} "
-                                f"(image offset 0x{h:x})")
+                                f"(image offset 0x{h:x}{where})")
         return data
 
     def verify_all(self, progress=None):
-        """Check every stored page against its crc (data clusters read in host order).
+        """Check every stored page of this image against its crc, wherever in the chain
+        its cluster lies (each file's data clusters read in host order), that unstored
+        pages read as zeros and that every stored page lies in a data cluster.
 
         Returns a list of problem strings (empty when the image is intact)."""
+        from qsnap.image.chain import cluster_sources
+
+        virt, src, host = cluster_sources(self)
+        cb = self.cluster_bits
+        # virtual cluster -> block: regions are sorted and disjoint (validate_meta)
+        self._starts = np.array([b.offset >> cb for b in self.blocks], dtype=np.uint64)
+        self._ends = np.array([(b.offset + b.length + self.cluster_size - 1) >> cb for b in self.blocks],
+                              dtype=np.uint64)
         problems = []
+        covered = [0] * len(self.blocks)
+        total, done = len(virt), 0
+        for k, img in enumerate(self.chain):
+            rows = np.flatnonzero(src == k)
+            pairs = np.empty((len(rows), 2), dtype=np.uint64)
+            pairs[:, 0] = host[rows]
+            pairs[:, 1] = virt[rows] << np.uint64(cb)
+            for n in self._verify_file(img, pairs, problems, covered):
+                done += n
+                if progress is not None:
+                    progress(done, total)
+        for b, n in zip(self.blocks, covered):
+            if n != b.nonzero_pages:
+                problems.append(f"block '{b.idstr}': {b.nonzero_pages - n} stored pages lie in no data "
+                                f"cluster of the image{' chain' if self.parent is not None else ''}")
+        return problems
+
+    def _owner(self, vc):
+        k = int(np.searchsorted(self._starts, np.uint64(vc), side="right")) - 1
+        return k if k >= 0 and vc < int(self._ends[k]) else None
+
+    def _verify_file(self, img, pairs, problems, covered):
+        """Verify the clusters ``pairs`` ((host offset in ``img``, virtual offset), by host
+        offset) against this image's bitmaps and checksums; yields clusters done."""
         cs, tps, cb = self.cluster_size, self.target_page_size, self.cluster_bits
         ppc = cs // tps
-        # virtual cluster -> block: regions are sorted and disjoint (validate_meta)
-        starts = np.array([b.offset >> cb for b in self.blocks], dtype=np.uint64)
-        ends = np.array([(b.offset + b.length + cs - 1) >> cb for b in self.blocks], dtype=np.uint64)
-
-        def owner(vc):
-            k = int(np.searchsorted(starts, np.uint64(vc), side="right")) - 1
-            return k if k >= 0 and vc < int(ends[k]) else None
-        pairs = self.data_clusters()
+        where = "" if img is self else f" of {img.path}"
         total = len(pairs)
         i = 0
-        done = 0
         while i < total:
             j = i + 1
             while (j < total and (j - i) * cs < VERIFY_READ
                    and int(pairs[j, 0]) == int(pairs[j - 1, 0]) + cs):
                 j += 1
-            buf = pread_exact(self._fd, (j - i) * cs, int(pairs[i, 0]), self.path)
+            buf = pread_exact(img._fd, (j - i) * cs, int(pairs[i, 0]), img.path)
             crcs = page_crcs(buf, tps)
             for k in range(i, j):
-                vc = int(pairs[k, 1]) >> cb
-                bi = owner(vc)
+                h = int(pairs[k, 0])
+                bi = self._owner(int(pairs[k, 1]) >> cb)
                 if bi is None:
-                    problems.append(f"data cluster at image offset 0x{int(pairs[k, 0]):x} maps virtual "
+                    problems.append(f"data cluster at image offset 0x{h:x}{where} maps virtual "
                                     f"offset 0x{int(pairs[k, 1]):x}, outside every block")
                     continue
                 b = self.blocks[bi]
                 first = (int(pairs[k, 1]) - b.offset) // tps
                 n = min(ppc, pages_of(b.length, tps) - first)
                 bits = b.stored_bits(first, n)
+                covered[bi] += int(np.count_nonzero(bits))
                 got = crcs[(k - i) * ppc:(k - i) * ppc + n]
                 bad = np.flatnonzero(bits & (got != b.crcs(first, n)))
                 for p in bad:
                     po = (first + int(p)) * tps
                     problems.append(f"checksum mismatch in block '{b.idstr}' page 0x{po:x} "
-                                    f"(image offset 0x{int(pairs[k, 0]) + int(p) * tps:x})")
+                                    f"(image offset 0x{h + int(p) * tps:x}{where})")
                 if n < ppc:  # the cluster's end past the block: written as zeros
                     lo = (k - i) * cs + n * tps
                     if not is_zero(memoryview(buf)[lo:(k - i + 1) * cs]):
                         problems.append(f"non-zero bytes past the end of block '{b.idstr}' in the data "
-                                        f"cluster at image offset 0x{int(pairs[k, 0]):x}")
+                                        f"cluster at image offset 0x{h:x}{where}")
                 for p in np.flatnonzero(~bits):
                     lo = (k - i) * cs + int(p) * tps
                     if not is_zero(memoryview(buf)[lo:lo + tps]):
                         po = (first + int(p)) * tps
                         problems.append(f"page 0x{po:x} of block '{b.idstr}' is not marked stored "
-                                        f"but is not zero (image offset 0x{int(pairs[k, 0]) + int(p) * tps:x})")
-            done += j - i
-            if progress is not None:
-                progress(done, total)
+                                        f"but is not zero (image offset 0x{h + int(p) * tps:x}{where})")
+            yield j - i
             i = j
-        return problems
 
     def info(self):
         """A summary for `qsnap info` (JSON-serialisable)."""
+        from qsnap.image.chain import chain_info
+
         m = self.meta
         return {
             "path": self.path,
@@ -567,6 +696,9 @@ class Image:
             "vm": m.get("vm"),
             "working_set": self.working_set.info() if self.working_set is not None else None,
             "working_set_problem": self.working_set_problem,
+            "image_id": self.image_id,
+            "backing_file": self.backing_name,
+            "chain": chain_info(self),
         }
 
 

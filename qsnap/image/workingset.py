@@ -223,6 +223,12 @@ def store(path, new_entries, log=None, now=None):
         else:
             ws = WorkingSet(merge(old.entries, new_entries), now, old.first_recorded,
                             old.restores + 1)
+        if img.parent is not None:
+            # a child keeps its backing file, zero flags and parent record: it is
+            # rewritten onto the same parent (qsnap.image.rewrite), crash-safely too
+            from qsnap.image.rewrite import rewrite
+            rewrite(img, img.path, img.parent, working_set=ws, compare_own=False)
+            return ws
         data = ws.entries.tobytes()
         doc, off, _ = metadata_with(_rebuild_doc(img), ws, data, img.cluster_size)
         replace_metadata(img, doc, off, data)

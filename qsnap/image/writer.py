@@ -128,13 +128,15 @@ class ImageWriter:
             raise io_error(e, "syncing", self.tmp_path) from None
 
     def _write_header(self, *, complete, size, l1_size, l1_offset, reftable_offset,
-                      reftable_clusters, meta_offset, meta_length, meta_crc):
+                      reftable_clusters, meta_offset, meta_length, meta_crc,
+                      format_version=layout.FORMAT_VERSION):
         hdr = qcow2.make_header(cluster_bits=self.cluster_bits, size=size, l1_size=l1_size,
                                 l1_table_offset=l1_offset, refcount_table_offset=reftable_offset,
                                 refcount_table_clusters=reftable_clusters)
         ext = layout.pack_qsnap_ext(flags=layout.QSNAP_FLAG_COMPLETE if complete else 0,
                                     meta_offset=meta_offset, meta_length=meta_length,
-                                    meta_crc32c=meta_crc, target_page_size=self.target_page_size)
+                                    meta_crc32c=meta_crc, target_page_size=self.target_page_size,
+                                    format_version=format_version)
         self._pwrite(qcow2.pack_header_cluster(hdr, [(layout.QSNAP_EXT_TYPE, ext)],
                                                self.cluster_size), 0)
 
@@ -196,6 +198,8 @@ class ImageWriter:
         full_counts.update(counts)
         doc = {
             "format_version": layout.FORMAT_VERSION,
+            "image_id": layout.new_image_id(),
+            "parent": None,
             "qsnap_version": qsnap.__version__,
             "created": created or layout.iso_utc_now(),
             "machine": machine,
@@ -358,7 +362,8 @@ class ImageWriter:
         self._write_header(complete=True, size=virtual_size, l1_size=l1_size,
                            l1_offset=tl.l1_offset, reftable_offset=tl.reftable_offset,
                            reftable_clusters=tl.reftable_clusters, meta_offset=self.meta_offset,
-                           meta_length=meta_length, meta_crc=meta_crc)
+                           meta_length=meta_length, meta_crc=meta_crc,
+                           format_version=doc["format_version"])
         self._sync()
         self._put_in_place()
 

@@ -111,8 +111,8 @@ def test_incomplete(img):
 
 
 def test_newer_format(img):
-    rewrite_ext(img, format_version=2)
-    with pytest.raises(ImageError, match=r"image format version 2 is newer"):
+    rewrite_ext(img, format_version=3)
+    with pytest.raises(ImageError, match=r"image format version 3 is newer"):
         read_metadata(img)
 
 

@@ -180,8 +180,8 @@ def test_complete_clear(img):
 
 
 def test_newer_format_version(img):
-    rewrite_ext(img, format_version=2)
-    with pytest.raises(ImageError, match=r"image format version 2 is newer than this qsnap supports \(1\)"):
+    rewrite_ext(img, format_version=3)
+    with pytest.raises(ImageError, match=r"image format version 3 is newer than this qsnap supports \(2\)"):
         Image.open(img)
 
 

@@ -89,11 +89,11 @@ def test_roundtrip_reader(tmp_path):
         assert im.stream_info["commands"] == [[1, ""]]
         info = im.info()
         json.dumps(info)
-        assert info["format_version"] == 1 and info["complete"] and info["machine"] == "pc-i440fx-7.2"
+        assert info["format_version"] == 2 and info["complete"] and info["machine"] == "pc-i440fx-7.2"
         assert info["counts"]["stream_bytes"] == 12345
         assert im.verify_all() == []
     pk = peek_header(p)
-    assert pk["qsnap"] and pk["complete"] and pk["format_version"] == 1
+    assert pk["qsnap"] and pk["complete"] and pk["format_version"] == 2
 
 
 def test_qemu_img_check_info_convert(tmp_path):

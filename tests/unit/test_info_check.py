@@ -33,7 +33,7 @@ def test_info_json(image):
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert INFO_KEYS <= set(info)
-    assert info["complete"] is True and info["format_version"] == 1
+    assert info["complete"] is True and info["format_version"] == 2
     assert info["machine"] == "pc-i440fx-7.2" and info["checksum"] == "crc32c"
     assert {"idstr", "length", "page_size", "offset", "nonzero_pages"} <= set(info["ram_blocks"][0])
     assert info["ram_blocks"][0]["idstr"] == "pc.ram"

@@ -1,8 +1,11 @@
 """csrc/emit.c: PAGE/ZERO records byte for byte, checksums, CONTINUE, write errors."""
 import fcntl
+import json
 import os
 import random
 import struct
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -15,6 +18,7 @@ from bigcmp import assert_same
 
 PAGE = 4096
 FLAG_ZERO, FLAG_PAGE, FLAG_EOS, FLAG_CONT = 0x02, 0x08, 0x10, 0x20
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def be64(v):
@@ -291,3 +295,98 @@ def test_large_raw_bytes_keep_their_order(out):
     em.flush()
     assert read_all(out) == b"abc" + big + b"xyz"
     assert em.bytes_out == len(big) + 6
+
+
+def test_load_path_takes_plain_buffers_without_numpy(tmp_path):
+    """The read-ahead ring, windowed state and ZERO records with array.array,
+    bytearray and memoryview in a process where importing NumPy fails: the
+    same bytes as with NumPy arrays (2-D state rows) here."""
+    import _emit_plain as ep
+
+    ppc = ep.CLUSTER // PAGE
+    n_pages = 6 * ppc - 3                          # a partial last cluster
+    stored = [p for p in range(n_pages) if p % 3 != 1 and p // ppc != 2]
+    bm, cs, d = make_block(n_pages, stored, 7)
+    order = [3, 0, 4, 1, 2]                        # cluster 2 has no stored page: not in the image
+    clusters = [0, 1, 3, 4, 5]
+    img = bytearray((len(order) + 1) * ep.CLUSTER)
+    for k, slot in zip(clusters, order):
+        piece = d[k * ep.CLUSTER:(k + 1) * ep.CLUSTER]
+        img[(slot + 1) * ep.CLUSTER:(slot + 1) * ep.CLUSTER + len(piece)] = piece
+    (tmp_path / "img").write_bytes(bytes(img))
+    by_host = sorted(range(len(order)), key=lambda i: order[i])
+    case = {"image": str(tmp_path / "img"), "n_pages": n_pages, "bitmap": bm.tobytes().hex(),
+            "crcs": [int(c) for c in cs], "window_pages": _core.state_window_pages(ppc),
+            "host": [(order[i] + 1) * ep.CLUSTER for i in by_host],
+            "virt": [ep.REGION + clusters[i] * ep.CLUSTER for i in by_host]}
+    (tmp_path / "case.json").write_text(json.dumps(case))
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, ep.__file__, str(tmp_path / "case.json"), str(tmp_path / "plain")],
+                       env=env, capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    plain = json.loads(r.stdout)
+
+    host, virt, blk, state, window, extents = ep.plain_inputs(case)
+
+    def np_state(k0):                              # the reader's form: 2-D NumPy rows
+        k1, bits, sums = state(k0)
+        return k1, np.frombuffer(bits, np.uint8).reshape(k1 - k0, -1), np.array(sums, np.uint32).reshape(k1 - k0, -1)
+
+    parts, ring_bytes = ep.run(case, tmp_path / "numpy", np.array(host, np.uint64), np.array(virt, np.uint64),
+                               np.zeros(len(host), np.uint32), np_state, bm,
+                               np.array(extents, np.uint64).reshape(-1, 2))
+    got = (tmp_path / "plain").read_bytes()
+    assert_same(got, (tmp_path / "numpy").read_bytes(), "plain-buffer stream")
+    assert plain["parts"] == parts >= 2
+    assert bytes.fromhex(plain["ring_bytes"]) == ring_bytes == bytes(img[ep.CLUSTER:])
+    # PAGE records (the first with the idstr), then CONTINUE ZERO records, and "<" ">" per section
+    assert len(got) == len(stored) * (8 + PAGE) + 7 + (n_pages - len(stored)) * 9 + 2 * parts
+
+
+def _zero_records_reference(bitmap, first, end, state_first, idstr, cont):
+    """ZERO records of the unstored pages in [first, end), one page at a time."""
+    out = bytearray()
+    for p in range(first, end):
+        i = p - state_first
+        if bitmap[i // 8] >> (i % 8) & 1:
+            continue
+        out += be64(p * PAGE | FLAG_ZERO | (FLAG_CONT if cont else 0))
+        if not cont:
+            out += counted(idstr)
+            cont = True
+        out += b"\0"
+    return bytes(out)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zero_range_runs_byte_exact(out, seed):
+    """Runs of unstored pages of every length (beyond one arena of records too),
+    whole stored bytes and single stored pages, over a bitmap window."""
+    rnd = random.Random(seed)
+    n = 120_000
+    bits = []
+    while len(bits) < n:
+        bits += [rnd.random() < 0.3] * rnd.choice([1, 2, 7, 8, 9, 63, 64, 65, 500, 40_000])
+    bits = bits[:n]
+    bm = bytearray((n + 7) // 8)
+    for p, b in enumerate(bits):
+        bm[p // 8] |= b << (p % 8)
+    window_first = 8 * rnd.randrange(1, 100)
+    end = n - rnd.randrange(0, 20)
+    em = _core.PageEmitter(out.fileno(), PAGE)
+    em.set_blocks([("pc.ram", 0, n * PAGE, None, None)])
+    em.zero_range(0, window_first, end, bitmap=bm[window_first // 8:])     # a window of the state
+    em.flush()
+    want = _zero_records_reference(bm[window_first // 8:], window_first, end, window_first, b"pc.ram", False)
+    assert_same(read_all(out), want, "ZERO records of a window")
+    assert em.zero_pages == bits[window_first:end].count(False)
+
+    first = rnd.randrange(0, 100)                                          # the block's own state
+    em.set_blocks([("pc.ram", 0, n * PAGE, bm, np.zeros(n, np.uint32))])
+    out.seek(0)
+    out.truncate()
+    em.zero_range(0, first, end)
+    em.flush()
+    want = _zero_records_reference(bm, first, end, 0, b"pc.ram", False)
+    assert_same(read_all(out), want, "ZERO records of a block")
