@@ -321,8 +321,9 @@ def wait_file(path, t0, timeout):
     return time.monotonic() - t0
 
 
-def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout):
-    """One timed load into a fresh -incoming defer QEMU; returns the row."""
+def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout, evict):
+    """One timed load into a fresh -incoming defer QEMU, the files ``evict`` out of the
+    page cache first; returns the row."""
     t_start = time.monotonic()
     with guest(mem, dst_disks, "dst", incoming=True) as dst:
         qemu_start = time.monotonic() - t_start
@@ -334,7 +335,7 @@ def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout)
             cmd = f"{py} -m qsnap load -q {img}"
         else:
             cmd = f"{py} -m qsnap load -q --postcopy={pct} --stats={stats} {img}"
-        how = drop_caches([img, raw])
+        how = drop_caches(evict)
         t0 = time.monotonic()
         dst.migrate_incoming(f"exec:/usr/bin/time -f '{TIME_FMT}' -o {tf} {cmd}")
         running = None
@@ -438,9 +439,9 @@ def _alive(pid):
     return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z"
 
 
-def launch_once(pct, img, blobs, work, py, timeout):
-    """One timed ``qsnap restore --launch`` (precopy, or postcopy after ``pct``%),
-    image evicted from the page cache first; the guest's RAM is checked afterwards.
+def launch_once(pct, img, blobs, work, py, timeout, evict):
+    """One timed ``qsnap restore --launch`` (precopy, or postcopy after ``pct``%), the
+    files ``evict`` out of the page cache first; the guest's RAM is checked afterwards.
 
     ``--drop-arg=-device`` removes the blob guest's ``-device loader`` options (its only
     devices): they would make the new QEMU read the 2 GiB of blob files at start-up,
@@ -449,13 +450,15 @@ def launch_once(pct, img, blobs, work, py, timeout):
     shutil.rmtree(d, ignore_errors=True)
     cmd = [py, "-m", "qsnap", "restore", "--launch", "--output=json", "--dir", str(d),
            "--drop-arg=-device"] + ([f"--postcopy={pct}"] if pct is not None else []) + [str(img)]
-    how = drop_caches([img])
+    how = drop_caches(evict)
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     wall = time.monotonic() - t0
     if r.returncode:
         shutil.rmtree(d, ignore_errors=True)
         raise QemuError(f"qsnap restore --launch: exit {r.returncode}: {r.stderr.strip()[-2000:]}")
+    if r.stderr.strip():
+        log(f"  restore --launch said on stderr: {r.stderr.strip()[-300:]}")
     out = json.loads(r.stdout)
     vm = LaunchedVM(out, work)
     try:
@@ -506,7 +509,8 @@ class Case:
                     "loadavg_1min": round(os.getloadavg()[0], 2),
                     "save": {"qsnap": [], "cat": [], "savevm": [], "snapshot": [], "snapshotram": [],
                              "snapshotbase": []},
-                    "load": {"qsnap": [], "cat": [], "launch": []}, "postcopy": {}, "launch_postcopy": {}}
+                    "load": {"qsnap": [], "cat": [], "launch": [], "snapload": []}, "postcopy": {},
+                    "launch_postcopy": {}}
 
     # -- save ----------------------------------------------------------------------
     def run_saves(self):
@@ -613,20 +617,25 @@ class Case:
             self.res["postcopy"][str(p)] = [] if have_pc else "not available"
             if self.snap_img is not None:
                 self.res["launch_postcopy"][str(p)] = [] if have_pc else "not available"
-        kinds = ["qsnap", "cat"] + [f"postcopy{p}" for p in self.pcts]
-        if self.snap_img is not None:
-            kinds += ["launch"] + [f"launchpc{p}" for p in self.pcts]
         for r in range(self.rounds):
-            for who in (kinds if r % 2 == 0 else kinds[::-1]):
-                if "pc" in who and not have_pc:
-                    continue
+            order = [who for who in load_order(self.pcts, self.snap_img is not None, r)
+                     if have_pc or "pc" not in who]
+            self.res.setdefault("load_orders", []).append(order)
+            for who in order:
                 self.load(who)
+
+    def data_files(self):
+        """Every image and stream a load reads: all out of the page cache before each load,
+        so that no load finds what the one before it read (the exec: loads read the
+        exec:qsnap save image, the launches the qsnap snapshot one)."""
+        return [self.img, self.raw] + ([self.snap_img] if self.snap_img is not None else [])
 
     def load(self, who):
         pct = re.sub(r"^(postcopy|launchpc)", "", who) if re.match(r"postcopy|launchpc", who) else None
         if who.startswith("launch"):
             try:
-                row = launch_once(pct, self.snap_img, self.blobs, self.dir, self.py, self.timeout)
+                row = launch_once(pct, self.snap_img, self.blobs, self.dir, self.py, self.timeout,
+                                  self.data_files())
             except (QemuError, AssertionError, OSError, ValueError, subprocess.TimeoutExpired) as e:
                 row = {"error": str(e)[:2000]}
                 log(f"  load {who:10s}  FAILED: {str(e).splitlines()[0][:300]}")
@@ -638,8 +647,9 @@ class Case:
             if f.exists():
                 f.unlink()
         try:
-            row = load_once(who, pct, self.mem, self.dst_disks, self.img, self.raw, tf, stats, self.blobs,
-                            self.py, self.timeout)
+            img = self.snap_img if who == "snapload" else self.img
+            row = load_once(who, pct, self.mem, self.dst_disks, img, self.raw, tf, stats, self.blobs,
+                            self.py, self.timeout, self.data_files())
         except (QemuError, AssertionError, OSError) as e:
             if pct is None:
                 raise
@@ -647,6 +657,21 @@ class Case:
             row = {"error": str(e)[:2000]}
             log(f"  load {who:10s}  FAILED: {str(e).splitlines()[0][:200]}")
         (self.res["postcopy"][pct] if pct is not None else self.res["load"][who]).append(row)
+
+
+def load_order(pcts, launches, r):
+    """The loads of round ``r``: exec:cat, then each exec: load beside its launch
+    (precopy, then each postcopy percentage); in odd rounds the pairs and the order
+    within each are reversed, so that neither the launch nor the exec: load always
+    goes first, nor always follows the same row.  "snapload" is exec:qsnap load of
+    the launch's image (qsnap snapshot's, where "qsnap" loads exec:qsnap save's): it
+    tells the image's share of a difference from the launch's."""
+    pairs = [("qsnap", "snapload", "launch")] + [(f"postcopy{p}", f"launchpc{p}") for p in pcts]
+    if not launches:
+        pairs = [(p[0],) for p in pairs]
+    if r % 2:
+        pairs = [p[::-1] for p in pairs[::-1]]
+    return ["cat"] + [who for p in pairs for who in p]
 
 
 def run_case(mem, fill, rounds, work, postcopy_pcts, timeout, do_savevm=True, do_snapshot=True):
@@ -764,6 +789,16 @@ def summarize_orchestration(res, out):
     s["downtime_over_base"] = _ratio(s["snapshot_downtime_ms"], s["base_downtime_ms"])
     s["snapshot_ram_over_save"] = _ratio(s["snapshot_ram_s"], out["save_qsnap_s"])
     s["launch_over_load"] = _ratio(s["load_launch_s"], out["load_qsnap_s"])
+    snaploads = res["load"].get("snapload") or []
+    s["load_snapimg_s"] = _med(snaploads)
+    s["load_snapimg_all"] = [r.get("s") for r in snaploads]
+    s["launch_over_snapimg_load"] = _ratio(s["load_launch_s"], s["load_snapimg_s"])
+    # round by round, with which of the two went first (load_order)
+    s["launch_rounds"] = [
+        {"launch_s": a.get("s"), "exec_s": b.get("s"), "ratio": _ratio(a.get("s"), b.get("s")),
+         "snapimg_s": c.get("s"), "first": next((w for w in order if w in ("launch", "qsnap")), None)}
+        for a, b, c, order in zip(launches, res["load"]["qsnap"], snaploads or [{}] * len(launches),
+                                  res.get("load_orders") or [])]
     s["launch_restore_over_load"] = _ratio(s["launch_restore_s"], out["load_qsnap_s"])
     if qemu_start is not None and out["load_qsnap_s"]:
         s["launch_over_start_plus_load"] = _ratio(s["load_launch_s"], out["load_qsnap_s"] + qemu_start)
@@ -795,7 +830,7 @@ def markdown(summaries, machine, args, elapsed, stamp):
              "Medians of the rounds; ratios are qsnap / baseline within this run "
              "(< 1: qsnap faster). Save: background-snapshot for qsnap and cat "
              "(`cat > f && sync f`), HMP `savevm` (stops the VM) into a qcow2 drive + fsync. "
-             "Load: image and raw stream evicted from the page cache (fadvise DONTNEED), `migrate-incoming` to status completed.", "",
+             "Load: every image and raw stream evicted from the page cache (fadvise DONTNEED) before each load, `migrate-incoming` to status completed.", "",
              "## Save", "",
              "| guest | non-zero | stream MiB | image MiB | qsnap s | cat+sync s | savevm s "
              "| qsnap/cat | qsnap/savevm | qsnap RSS MiB | qsnap CPU s | host load |",
@@ -890,6 +925,17 @@ def orchestration_markdown(summaries):
             f"| {_f(s.get('launch_restore_s'))} | {_f(s['load_qsnap_s'])} | {_f(s.get('dst_qemu_start_s'))} "
             f"| {_f(s.get('launch_over_load'))} | {_f(s.get('launch_restore_over_load'))} "
             f"| {_f(s.get('launch_over_start_plus_load'))} |")
+    rounds = [(s, i, r) for s in summaries for i, r in enumerate(s.get("launch_rounds") or [])]
+    if rounds:
+        lines += ["", "Round by round (each load after the images and streams were evicted from the "
+                  "page cache; \"first\" is which of the two ran first in that round):", "",
+                  "| QEMU | guest | round | first | launch s | exec load s | launch/load "
+                  "| exec load of the launch's image s |",
+                  "|---|---|---:|---|---:|---:|---:|---:|"]
+        for s, i, r in rounds:
+            first = {"qsnap": "exec", "launch": "launch"}.get(r["first"], "")
+            lines.append(f"| {s.get('qemu')} | {s['guest']} | {i + 1} | {first} | {_f(r['launch_s'])} "
+                         f"| {_f(r['exec_s'])} | {_f(r['ratio'])} | {_f(r.get('snapimg_s'))} |")
     if any(s.get("snapshot_ram_s") for s in summaries):
         lines += ["", "RAM only (`--disks=none`: QEMU stops and resumes the guest itself, no QMP "
                   "round trips while it is paused):", "",

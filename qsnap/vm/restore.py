@@ -6,22 +6,22 @@
 Both check everything they can before the guest's state moves (run state, machine
 type, RAM blocks, disks and their frozen images), put each disk on a fresh overlay
 of its frozen image (so the snapshot stays untouched and restores any number of
-times), then load the image through the same path a user would:
-``migrate-incoming "exec:qsnap load IMG"``.
+times), then load the image with a ``qsnap load`` started beforehand (while QEMU
+starts or is checked) and handed to QEMU over QMP: ``getfd`` + ``migrate-incoming
+"fd:NAME"`` (qsnap.vm.savechild.LoadChild).
 """
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
 from qsnap.errors import VmError
 from qsnap.vm import disks as vmdisks
 from qsnap.vm import migration, overlays, vmrecord
+from qsnap.vm.savechild import LoadChild
 
 # The QMP session (qsnap.vm.qmp: asyncio and qemu.qmp, ~0.1-0.2 s of imports) is imported
 # where it is first used: `restore --launch` imports it while the QEMU it started comes up.
@@ -33,6 +33,7 @@ ALIVE_EVERY = 1.0             # between MIGRATION events, ask QEMU this often wh
 START_TIMEOUT = 30.0          # QEMU start-up until its QMP socket answers
 EXIT_GRACE = 2.0              # after a failed incoming migration, until QEMU has exited
 LOAD_TIMEOUT = 24 * 3600.0    # a stalled load ends when QEMU or qsnap load exits
+LOAD_EXIT_GRACE = 0.5         # after a failure, for qsnap load to end on its own before SIGTERM
 UNIX_PATH_MAX = 107           # sun_path holds 108 bytes with the NUL
 
 
@@ -262,11 +263,22 @@ class OverlayFiles:
                 del self.made[index]
 
 
-class Restore:
-    """One restore into a connected ``-incoming defer`` QEMU; ``run()`` returns its summary."""
+LOAD_LOG = "load.log"
 
-    def __init__(self, q, facts, workdir, *, postcopy=None, paused=False, files=None):
-        self.q, self.facts, self.dir = q, facts, workdir
+
+def start_load(facts, workdir, postcopy=None):
+    """The restore's ``qsnap load``, started now (it opens the image and waits for its
+    reader): a LoadChild, its stderr in <workdir>/load.log."""
+    args = ["-q"] + ([f"--postcopy={postcopy:g}"] if postcopy is not None else []) + [facts.path]
+    return LoadChild(args, os.path.join(workdir, LOAD_LOG), return_path=postcopy is not None)
+
+
+class Restore:
+    """One restore into a connected ``-incoming defer`` QEMU, from the ``qsnap load``
+    ``child`` (start_load); ``run()`` returns its summary."""
+
+    def __init__(self, q, facts, workdir, child, *, postcopy=None, paused=False, files=None):
+        self.q, self.facts, self.dir, self.child = q, facts, workdir, child
         self.postcopy, self.paused = postcopy, paused
         self.files = files or OverlayFiles(workdir)
         self.overlays = []        # the overlays put under the disks
@@ -279,7 +291,7 @@ class Restore:
 
     @property
     def load_log(self):
-        return os.path.join(self.dir, "load.log")
+        return self.child.stderr_path
 
     def preflight(self):
         check_incoming(self.q)
@@ -302,6 +314,7 @@ class Restore:
             self._wait()
         finally:
             self._put_back_caps()
+        self.child.stop()  # its stream is complete: it ends on its own
         return self.summary()
 
     def _mark(self, what):
@@ -348,16 +361,27 @@ class Restore:
             raise VmError(f"cannot put the disks on fresh overlays: {e}") from None
         self.overlays_live = True
 
-    def _load_command(self):
-        args = [sys.executable, "-m", "qsnap", "load", "-q"]
-        if self.postcopy is not None:
-            args.append(f"--postcopy={self.postcopy:g}")
-        args.append(self.facts.path)
-        return " ".join(shlex.quote(a) for a in args) + f" 2>>{shlex.quote(self.load_log)}"
-
     def _start_load(self):
+        """QEMU gets the load's end of the stream (getfd) and migrates from it: QEMU 7.2
+        and 10.0 look the name of an fd: incoming URI up among the monitor's fds
+        (fd_start_incoming_migration: monitor_fd_param, migration/fd.c) and take a
+        pipe or a socket (10.0: migration_fd_valid)."""
         self.events_seen = len(self.q.events("MIGRATION"))
-        self.q.cmd("migrate-incoming", uri="exec:" + self._load_command())
+        name = f"qsnap-load-{os.urandom(4).hex()}"
+        self.q.pass_fd(name, self.child.qemu_fd)
+        self.child.close_qemu_end()  # QEMU's copy is the only one now
+        try:
+            self.q.cmd("migrate-incoming", uri=f"fd:{name}")
+        except VmError:
+            self._close_fd(name)
+            raise
+
+    def _close_fd(self, name):
+        """QEMU closes the fd a refused migrate-incoming left under ``name`` (if it did)."""
+        try:
+            self.q.cmd("closefd", fdname=name)
+        except VmError:
+            pass  # the command took it before it failed, or QEMU is gone
 
     def _wait(self):
         """Until the incoming migration completes, following its MIGRATION events (the
@@ -406,8 +430,18 @@ class Restore:
                 return got[self.events_seen - 1]["data"]["status"]
             left = deadline - time.monotonic()
             if left <= 0:
-                return self._migration_status()
+                return self._check_load(self._migration_status())
             self.q.wait_events(left)
+
+    def _check_load(self, status):
+        """``status``, unless qsnap load failed while QEMU still waits for more of its
+        stream: a postcopy destination then goes to postcopy-paused and waits for a
+        recovery that will not come (QEMU notices a failed precopy load itself)."""
+        code = self.child.proc.poll()
+        if code and status not in ("completed", "failed", "cancelled"):
+            raise VmError(self._load_failure(f"qsnap load {self.child.describe_status()} "
+                                             f"while the incoming migration was {status}"))
+        return status
 
     def _migration_status(self):
         try:
@@ -532,25 +566,29 @@ def restore_into(qmp_path, img, *, postcopy=None, paused=False, directory=None):
     facts = ImageFacts(img)
     check_frozen_disks(facts)
     work = WorkDir(directory, _stem(img))
-    job = None
-    facts.readahead()  # while the destination is checked
+    job = child = None
+    facts.readahead()
     try:
+        child = start_load(facts, work.path, postcopy)  # starts up while the destination is checked
         with Qmp(qmp_path) as q:
-            job = Restore(q, facts, work.path, postcopy=postcopy, paused=paused)
+            job = Restore(q, facts, work.path, child, postcopy=postcopy, paused=paused)
             try:
                 out = job.run()
             except BaseException as e:
+                child.stop(LOAD_EXIT_GRACE)
                 left = job.undo_files()
                 if left and isinstance(e, VmError):
                     raise VmError(f"{e}; the destination QEMU now runs its disks on {', '.join(left)}") from None
                 raise
-        _unlink(job.load_log)
+        _unlink(child.stderr_path)
         work.remove_if_empty()
         if not os.path.isdir(work.path):
             out["dir"] = None
         out["changes"] = []
         return out
     except BaseException:
+        if child is not None:
+            child.stop(LOAD_EXIT_GRACE)
         if job is None or not job.overlays_live:
             work.remove()
         raise
@@ -572,7 +610,7 @@ def launch(img, *, qmp_path=None, directory=None, binary=None, postcopy=None, pa
                       "-incoming defer and restore with qsnap restore --qmp SOCK IMG")
     check_frozen_disks(facts)
     work = WorkDir(directory, _stem(img))
-    proc = files = None
+    proc = files = child = None
     try:
         qmp = os.path.abspath(qmp_path) if qmp_path else os.path.join(work.path, "qmp.sock")
         _check_socket_path(qmp)
@@ -584,26 +622,31 @@ def launch(img, *, qmp_path=None, directory=None, binary=None, postcopy=None, pa
         log_path = os.path.join(work.path, "qemu.log")
         started = time.monotonic()
         proc = _start_qemu(words, log_path)
-        # while QEMU starts: the overlays (the command line opens every recorded disk on
-        # its frozen image, so each gets one) and the image's tables for the load
+        # while QEMU starts: the load (the interpreter, its imports, the image opened;
+        # the kernel reads the image's tables ahead for it) and the overlays (the command
+        # line opens every recorded disk on its frozen image, so each gets one)
+        facts.readahead()
+        child = start_load(facts, work.path, postcopy)
         files = OverlayFiles(work.path)
         for i, d in enumerate(facts.disks):
             files.start(i, d, d["format"], d["virtual_size"])
-        facts.readahead()
         q = _connect(qmp, proc, facts, words[0], log_path)
         up = time.monotonic()
         try:
-            out = Restore(q, facts, work.path, postcopy=postcopy, paused=paused, files=files).run()
+            out = Restore(q, facts, work.path, child, postcopy=postcopy, paused=paused, files=files).run()
         finally:
             q.close()
         # before QMP connected: the image read and checked, and QEMU's start-up
         out["launch"] = {"checked_s": round(started - t0, 3), "qemu_start_s": round(up - started, 3)}
         out["changes"] = changes
         out["pid"] = proc.pid
+        out["qemu_log"] = log_path
         return out
     except BaseException:
         if proc is not None:
             _kill(proc)
+        if child is not None:
+            child.stop(LOAD_EXIT_GRACE)  # QEMU's end is closed now: it ends on EPIPE
         if files is not None:
             files.remove()  # before the directory goes: a qemu-img may still be writing there
         if qmp_path:
@@ -713,5 +756,7 @@ def format_summary(out):
     lines = [f"restored {out['image']} in {out['seconds']:.2f} s: QEMU pid {out['pid']}, "
              f"QMP {out['qmp']}, guest {out['status']}"]
     lines += [f"  disk overlay: {p}" for p in out["overlays"]]
+    if out.get("qemu_log"):
+        lines.append(f"  QEMU output: {out['qemu_log']}")
     lines += [f"  changed: {c}" for c in out.get("changes", ())]
     return "\n".join(lines)

@@ -1,39 +1,105 @@
-"""The `qsnap save` behind a snapshot, started by `qsnap snapshot` itself.
+"""The qsnap engines behind qsnap's VM commands, started by those commands themselves.
 
-QEMU gets the write end of the save's stdin pipe over QMP (``getfd``) and migrates
-into it (``migrate fd:NAME``, migration/fd.c; a pipe is accepted as such on 7.2 and
-10.0).  Unlike ``exec:``, QEMU forks nothing: forking the command from a 3 GiB QEMU
-took 221-355 ms, and it happened inside the guest's pause.  The save starts before
-the pause, and its exit status is ours to see.
+``SaveChild``: the ``qsnap save`` behind ``qsnap snapshot``.  QEMU gets the write end
+of the save's stdin pipe over QMP (``getfd``) and migrates into it (``migrate
+fd:NAME``, migration/fd.c; a pipe is accepted as such on 7.2 and 10.0).  Unlike
+``exec:``, QEMU forks nothing: forking the command from a 3 GiB QEMU took 221-355 ms,
+and it happened inside the guest's pause.  The save starts before the pause, and its
+exit status is ours to see.
+
+``LoadChild``: the ``qsnap load`` behind ``qsnap restore``, handed to QEMU the same
+way (``getfd``, then ``migrate-incoming fd:NAME``): it starts while QEMU starts or is
+checked, so its own start-up (interpreter, imports, opening the image) is off the
+clock, and no shell runs between them.
 """
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 
 import qsnap
 from qsnap.errors import VmError
 
-STOP_GRACE = 10.0  # s for a save whose stream has ended to exit before it is stopped
+STOP_GRACE = 10.0  # s for a child whose stream has ended to exit before it is stopped
+RELAY_POLL = 0.2   # s between the return-path relay's looks at whether the load still runs
+RELAY_CHUNK = 65536
 
 
-class SaveChild:
+class EngineChild:
+    """``qsnap COMMAND ARGS`` with the given stdin and stdout, its stderr in
+    ``stderr_path`` (the operator sees one error line: the VM command's), in its own
+    process group (a terminal's ^C goes to the VM command alone, which ends the
+    migration in order; the child then sees its stream end)."""
+
+    def __init__(self, command, args, stderr_path, *, stdin, stdout):
+        self.command = command
+        self.stderr_path = stderr_path
+        try:
+            with open(stderr_path, "ab") as err:
+                self.proc = subprocess.Popen(engine_argv(command, args), stdin=stdin, stdout=stdout,
+                                             stderr=err, env=engine_env(), process_group=0)
+        except OSError as e:
+            raise VmError(f"cannot start qsnap {command} ({sys.executable}): {e.strerror}") from None
+
+    def running(self):
+        return self.proc.poll() is None
+
+    def wait(self, timeout):
+        """True once the child has exited (within ``timeout`` s)."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def stop(self, grace=STOP_GRACE):
+        """Make sure the child is gone: it has ``grace`` s to end on its own (its stream
+        is closed by now), then SIGTERM (a save removes its temporary file), then SIGKILL.
+        Always reaped: no zombie is left."""
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                try:
+                    self.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+            if self.wait(grace if sig is None else STOP_GRACE):
+                return
+
+    def last_error(self):
+        """The child's last line on stderr without "qsnap: error: ", or None."""
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                lines = [line.strip() for line in f if line.strip()]
+        except OSError:
+            lines = []
+        return lines[-1].removeprefix("qsnap: error: ") if lines else None
+
+    def describe_status(self):
+        """'exited with status 2', 'was killed by signal 9' or 'is still running'."""
+        status = self.proc.poll()
+        return "is still running" if status is None else (
+            f"was killed by signal {-status}" if status < 0 else f"exited with status {status}")
+
+    def describe_end(self):
+        """How the child ended, for an error message: its status and last error line."""
+        what, last = self.describe_status(), self.last_error()
+        return f"{what}: {last}" if last else what
+
+
+class SaveChild(EngineChild):
     """``qsnap save ARGS`` reading a pipe whose write end is ``write_fd`` until
-    ``close_write_end()``; its stderr goes to ``stderr_path`` (the operator sees one
-    error line, qsnap snapshot's)."""
+    ``close_write_end()``."""
 
     def __init__(self, args, stderr_path):
-        self.stderr_path = stderr_path
         r, w = os.pipe()
         try:
-            with open(stderr_path, "wb") as err:
-                # its own process group: a terminal's ^C goes to qsnap snapshot alone,
-                # which ends the migration in order; the save then sees the stream end
-                self.proc = subprocess.Popen(save_argv(args), stdin=r, stdout=subprocess.DEVNULL,
-                                             stderr=err, env=save_env(), process_group=0)
-        except OSError as e:
+            super().__init__("save", args, stderr_path, stdin=r, stdout=subprocess.DEVNULL)
+        except VmError:
             os.close(w)
-            raise VmError(f"cannot start qsnap save ({sys.executable}): {e.strerror}") from None
+            raise
         finally:
             os.close(r)
         self.write_fd = w
@@ -44,51 +110,122 @@ class SaveChild:
             os.close(self.write_fd)
             self.write_fd = None
 
-    def running(self):
-        return self.proc.poll() is None
-
-    def wait(self, timeout):
-        """True once the save has exited (within ``timeout`` s)."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
-
-    def stop(self):
-        """Make sure the save is gone: it has STOP_GRACE s to end on its own (its stream
-        is closed by now), then SIGTERM (it removes its temporary file), then SIGKILL."""
+    def stop(self, grace=STOP_GRACE):
         self.close_write_end()
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None:
-                try:
-                    self.proc.send_signal(sig)
-                except ProcessLookupError:
-                    pass
-            if self.wait(STOP_GRACE):
-                return
+        super().stop(grace)
 
-    def describe_end(self):
-        """How the save ended, for an error message: its status and last error line."""
-        status = self.proc.poll()
-        what = "is still running" if status is None else (
-            f"was killed by signal {-status}" if status < 0 else f"exited with status {status}")
+
+class LoadChild(EngineChild):
+    """``qsnap load ARGS`` writing the stream into ``qemu_fd``, the end QEMU gets
+    (``getfd``) until ``close_qemu_end()``.
+
+    Precopy: a pipe, QEMU's end its read end (``qsnap load`` makes it larger).
+
+    Postcopy (``return_path``): QEMU's fd: incoming side reads the stream and writes
+    its return path on one descriptor (qemu_file_get_return_path, migration/qemu-file.c:
+    a second QEMUFile on the same channel), so QEMU's end is one end of a socketpair;
+    the child writes the stream straight into the other (its stdout).  Its stdin, where
+    ``qsnap load --postcopy`` reads the return path, is a pipe that a ReturnPathRelay
+    fills from that socket: the load switches its stdout to O_NONBLOCK (csrc/emit.c),
+    a flag of the open file that any other descriptor of the same socket would share,
+    and its return-path reader expects a blocking stdin."""
+
+    def __init__(self, args, stderr_path, *, return_path=False):
+        self.relay = None
+        if return_path:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            qemu_fd, child_out = ours.detach(), theirs.detach()
+            child_in, relay_w = os.pipe()
+        else:
+            qemu_fd, child_out = os.pipe()
+            child_in, relay_w = subprocess.DEVNULL, None
         try:
-            with open(self.stderr_path, errors="replace") as f:
-                lines = [line.strip() for line in f if line.strip()]
-        except OSError:
-            lines = []
-        if lines:
-            what += ": " + lines[-1].removeprefix("qsnap: error: ")
-        return what
+            super().__init__("load", args, stderr_path, stdin=child_in, stdout=child_out)
+        except VmError:
+            for fd in (qemu_fd, child_out, relay_w):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        finally:
+            if relay_w is not None:
+                os.close(child_in)
+        if relay_w is None:
+            os.close(child_out)  # the child holds its own copy
+        else:
+            self.relay = ReturnPathRelay(child_out, relay_w, self.proc)
+        self.qemu_fd = qemu_fd
+
+    def close_qemu_end(self):
+        """Once QEMU holds its copy (or will not get one): the child sees QEMU's end
+        close when QEMU closes it, or at once if QEMU never took it."""
+        if self.qemu_fd is not None:
+            os.close(self.qemu_fd)
+            self.qemu_fd = None
+
+    def stop(self, grace=STOP_GRACE):
+        self.close_qemu_end()
+        super().stop(grace)
+        if self.relay is not None:
+            self.relay.join()
+
+
+class ReturnPathRelay:
+    """A thread that copies what QEMU writes on the socket ``sock_fd`` (its return
+    path) into the pipe ``pipe_fd``, the load's stdin, until QEMU closes the socket or
+    the load exits; then it closes both (QEMU sees the stream end once the load's own
+    copy is gone too).  The return path is a few bytes a page request."""
+
+    def __init__(self, sock_fd, pipe_fd, proc):
+        self.sock = socket.socket(fileno=sock_fd)  # closes sock_fd when the relay ends
+        self.pipe_fd, self.proc = pipe_fd, proc
+        self.thread = threading.Thread(target=self._run, daemon=True, name="qsnap-return-path")
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self._copy()
+        finally:
+            os.close(self.pipe_fd)
+            self.sock.close()
+
+    def _copy(self):
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        while self.proc.poll() is None:
+            if not poller.poll(RELAY_POLL * 1000):
+                continue
+            try:
+                # MSG_DONTWAIT: the load's O_NONBLOCK on this socket is not ours to rely on
+                data = self.sock.recv(RELAY_CHUNK, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return  # the load then sees its return path end and says so
+            if not data:
+                return
+            try:
+                os.write(self.pipe_fd, data)  # a pipe: all of it, or EPIPE
+            except OSError:
+                return  # the load is gone
+
+    def join(self):
+        self.thread.join(STOP_GRACE)
+
+
+def engine_argv(command, args):
+    """This qsnap's ``command``, with this interpreter."""
+    return [sys.executable, "-m", "qsnap", command] + [str(a) for a in args]
 
 
 def save_argv(args):
-    """This qsnap's save, with this interpreter."""
-    return [sys.executable, "-m", "qsnap", "save"] + [str(a) for a in args]
+    return engine_argv("save", args)
 
 
 def save_env():
+    return engine_env()
+
+
+def engine_env():
     """The environment with this qsnap first on PYTHONPATH (it may not be installed)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(qsnap.__file__)))
     env = dict(os.environ)

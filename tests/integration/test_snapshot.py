@@ -133,6 +133,13 @@ def test_snapshot_disk_guest(source, disk_guest_files, mode, tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     out = json.loads(r.stdout)
     assert out["mode"] == mode and out["was_running"] and not out["ram_only"]
+    # background: guest RAM (its mappings in QEMU found) collapsed into huge pages
+    # before the pause where QEMU holds every page of a range, or why not
+    hp = out["hugepages"]
+    if mode == "background":
+        assert hp["error"] or hp["guest_ram_bytes"] >= source.memory >= hp["bytes"], hp
+    else:
+        assert hp is None
     (disk,) = out["disks"]
     frozen, overlay = Path(disk["frozen"]), Path(disk["overlay"])
     assert overlay == frozen.parent / f"{frozen.stem}.{mode}.qcow2" and overlay.exists()
