@@ -353,22 +353,24 @@ def _cmd_check(args):
 def _cmd_flatten(args):
     from qsnap.image.rewrite import flatten
 
-    _rewrite_summary(args, "flattened", flatten(args.image, args.out))
+    _rewrite_summary(args, f"flattened {args.image} into", flatten(args.image, args.out))
     return 0
 
 
 def _cmd_commit(args):
+    from qsnap.image.metadata import read_metadata
     from qsnap.image.rewrite import commit
 
-    _rewrite_summary(args, "committed", commit(args.image))
+    parent = (read_metadata(args.image).get("parent") or {}).get("backing_file")
+    _rewrite_summary(args, f"folded its parent {parent} into", commit(args.image))
     return 0
 
 
 def _rewrite_summary(args, what, s):
     if args.quiet:
         return
-    onto = f"backed by {s['backing_file']}" if s["backing_file"] else "stand-alone"
-    sys.stderr.write(f"qsnap: {what} {args.image} into {s['path']} ({onto}): "
+    onto = f"now backed by {s['backing_file']}" if s["backing_file"] else "now stand-alone"
+    sys.stderr.write(f"qsnap: {what} {s['path']} ({onto}): "
                      f"{s['clusters_copied']} clusters copied, {s['clusters_inherited']} inherited, "
                      f"{s['clusters_zeroed']} zero, {s['file_bytes'] / 1e6:.1f} MB\n")
 

@@ -337,9 +337,12 @@ def test_cli_flatten_commit(chain):
     d = chain[0]
     r = qsnap("flatten", str(d / "child.qsnap"), str(d / "flat.qsnap"))
     assert r.returncode == 0, r.stderr
-    assert r.stderr.startswith(f"qsnap: flattened {d / 'child.qsnap'} into {d / 'flat.qsnap'} (stand-alone)")
+    assert r.stderr.startswith(f"qsnap: flattened {d / 'child.qsnap'} into {d / 'flat.qsnap'} "
+                               "(now stand-alone)")
     r = qsnap("commit", str(d / "child.qsnap"))
     assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith(f"qsnap: folded its parent base.qsnap into {d / 'child.qsnap'} "
+                               "(now stand-alone)")
     r = qsnap("commit", str(d / "child.qsnap"))
     assert r.returncode == 2
     assert _one_error(r) == f"qsnap: error: {d / 'child.qsnap'} has no parent image to commit (it stands alone)"
