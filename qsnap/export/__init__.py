@@ -21,7 +21,7 @@ FORMATS = ("elf", "raw", "mapped-ram")
 
 def export(image, out_path, fmt, *, log=sys.stderr, quiet=False):
     """Write ``image`` as ``fmt`` to ``out_path``; returns a summary dict."""
-    from qsnap.export.output import AtomicOutput
+    from qsnap.atomic import AtomicOutput
     from qsnap.export.pages import PageSource
     from qsnap.image.reader import Image
 

@@ -21,8 +21,8 @@ from array import array
 import numpy as np
 
 from qsnap._core import is_zero
-from qsnap.atomic import fsync_dir, io_error
-from qsnap.errors import ImageError, IOFailure, UsageError
+from qsnap.atomic import AtomicOutput
+from qsnap.errors import ImageError, UsageError
 from qsnap.image import layout, qcow2, workingset
 from qsnap.image.chain import cluster_sources
 from qsnap.image.reader import pread_exact
@@ -173,25 +173,12 @@ def _metadata(src, base, name, ws):
     return doc, off, data
 
 
-class _Output:
-    """The temporary file beside the output and its crash-safe completion."""
+class _Output(AtomicOutput):
+    """The temporary file beside the output, written a cluster at a time."""
 
     def __init__(self, path, cluster_size):
-        self.path, self.cs = path, cluster_size
-        self.dir, base = os.path.split(os.path.abspath(path))
-        self.fd, self.tmp_path, self.done = -1, None, False
-        for _ in range(100):
-            cand = os.path.join(self.dir, f".{base}.qsnap-{os.urandom(3).hex()}")
-            try:
-                self.fd = os.open(cand, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise io_error(e, "creating a temporary file beside", path) from None
-            self.tmp_path = cand
-            break
-        else:
-            raise IOFailure(f"cannot create a temporary file beside {path}")
+        super().__init__(path)
+        self.cs = cluster_size
         self.pos = cluster_size            # data clusters from cluster 1 on
         self.buf, self.buf_at = bytearray(), self.pos
         try:
@@ -199,15 +186,6 @@ class _Output:
         except BaseException:
             self.abort()
             raise
-
-    def pwrite(self, buf, offset):
-        view = memoryview(buf)
-        done = 0
-        try:
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], offset + done)
-        except OSError as e:
-            raise io_error(e, "writing", self.tmp_path, offset + done) from None
 
     def append_cluster(self, data):
         at = self.pos
@@ -222,12 +200,6 @@ class _Output:
             self.pwrite(self.buf, self.buf_at)
         self.buf_at += len(self.buf)
         self.buf = bytearray()
-
-    def sync(self):
-        try:
-            os.fdatasync(self.fd)
-        except OSError as e:
-            raise io_error(e, "syncing", self.tmp_path) from None
 
     def finish(self, src, doc, ws_off, ws_data, virt, hosts, zero_virt, name):
         """Metadata region (and working set), tables, synced; then the COMPLETE header,
@@ -256,8 +228,7 @@ class _Output:
                                     target_page_size=src.target_page_size)
         self.pwrite(qcow2.pack_header_cluster(hdr, [(layout.QSNAP_EXT_TYPE, ext)], cs,
                                               backing_name=name), 0)
-        self.sync()
-        self._put_in_place()
+        self.commit()
         return {"path": self.path, "file_bytes": tl.end, "virtual_size": virtual_size,
                 "image_id": doc["image_id"]}
 
@@ -281,24 +252,3 @@ class _Output:
         self.pwrite(reftable, tl.reftable_offset)
         return tl, l1_size
 
-    def _put_in_place(self):
-        os.close(self.fd)
-        self.fd = -1
-        try:
-            os.rename(self.tmp_path, self.path)
-        except OSError as e:
-            raise io_error(e, "renaming the image to", self.path) from None
-        self.done = True
-        fsync_dir(self.dir)
-
-    def abort(self):
-        """Remove the temporary file; the output path is left as it was."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if not self.done and self.tmp_path is not None:
-            try:
-                os.unlink(self.tmp_path)
-            except FileNotFoundError:
-                pass
-            self.tmp_path = None

@@ -389,7 +389,7 @@ def test_disk_full_keeps_the_older_output(image, tmp_path, monkeypatch, fmt):
     import errno
 
     from qsnap.errors import IOFailure
-    from qsnap.export import output
+    from qsnap import atomic
 
     out = tmp_path / "out"
     out.write_bytes(b"older export")
@@ -399,7 +399,7 @@ def test_disk_full_keeps_the_older_output(image, tmp_path, monkeypatch, fmt):
         if offset >= MIB:  # the header goes through, page data does not
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, data, offset)
-    monkeypatch.setattr(output.os, "pwrite", pwrite)
+    monkeypatch.setattr(atomic.os, "pwrite", pwrite)
     with pytest.raises(IOFailure, match=r"no space left on device writing .*\.out\.qsnap-"):
         export(image, out, fmt, quiet=True)
     assert out.read_bytes() == b"older export"
