@@ -299,9 +299,13 @@ class Image:
         if name is None:
             return
         cb = self.cluster_bits
-        own = np.union1d(self._mapped_virt, self._zero_virt)
-        first, last = self.meta_offset >> cb, self.virtual_size >> cb
-        n_own = int(np.count_nonzero((own >= np.uint64(first)) & (own < np.uint64(last))))
+        # each virtual cluster has one L2 entry: the mapped and zero-flagged sets are
+        # disjoint and each free of repeats, so their sizes add up (no np.union1d,
+        # which imports numpy.ma)
+        first, last = np.uint64(self.meta_offset >> cb), np.uint64(self.virtual_size >> cb)
+        n_own = sum(int(np.count_nonzero((own >= first) & (own < last)))
+                    for own in (self._mapped_virt, self._zero_virt))
+        first, last = int(first), int(last)
         if n_own != last - first:
             raise ImageError(f"{self.path}: the metadata region of a child image is not all its own "
                              f"({n_own} of {last - first} clusters from virtual offset 0x{first << cb:x} "
