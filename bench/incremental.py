@@ -2,6 +2,7 @@
 
     python -m bench.incremental [--mem 2G] [--fill 0.5] [--change 0.05] [--rounds 3]
                                 [--dir DIR] [--out bench/results/incremental.json]
+    python -m bench.incremental --load-only CHAIN_DIR [--rounds 5] [--out ...]
 
 A blob guest (KVM where available) of --mem RAM, --fill of it random data in
 blobs of --change of the data each (the rest zero), is background-snapshotted
@@ -17,6 +18,15 @@ changed per level.  Their streams are captured the same way.  Then:
          against the flattened image (``qsnap flatten`` where it exists, else a full
          save of s4: the same RAM in one file), alternated ROUNDS times
          (target: <= 1.1 x).  Needs a reader that follows backing chains.
+         Each contender is loaded once untimed first, and the rounds alternate
+         which goes first (ABBA): the flattened image, written last, is
+         otherwise the one still in the host's cache, and the one loaded
+         second in a round follows the other's reads.  CPU seconds (qsnap and
+         the cat behind it) are reported beside the wall times.
+
+--load-only CHAIN_DIR runs only the load comparison, on an existing chain
+l0.qsnap <- ... <- l4.qsnap in CHAIN_DIR (left in place; the flattened image
+goes to --dir and is removed).
 
 The streams and images stay in the page cache (warm: the parent of an
 incremental save is normally the image just written).  Streams and blobs go to
@@ -130,6 +140,36 @@ def alternate(rounds, contenders):
     return times
 
 
+def abba(rounds, contenders):
+    """({name: [wall s]}, {name: [CPU s]}): one untimed run of each contender, then
+    ROUNDS rounds, every other one in reverse order (see the module docstring)."""
+    for run in contenders.values():
+        run()
+    wall = {name: [] for name in contenders}
+    cpu = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            w, c, _ = contenders[name]()
+            wall[name].append(w)
+            cpu[name].append(c)
+    return wall, cpu
+
+
+def compare_loads(rounds, tip, flat, how):
+    """The load part of the report: ``qsnap load`` of the chain's tip against the
+    flattened image."""
+    wall, cpu = abba(rounds, {
+        "flattened": lambda: run_timed(f"{qsnap('load', flat)} | cat > /dev/null"),
+        "chain": lambda: run_timed(f"{qsnap('load', tip)} | cat > /dev/null"),
+    })
+    med = statistics.median
+    return {"flattened_by": how, "load_s": wall, "load_cpu_s": cpu,
+            "chain_over_flattened_load": med(wall["chain"]) / med(wall["flattened"]),
+            "chain_over_flattened_load_cpu": med(cpu["chain"]) / med(cpu["flattened"]),
+            "load_ratio_per_round": [c / f for c, f in zip(wall["chain"], wall["flattened"])]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mem", type=_size, default=2 << 30)
@@ -139,12 +179,14 @@ def main(argv=None):
     ap.add_argument("--dir", default=None, help="where the images go (default: a temp dir)")
     ap.add_argument("--shm", default="/dev/shm", help="where blobs and streams go")
     ap.add_argument("--out", default=None, help="write the report as JSON here")
+    ap.add_argument("--load-only", default=None, metavar="CHAIN_DIR",
+                    help="only compare loads, of the chain l0..l4.qsnap in CHAIN_DIR")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="qsnap-bench-inc-", dir=args.dir))
     shm = Path(tempfile.mkdtemp(prefix="qsnap-bench-inc-", dir=args.shm))
     t0 = time.monotonic()
     try:
-        report = run(args, work, shm)
+        report = load_only(args, work) if args.load_only else run(args, work, shm)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -190,13 +232,20 @@ def run(args, work, shm):
         report["load"] = "skipped: this qsnap's reader does not follow backing chains"
         return report
     flat, how = flattened(imgs[-1], streams, work)
-    load_t = alternate(args.rounds, {
-        "flattened": lambda: run_timed(f"{qsnap('load', flat)} | cat > /dev/null"),
-        "chain": lambda: run_timed(f"{qsnap('load', imgs[-1])} | cat > /dev/null"),
-    })
-    report.update({"flattened_by": how, "load_s": load_t,
-                   "chain_over_flattened_load": statistics.median(load_t["chain"]) /
-                   statistics.median(load_t["flattened"])})
+    report.update(compare_loads(args.rounds, imgs[-1], flat, how))
+    return report
+
+
+def load_only(args, work):
+    """The load comparison alone, on the chain in --load-only."""
+    imgs = [Path(args.load_only) / f"l{k}.qsnap" for k in range(LEVELS)]
+    missing = [str(p) for p in imgs if not p.exists()]
+    if missing:
+        raise SystemExit(f"bench.incremental: error: no chain image {missing[0]}")
+    flat, how = flattened(imgs[-1], None, work)
+    report = {"machine": machine(), "chain": str(args.load_only),
+              "image_bytes": [p.stat().st_size for p in imgs]}
+    report.update(compare_loads(args.rounds, imgs[-1], flat, how))
     return report
 
 

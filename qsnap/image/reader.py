@@ -22,6 +22,7 @@ from qsnap.image.qcow2 import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MA
 ZERO_CLUSTER = QCOW_OFLAG_ZERO  # the L2 value kept for a zero-flagged cluster (no host offset is 1)
 VERIFY_READ = 8 << 20   # bytes per read in verify_all (a bound on check's memory)
 SCAN_READ = 8 << 20     # bytes per read while the metadata region's checksums are verified
+META_HEAD_READ = 64 << 10  # bytes first read for the metadata document
 
 
 @dataclass
@@ -88,6 +89,16 @@ def pread_exact(fd, length, offset, path):
     if len(data) != length:
         raise ImageError(f"image truncated: {len(data)} of {length} bytes at image offset 0x{offset:x}")
     return data
+
+
+def pread_into(fd, view, offset, path):
+    """Fill the writable buffer ``view`` from ``offset`` (no intermediate bytes object)."""
+    try:
+        got = os.preadv(fd, [view], offset)
+    except OSError as e:
+        raise IOFailure(f"{os.strerror(e.errno).lower()} reading {path} at offset 0x{offset:x}") from None
+    if got != len(view):
+        raise ImageError(f"image truncated: {got} of {len(view)} bytes at image offset 0x{offset:x}")
 
 
 def read_header(fd, path, file_size):
@@ -288,9 +299,13 @@ class Image:
         if name is None:
             return
         cb = self.cluster_bits
-        own = np.union1d(self._mapped_virt, self._zero_virt)
-        first, last = self.meta_offset >> cb, self.virtual_size >> cb
-        n_own = int(np.count_nonzero((own >= np.uint64(first)) & (own < np.uint64(last))))
+        # each virtual cluster has one L2 entry: the mapped and zero-flagged sets are
+        # disjoint and each free of repeats, so their sizes add up (no np.union1d,
+        # which imports numpy.ma)
+        first, last = np.uint64(self.meta_offset >> cb), np.uint64(self.virtual_size >> cb)
+        n_own = sum(int(np.count_nonzero((own >= first) & (own < last)))
+                    for own in (self._mapped_virt, self._zero_virt))
+        first, last = int(first), int(last)
         if n_own != last - first:
             raise ImageError(f"{self.path}: the metadata region of a child image is not all its own "
                              f"({n_own} of {last - first} clusters from virtual offset 0x{first << cb:x} "
@@ -447,8 +462,10 @@ class Image:
         return doc, blobs
 
     def _meta_head(self, mo, ml):
-        """The metadata region's head and JSON document (all of it, however long)."""
-        head = self._read_virtual(mo, min(ml, 1 << 20))
+        """The metadata region's head and JSON document (all of it, however long).
+        A first read of META_HEAD_READ bytes holds a usual document whole; the
+        region's blobs after it are read once, by _scan_region."""
+        head = self._read_virtual(mo, min(ml, META_HEAD_READ))
         if len(head) >= layout.META_HEAD.size:
             want = layout.META_HEAD.size + layout.META_HEAD.unpack(head)["json_length"]
             if len(head) < want <= ml:
@@ -540,6 +557,7 @@ class Image:
     def _read_virtual(self, voff, length):
         """``length`` bytes of the virtual disk at ``voff``, read through the chain."""
         out = bytearray(length)
+        view = memoryview(out)
         cs = self.cluster_size
         pos = 0
         while pos < length:
@@ -547,8 +565,9 @@ class Image:
             n = min(length - pos, cs - (v & (cs - 1)))
             img, h = self.locate(v)
             if img is not None:
-                out[pos:pos + n] = pread_exact(img._fd, n, h, img.path)
+                pread_into(img._fd, view[pos:pos + n], h, img.path)
             pos += n
+        view.release()
         return bytes(out)
 
     def data_clusters(self):
