@@ -368,7 +368,7 @@ def test_failure_leaves_the_output_untouched(chain, monkeypatch, op):
 
     def fail(*a, **kw):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(rewrite_mod._Output, "_put_in_place", fail)
+    monkeypatch.setattr(rewrite_mod._Output, "commit", fail)   # the last step: sync, rename
     with pytest.raises(OSError):
         if op == "flatten":
             flatten(str(d / "child.qsnap"), str(d / "flat.qsnap"))
