@@ -8,11 +8,11 @@ stand-alone; tools that do not share qsnap's reader (qemu-img check, info,
 map, convert) check the chain, and restores through it are compared with
 QEMU's own restore of the raw stream.
 """
-import importlib.util
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pytest
 
 from bigcmp import assert_same
 
+from qsnap.vm.qmp import Qmp
 from qsnaptest import diskguest, guests, tools as qsnaptools
 from qsnaptest.qemu import Qemu, parse_size
 from qsnaptest.tools import (assert_same_vm_ram, postcopy_restore, qemu_img_check, qsnap_cmd,
@@ -61,17 +62,6 @@ def snapshot(blobs, img, raw, parent=None):
     assert img.is_file() and raw.is_file()
 
 
-def chain_reader():
-    """Whether this qsnap's reader follows backing chains (saving onto an
-    incremental image, loading one)."""
-    return importlib.util.find_spec("qsnap.image.chain") is not None
-
-
-def _needs_chain_reader():
-    if not chain_reader():
-        pytest.skip("this qsnap's reader does not follow backing chains yet")
-
-
 @pytest.fixture(scope="module")
 def chain(qemu_bin, tmp_path_factory):
     """[(image, raw stream, stand-alone save of the stream, blobs)] from base to
@@ -80,7 +70,7 @@ def chain(qemu_bin, tmp_path_factory):
     d = tmp_path_factory.mktemp("chain")
     guests.check_blob_layout(LAYOUT, parse_size(MEMORY))
     out = []
-    for level in range(DEPTH if chain_reader() else 2):
+    for level in range(DEPTH):
         blobs = level_blobs(d, level)
         img, raw, full = d / f"l{level}.qsnap", d / f"l{level}.stream", d / f"l{level}-full.qsnap"
         snapshot(blobs, img, raw, parent=out[-1][0] if out else None)
@@ -141,7 +131,6 @@ def test_children_store_what_changed(chain):
 def test_zeroed_blob_reads_zero_over_the_parent(chain):
     """The blob zeroed at level ZEROED[0] is zero-flagged: zeros in the child,
     whatever its parent holds there."""
-    _needs_chain_reader()
     img = chain[ZEROED[0]][0]
     addr, size = LAYOUT[ZEROED[1]]
     extents = qemu_img_json("map", str(img))
@@ -175,7 +164,6 @@ def _restore_pair(img, raw, tmp_path, postcopy):
 @pytest.mark.parametrize("level", [1, DEPTH - 1])
 @pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy"])
 def test_restore_through_the_chain_matches_the_raw_stream(chain, tmp_path, level, postcopy):
-    _needs_chain_reader()
     img, raw, _, _ = chain[level]
     _restore_pair(img, raw, tmp_path, postcopy)
 
@@ -184,7 +172,6 @@ def test_restore_through_the_chain_matches_the_raw_stream(chain, tmp_path, level
 def test_swapped_parent_is_refused(chain, tmp_path):
     """A parent replaced by another image (here: the stand-alone save of the
     same level, same RAM but another snapshot) is refused by name."""
-    _needs_chain_reader()
     d = tmp_path / "swap"
     d.mkdir()
     base, _, full0, _ = chain[0]
@@ -251,7 +238,6 @@ def test_incremental_snapshot_chains_ram_and_disks(disk_guest_files, tmp_path):
     assert _chain_files(b["disks"][0]["overlay"]) == ["disk.a.b.qcow2", "disk.a.qcow2", "disk.qcow2"]
     assert os.path.getsize(tmp_path / "b.qsnap") < os.path.getsize(tmp_path / "a.qsnap")
 
-    _needs_chain_reader()
     frozen_recs = diskguest.records(frozen_b)
     k = diskguest.contiguous_top(frozen_recs)
     restored_disk = diskguest.create_overlay(tmp_path / "restored.qcow2", frozen_b)
@@ -272,6 +258,7 @@ def test_incremental_snapshot_chains_ram_and_disks(disk_guest_files, tmp_path):
         dst.shutdown()
 
 
+@pytest.mark.all_qemu
 def test_snapshot_incremental_and_parent_ram_only(qemu_bin, tmp_path):
     """A RAM-only blob guest: `snapshot --incremental` takes the last snapshot as
     parent, `--parent` the one given; through qemu-img convert each child reads
@@ -287,11 +274,10 @@ def test_snapshot_incremental_and_parent_ram_only(qemu_bin, tmp_path):
         assert r.returncode == 0, r.stderr.decode()
         r, one = _snapshot(sock, tmp_path / "one.qsnap", "--disks=none", "--incremental")
         assert r.returncode == 0, r.stderr.decode()
-        if chain_reader():   # saving onto a child opens it
-            r, two = _snapshot(sock, tmp_path / "two.qsnap", "--disks=none", "--parent",
-                               tmp_path / "one.qsnap")
-            assert r.returncode == 0, r.stderr.decode()
-            assert two["parent"] == str(tmp_path / "one.qsnap")
+        r, two = _snapshot(sock, tmp_path / "two.qsnap", "--disks=none", "--parent",
+                           tmp_path / "one.qsnap")
+        assert r.returncode == 0, r.stderr.decode()
+        assert two["parent"] == str(tmp_path / "one.qsnap")
         r, full = _snapshot(sock, tmp_path / "full.qsnap", "--disks=none")
         assert r.returncode == 0, r.stderr.decode()
     finally:
@@ -305,10 +291,32 @@ def test_snapshot_incremental_and_parent_ram_only(qemu_bin, tmp_path):
     full_ram = _outside_bios(raw_ram(tmp_path / "full.qsnap", tmp_path))
     assert_same(_outside_bios(raw_ram(tmp_path / "one.qsnap", tmp_path)), full_ram,
                 "the --incremental child through its parent")
-    if chain_reader():
-        assert _chain_files(tmp_path / "two.qsnap") == ["two.qsnap", "one.qsnap", "base.qsnap"]
-        assert_same(_outside_bios(raw_ram(tmp_path / "two.qsnap", tmp_path)), full_ram,
-                    "the --parent child through its chain")
+    assert _chain_files(tmp_path / "two.qsnap") == ["two.qsnap", "one.qsnap", "base.qsnap"]
+    assert_same(_outside_bios(raw_ram(tmp_path / "two.qsnap", tmp_path)), full_ram,
+                "the --parent child through its chain")
+    # qsnap restore --launch follows the chain too, by precopy and by postcopy
+    mem = parse_size(MEMORY)
+    for how in ([], ["--postcopy=10"]):
+        ram = _launched_ram(tmp_path / "two.qsnap", tmp_path / f"launch{len(how)}", how)
+        assert_same(_outside_bios(ram), full_ram[:mem], f"restore --launch {how} of the 3-deep chain")
+
+
+def _launched_ram(img, d, args):
+    """Guest RAM (256 MiB from 0) of ``qsnap restore --launch --paused IMG``."""
+    r = subprocess.run(shlex.split(qsnap_cmd("restore", "--launch", "--paused", "--output=json",
+                                             "--dir", d, *args, img)),
+                       capture_output=True, env=qsnap_env(), timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    out = json.loads(r.stdout)
+    q = Qmp(out["qmp"]).connect()
+    try:
+        assert q.cmd("query-status")["status"] == "paused"
+        dump = d / "ram.dump"
+        q.cmd("pmemsave", val=0, size=parse_size(MEMORY), filename=str(dump))
+        return dump.read_bytes()
+    finally:
+        q.close()
+        os.kill(out["pid"], signal.SIGKILL)
 
 
 def _outside_bios(ram):
