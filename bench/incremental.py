@@ -33,7 +33,6 @@ incremental save is normally the image just written).  Streams and blobs go to
 --shm (tmpfs); images to --dir.  Everything made is removed at the end.
 """
 import argparse
-import importlib.util
 import json
 import shlex
 import shutil
@@ -115,20 +114,11 @@ def save(stream, img, *opts):
     return run_timed(f"cat {shlex.quote(str(stream))} | {qsnap('save', '-q', *opts, img)}")
 
 
-def chain_reader():
-    return importlib.util.find_spec("qsnap.image.chain") is not None
-
-
-def flattened(tip, streams, work):
-    """The RAM of ``tip`` in one image: `qsnap flatten` where it exists, else a full save
-    of the tip's stream (what flatten makes, but for its metadata)."""
+def flattened(tip, work):
+    """The RAM of ``tip`` in one image (`qsnap flatten`)."""
     out = work / "flat.qsnap"
-    r = subprocess.run(qsnap("flatten", "--help"), shell=True, capture_output=True)
-    if r.returncode == 0:
-        subprocess.run(qsnap("flatten", tip, out), shell=True, check=True)
-        return out, "qsnap flatten"
-    save(streams[-1], out)
-    return out, "full save of the same stream"
+    subprocess.run(qsnap("flatten", tip, out), shell=True, check=True)
+    return out, "qsnap flatten"
 
 
 def alternate(rounds, contenders):
@@ -200,8 +190,7 @@ def main(argv=None):
 
 def run(args, work, shm):
     lay = layout(args.mem, args.fill, args.change)
-    # saving onto a child (and loading one) needs a reader that follows chains
-    levels = LEVELS if chain_reader() else 2
+    levels = LEVELS
     streams, accel = capture_levels(args.mem, lay, shm, levels)
     imgs = [work / f"l{k}.qsnap" for k in range(levels)]
     save(streams[0], imgs[0])
@@ -228,10 +217,7 @@ def run(args, work, shm):
     }
     for p in streams[:-1]:
         p.unlink()
-    if not chain_reader():
-        report["load"] = "skipped: this qsnap's reader does not follow backing chains"
-        return report
-    flat, how = flattened(imgs[-1], streams, work)
+    flat, how = flattened(imgs[-1], work)
     report.update(compare_loads(args.rounds, imgs[-1], flat, how))
     return report
 
@@ -242,7 +228,7 @@ def load_only(args, work):
     missing = [str(p) for p in imgs if not p.exists()]
     if missing:
         raise SystemExit(f"bench.incremental: error: no chain image {missing[0]}")
-    flat, how = flattened(imgs[-1], None, work)
+    flat, how = flattened(imgs[-1], work)
     report = {"machine": machine(), "chain": str(args.load_only),
               "image_bytes": [p.stat().st_size for p in imgs]}
     report.update(compare_loads(args.rounds, imgs[-1], flat, how))
