@@ -292,3 +292,21 @@ def build_refcounts(layout):
     table[:layout.n_refblocks] = np.uint64(layout.refblock_offset) + \
         np.arange(layout.n_refblocks, dtype=np.uint64) * np.uint64(cs)
     return blocks.tobytes(), table.astype(">u8").tobytes()
+
+
+def write_tables(pwrite, virt, hosts, cluster_bits, pos, virtual_size, zero_virt=None):
+    """The L2 tables, L1 table, refcount blocks and refcount table of a sparse map, written
+    with ``pwrite(buf, offset)`` from host offset ``pos`` on: (table layout, l1_size).
+    ``virt``/``hosts``: every mapped cluster (virtual cluster index, host offset);
+    ``zero_virt``: the clusters that get the bare zero flag."""
+    cs = 1 << cluster_bits
+    l1_indices, l2_tables = sparse_l2_tables(virt, hosts, cluster_bits, zero_virt)
+    l1_size = l1_size_for(virtual_size, cluster_bits)
+    tl = plan_tables(pos, len(l1_indices), l1_size, cs)
+    for k, table in enumerate(l2_tables):
+        pwrite(table, tl.l2_offset + k * cs)
+    pwrite(build_l1_table(l1_size, l1_indices, tl.l2_offset, cs, tl.l1_clusters), tl.l1_offset)
+    refblocks, reftable = build_refcounts(tl)
+    pwrite(refblocks, tl.refblock_offset)
+    pwrite(reftable, tl.reftable_offset)
+    return tl, l1_size

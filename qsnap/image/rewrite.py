@@ -218,7 +218,8 @@ class _Output(AtomicOutput):
         virt = np.concatenate([virt, np.arange(first, first + n_area, dtype=np.uint64)])
         hosts = np.concatenate([hosts, meta_at + np.arange(n_area, dtype=np.uint64) * np.uint64(cs)])
         virtual_size = src.meta_offset + n_area * cs
-        tl, l1_size = self._tables(virt, hosts, zero_virt, cb, virtual_size)
+        tl, l1_size = qcow2.write_tables(self.pwrite, virt, hosts, cb, self.pos, virtual_size,
+                                         zero_virt)
         self.sync()
         hdr = qcow2.make_header(cluster_bits=cb, size=virtual_size, l1_size=l1_size,
                                 l1_table_offset=tl.l1_offset, refcount_table_offset=tl.reftable_offset,
@@ -237,18 +238,4 @@ class _Output(AtomicOutput):
         self.pos += len(data)
         if len(self.buf) >= COPY_BATCH:
             self.flush()
-
-    def _tables(self, virt, hosts, zero_virt, cb, virtual_size):
-        cs = self.cs
-        l1_indices, l2_tables = qcow2.sparse_l2_tables(virt, hosts, cb, zero_virt=zero_virt)
-        l1_size = qcow2.l1_size_for(virtual_size, cb)
-        tl = qcow2.plan_tables(self.pos, len(l1_indices), l1_size, cs)
-        for k, table in enumerate(l2_tables):
-            self.pwrite(table, tl.l2_offset + k * cs)
-        self.pwrite(qcow2.build_l1_table(l1_size, l1_indices, tl.l2_offset, cs, tl.l1_clusters),
-                    tl.l1_offset)
-        refblocks, reftable = qcow2.build_refcounts(tl)
-        self.pwrite(refblocks, tl.refblock_offset)
-        self.pwrite(reftable, tl.reftable_offset)
-        return tl, l1_size
 

@@ -376,17 +376,8 @@ class ImageWriter:
         """L2 tables, L1, refcount blocks and table from ``pos`` on, synced: (table layout, l1_size).
         ``virt``/``hosts``: every mapped cluster (virtual cluster index, host offset);
         ``zero_virt``: the clusters that get the bare zero flag."""
-        cs = self.cluster_size
-        l1_indices, l2_tables = qcow2.sparse_l2_tables(virt, hosts, self.cluster_bits, zero_virt)
-        l1_size = qcow2.l1_size_for(virtual_size, self.cluster_bits)
-        tl = qcow2.plan_tables(pos, len(l1_indices), l1_size, cs)
-        for k, table in enumerate(l2_tables):
-            self._pwrite(table, tl.l2_offset + k * cs)
-        self._pwrite(qcow2.build_l1_table(l1_size, l1_indices, tl.l2_offset, cs, tl.l1_clusters),
-                     tl.l1_offset)
-        refblocks, reftable = qcow2.build_refcounts(tl)
-        self._pwrite(refblocks, tl.refblock_offset)
-        self._pwrite(reftable, tl.reftable_offset)
+        tl, l1_size = qcow2.write_tables(self._pwrite, virt, hosts, self.cluster_bits, pos,
+                                         virtual_size, zero_virt)
         self._sync()
         return tl, l1_size
 
