@@ -18,6 +18,25 @@ def io_error(e, what, path, offset=None):
     return IOFailure(f"{text} {what} {path}{where}")
 
 
+def pwrite_all(fd, buf, offset, path):
+    """Write all of ``buf`` at ``offset`` of ``fd`` (the file ``path``, for the error)."""
+    view = memoryview(buf)
+    done = 0
+    try:
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+    except OSError as e:
+        raise io_error(e, "writing", path, offset + done) from None
+
+
+def datasync(fd, path):
+    """fdatasync ``fd`` (the file ``path``, for the error)."""
+    try:
+        os.fdatasync(fd)
+    except OSError as e:
+        raise io_error(e, "syncing", path) from None
+
+
 def fsync_dir(directory):
     """Make a rename in ``directory`` durable (best effort: not every filesystem can)."""
     try:
@@ -85,20 +104,11 @@ class AtomicOutput:
             raise io_error(e, "sizing", self.tmp_path) from None
 
     def pwrite(self, buf, offset):
-        view = memoryview(buf)
-        done = 0
-        try:
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], offset + done)
-        except OSError as e:
-            raise io_error(e, "writing", self.tmp_path, offset + done) from None
+        pwrite_all(self.fd, buf, offset, self.tmp_path)
 
     def sync(self):
         """fdatasync: what is written so far is durable (before a header that says so)."""
-        try:
-            os.fdatasync(self.fd)
-        except OSError as e:
-            raise io_error(e, "syncing", self.tmp_path) from None
+        datasync(self.fd, self.tmp_path)
 
     def commit(self):
         try:

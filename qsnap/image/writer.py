@@ -14,7 +14,7 @@ import numpy as np
 
 import qsnap
 from qsnap._core import HOST_ZERO, ClusterSink, crc32c
-from qsnap.atomic import fsync_dir, io_error
+from qsnap.atomic import datasync, fsync_dir, io_error, pwrite_all
 from qsnap.errors import ImageError, IOFailure, UsageError
 from qsnap.image import layout, qcow2
 from qsnap.image.chain import cluster_sources
@@ -121,19 +121,10 @@ class ImageWriter:
     # --- low-level writes -------------------------------------------------------
 
     def _pwrite(self, buf, offset):
-        view = memoryview(buf)
-        done = 0
-        try:
-            while done < len(view):
-                done += os.pwrite(self._fd, view[done:], offset + done)
-        except OSError as e:
-            raise io_error(e, "writing", self.tmp_path, offset + done) from None
+        pwrite_all(self._fd, buf, offset, self.tmp_path)
 
     def _sync(self):
-        try:
-            os.fdatasync(self._fd)
-        except OSError as e:
-            raise io_error(e, "syncing", self.tmp_path) from None
+        datasync(self._fd, self.tmp_path)
 
     def _write_header(self, *, complete, size, l1_size, l1_offset, reftable_offset,
                       reftable_clusters, meta_offset, meta_length, meta_crc,
