@@ -1,6 +1,7 @@
-"""Peak memory and time of `qsnap save`, `load` and `check` against the guest's size.
+"""Peak memory and time of `qsnap save`, `load`, `check`, `info` and `export` against the guest's size.
 
     python -m bench.scale [--case all-2G ...] [--tree DIR ...] [--dir DIR] [--out NAME]
+                          [--repeat N] [--export] [--postcopy] [--margin GIB]
 
 Each case is a synthetic background-snapshot stream (bench/scale_gen.c, compiled
 here: a file header, configuration and MEM_SIZE from qsnap.stream.writer, then
@@ -11,10 +12,18 @@ with its built extension; default: this one) it runs, under /usr/bin/time:
   save:  scale_gen ... | python -m qsnap save -q IMG
   load:  python -m qsnap load -q IMG > /dev/null
   check: python -m qsnap check IMG
+  info:  python -m qsnap info IMG
+  export: python -m qsnap export -q --format=F IMG OUT   (with --export: raw, then elf;
+          each OUT deleted at once)
   postcopy: python -m qsnap load --postcopy=10 -q IMG   (with --postcopy)
 
-and records the peak RSS (VmHWM, /usr/bin/time's %M) and the wall time, then
-deletes the image at once (a 16 GiB all-data guest makes a 16 GiB image).
+and records the peak RSS (VmHWM, /usr/bin/time's %M), the wall time and the
+CPU time (user + system), then deletes the image at once (a 16 GiB all-data
+guest makes a 16 GiB image).  With --repeat N the list of cases runs N times,
+one case after the other (A B A B: on a shared host the load drifts, and
+alternating spreads it over both); the linearity table compares cases of the
+same density whose guests differ 16-fold (all-4G / all-64G, sparse-64G /
+sparse-1T), per GiB of stream, medians over the repeats.
 The postcopy load talks to a simulated destination in this process
 (postcopy_peer: page requests spread over the guest, the stream read to its
 end and dropped, then SHUT, as tests/unit/test_postcopy.py's FakeDest does),
@@ -32,6 +41,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -48,10 +58,13 @@ PART_PAGES = 4096   # as scale_gen.c
 # name -> (guest bytes, every n-th MiB holds data: the image is 1/n of the guest)
 CASES = {
     "all-2G": (2 * GiB, 1),
+    "all-4G": (4 * GiB, 1),
     "all-8G": (8 * GiB, 1),
     "all-16G": (16 * GiB, 1),
-    "quarter-64G": (64 * GiB, 4),     # a 16 GiB image
-    "sparse-1T": (1024 * GiB, 1024),  # a 1 GiB image
+    "all-64G": (64 * GiB, 1),         # a 64 GiB image
+    "quarter-64G": (64 * GiB, 4),     # a 64 GiB image (every cluster holds some data)
+    "sparse-64G": (64 * GiB, 1024),   # sparse-1T's density at 1/16 of its size
+    "sparse-1T": (1024 * GiB, 1024),  # 1 GiB of data, a 2 GiB image
     "qemu-64G": (64 * GiB, None),
     "qemu-2G": (2 * GiB, None),   # a quick check of the real-QEMU harness
 }
@@ -93,27 +106,34 @@ def stream_bytes(pre, suf, size, every):
 
 
 def timed(cmd, tree, stdin=None, stdout=subprocess.DEVNULL):
-    """(peak RSS MiB, seconds) of one command under /usr/bin/time."""
+    """(peak RSS MiB, wall seconds, CPU seconds) of one command under /usr/bin/time."""
     r = subprocess.run(time_cmd(cmd), cwd=tree, env=tree_env(tree), stdin=stdin,
                        stdout=stdout, stderr=subprocess.PIPE, text=True)
     return time_result(cmd, tree, r.returncode, r.stderr)
 
 
 def time_cmd(cmd):
-    return ["/usr/bin/time", "-f", "%M %e", *cmd]
+    return ["/usr/bin/time", "-f", TIME_FORMAT, *cmd]
 
 
 def tree_env(tree):
     return dict(os.environ, PYTHONPATH=str(tree))
 
 
+TIME_FORMAT = "%M %e %U %S"   # peak RSS KiB, wall, user and system seconds
+
+
 def time_result(cmd, tree, status, stderr):
-    """(peak RSS MiB, seconds) from /usr/bin/time's last line of ``stderr``."""
+    """(peak RSS MiB, wall seconds, CPU seconds) from /usr/bin/time's last line of ``stderr``."""
     last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     if status != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} in {tree} failed: {stderr.strip()[-2000:]}")
-    kib, secs = last.split()
-    return int(kib) / 1024, float(secs)
+    return parse_time(last)
+
+
+def parse_time(line):
+    kib, wall, user, system = line.split()[-4:]
+    return int(kib) / 1024, float(wall), float(user) + float(system)
 
 
 PEER_REQUESTS = 16   # page requests the simulated destination makes, spread over the guest
@@ -148,7 +168,7 @@ def postcopy_peer(size):
 
 
 def timed_postcopy(py, img, tree, size):
-    """(peak RSS MiB, seconds) of a postcopy load of ``img`` against postcopy_peer,
+    """(peak RSS MiB, wall seconds, CPU seconds) of a postcopy load of ``img`` against postcopy_peer,
     run here.  Not under /usr/bin/time: it would hold the stream pipe open, and
     the peer must see the stream's end; wait4's ru_maxrss is the same VmHWM."""
     s_r, s_w = os.pipe()
@@ -174,10 +194,14 @@ def timed_postcopy(py, img, tree, size):
         raise RuntimeError(f"{' '.join(map(str, cmd))} in {tree} failed: {err.strip()[-2000:]}")
     if got[0] < size // PS * 9:   # every page as a record: header + data or fill byte
         raise RuntimeError(f"postcopy load of {img} wrote only {got[0]} bytes")
-    return usage.ru_maxrss / 1024, time.monotonic() - t
+    return usage.ru_maxrss / 1024, time.monotonic() - t, usage.ru_utime + usage.ru_stime
 
 
-def run_case(gen, name, tree, workdir, postcopy=False):
+def put(row, what, measured):
+    row[f"{what}_mib"], row[f"{what}_s"], row[f"{what}_cpu"] = measured
+
+
+def run_case(gen, name, tree, workdir, postcopy=False, export=False):
     size, every = CASES[name]
     with tempfile.TemporaryDirectory(dir=workdir, prefix="qsnap-scale-") as tmp:
         pre, suf = stream_ends(tmp, size)
@@ -192,15 +216,24 @@ def run_case(gen, name, tree, workdir, postcopy=False):
             g.wait()
         row = {"case": name, "tree": str(tree), "guest_gib": size / GiB, "data_every": every,
                "stream_gib": stream_bytes(pre, suf, size, every) / GiB,
-               "image_gib": img.stat().st_size / GiB,
-               "save_mib": save[0], "save_s": save[1]}
+               "image_gib": img.stat().st_size / GiB, "load_avg": os.getloadavg()[0]}
+        put(row, "save", save)
         with open(os.devnull, "wb") as null:
-            row["load_mib"], row["load_s"] = timed([*py, "load", "-q", str(img)], tree, stdout=null)
-        row["check_mib"], row["check_s"] = timed([*py, "check", str(img)], tree)
+            put(row, "load", timed([*py, "load", "-q", str(img)], tree, stdout=null))
+        put(row, "check", timed([*py, "check", str(img)], tree))
+        put(row, "info", timed([*py, "info", str(img)], tree))
         if postcopy:
-            row["postcopy_mib"], row["postcopy_s"] = timed_postcopy(py, img, tree, size)
+            put(row, "postcopy", timed_postcopy(py, img, tree, size))
+        for fmt in EXPORT_FORMATS if export else ():
+            out = Path(tmp) / f"vm.{fmt}"
+            put(row, f"export_{fmt}", timed([*py, "export", "-q", f"--format={fmt}", str(img), str(out)],
+                                            tree))
+            out.unlink()
         img.unlink()
     return row
+
+
+EXPORT_FORMATS = ("raw", "elf")
 
 
 def run_qemu_case(name, tree, workdir):
@@ -215,7 +248,7 @@ def run_qemu_case(name, tree, workdir):
     with tempfile.TemporaryDirectory(dir=workdir, prefix="qsnap-scale-") as tmp:
         blobs = make_blobs(tmp, [(16 << 20, 64 << 20)])
         img, t_save, t_load = Path(tmp) / "vm.qsnap", Path(tmp) / "save.time", Path(tmp) / "load.time"
-        timed_exec = "cd {} && /usr/bin/time -f '%M %e' -o {} {} {}"
+        timed_exec = f"cd {{}} && /usr/bin/time -f '{TIME_FORMAT}' -o {{}} {{}} {{}}"
         # MAP_NORESERVE: a guest larger than the host's RAM starts (Linux's
         # overcommit heuristic refuses a 64 GiB reservation on a 24 GiB host)
         ram = ["-object", f"memory-backend-ram,id=pc.ram,size={size},reserve=off",
@@ -238,9 +271,9 @@ def run_qemu_case(name, tree, workdir):
                "stream_gib": info["counts"]["stream_bytes"] / GiB,
                "image_gib": img.stat().st_size / GiB}
         for what, path in (("save", t_save), ("load", t_load)):
-            kib, secs = path.read_text().split()[-2:]
-            row[f"{what}_mib"], row[f"{what}_s"] = int(kib) / 1024, float(secs)
-        row["check_mib"], row["check_s"] = timed([sys.executable, "-m", "qsnap", "check", str(img)], tree)
+            put(row, what, parse_time(path.read_text()))
+        for what in ("check", "info"):
+            put(row, what, timed([sys.executable, "-m", "qsnap", what, str(img)], tree))
         img.unlink()
     return row
 
@@ -259,16 +292,62 @@ def postcopy_table(rows):
     return "\n".join(out)
 
 
+def export_table(rows):
+    out = ["| case | tree | guest GiB | export raw MiB | raw s (CPU s) | export elf MiB | elf s (CPU s) |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    out += [f"| {r['case']} | {Path(r['tree']).name} | {r['guest_gib']:g} "
+            + " ".join(f"| {r[f'export_{f}_mib']:.0f} | {r[f'export_{f}_s']:.1f} ({r[f'export_{f}_cpu']:.1f})"
+                       for f in EXPORT_FORMATS) + " |"
+            for r in rows if "export_raw_mib" in r]
+    return "\n".join(out)
+
+
 def table(rows):
-    out = ["| case | tree | guest GiB | stream GiB | save MiB | save s/GiB | load MiB | load s/GiB "
-           "| check MiB | check s |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| case | tree | guest GiB | stream GiB | save MiB | save s/GiB (CPU) | load MiB "
+           "| load s/GiB (CPU) | check MiB | check s/GiB (CPU) | info MiB | info s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         sg = r["stream_gib"]
+        per = lambda w: f"{r[w + '_s'] / sg:.2f} ({r.get(w + '_cpu', float('nan')) / sg:.2f})"  # noqa: E731
+        info = f"{r['info_mib']:.0f} | {r['info_s']:.1f}" if "info_mib" in r else "- | -"
         out.append(f"| {r['case']} | {Path(r['tree']).name} | {r['guest_gib']:g} | {sg:.2f} "
-                   f"| {r['save_mib']:.0f} | {r['save_s'] / sg:.2f} | {r['load_mib']:.0f} "
-                   f"| {r['load_s'] / sg:.2f} | {r['check_mib']:.0f} | {r['check_s']:.1f} |")
+                   f"| {r['save_mib']:.0f} | {per('save')} | {r['load_mib']:.0f} | {per('load')} "
+                   f"| {r['check_mib']:.0f} | {per('check')} | {info} |")
     return "\n".join(out)
+
+
+# (smaller, 16 x larger) cases of one density: time per stream byte should stay within 10 %
+LINEAR_PAIRS = (("all-4G", "all-64G"), ("sparse-64G", "sparse-1T"))
+
+
+def linearity_table(rows):
+    """Per op: median seconds per GiB of stream (wall and CPU) of each pair's cases
+    and their ratio (large / small; the target is <= 1.1)."""
+    out = ["| pair | op | runs | small s/GiB wall (CPU) | large s/GiB wall (CPU) | ratio wall | ratio CPU |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for small, large in LINEAR_PAIRS:
+        a = [r for r in rows if r["case"] == small]
+        b = [r for r in rows if r["case"] == large]
+        if not a or not b:
+            continue
+        for op in ("save", "load", "check"):
+            med = lambda rs, k: statistics.median(r[f"{op}_{k}"] / r["stream_gib"] for r in rs)  # noqa: E731
+            sw, sc, lw, lc = med(a, "s"), med(a, "cpu"), med(b, "s"), med(b, "cpu")
+            out.append(f"| {small} / {large} | {op} | {len(a)} / {len(b)} | {sw:.3f} ({sc:.3f}) "
+                       f"| {lw:.3f} ({lc:.3f}) | {lw / sw:.2f} | {lc / sc:.2f} |")
+    return "\n".join(out)
+
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def write_rows(name, rows):
+    (RESULTS / f"scale-{name}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+
+
+def image_need(size, every):
+    """Disk bytes an image of the case takes: its data clusters and the 4-byte checksums."""
+    return size // (every or 1024) + size // PS * 4
 
 
 def main(argv=None):
@@ -277,34 +356,38 @@ def main(argv=None):
     p.add_argument("--tree", action="append", help="a qsnap checkout (default: this one)")
     p.add_argument("--dir", default="/var/tmp", help="where images are written (and deleted)")
     p.add_argument("--out", default=datetime.date.today().isoformat())
+    p.add_argument("--repeat", type=int, default=1, help="run the list of cases this many times")
+    p.add_argument("--margin", type=float, default=20, help="GiB to leave free on --dir beside the image")
     p.add_argument("--postcopy", action="store_true",
                    help="also a postcopy load of each synthetic image (simulated destination)")
+    p.add_argument("--export", action="store_true",
+                   help="also export each synthetic image as raw and as elf (each file deleted at once)")
     a = p.parse_args(argv)
     trees = [Path(t).resolve() for t in (a.tree or [ROOT])]
     cases = a.case or [c for c in CASES if c != "qemu-2G"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="qsnap-scale-gen-") as tmp:
         gen = build_gen(tmp)
-        for name in cases:
+        for name in cases * a.repeat:
             size, every = CASES[name]
-            need = size // (every or 1024) * 1.1
-            if shutil.disk_usage(a.dir).free < need + 20 * GiB:
-                print(f"skipping {name}: {a.dir} has less than {need / GiB + 20:.0f} GiB free",
+            need = image_need(size, every) * (2.1 if a.export else 1.1)   # image + the export's file
+            if shutil.disk_usage(a.dir).free < need + a.margin * GiB:
+                print(f"skipping {name}: {a.dir} has less than {need / GiB + a.margin:.0f} GiB free",
                       file=sys.stderr)
                 continue
             for tree in trees:
                 try:
                     run = run_qemu_case if CASES[name][1] is None else \
-                        partial(run_case, gen, postcopy=a.postcopy)
+                        partial(run_case, gen, postcopy=a.postcopy, export=a.export)
                     rows.append(run(name, tree, a.dir))
                 except RuntimeError as e:   # e.g. out of memory on an old tree: a row saying so
                     rows.append({"case": name, "tree": str(tree), "error": str(e)[-500:]})
                 print(json.dumps(rows[-1]), flush=True)
-    res = ROOT / "bench" / "results"
-    (res / f"scale-{a.out}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+                write_rows(a.out, rows)   # after each row: a long run cut short keeps what it measured
     ok = [r for r in rows if "error" not in r]
-    text = table(ok) + ("\n\n" + postcopy_table(ok) if a.postcopy else "")
-    (res / f"scale-{a.out}.md").write_text(f"Machine: {machine()}\n\n{text}\n")
+    text = "\n\n".join([table(ok)] + ([postcopy_table(ok)] if a.postcopy else [])
+                        + ([export_table(ok)] if a.export else []) + [linearity_table(ok)])
+    (RESULTS / f"scale-{a.out}.md").write_text(f"Machine: {machine()}\n\n{text}\n")
     print(text)
 
 
