@@ -26,10 +26,8 @@ others as they are, zero in a fresh QEMU.
 """
 import io
 
-import numpy as np
-
 from qsnap.errors import ImageError, StreamError
-from qsnap.export.pages import stored_bits
+from qsnap.export.pages import bitmap_bytes
 from qsnap.stream import constants as C
 from qsnap.stream import encode
 from qsnap.stream.events import Configuration
@@ -116,9 +114,19 @@ def _block_entry(b, gpa_field):
 
 def _write_block(img, pages, out, bi, bitmap_offset, pages_offset):
     b = img.blocks[bi]
-    bits = stored_bits(b, img.target_page_size)
-    bm = np.packbits(bits, bitorder="little").tobytes()
-    out.pwrite(bm + bytes(encode.mapped_ram_bitmap_size(b.length, img.target_page_size) - len(bm)),
-               bitmap_offset)
+    _write_bitmap(b, out, bitmap_offset, encode.mapped_ram_bitmap_size(b.length, img.target_page_size),
+                  pages.window)
     for boff, data in pages.runs(bi):
         out.pwrite(data, pages_offset + boff)
+
+
+def _write_bitmap(b, out, at, size, window):
+    """The block's bitmap, ``size`` bytes at ``at``, copied from the image's a window at a
+    time: both keep page i in bit i % 8 of byte i / 8 (QEMU's host unsigned longs are
+    little-endian here), and past the last page both are 0."""
+    done = 0
+    for first in range(0, b.n_pages, window):
+        bm = bitmap_bytes(b, first, window).tobytes()
+        out.pwrite(bm, at + done)
+        done += len(bm)
+    out.pwrite(bytes(size - done), at + done)   # the last unsigned long's unused bytes

@@ -3,29 +3,55 @@
 Every export walks the image the same way: per block, the data clusters of
 its region in virtual order, several host-contiguous clusters per read; each
 stored page is checked against its crc32c before it leaves this module, so a
-corrupt page never reaches an export file. Memory is bounded by PREFETCH + 1
-reads of up to READ_BYTES.
+corrupt page never reaches an export file. A block's page state (1 bit and a
+4-byte crc32c per page: a GiB per TiB of guest) is read from the image one
+window of WINDOW_PAGES pages at a time, as load and check read it. Memory is
+bounded by PREFETCH + 1 reads of up to READ_BYTES and as many windows of state.
 """
 import collections
 import concurrent.futures
 import itertools
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from qsnap._core import page_crcs
 from qsnap.errors import ChecksumError, ImageError, IOFailure
-from qsnap.image.layout import pages_of
 from qsnap.image.pages import close_all, open_chain
 
 READ_BYTES = 8 << 20
 PREFETCH = 2  # reads in flight ahead of the writer: memory is (PREFETCH + 1) * READ_BYTES
+WINDOW_PAGES = 1 << 18   # pages of page state read at once: 32 KiB of bitmap, 1 MiB of checksums
 
 
-def stored_bits(block, tps):
-    """Boolean array: page i of ``block`` is stored in the image."""
-    n = pages_of(block.length, tps)
-    return np.unpackbits(block.bitmap, bitorder="little")[:n].astype(bool)
+def window_pages(img, pages=None):
+    """Pages per window of page state: ``pages`` (default WINDOW_PAGES) rounded up to
+    whole clusters and whole bitmap bytes (the image's bitmap is read from byte boundaries)."""
+    pages = WINDOW_PAGES if pages is None else pages
+    unit = max(8, img.cluster_size // img.target_page_size)
+    return -(-pages // unit) * unit
+
+
+def bitmap_bytes(block, first, n):
+    """uint8 stored-bit bytes (little-endian bit order) of pages first..first+n-1 of
+    ``block`` (``first`` a multiple of 8; bits past the block's end are 0)."""
+    return np.frombuffer(block.bits(first, n), dtype=np.uint8)
+
+
+@dataclass
+class StateWindow:
+    """The stored bits and crc32c of pages [first, first + len(bits)) of a block."""
+
+    first: int
+    bits: np.ndarray     # bool per page
+    crcs: np.ndarray     # '<u4' per page
+
+    @classmethod
+    def read(cls, block, first, n):
+        n = max(0, min(n, block.n_pages - first))
+        bits = np.unpackbits(bitmap_bytes(block, first, n), bitorder="little")[:n].astype(bool)
+        return cls(first, bits, np.frombuffer(block.crcs(first, n), dtype="<u4"))
 
 
 def _runs(mask):
@@ -38,9 +64,10 @@ class PageSource:
     """Stored pages of an open ``qsnap.image.reader.Image``; one runs() iteration at a time
     (they share the read buffers)."""
 
-    def __init__(self, img, read_bytes=READ_BYTES):
+    def __init__(self, img, read_bytes=READ_BYTES, window=None):
         self.img = img
         self.read_bytes = max(read_bytes, img.cluster_size)
+        self.window = window_pages(img, window)
         self._bufs = None
         self.fds = open_chain(img)      # one per file of the backing chain
         for fd in self.fds:
@@ -68,8 +95,7 @@ class PageSource:
         a helper thread while the caller writes the current one: pread, crc32c
         and the caller's pwrite all release the GIL."""
         b = self.img.blocks[bi]
-        bits = stored_bits(b, self.img.target_page_size)
-        extents = enumerate(self._extents(b, bits))
+        extents = enumerate(self._extents(b))
         if self._bufs is None:
             self._bufs = [bytearray(self.read_bytes) for _ in range(PREFETCH + 1)]
         pending = collections.deque()
@@ -78,35 +104,41 @@ class PageSource:
                 for k, e in itertools.islice(extents, PREFETCH):
                     pending.append(pool.submit(self._load, b, *e, self._bufs[k % len(self._bufs)]))
                 while pending:
-                    p0, view, crcs = pending.popleft().result()
+                    p0, view, crcs, state = pending.popleft().result()
                     for k, e in itertools.islice(extents, 1):
                         pending.append(pool.submit(self._load, b, *e, self._bufs[k % len(self._bufs)]))
-                    yield from self._checked_runs(b, bits, p0, view, crcs)
+                    yield from self._checked_runs(b, state, p0, view, crcs)
             finally:
                 for f in pending:
                     f.cancel()
 
-    def _extents(self, b, bits):
-        """(first page, end page, (chain index, host offset)) of each read: clusters
-        consecutive both in the block and in one file of the chain, up to ``read_bytes``."""
+    def _extents(self, b):
+        """(first page, end page, (chain index, host offset), StateWindow) of each read:
+        clusters consecutive both in the block and in one file of the chain, up to
+        ``read_bytes``, within one window of page state (read here, window by window)."""
         ppc = self.img.cluster_size // self.img.target_page_size
-        n = len(bits)
-        wanted = [c for c in range(-(-n // ppc)) if bits[c * ppc:(c + 1) * ppc].any()]
-        i = 0
-        while i < len(wanted):
-            j, hosts = self._extent(b, wanted, i)
-            yield wanted[i] * ppc, min(n, wanted[j - 1] * ppc + ppc), hosts[0]
-            i = j
+        for first in range(0, b.n_pages, self.window):
+            state = StateWindow.read(b, first, self.window)
+            n = len(state.bits)
+            padded = np.zeros(-(-n // ppc) * ppc, bool)
+            padded[:n] = state.bits
+            wanted = (np.flatnonzero(padded.reshape(-1, ppc).any(axis=1)) + first // ppc).tolist()
+            i = 0
+            while i < len(wanted):
+                j, hosts = self._extent(b, wanted, i)
+                yield wanted[i] * ppc, min(first + n, wanted[j - 1] * ppc + ppc), hosts[0], state
+                i = j
 
-    def _load(self, b, p0, p1, where, buf):
+    def _load(self, b, p0, p1, where, state, buf):
         tps = self.img.target_page_size
         view = self._pread(memoryview(buf)[:(p1 - p0) * tps], where, b, p0 * tps)
-        return p0, view, page_crcs(view, tps)
+        return p0, view, page_crcs(view, tps), state
 
-    def _checked_runs(self, b, bits, p0, mv, crcs):
+    def _checked_runs(self, b, state, p0, mv, crcs):
         tps = self.img.target_page_size
-        sel = bits[p0:p0 + len(crcs)]
-        self._verify(b, crcs, p0, sel)
+        lo = p0 - state.first
+        sel = state.bits[lo:lo + len(crcs)]
+        self._verify(b, crcs, p0, sel, state.crcs[lo:lo + len(crcs)])
         for s, e in _runs(sel):
             yield (p0 + s) * tps, mv[s * tps:e * tps]
 
@@ -152,9 +184,9 @@ class PageSource:
                              f"(image offset 0x{offset:x})")
         return view
 
-    def _verify(self, b, got, p0, sel):
+    def _verify(self, b, got, p0, sel, want):
         tps = self.img.target_page_size
-        bad = np.flatnonzero(sel & (got != b.checksums[p0:p0 + len(sel)]))
+        bad = np.flatnonzero(sel & (got != want))
         if len(bad):
             po = (p0 + int(bad[0])) * tps
             f, h = self.img.locate(b.offset + po)

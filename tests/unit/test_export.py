@@ -404,3 +404,96 @@ def test_disk_full_keeps_the_older_output(image, tmp_path, monkeypatch, fmt):
         export(image, out, fmt, quiet=True)
     assert out.read_bytes() == b"older export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "vm.img", "vm.img.stream"]
+
+
+# --- page state read window by window --------------------------------------------------------
+
+WINDOWED_STORED = {"pc.ram": sorted({0, PS, 0x9F000, MIB - PS, MIB, 3 * MIB + 0x5000, 5 * MIB,
+                                     6 * MIB - PS, 6 * MIB, 8 * MIB - PS}),
+                   "/rom@etc/acpi/tables": [0x1000], "pc.bios": [0x3F000]}
+
+
+@pytest.fixture
+def windowed_image(tmp_path):
+    """Stored pages on both sides of several cluster (and so window) boundaries."""
+    return make_image(tmp_path, n_cpus=1, stored=WINDOWED_STORED)
+
+
+def exported(img, out, fmt, monkeypatch, window):
+    from qsnap.export import pages
+
+    monkeypatch.setattr(pages, "WINDOW_PAGES", window)
+    export(img, out, fmt, quiet=True)
+    return out
+
+
+def data_extents(path):
+    """(start, end) of the data (non-hole) extents of a file: SEEK_DATA / SEEK_HOLE."""
+    out, pos, size = [], 0, os.path.getsize(path)
+    with open(path, "rb") as f:
+        while pos < size:
+            try:
+                start = os.lseek(f.fileno(), pos, os.SEEK_DATA)
+            except OSError:   # ENXIO: only a hole follows
+                break
+            pos = os.lseek(f.fileno(), start, os.SEEK_HOLE)
+            out.append((start, pos))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["elf", "raw", "mapped-ram"])
+def test_windowed_page_state_exports_the_same_bytes(windowed_image, tmp_path, monkeypatch, fmt):
+    """One cluster of page state per window gives the file that one window for the block gives
+    (raw is a 4 GiB sparse file: its data extents are compared)."""
+    with Image.open(windowed_image) as img:
+        ppc = img.cluster_size // PS
+        assert img.blocks[img.block_index("pc.ram")].n_pages // ppc >= 4   # several windows
+    whole = exported(windowed_image, tmp_path / "whole", fmt, monkeypatch, 1 << 30)
+    small = exported(windowed_image, tmp_path / "small", fmt, monkeypatch, 1)
+    assert os.path.getsize(small) == os.path.getsize(whole)
+    extents = data_extents(whole)
+    assert data_extents(small) == extents    # the same holes, which read as zeros
+    with open(whole, "rb") as w, open(small, "rb") as s:
+        for start, end in extents:
+            w.seek(start)
+            s.seek(start)
+            assert_same(s.read(end - start), w.read(end - start))
+
+
+def test_windowed_raw_matches_qemu_img_convert(windowed_image, tmp_path, monkeypatch):
+    """Each guest-physical range of the raw export holds what qemu-img reads at its
+    block's virtual offset; between the ranges the file is a hole."""
+    out = exported(windowed_image, tmp_path / "vm.raw", "raw", monkeypatch, 1)
+    disk = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(windowed_image), str(disk)],
+                   check=True)
+    with Image.open(windowed_image) as img:
+        ranges = guest_ranges(img.blocks, img.meta.get("machine"))
+        offsets = [img.blocks[r.block].offset for r in ranges]
+    extents = data_extents(out)
+    with open(out, "rb") as raw, open(disk, "rb") as virt:
+        for r, voff in zip(ranges, offsets):
+            raw.seek(r.gpa)
+            virt.seek(voff + r.block_offset)
+            assert_same(raw.read(r.length), virt.read(r.length))
+        raw.seek(0x9F000)
+        assert raw.read(PS) == page("pc.ram", 0x9F000)   # the comparison saw data
+    assert os.path.getsize(out) == max(r.gpa + r.length for r in ranges)
+    for start, end in extents:   # no data outside the ranges
+        assert any(r.gpa <= start and end <= r.gpa + r.length for r in ranges), (start, end)
+
+
+@pytest.mark.parametrize("fmt", ["elf", "raw", "mapped-ram"])
+def test_corrupt_page_in_a_later_window_is_found(windowed_image, tmp_path, monkeypatch, fmt):
+    from qsnap.export import pages
+
+    monkeypatch.setattr(pages, "WINDOW_PAGES", 1)
+    with Image.open(windowed_image) as img:
+        bi = img.block_index("pc.ram")
+        h = img.host_offset(img.blocks[bi].offset + 6 * MIB)
+    with open(windowed_image, "r+b") as f:
+        f.seek(h + 7)
+        f.write(b"\xee")
+    with pytest.raises(ChecksumError, match="pc.ram' page 0x600000"):
+        export(windowed_image, tmp_path / "out", fmt, quiet=True)
+    assert not (tmp_path / "out").exists()
