@@ -278,6 +278,68 @@ def run_qemu_case(name, tree, workdir):
     return row
 
 
+PLAN_PROBE = """
+import resource, sys
+import numpy as np
+from qsnap.image.pages import ClusterState, chain_plan
+from qsnap.load import file_passes
+
+n, cs = int(sys.argv[1]), 1 << 20
+
+
+class Block:
+    idstr, offset, length = "pc.ram", 0, n * cs
+
+
+class FakeImage:
+    # an all-data image of n clusters as the reader holds it: L2 entries (8 B per
+    # cluster) and the mapped (host, virtual) cluster arrays (16 B per cluster)
+    cluster_size, cluster_bits, target_page_size, chain, blocks = cs, 20, 4096, None, [Block()]
+    l2 = np.arange(n, dtype=np.uint64) * np.uint64(cs) + np.uint64(cs)
+    mapped_host, mapped_virt = l2.copy(), np.arange(n, dtype=np.uint64)
+
+    def data_clusters(self):   # as reader.Image.data_clusters builds them
+        sel = self.mapped_virt < np.uint64(n)
+        pairs = np.empty((int(np.count_nonzero(sel)), 2), dtype=np.uint64)
+        pairs[:, 0] = self.mapped_host[sel]
+        pairs[:, 1] = self.mapped_virt[sel] << np.uint64(20)
+        return pairs[np.argsort(pairs[:, 0], kind="stable")]
+
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+img = FakeImage()
+src, host, virt, bidx = chain_plan(img, img.blocks)
+passes = file_passes(img, src, host, virt, bidx, False, sys.stderr)
+state = ClusterState(img, img.blocks, virt, bidx, 256)
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def plan_memory(tree, guest):
+    """(MiB before, MiB after) peak RSS around load's cluster plan of an all-data ``guest``
+    (bytes) of 1 MiB clusters, built in a process of its own from an image as the reader
+    holds it (no image is written: a 1 TiB all-data one would not fit the disk)."""
+    r = subprocess.run([sys.executable, "-c", PLAN_PROBE, str(guest >> 20)], cwd=tree, env=tree_env(tree),
+                       capture_output=True, text=True, check=True)
+    before, after = r.stdout.split()
+    return int(before) / 1024, int(after) / 1024
+
+
+PLAN_SIZES = (4 * GiB, 64 * GiB, 1024 * GiB)
+
+
+def plan_main(trees, out):
+    rows = [{"tree": str(t), "guest_gib": g / GiB, "clusters": g >> 20,
+             **dict(zip(("before_mib", "after_mib"), plan_memory(t, g))), "load_avg": os.getloadavg()[0]}
+            for t in trees for g in PLAN_SIZES]
+    write_rows(f"plan-{out}", rows)
+    text = "\n".join(["| tree | all-data guest GiB | data clusters | RSS MiB before the plan | after |",
+                      "|---|---:|---:|---:|---:|"]
+                     + [f"| {Path(r['tree']).name} | {r['guest_gib']:g} | {r['clusters']} "
+                        f"| {r['before_mib']:.1f} | {r['after_mib']:.1f} |" for r in rows])
+    print(text)
+
+
 def machine():
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.processor())
@@ -362,8 +424,12 @@ def main(argv=None):
                    help="also a postcopy load of each synthetic image (simulated destination)")
     p.add_argument("--export", action="store_true",
                    help="also export each synthetic image as raw and as elf (each file deleted at once)")
+    p.add_argument("--plan", action="store_true",
+                   help="only the peak RSS of load's cluster plan of all-data guests (PLAN_SIZES), no image")
     a = p.parse_args(argv)
     trees = [Path(t).resolve() for t in (a.tree or [ROOT])]
+    if a.plan:
+        return plan_main(trees, a.out)
     cases = a.case or [c for c in CASES if c != "qemu-2G"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="qsnap-scale-gen-") as tmp:
