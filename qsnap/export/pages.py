@@ -54,6 +54,15 @@ class StateWindow:
         return cls(first, bits, np.frombuffer(block.crcs(first, n), dtype="<u4"))
 
 
+def _stored_clusters(state, ppc):
+    """Block cluster indices (``ppc`` pages each) of a window that hold a stored page;
+    the window starts on a cluster boundary."""
+    n = len(state.bits)
+    padded = np.zeros(-(-n // ppc) * ppc, bool)
+    padded[:n] = state.bits
+    return (np.flatnonzero(padded.reshape(-1, ppc).any(axis=1)) + state.first // ppc).tolist()
+
+
 def _runs(mask):
     """(start, end) index pairs of the True runs of a boolean array."""
     d = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
@@ -119,14 +128,12 @@ class PageSource:
         ppc = self.img.cluster_size // self.img.target_page_size
         for first in range(0, b.n_pages, self.window):
             state = StateWindow.read(b, first, self.window)
-            n = len(state.bits)
-            padded = np.zeros(-(-n // ppc) * ppc, bool)
-            padded[:n] = state.bits
-            wanted = (np.flatnonzero(padded.reshape(-1, ppc).any(axis=1)) + first // ppc).tolist()
+            end = first + len(state.bits)
+            wanted = _stored_clusters(state, ppc)
             i = 0
             while i < len(wanted):
                 j, hosts = self._extent(b, wanted, i)
-                yield wanted[i] * ppc, min(first + n, wanted[j - 1] * ppc + ppc), hosts[0], state
+                yield wanted[i] * ppc, min(end, wanted[j - 1] * ppc + ppc), hosts[0], state
                 i = j
 
     def _load(self, b, p0, p1, where, state, buf):
