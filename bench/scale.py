@@ -315,11 +315,40 @@ print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def plan_memory(tree, guest):
-    """(MiB before, MiB after) peak RSS around load's cluster plan of an all-data ``guest``
-    (bytes) of 1 MiB clusters, built in a process of its own from an image as the reader
-    holds it (no image is written: a 1 TiB all-data one would not fit the disk)."""
-    r = subprocess.run([sys.executable, "-c", PLAN_PROBE, str(guest >> 20)], cwd=tree, env=tree_env(tree),
+# check's plan: verify_all's cluster_sources and its per-file (host, virtual) pairs
+CHECK_PROBE = """
+import resource, sys
+import numpy as np
+from qsnap.image.chain import cluster_sources
+
+n = int(sys.argv[1])
+
+
+class FakeImage:
+    cluster_bits, cluster_size, meta_offset = 20, 1 << 20, n << 20
+    _mapped_host = np.arange(n, dtype=np.uint64) * np.uint64(1 << 20) + np.uint64(4 << 20)
+    _mapped_virt, _zero_virt = np.arange(n, dtype=np.uint64), np.zeros(0, np.uint64)
+    l2 = np.zeros(n, np.uint64)
+
+
+img = FakeImage()
+img.chain = [img]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+virt, src, host = cluster_sources(img)
+rows = np.flatnonzero(src == 0)
+pairs = np.empty((len(rows), 2), dtype=np.uint64)
+pairs[:, 0] = host[rows]
+pairs[:, 1] = virt[rows] << np.uint64(20)
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def plan_memory(tree, guest, probe=PLAN_PROBE):
+    """(MiB before, MiB after) peak RSS around load's cluster plan (``probe``: or check's)
+    of an all-data ``guest`` (bytes) of 1 MiB clusters, built in a process of its own from
+    an image as the reader holds it (no image is written: a 1 TiB all-data one would not
+    fit the disk)."""
+    r = subprocess.run([sys.executable, "-c", probe, str(guest >> 20)], cwd=tree, env=tree_env(tree),
                        capture_output=True, text=True, check=True)
     before, after = r.stdout.split()
     return int(before) / 1024, int(after) / 1024
@@ -330,13 +359,17 @@ PLAN_SIZES = (4 * GiB, 64 * GiB, 1024 * GiB)
 
 def plan_main(trees, out):
     rows = [{"tree": str(t), "guest_gib": g / GiB, "clusters": g >> 20,
-             **dict(zip(("before_mib", "after_mib"), plan_memory(t, g))), "load_avg": os.getloadavg()[0]}
+             **dict(zip(("before_mib", "after_mib"), plan_memory(t, g))),
+             **dict(zip(("check_before_mib", "check_after_mib"), plan_memory(t, g, CHECK_PROBE))),
+             "load_avg": os.getloadavg()[0]}
             for t in trees for g in PLAN_SIZES]
     write_rows(f"plan-{out}", rows)
-    text = "\n".join(["| tree | all-data guest GiB | data clusters | RSS MiB before the plan | after |",
-                      "|---|---:|---:|---:|---:|"]
-                     + [f"| {Path(r['tree']).name} | {r['guest_gib']:g} | {r['clusters']} "
-                        f"| {r['before_mib']:.1f} | {r['after_mib']:.1f} |" for r in rows])
+    text = "\n".join(["| tree | all-data guest GiB | data clusters | load: RSS MiB before the plan | after "
+                       "| check: before | after |",
+                       "|---|---:|---:|---:|---:|---:|---:|"]
+                      + [f"| {Path(r['tree']).name} | {r['guest_gib']:g} | {r['clusters']} "
+                         f"| {r['before_mib']:.1f} | {r['after_mib']:.1f} "
+                         f"| {r['check_before_mib']:.1f} | {r['check_after_mib']:.1f} |" for r in rows])
     print(text)
 
 
