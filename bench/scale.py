@@ -2,6 +2,7 @@
 
     python -m bench.scale [--case all-2G ...] [--tree DIR ...] [--dir DIR] [--out NAME]
                           [--repeat N] [--export] [--postcopy] [--margin GIB]
+    python -m bench.scale --plan     # load's and check's cluster plans alone, 4 GiB..1 TiB all-data
 
 Each case is a synthetic background-snapshot stream (bench/scale_gen.c, compiled
 here: a file header, configuration and MEM_SIZE from qsnap.stream.writer, then
@@ -31,8 +32,12 @@ so its VmHWM is the engine's own.
 Case "qemu-64G" is a real QEMU (qsnaptest blob guest under KVM, ``-m 64G``, a
 64 MiB random blob; untouched RAM costs the host nothing and QEMU sends it as
 ZERO records): ``exec:`` save of a background snapshot, ``exec:`` load into a
-fresh ``-incoming defer`` QEMU (the blob checked there), check.
-Results go to bench/results/scale-NAME.json and .md.
+fresh ``-incoming defer`` QEMU (the blob checked there), check, info.
+--plan builds load's and check's cluster plans of all-data guests up to 1 TiB
+from a stand-in for the image reader's cluster map, in a process each, and
+reports their peak RSS: no image of that size fits a test host's disk.
+Results go to bench/results/scale-NAME.json and .md (after each row: a long
+run cut short keeps what it measured), --plan's to scale-plan-NAME.json.
 """
 import argparse
 import datetime
