@@ -36,8 +36,9 @@ fresh ``-incoming defer`` QEMU (the blob checked there), check, info.
 --plan builds load's and check's cluster plans of all-data guests up to 1 TiB
 from a stand-in for the image reader's cluster map, in a process each, and
 reports their peak RSS: no image of that size fits a test host's disk.
-Results go to bench/results/scale-NAME.json and .md (after each row: a long
-run cut short keeps what it measured), --plan's to scale-plan-NAME.json.
+Results go to bench/results/scale-NAME.json (rewritten after each row: a long
+run cut short keeps what it measured) and, at the end, scale-NAME.md; --plan's
+to scale-plan-NAME.json.
 """
 import argparse
 import datetime
