@@ -490,7 +490,15 @@ class Restore:
                 "seconds_to_run": None if self.seconds_to_run is None else round(self.seconds_to_run, 3),
                 "postcopy": self.postcopy, "dir": self.dir, "overlays": list(self.overlays),
                 "migration_statuses": [e["data"]["status"] for e in self.q.events("MIGRATION")],
-                "timeline": dict(self.timeline)}
+                "timeline": dict(self.timeline), "load": self._load_facts()}
+
+    def _load_facts(self):
+        """The qsnap load child: when it started and ended (s since QMP connected; it
+        starts before) and the CPU time it used, where known."""
+        c = self.child
+        return {"started_s": round(c.started - self.t0, 3),
+                "ended_s": None if c.ended is None else round(c.ended - self.t0, 3),
+                "cpu": c.cpu}
 
     def undo_files(self):
         """After a failure: remove the overlays this restore made if no QEMU uses them.
