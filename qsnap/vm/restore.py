@@ -437,7 +437,7 @@ class Restore:
         """``status``, unless qsnap load failed while QEMU still waits for more of its
         stream: a postcopy destination then goes to postcopy-paused and waits for a
         recovery that will not come (QEMU notices a failed precopy load itself)."""
-        code = self.child.proc.poll()
+        code = self.child.poll()
         if code and status not in ("completed", "failed", "cancelled"):
             raise VmError(self._load_failure(f"qsnap load {self.child.describe_status()} "
                                              f"while the incoming migration was {status}"))
@@ -493,8 +493,9 @@ class Restore:
                 "timeline": dict(self.timeline), "load": self._load_facts()}
 
     def _load_facts(self):
-        """The qsnap load child: when it started and ended (s since QMP connected; it
-        starts before) and the CPU time it used, where known."""
+        """The qsnap load child: when it started and when the restore saw it had ended
+        (s since QMP connected; it starts before, and may end a little before it is
+        seen to), and the CPU time it used, where known."""
         c = self.child
         return {"started_s": round(c.started - self.t0, 3),
                 "ended_s": None if c.ended is None else round(c.ended - self.t0, 3),

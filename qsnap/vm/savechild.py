@@ -49,7 +49,14 @@ class EngineChild:
             raise VmError(f"cannot start qsnap {command} ({sys.executable}): {e.strerror}") from None
 
     def running(self):
-        return self.proc.poll() is None
+        return self.poll() is None
+
+    def poll(self):
+        """Its exit status, or None while it runs (Popen.poll), with its CPU time and end
+        noted first, before reaping it loses them (_await_exit)."""
+        if self.proc.returncode is None and self.ended is None:
+            self._await_exit(0)
+        return self.proc.poll()
 
     def wait(self, timeout):
         """True once the child has exited (within ``timeout`` s)."""
@@ -101,7 +108,7 @@ class EngineChild:
 
     def describe_status(self):
         """'exited with status 2', 'was killed by signal 9' or 'is still running'."""
-        status = self.proc.poll()
+        status = self.poll()
         return "is still running" if status is None else (
             f"was killed by signal {-status}" if status < 0 else f"exited with status {status}")
 
