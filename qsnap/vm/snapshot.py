@@ -243,7 +243,7 @@ class _Snapshot:
             if migration.ram_pages_sent(info) > 0 or info.get("status") == "completed":
                 break
             if info.get("status") in ("failed", "cancelled"):
-                break  # (_undo also resumes it)
+                break  # the VM is resumed by _undo
             if time.monotonic() > deadline:
                 raise VmError(f"QEMU sent no RAM page within {RESUME_TIMEOUT:g} s of the "
                               "background snapshot's start")
