@@ -294,6 +294,28 @@ def process_cpu_s(pid):
     return None if cpu is None else round(cpu["user_s"] + cpu["sys_s"], 3)
 
 
+def threads_cpu_s(pid):
+    """{thread name: user+sys CPU s} of the process ``pid``, its threads of one name
+    summed (/proc/PID/task/*/stat; QEMU names its threads: "CPU 0/KVM", "live_migration",
+    "qemu-system-x86"...), or None: where a QEMU's CPU time goes."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (OSError, TypeError):
+        return None
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
+        fields = stat[stat.rindex(b")") + 2:].split()
+        out[name] = round(out.get(name, 0) + (int(fields[11]) + int(fields[12])) / tick, 3)
+    return out
+
+
 def wait_status(vm, want, t0, timeout, interval=0.01):
     """Poll query-migrate; return seconds since t0 when status is in ``want``."""
     deadline = time.monotonic() + timeout
@@ -342,6 +364,7 @@ def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout,
             cmd = f"{py} -m qsnap load -q {img}"
         else:
             cmd = f"{py} -m qsnap load -q --postcopy={pct} --stats={stats} {img}"
+        start_cpu = process_cpu_s(dst.proc.pid)  # its start-up, apart from the load's
         how = drop_caches(evict)
         t0 = time.monotonic()
         dst.migrate_incoming(f"exec:/usr/bin/time -f '{TIME_FMT}' -o {tf} {cmd}")
@@ -358,9 +381,11 @@ def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout,
             running = time.monotonic() - t0
         done = wait_status(dst, ("completed",), t0, timeout)
         qemu_cpu = process_cpu_s(dst.proc.pid)  # before check_blobs' pmemsaves add theirs
+        qemu_threads = threads_cpu_s(dst.proc.pid)
         tm = read_time_file(tf) if who != "cat" else {}
         check_blobs(dst, blobs)
         row = {"s": done, "cache": how, "qemu_start_s": qemu_start, "qemu_cpu_s": qemu_cpu,
+               "qemu_threads_cpu_s": qemu_threads, "qemu_start_cpu_s": start_cpu,
                "load_cpu_s": tm.get("cpu_s"), **tm}
         if pct is not None:
             row["running_s"] = running
@@ -473,7 +498,11 @@ def launch_once(pct, img, blobs, work, py, timeout, evict):
     if r.stderr.strip():
         log(f"  restore --launch said on stderr: {r.stderr.strip()[-300:]}")
     out = json.loads(r.stdout)
-    qemu_cpu = process_cpu_s(out.get("pid"))
+    qemu_cpu_after = process_cpu_s(out.get("pid"))
+    qemu_threads = threads_cpu_s(out.get("pid"))
+    # the launched QEMU's CPU when its load completed, as the exec: rows' is read; the
+    # one read now also has the guest's start and the disks' activation
+    qemu_cpu = _load_cpu({"cpu": out.get("qemu_cpu_at_completed")})
     vm = LaunchedVM(out, work)
     try:
         status = vm.status()
@@ -486,10 +515,13 @@ def launch_once(pct, img, blobs, work, py, timeout, evict):
     row = {"s": wall, "cache": how, "restore_s": out["seconds"], "running_s": out.get("seconds_to_run"),
            "overlays": len(out["overlays"]), "changes": out.get("changes"),
            "timeline": out.get("timeline"), "launch": out.get("launch"), "qemu_cpu_s": qemu_cpu,
-           "load": out.get("load"), "load_cpu_s": _load_cpu(out.get("load"))}
+           "qemu_threads_cpu_s": qemu_threads,
+           "qemu_start_cpu_s": _load_cpu({"cpu": (out.get("launch") or {}).get("qemu_start_cpu")}),
+           "load": out.get("load"), "load_cpu_s": _load_cpu(out.get("load")),
+           "qemu_cpu_after_s": qemu_cpu_after}
     log(f"  load {'launch' + ('' if pct is None else f' pc{pct}'):10s}  {wall:6.2f} s  "
         f"(restore {out['seconds']:.2f} s, running after {out.get('seconds_to_run')} s; "
-        f"before QMP {out.get('launch')}, after {out.get('timeline')}; CPU s: QEMU {qemu_cpu}, "
+        f"before QMP {out.get('launch')}, after {out.get('timeline')}; CPU s: QEMU {qemu_cpu} (later {qemu_cpu_after}), "
         f"load {row['load_cpu_s']} {out.get('load')})")
     return row
 
