@@ -287,6 +287,35 @@ def read_time_file(path, timeout=60.0):
         time.sleep(0.02)
 
 
+def process_cpu_s(pid):
+    """user+sys CPU seconds the process ``pid`` has used so far (/proc/PID/stat), or None."""
+    from qsnap.vm.savechild import process_cpu
+    cpu = process_cpu(pid) if pid else None
+    return None if cpu is None else round(cpu["user_s"] + cpu["sys_s"], 3)
+
+
+def threads_cpu_s(pid):
+    """{thread name: user+sys CPU s} of the process ``pid``, its threads of one name
+    summed (/proc/PID/task/*/stat; QEMU names its threads: "CPU 0/KVM", "live_migration",
+    "qemu-system-x86"...), or None: where a QEMU's CPU time goes."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (OSError, TypeError):
+        return None
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
+        fields = stat[stat.rindex(b")") + 2:].split()
+        out[name] = round(out.get(name, 0) + (int(fields[11]) + int(fields[12])) / tick, 3)
+    return out
+
+
 def wait_status(vm, want, t0, timeout, interval=0.01):
     """Poll query-migrate; return seconds since t0 when status is in ``want``."""
     deadline = time.monotonic() + timeout
@@ -335,6 +364,7 @@ def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout,
             cmd = f"{py} -m qsnap load -q {img}"
         else:
             cmd = f"{py} -m qsnap load -q --postcopy={pct} --stats={stats} {img}"
+        start_cpu = process_cpu_s(dst.proc.pid)  # its start-up, apart from the load's
         how = drop_caches(evict)
         t0 = time.monotonic()
         dst.migrate_incoming(f"exec:/usr/bin/time -f '{TIME_FMT}' -o {tf} {cmd}")
@@ -350,14 +380,19 @@ def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout,
                 time.sleep(0.005)
             running = time.monotonic() - t0
         done = wait_status(dst, ("completed",), t0, timeout)
+        qemu_cpu = process_cpu_s(dst.proc.pid)  # before check_blobs' pmemsaves add theirs
+        qemu_threads = threads_cpu_s(dst.proc.pid)
         tm = read_time_file(tf) if who != "cat" else {}
         check_blobs(dst, blobs)
-        row = {"s": done, "cache": how, "qemu_start_s": qemu_start, **tm}
+        row = {"s": done, "cache": how, "qemu_start_s": qemu_start, "qemu_cpu_s": qemu_cpu,
+               "qemu_threads_cpu_s": qemu_threads, "qemu_start_cpu_s": start_cpu,
+               "load_cpu_s": tm.get("cpu_s"), **tm}
         if pct is not None:
             row["running_s"] = running
             row["stats"] = json.loads(stats.read_text()) if stats.exists() else None
         log(f"  load {who:10s}  {done:6.2f} s" + (f"  running {running:.3f} s" if running else "")
-            + (f"  rss {tm['rss_MiB']:.0f} MiB cpu {tm['cpu_s']:.2f} s" if "rss_MiB" in tm else ""))
+            + (f"  rss {tm['rss_MiB']:.0f} MiB cpu {tm['cpu_s']:.2f} s" if "rss_MiB" in tm else "")
+            + f"  QEMU cpu {qemu_cpu} s")
     return row
 
 
@@ -377,8 +412,11 @@ def snapshot_once(sock, img, py, timeout, disks="overlay", tree=None):
     if r.returncode:
         raise QemuError(f"qsnap snapshot: exit {r.returncode}: {r.stderr.strip()[-2000:]}")
     out = json.loads(r.stdout)
+    hp = out.get("hugepages") or {}
     return {"s": dt, "qsnap_seconds": out["seconds"], "downtime_ms": out["downtime_ms"],
-            "disks": len(out["disks"]), "file_bytes": img.stat().st_size, "mode": out["mode"]}
+            "disks": len(out["disks"]), "file_bytes": img.stat().st_size, "mode": out["mode"],
+            "collapse_s": hp.get("seconds"), "collapse_bytes": hp.get("bytes"),
+            "collapse_error": hp.get("error")}
 
 
 class LaunchedVM:
@@ -460,6 +498,11 @@ def launch_once(pct, img, blobs, work, py, timeout, evict):
     if r.stderr.strip():
         log(f"  restore --launch said on stderr: {r.stderr.strip()[-300:]}")
     out = json.loads(r.stdout)
+    qemu_cpu_after = process_cpu_s(out.get("pid"))
+    qemu_threads = threads_cpu_s(out.get("pid"))
+    # the launched QEMU's CPU when its load completed, as the exec: rows' is read; the
+    # one read now also has the guest's start and the disks' activation
+    qemu_cpu = _load_cpu({"cpu": out.get("qemu_cpu_at_completed")})
     vm = LaunchedVM(out, work)
     try:
         status = vm.status()
@@ -471,11 +514,22 @@ def launch_once(pct, img, blobs, work, py, timeout, evict):
         raise QemuError(f"the launched guest is {status}, not running")
     row = {"s": wall, "cache": how, "restore_s": out["seconds"], "running_s": out.get("seconds_to_run"),
            "overlays": len(out["overlays"]), "changes": out.get("changes"),
-           "timeline": out.get("timeline"), "launch": out.get("launch")}
+           "timeline": out.get("timeline"), "launch": out.get("launch"), "qemu_cpu_s": qemu_cpu,
+           "qemu_threads_cpu_s": qemu_threads,
+           "qemu_start_cpu_s": _load_cpu({"cpu": (out.get("launch") or {}).get("qemu_start_cpu")}),
+           "load": out.get("load"), "load_cpu_s": _load_cpu(out.get("load")),
+           "qemu_cpu_after_s": qemu_cpu_after}
     log(f"  load {'launch' + ('' if pct is None else f' pc{pct}'):10s}  {wall:6.2f} s  "
         f"(restore {out['seconds']:.2f} s, running after {out.get('seconds_to_run')} s; "
-        f"before QMP {out.get('launch')}, after {out.get('timeline')})")
+        f"before QMP {out.get('launch')}, after {out.get('timeline')}; CPU s: QEMU {qemu_cpu} (later {qemu_cpu_after}), "
+        f"load {row['load_cpu_s']} {out.get('load')})")
     return row
+
+
+def _load_cpu(load):
+    """user+sys s of restore's qsnap load child, from its summary's ``load``, or None."""
+    cpu = (load or {}).get("cpu")
+    return None if not cpu else round(cpu["user_s"] + cpu["sys_s"], 3)
 
 
 # --- one case --------------------------------------------------------------------
@@ -573,7 +627,7 @@ class Case:
         self.snap_img = img
         log(f"  save {'snap-base' if base else 'snapshot':9s} {row['s']:6.2f} s  downtime "
             f"{row['downtime_ms']} ms  {row['disks']} disks  {row['file_bytes'] / MiB:.0f} MiB  "
-            f"{row['timeline_ms']}")
+            f"collapse {row['collapse_s']} s  {row['timeline_ms']}")
         return row
 
     def save_snapshot_ram(self, vm, who, r):
@@ -584,7 +638,8 @@ class Case:
         row = snapshot_once(self.snap_sock, img, self.py, self.timeout, disks="none")
         row["qemu_downtime_ms"] = vm.query_migrate().get("downtime")
         img.unlink()
-        log(f"  save snap-ram  {row['s']:6.2f} s  downtime {row['downtime_ms']} ms")
+        log(f"  save snap-ram  {row['s']:6.2f} s  downtime {row['downtime_ms']} ms  "
+            f"collapse {row['collapse_s']} s")
         return row
 
     def save_exec(self, vm, who, r):
@@ -784,7 +839,18 @@ def summarize_orchestration(res, out):
          "load_launch_s": _med(launches), "load_launch_all": [r.get("s") for r in launches],
          "launch_restore_s": _med(launches, "restore_s"), "launch_errors": [r["error"] for r in launches
                                                                             if "error" in r],
-         "dst_qemu_start_s": qemu_start}
+         "dst_qemu_start_s": qemu_start,
+         # guest RAM collapsed into huge pages before the pause (qsnap/vm/hugepages.py),
+         # in a thread beside the rest of the preparation: part of "snapshot s"
+         "snapshot_collapse_s": _med(snaps, "collapse_s"),
+         "snapshot_collapse_all": [r.get("collapse_s") for r in snaps],
+         "snapshot_ram_collapse_s": _med(rams, "collapse_s"),
+         # CPU (user+sys) of the destination QEMU and of the qsnap load, per load row
+         "load_cpu": {who: {"qemu_cpu_s": _med(rows, "qemu_cpu_s"), "load_cpu_s": _med(rows, "load_cpu_s"),
+                            "qemu_cpu_all": [r.get("qemu_cpu_s") for r in rows],
+                            "load_cpu_all": [r.get("load_cpu_s") for r in rows]}
+                      for who, rows in (("exec", res["load"]["qsnap"]), ("launch", launches),
+                                        ("snapload", res["load"].get("snapload") or []))}}
     s["snapshot_over_save"] = _ratio(s["save_snapshot_s"], out["save_qsnap_s"])
     s["downtime_over_base"] = _ratio(s["snapshot_downtime_ms"], s["base_downtime_ms"])
     s["snapshot_ram_over_save"] = _ratio(s["snapshot_ram_s"], out["save_qsnap_s"])
@@ -796,7 +862,10 @@ def summarize_orchestration(res, out):
     # round by round, with which of the two went first (load_order)
     s["launch_rounds"] = [
         {"launch_s": a.get("s"), "exec_s": b.get("s"), "ratio": _ratio(a.get("s"), b.get("s")),
-         "snapimg_s": c.get("s"), "first": next((w for w in order if w in ("launch", "qsnap")), None)}
+         "snapimg_s": c.get("s"), "first": next((w for w in order if w in ("launch", "qsnap")), None),
+         "launch_qemu_cpu_s": a.get("qemu_cpu_s"), "launch_load_cpu_s": a.get("load_cpu_s"),
+         "exec_qemu_cpu_s": b.get("qemu_cpu_s"), "exec_load_cpu_s": b.get("load_cpu_s"),
+         "launch_load_s": _launch_load_s(a), "load_child": a.get("load")}
         for a, b, c, order in zip(launches, res["load"]["qsnap"], snaploads or [{}] * len(launches),
                                   res.get("load_orders") or [])]
     s["launch_restore_over_load"] = _ratio(s["launch_restore_s"], out["load_qsnap_s"])
@@ -815,6 +884,13 @@ def summarize_orchestration(res, out):
         lpc[pct] = p
     s["launch_postcopy"] = lpc
     return s
+
+
+def _launch_load_s(row):
+    """The launch's load alone: its timeline's `setup` (or `active`) to `completed`, s."""
+    t = row.get("timeline") or {}
+    start = t.get("setup", t.get("active"))
+    return None if start is None or t.get("completed") is None else round(t["completed"] - start, 3)
 
 
 def _f(v, fmt="{:.2f}"):
@@ -929,13 +1005,24 @@ def orchestration_markdown(summaries):
     if rounds:
         lines += ["", "Round by round (each load after the images and streams were evicted from the "
                   "page cache; \"first\" is which of the two ran first in that round):", "",
-                  "| QEMU | guest | round | first | launch s | exec load s | launch/load "
-                  "| exec load of the launch's image s |",
-                  "|---|---|---:|---|---:|---:|---:|---:|"]
+                  "| QEMU | guest | round | first | launch s | its load s | exec load s | launch/load "
+                  "| exec load of the launch's image s | CPU s launch: QEMU / load | CPU s exec: QEMU / load |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
         for s, i, r in rounds:
             first = {"qsnap": "exec", "launch": "launch"}.get(r["first"], "")
             lines.append(f"| {s.get('qemu')} | {s['guest']} | {i + 1} | {first} | {_f(r['launch_s'])} "
-                         f"| {_f(r['exec_s'])} | {_f(r['ratio'])} | {_f(r.get('snapimg_s'))} |")
+                         f"| {_f(r.get('launch_load_s'))} | {_f(r['exec_s'])} | {_f(r['ratio'])} "
+                         f"| {_f(r.get('snapimg_s'))} | {_f(r.get('launch_qemu_cpu_s'))} / "
+                         f"{_f(r.get('launch_load_cpu_s'))} | {_f(r.get('exec_qemu_cpu_s'))} / "
+                         f"{_f(r.get('exec_load_cpu_s'))} |")
+    if any(s.get("snapshot_collapse_s") is not None for s in summaries):
+        lines += ["", "Guest RAM collapsed into huge pages before the pause (`hugepages.seconds` of the "
+                  "summary; in a thread beside the overlays' and the save's start, part of snapshot s):", "",
+                  "| QEMU | guest | collapse s, with disks (rounds) | collapse s, RAM only |", "|---|---|---|---:|"]
+        for s in summaries:
+            rounds_ = ", ".join(_f(v) for v in s.get("snapshot_collapse_all") or [])
+            lines.append(f"| {s.get('qemu')} | {s['guest']} | {_f(s.get('snapshot_collapse_s'))} ({rounds_}) "
+                         f"| {_f(s.get('snapshot_ram_collapse_s'))} |")
     if any(s.get("snapshot_ram_s") for s in summaries):
         lines += ["", "RAM only (`--disks=none`: QEMU stops and resumes the guest itself, no QMP "
                   "round trips while it is paused):", "",

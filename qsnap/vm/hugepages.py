@@ -27,6 +27,7 @@ import ctypes
 import functools
 import operator
 import os
+import threading
 import time
 from array import array
 
@@ -124,18 +125,40 @@ def collapse(q):
     """Collapse the guest RAM of the QEMU at ``q`` into huge pages: a summary dict for the
     snapshot's summary (bytes collapsed, seconds, error or None, guest_ram_bytes: the
     mappings found); never raises for the kernel's no."""
-    from qsnap.vm.restore import ram_blocks
+    return Collapse(q).result()
 
-    t0 = time.monotonic()
-    out = {"bytes": 0, "seconds": 0.0, "error": None, "guest_ram_bytes": 0}
-    ranges = guest_ram_ranges(q.pid, [most for _used, most in ram_blocks(q).values()]) if q.pid else []
-    out["guest_ram_bytes"] = sum(e - s for s, e in ranges)
-    full = populated_huge_ranges(q.pid, ranges) if ranges else None
-    if not ranges:
-        out["error"] = "no guest RAM mapping found"
-    elif full is None:
-        out["error"] = "cannot read QEMU's pagemap"
-    else:
-        out["bytes"], out["error"] = collapse_ranges(q.pid, full)
-    out["seconds"] = round(time.monotonic() - t0, 3)
-    return out
+
+class Collapse:
+    """collapse(q) in a thread of its own: QMP is asked here, the kernel in the thread,
+    so the snapshot's other preparation (the overlay files, the save's start) goes on
+    meanwhile; ``result()`` waits for it and gives collapse's summary."""
+
+    def __init__(self, q):
+        from qsnap.vm.restore import ram_blocks
+
+        self.t0 = time.monotonic()
+        self.out = {"bytes": 0, "seconds": 0.0, "error": None, "guest_ram_bytes": 0}
+        self.pid = q.pid
+        self.lengths = [most for _used, most in ram_blocks(q).values()] if q.pid else []
+        self.thread = threading.Thread(target=self._run, daemon=True, name="qsnap-collapse")
+        self.thread.start()
+
+    def _run(self):
+        out = self.out
+        try:
+            ranges = guest_ram_ranges(self.pid, self.lengths) if self.pid else []
+            out["guest_ram_bytes"] = sum(e - s for s, e in ranges)
+            full = populated_huge_ranges(self.pid, ranges) if ranges else None
+            if not ranges:
+                out["error"] = "no guest RAM mapping found"
+            elif full is None:
+                out["error"] = "cannot read QEMU's pagemap"
+            else:
+                out["bytes"], out["error"] = collapse_ranges(self.pid, full)
+        except Exception as e:  # best effort, as the kernel's no: never the snapshot's end
+            out["error"] = str(e)
+        out["seconds"] = round(time.monotonic() - self.t0, 3)
+
+    def result(self):
+        self.thread.join()
+        return self.out

@@ -152,10 +152,19 @@ def take(qmp, disks):
     disks go on in their overlay or none does."""
     if not disks:
         return
-    actions = [{"type": "blockdev-snapshot-sync",
-                "data": dict(d.target(), **{"snapshot-file": d.overlay, "format": "qcow2",
-                                            "mode": "existing"})} for d in disks]
-    qmp.cmd("transaction", actions=actions)
+    qmp.cmd("transaction", actions=actions(disks))
+    mark_made(disks)
+
+
+def actions(disks):
+    """The transaction's actions: each disk onto its prepared overlay (mode "existing")."""
+    return [{"type": "blockdev-snapshot-sync",
+             "data": dict(d.target(), **{"snapshot-file": d.overlay, "format": "qcow2",
+                                         "mode": "existing"})} for d in disks]
+
+
+def mark_made(disks):
+    """The transaction succeeded: every disk runs on its overlay now."""
     for d in disks:
         d.made = True
 

@@ -157,6 +157,41 @@ class Qmp:
         args = dict(arguments or {}, **kw)
         return self._run(name, lambda client: client.execute(name, args or None), timeout)
 
+    def cmd_chain(self, groups, *, timeout=None):
+        """Run ``groups`` of commands, ``[[(name, arguments), ...], ...]``, without a round
+        trip through this thread between them: the commands of a group are sent back to
+        back, and the next group only once every command of this one succeeded.  QEMU
+        runs a monitor's commands one after another, in the order sent (without the
+        out-of-band capability it reads the next request only once it has answered this
+        one: monitor/qmp.c), so a group still runs in order, only without waiting for us.
+
+        A list with, for every command, its result, its VmError, or None when it was
+        not sent (a command of an earlier group failed); VmError only for a lost session."""
+        from qemu.qmp import ExecuteError
+        flat = [(name, args) for group in groups for name, args in group]
+
+        async def run_group(client, group):
+            replies = await asyncio.gather(*(client.execute(name, args or None) for name, args in group),
+                                           return_exceptions=True)
+            return [VmError(f"QEMU refused {name}: {r}") if isinstance(r, ExecuteError) else r
+                    for (name, _), r in zip(group, replies)]
+
+        async def chain(client):
+            out = []
+            for group in groups:
+                if any(isinstance(r, BaseException) for r in out):
+                    out += [None] * len(group)
+                    continue
+                out += await run_group(client, group)
+            return out
+
+        out = self._run(" then ".join(name for name, _ in flat), chain, timeout)
+        for r in out:
+            if isinstance(r, BaseException) and not isinstance(r, VmError):
+                raise VmError(f"QMP connection to {self.path} lost during {' then '.join(n for n, _ in flat)}: "
+                              f"{_describe(r)}")
+        return out
+
     def pass_fd(self, fdname, fd, *, timeout=None):
         """Give QEMU a copy of ``fd`` under ``fdname`` (``getfd``): the descriptor travels as
         SCM_RIGHTS ancillary data just before the command, which picks it up

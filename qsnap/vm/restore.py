@@ -21,7 +21,7 @@ import time
 from qsnap.errors import VmError
 from qsnap.vm import disks as vmdisks
 from qsnap.vm import migration, overlays, vmrecord
-from qsnap.vm.savechild import LoadChild
+from qsnap.vm.savechild import LoadChild, process_cpu
 
 # The QMP session (qsnap.vm.qmp: asyncio and qemu.qmp, ~0.1-0.2 s of imports) is imported
 # where it is first used: `restore --launch` imports it while the QEMU it started comes up.
@@ -288,6 +288,7 @@ class Restore:
         self.seconds_to_run = None
         self.events_seen = 0      # MIGRATION events _wait has followed
         self.timeline = {}
+        self.qemu_cpu = None      # QEMU's CPU time when the load completed (process_cpu)
 
     @property
     def load_log(self):
@@ -391,6 +392,8 @@ class Restore:
         status = self._migration_status()
         while True:
             self._mark(status)
+            if status == "completed" and self.qemu_cpu is None:
+                self.qemu_cpu = process_cpu(self.q.pid)  # the load's, before the guest runs
             if status in ("postcopy-active", "completed") and want_running and self.seconds_to_run is None:
                 self._run_guest()
             if status == "completed":
@@ -437,7 +440,7 @@ class Restore:
         """``status``, unless qsnap load failed while QEMU still waits for more of its
         stream: a postcopy destination then goes to postcopy-paused and waits for a
         recovery that will not come (QEMU notices a failed precopy load itself)."""
-        code = self.child.proc.poll()
+        code = self.child.poll()
         if code and status not in ("completed", "failed", "cancelled"):
             raise VmError(self._load_failure(f"qsnap load {self.child.describe_status()} "
                                              f"while the incoming migration was {status}"))
@@ -490,7 +493,17 @@ class Restore:
                 "seconds_to_run": None if self.seconds_to_run is None else round(self.seconds_to_run, 3),
                 "postcopy": self.postcopy, "dir": self.dir, "overlays": list(self.overlays),
                 "migration_statuses": [e["data"]["status"] for e in self.q.events("MIGRATION")],
-                "timeline": dict(self.timeline)}
+                "timeline": dict(self.timeline), "load": self._load_facts(),
+                "qemu_cpu_at_completed": self.qemu_cpu}
+
+    def _load_facts(self):
+        """The qsnap load child: when it started and when the restore saw it had ended
+        (s since QMP connected; it starts before, and may end a little before it is
+        seen to), and the CPU time it used, where known."""
+        c = self.child
+        return {"started_s": round(c.started - self.t0, 3),
+                "ended_s": None if c.ended is None else round(c.ended - self.t0, 3),
+                "cpu": c.cpu}
 
     def undo_files(self):
         """After a failure: remove the overlays this restore made if no QEMU uses them.
@@ -632,12 +645,14 @@ def launch(img, *, qmp_path=None, directory=None, binary=None, postcopy=None, pa
             files.start(i, d, d["format"], d["virtual_size"])
         q = _connect(qmp, proc, facts, words[0], log_path)
         up = time.monotonic()
+        start_cpu = process_cpu(proc.pid)  # QEMU's start-up, apart from the load's
         try:
             out = Restore(q, facts, work.path, child, postcopy=postcopy, paused=paused, files=files).run()
         finally:
             q.close()
         # before QMP connected: the image read and checked, and QEMU's start-up
-        out["launch"] = {"checked_s": round(started - t0, 3), "qemu_start_s": round(up - started, 3)}
+        out["launch"] = {"checked_s": round(started - t0, 3), "qemu_start_s": round(up - started, 3),
+                         "qemu_start_cpu": start_cpu}
         out["changes"] = changes
         out["pid"] = proc.pid
         out["qemu_log"] = log_path

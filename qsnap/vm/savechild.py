@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import qsnap
 from qsnap.errors import VmError
@@ -37,6 +38,9 @@ class EngineChild:
     def __init__(self, command, args, stderr_path, *, stdin, stdout):
         self.command = command
         self.stderr_path = stderr_path
+        self.started = time.monotonic()
+        self.ended = None     # time.monotonic() when wait() saw it exit
+        self.cpu = None       # {"user_s", "sys_s"} it used, when wait() could read them
         try:
             with open(stderr_path, "ab") as err:
                 self.proc = subprocess.Popen(engine_argv(command, args), stdin=stdin, stdout=stdout,
@@ -45,15 +49,40 @@ class EngineChild:
             raise VmError(f"cannot start qsnap {command} ({sys.executable}): {e.strerror}") from None
 
     def running(self):
-        return self.proc.poll() is None
+        return self.poll() is None
+
+    def poll(self):
+        """Its exit status, or None while it runs (Popen.poll), with its CPU time and end
+        noted first, before reaping it loses them (_await_exit)."""
+        if self.proc.returncode is None and self.ended is None:
+            self._await_exit(0)
+        return self.proc.poll()
 
     def wait(self, timeout):
         """True once the child has exited (within ``timeout`` s)."""
+        if self.proc.returncode is None and self.ended is None:
+            self._await_exit(timeout)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return False
         return True
+
+    def _await_exit(self, timeout):
+        """Wait up to ``timeout`` s for the child to exit, without reaping it: its CPU
+        time is in /proc/PID/stat until it is reaped (a zombie keeps it), and the time
+        it ended is noted (the restore's summary reports both)."""
+        try:
+            pidfd = os.pidfd_open(self.proc.pid)
+        except OSError:
+            return  # reaped already (or no pidfd): nothing to note
+        try:
+            if not select.select([pidfd], [], [], timeout)[0]:
+                return
+        finally:
+            os.close(pidfd)
+        self.ended = time.monotonic()
+        self.cpu = process_cpu(self.proc.pid)
 
     def stop(self, grace=STOP_GRACE):
         """Make sure the child is gone: it has ``grace`` s to end on its own (its stream
@@ -79,7 +108,7 @@ class EngineChild:
 
     def describe_status(self):
         """'exited with status 2', 'was killed by signal 9' or 'is still running'."""
-        status = self.proc.poll()
+        status = self.poll()
         return "is still running" if status is None else (
             f"was killed by signal {-status}" if status < 0 else f"exited with status {status}")
 
@@ -210,6 +239,18 @@ class ReturnPathRelay:
 
     def join(self):
         self.thread.join(STOP_GRACE)
+
+
+def process_cpu(pid):
+    """{"user_s", "sys_s"} the process ``pid`` has used (/proc/PID/stat utime and stime,
+    fields 14 and 15, in clock ticks), or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"user_s": int(fields[11]) / tick, "sys_s": int(fields[12]) / tick}
 
 
 def engine_argv(command, args):

@@ -310,6 +310,14 @@ def test_launch_restores_and_runs(snap, tmp_path):
         assert _alive(clone.pid) and out["qmp"] == str(tmp_path / "c1" / "qmp.sock")
         assert any("-chardev qmp" in c for c in out["changes"]), out["changes"]
         assert any("-serial file:" in c for c in out["changes"]), out["changes"]
+        # the load child: started before QMP connected, ended once the stream was
+        # complete, and its CPU time read before it was reaped
+        load = out["load"]
+        assert load["started_s"] < 0 < out["timeline"]["completed"] <= load["ended_s"] <= out["seconds"]
+        assert load["cpu"]["user_s"] + load["cpu"]["sys_s"] > 0, load
+        # QEMU's CPU time at QMP connected and when the load completed: the first is part of the second
+        start, done = out["launch"]["qemu_start_cpu"], out["qemu_cpu_at_completed"]
+        assert 0 <= start["user_s"] + start["sys_s"] <= done["user_s"] + done["sys_s"], (start, done)
         clone.cmd("stop")
         ram = clone.ram_dump(tmp_path / "c1.ram")
         for b in snap.blobs:

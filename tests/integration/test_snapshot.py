@@ -537,3 +537,33 @@ def test_progress_only_on_a_terminal(tmp_path):
     finally:
         vm.shutdown()
 
+
+
+@pytest.mark.all_qemu
+def test_refused_transaction_runs_no_migration(tmp_path, monkeypatch):
+    """A background snapshot sends `stop` and the overlay transaction back to back and
+    `migrate` only once both succeeded: a transaction QEMU refuses (an overlay file that
+    is not there) leaves no migration started, the VM running on its old images with its
+    settings, no image and no overlay."""
+    from qsnap.errors import VmError
+    from qsnap.vm import overlays, snapshot as vm_snapshot
+
+    vm = blob_vm(tmp_path)
+    try:
+        img = tmp_path / "snap.qsnap"
+        state = Unchanged(vm, img)
+        actions = overlays.actions
+
+        def second_overlay_missing(disks):
+            out = actions(disks)
+            out[-1]["data"]["snapshot-file"] = str(tmp_path / "missing.qcow2")
+            return out
+
+        monkeypatch.setattr(overlays, "actions", second_overlay_missing)
+        with pytest.raises(VmError, match="QEMU refused transaction"):
+            vm_snapshot.snapshot(str(vm.sock), str(img), mode="background")
+        assert vm.query_migrate().get("status", "none") == "none"
+        vm.verify_blobs()
+        state.check()
+    finally:
+        vm.shutdown()
