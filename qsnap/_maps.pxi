@@ -42,28 +42,23 @@ def l2_scan(buf, uint64_t compressed_flag, uint64_t reserved_mask, uint64_t zero
             uint64_t offset_mask, bint zero_flag_entries, uint64_t cluster_size, uint64_t file_size,
             uint64_t first_index=0):
     """One qcow2 L2 table of big-endian entries, checked (qsnap.image.reader._read_l2 says
-    what each check means): (offsets, mapped, hosts, zeros, bad).  ``offsets`` has one
-    item per entry: 0 unused, ``zero_flag`` for a bare zero-flag entry (with
-    ``zero_flag_entries``), else the host offset; ``mapped``/``hosts`` the indexes
-    (plus ``first_index``: virtual clusters) and host offsets of the mapped entries,
-    ``zeros`` the zero-flag entries' indexes plus ``first_index`` (all array('Q')); ``bad`` the index of the first entry failing each check, in order
-    (compressed, reserved or zero-flag bits, host offset), -1 where none does."""
+    what each check means): (mapped, hosts, zeros, bad).  ``mapped``/``hosts``: the
+    indexes plus ``first_index`` (virtual clusters) and the host offsets of the mapped
+    entries; ``zeros``: the same indexes of the bare zero-flag entries (with
+    ``zero_flag_entries``; all array('Q')); ``bad``: the index of the first entry
+    failing each check, in order (compressed, reserved or zero-flag bits, host
+    offset), -1 where none does."""
     cdef const uint8_t[::1] b = _c_array(buf, "B", "L2 table")
     cdef Py_ssize_t n = b.shape[0] // 8, i, n_map = 0, n_zero = 0
     cdef Py_ssize_t bad_comp = -1, bad_bits = -1, bad_off = -1
     cdef uint64_t e, off
-    cdef bint zero
-    offsets = _u64_array(n)
-    cdef uint64_t[::1] ov = offsets
     for i in range(n):
         e = _be64(&b[8 * i])
         if not e:
             continue
         if e & compressed_flag and bad_comp < 0:
             bad_comp = i
-        zero = zero_flag_entries and e == zero_flag
-        if zero:
-            ov[i] = zero_flag
+        if zero_flag_entries and e == zero_flag:
             n_zero += 1
             continue
         if e & (reserved_mask | zero_flag) and bad_bits < 0:
@@ -71,21 +66,22 @@ def l2_scan(buf, uint64_t compressed_flag, uint64_t reserved_mask, uint64_t zero
         off = e & offset_mask
         if (off == 0 or off % cluster_size or off > file_size - cluster_size) and bad_off < 0:
             bad_off = i
-        ov[i] = off
         n_map += 1
     mapped, hosts, zeros = _u64_array(n_map), _u64_array(n_map), _u64_array(n_zero)
     cdef uint64_t[::1] mv = mapped, hv = hosts, zv = zeros
     n_map = n_zero = 0
     for i in range(n):
-        off = ov[i]
-        if off == zero_flag and zero_flag_entries:
+        e = _be64(&b[8 * i])
+        if not e:
+            continue
+        if zero_flag_entries and e == zero_flag:
             zv[n_zero] = first_index + i
             n_zero += 1
-        elif off:
+        else:
             mv[n_map] = first_index + i
-            hv[n_map] = off
+            hv[n_map] = e & offset_mask
             n_map += 1
-    return offsets, mapped, hosts, zeros, (bad_comp, bad_bits, bad_off)
+    return mapped, hosts, zeros, (bad_comp, bad_bits, bad_off)
 
 
 cdef struct _KeyIdx:

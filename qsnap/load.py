@@ -178,6 +178,8 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
     t_pages = time.monotonic()
     parts, direct = 0, False
     for k, h, v, b in passes:
+        if not len(h):      # nothing stored: no data file to open (nor its O_DIRECT probe read)
+            continue
         fd, direct_k = open_data(chain_of(img)[k].path, cache, log, lambda fd: _direct_read_works(fd))
         direct = direct or direct_k
         try:

@@ -16,7 +16,6 @@ import os
 import sys
 from array import array
 from bisect import bisect_left
-from dataclasses import dataclass, field
 
 from qsnap._core import (argsort_u64, be64_nonzero, crc32c, first_repeat, in_sorted, is_zero, l2_scan,
                          page_crcs, region_of, shifted_left, take)
@@ -33,24 +32,26 @@ SCAN_READ = 8 << 20     # bytes per read while the metadata region's checksums a
 META_HEAD_READ = 64 << 10  # bytes first read for the metadata document
 
 
-@dataclass
 class BlockInfo:
     """A RAM block of the image.  Its stored-page bitmap and page checksums stay in
     the image (1 bit and 4 bytes per target page: a GiB per TiB of guest) and are
-    read window by window: bits() and crcs().  ``bitmap`` and ``checksums`` read
-    them whole, for small images and tests only."""
+    read window by window: bit_bytes() and crc_array().  ``bitmap`` and
+    ``checksums`` read them whole, for small images and tests only.  (A plain
+    class: the dataclasses module imports inspect, ~15 ms of a load's start.)"""
 
-    idstr: str
-    length: int
-    page_size: int
-    offset: int
-    nonzero_pages: int
-    migrated: bool
-    page_size_on_wire: bool
-    gpa: object
-    _img: object = field(repr=False)
-    _bitmap_at: int = field(repr=False)     # virtual offsets of the blobs
-    _checksums_at: int = field(repr=False)
+    FIELDS = ("idstr", "length", "page_size", "offset", "nonzero_pages", "migrated", "page_size_on_wire",
+              "gpa")
+
+    def __init__(self, idstr, length, page_size, offset, nonzero_pages, migrated, page_size_on_wire, gpa,
+                 img, bitmap_at, checksums_at):
+        self.idstr, self.length, self.page_size, self.offset = idstr, length, page_size, offset
+        self.nonzero_pages, self.migrated, self.page_size_on_wire = nonzero_pages, migrated, page_size_on_wire
+        self.gpa = gpa
+        self._img = img
+        self._bitmap_at, self._checksums_at = bitmap_at, checksums_at   # virtual offsets of the blobs
+
+    def __repr__(self):
+        return f"BlockInfo({', '.join(f'{k}={getattr(self, k)!r}' for k in self.FIELDS)})"
 
     @property
     def n_pages(self):
@@ -382,13 +383,13 @@ class Image:
         l2_tables = {}
         mapped, hosts, zeros = array("Q"), array("Q"), array("Q")
         for i, e in zip(*be64_nonzero(l1)):
-            offs, m_virt, m_host, z_virt = self._read_l2(e, l1_off + 8 * i, i * l2_entries)
+            raw, m_virt, m_host, z_virt = self._read_l2(e, l1_off + 8 * i, i * l2_entries)
             if not len(m_virt) and not len(z_virt):
                 continue
             over = [a[bisect_left(a, n_clusters)] for a in (m_virt, z_virt) if len(a) and a[-1] >= n_clusters]
             if over:
                 raise ImageError(f"cluster mapped past the virtual size at virtual offset 0x{min(over) * cs:x}")
-            l2_tables[i] = offs
+            l2_tables[i] = raw
             mapped += m_virt
             hosts += m_host
             zeros += z_virt
@@ -403,8 +404,8 @@ class Image:
 
     def _read_l2(self, e, at, first):
         """The L2 table of L1 entry ``e`` (read at image offset ``at``), its first entry
-        virtual cluster ``first``: (L2 values, mapped virtual clusters, their host
-        offsets, zero-flagged virtual clusters), array('Q') each."""
+        virtual cluster ``first``: (the table's bytes, and array('Q') of the mapped
+        virtual clusters, their host offsets and the zero-flagged virtual clusters)."""
         cs, size = self.cluster_size, self.file_bytes
         if e & L1E_RESERVED_MASK:
             raise ImageError(f"L1 entry 0x{e:016x} has reserved bits set at image offset 0x{at:x}")
@@ -412,7 +413,7 @@ class Image:
         self._claim_table("L2 table", l2_off, cs, at)
         raw = pread_exact(self._fd, cs, l2_off, self.path)
         # format 2 knows one zero-flag entry: exactly QCOW_OFLAG_ZERO (no host offset)
-        offs, m_virt, m_host, z_virt, (compressed, bits, outside) = l2_scan(
+        m_virt, m_host, z_virt, (compressed, bits, outside) = l2_scan(
             raw, QCOW_OFLAG_COMPRESSED, L2E_STD_RESERVED_MASK, QCOW_OFLAG_ZERO, L2E_OFFSET_MASK,
             self.ext["format_version"] >= 2, cs, size, first)
 
@@ -428,7 +429,7 @@ class Image:
             raise ImageError(f"L2 entry 0x{entry(outside):016x} at image offset "
                              f"0x{l2_off + 8 * outside:x} points outside the file "
                              f"(0x{size:x} bytes) or is unaligned")
-        return offs, m_virt, m_host, z_virt
+        return raw, m_virt, m_host, z_virt
 
     def _check_mapping(self, mapped, offs):
         """No host cluster mapped twice, none inside qcow2 metadata."""
@@ -562,9 +563,14 @@ class Image:
         return h + (voff & (self.cluster_size - 1)) if h > ZERO_CLUSTER else 0
 
     def _cluster_host(self, vc):
-        """L2 value of virtual cluster ``vc``: 0 unallocated, ZERO_CLUSTER, else its host offset."""
+        """L2 value of virtual cluster ``vc``: 0 unallocated, ZERO_CLUSTER, else its host offset
+        (from the L2 table's bytes, checked by _read_l2)."""
         t = self._l2_tables.get(vc >> self._l2_bits)
-        return 0 if t is None else int(t[vc & ((1 << self._l2_bits) - 1)])
+        if t is None:
+            return 0
+        at = 8 * (vc & ((1 << self._l2_bits) - 1))
+        e = int.from_bytes(t[at:at + 8], "big")
+        return ZERO_CLUSTER if e == QCOW_OFLAG_ZERO else e & L2E_OFFSET_MASK
 
     def locate(self, voff):
         """(image of the chain, host offset) holding the byte at virtual offset ``voff``,
@@ -582,7 +588,12 @@ class Image:
         return None, 0
 
     def _read_virtual(self, voff, length):
-        """``length`` bytes of the virtual disk at ``voff``, read through the chain."""
+        """``length`` bytes of the virtual disk at ``voff``, read through the chain:
+        one pread where they lie in one run of host clusters of one file (the
+        metadata region, page-state windows), else cluster by cluster."""
+        img, h = self.locate(voff) if length else (None, 0)
+        if img is not None and self._contiguous(img, voff, h, length):
+            return pread_exact(img._fd, length, h, img.path)
         out = bytearray(length)
         view = memoryview(out)
         cs = self.cluster_size
@@ -606,6 +617,17 @@ class Image:
         virt = shifted_left(self._mapped_virt[:k], cb)
         order = argsort_u64(host)
         return take(host, order), take(virt, order)
+
+    def _contiguous(self, img, voff, h, length):
+        """The clusters of [voff, voff + length) lie in ``img`` one after the other from
+        host offset ``h`` (of voff)."""
+        cs = self.cluster_size
+        v = voff - (voff & (cs - 1)) + cs
+        while v < voff + length:
+            if self.locate(v) != (img, h + (v - voff)):
+                return False
+            v += cs
+        return True
 
     def data_clusters(self):
         """(host_offset, virtual_offset) uint64 pairs of the RAM data clusters, by host
