@@ -175,7 +175,7 @@ def _cold_case(mem, data, rounds, work, timeout):
             tf = d / f"time-{who}.txt"
             tf.unlink(missing_ok=True)
             case[who].append(e2e.load_once(who, None, mem, [], img, raw, tf, d / "stats.json", blobs, sys.executable,
-                                           timeout))
+                                           timeout, [img, raw]))
         e2e.drop_caches([img, raw])
         ph = load_phases(img, d / "load-stats.json")
         case["imports"].append(ph)
