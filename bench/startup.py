@@ -1,13 +1,18 @@
 """Start-up cost of `qsnap load` and `qsnap save`: what they import before the first byte.
 
-    python -m bench.startup [--rounds 9] [--tree DIR ...]
+    python -m bench.startup [--rounds 9] [--tree DIR ...] [--image IMG]
     python -m bench.startup --cold [--size 2G] [--data 0,1536M] [--rounds 3] [--qemu 7.2] [--drop all|files]
 
 Runs ``python -X importtime -m qsnap load -q IMG`` and ``... save -q OUT < STREAM``
 (a small image made by ``qsnap demo``) ``--rounds`` times per tree, interleaved
 (each ``--tree`` is a checkout with its built extension; default: this one),
 and prints per command: the median and minimum of the summed import times, the
-part spent in NumPy, and the qsnap modules imported.
+part spent in NumPy, and the qsnap modules imported.  Each round also runs
+``python -m qsnap load -q IMG > /dev/null`` once per tree without -X importtime
+(``--image``: that image, e.g. an empty guest's; default the demo's) and prints
+its CPU time (user + sys, of the child) and wall time, median and minimum: on a
+shared host the CPU time is the steadier figure.  The trees take turns, the
+order reversed every other round.
 
 ``--cold``: what the start-up costs a real restore from a cold page cache.  For each
 ``--data`` size, a blob guest of ``--size`` RAM (KVM, the harness of bench.e2e:
@@ -68,6 +73,7 @@ def main(argv=None):
     p.add_argument("--dir", default="/var/tmp", help="--cold: work directory on the disk to measure")
     p.add_argument("--name", default="startup-cold", help="--cold: results file name")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--image", help="the image the CPU-time runs load (default: the demo's)")
     a = p.parse_args(argv)
     if a.cold:
         return cold(a)
@@ -84,17 +90,40 @@ def main(argv=None):
                     "--keep"], cwd=trees[0], check=True, capture_output=True)
     cmds = {"load": (["load", "-q", str(work / "vm.qsnap")], None),
             "save": (["save", "-q", str(work / "out.qsnap")], work / "vm.stream")}
+    image = a.image or str(work / "vm.qsnap")
     runs = {(t, c): [] for t in trees for c in cmds}
-    for _ in range(a.rounds):
-        for t in trees:
+    times = {t: [] for t in trees}
+    for r in range(a.rounds):
+        for t in (trees if r % 2 == 0 else trees[::-1]):
             for c, (args, stdin) in cmds.items():
                 runs[(t, c)].append(imports(t, args, stdin))
+            times[t].append(cpu_time(t, ["load", "-q", image]))
     for (t, c), rs in runs.items():
         tot = [r[0] for r in rs]
         npy = [r[1] for r in rs]
         print(f"{t} {c}: imports median {statistics.median(tot):.0f} ms (min {min(tot):.0f}), "
               f"numpy median {statistics.median(npy):.0f} ms (min {min(npy):.0f}); "
               f"{len(rs[-1][2])} qsnap modules: {' '.join(rs[-1][2])}")
+    for t, rs in times.items():
+        cpu, wall = [r[0] * 1e3 for r in rs], [r[1] * 1e3 for r in rs]
+        print(f"{t} load -q {image} > /dev/null: CPU median {statistics.median(cpu):.0f} ms "
+              f"(min {min(cpu):.0f}), wall median {statistics.median(wall):.0f} ms (min {min(wall):.0f}); "
+              f"CPU ms by round {[round(v) for v in cpu]}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def cpu_time(tree, args):
+    """(CPU s: user + sys, wall s) of one ``python -m qsnap ARGS > /dev/null`` in ``tree``."""
+    with open(os.devnull, "wb") as null:
+        t0 = time.monotonic()
+        p = subprocess.Popen([sys.executable, "-m", "qsnap", *args], cwd=tree, stdin=subprocess.DEVNULL,
+                             stdout=null)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.monotonic() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise RuntimeError(f"qsnap {' '.join(args)} in {tree} exited with {p.returncode}")
+    return ru.ru_utime + ru.ru_stime, wall
 
 
 # --- --cold: qsnap load against exec:cat from a dropped page cache -------------------------
@@ -146,7 +175,7 @@ def _cold_case(mem, data, rounds, work, timeout):
             tf = d / f"time-{who}.txt"
             tf.unlink(missing_ok=True)
             case[who].append(e2e.load_once(who, None, mem, [], img, raw, tf, d / "stats.json", blobs, sys.executable,
-                                           timeout))
+                                           timeout, [img, raw]))
         e2e.drop_caches([img, raw])
         ph = load_phases(img, d / "load-stats.json")
         case["imports"].append(ph)

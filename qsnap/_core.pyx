@@ -14,6 +14,7 @@ include "_errors.pxi"
 include "_ramparse.pxi"
 include "_sink.pxi"
 include "_load.pxi"
+include "_maps.pxi"
 include "_postcopy.pxi"
 
 

@@ -26,8 +26,10 @@ import os
 import stat
 import sys
 import time
+from bisect import bisect_left
 
 from qsnap import _core
+from qsnap._core import take
 from qsnap.errors import ImageError
 from qsnap.image import pages
 from qsnap.image.pages import ClusterState, chain_of, chain_plan, cluster_plan, open_data
@@ -117,48 +119,40 @@ def working_set_plan(img, host, virt, bidx, log):
     ws = workingset.usable(img, log)
     if ws is None:
         return host, virt, bidx
-    order = workingset.clusters_first(ws.entries, img.blocks, host, virt, img.cluster_size,
+    order = workingset.clusters_first(ws, img.blocks, host, virt, img.cluster_size,
                                       img.target_page_size)
-    return host[order], virt[order], bidx[order]
+    return take(host, order), take(virt, order), take(bidx, order)
 
 
 def file_passes(img, src, host, virt, bidx, prefetch, log):
     """[(chain index, host, virt, bidx)]: one cluster pass per file of the chain, each
     with its own descriptor (QEMU takes a stream's pages in any order).  With
     ``prefetch`` the working set's clusters go first: in a stand-alone image by
-    reordering its one pass, in a chain in one pass per file before the others."""
+    reordering its one pass, in a chain in one pass per file before the others.
+    ``src`` is ascending (chain_plan)."""
     chain = chain_of(img)
     if len(chain) == 1:
         if prefetch:
             host, virt, bidx = working_set_plan(img, host, virt, bidx, log)
         return [(0, host, virt, bidx)]
-    import numpy as np
     from qsnap.image import workingset
 
     ws = workingset.usable(img, log) if prefetch else None
+    wanted = set(workingset.cluster_offsets(ws, img.blocks, img.cluster_size, img.target_page_size)) \
+        if ws is not None else set()
     first, rest = [], []
     for k in range(len(chain)):
-        sel = src == k
-        h, v, b = host[sel], virt[sel], bidx[sel]
+        lo, hi = bisect_left(src, k), bisect_left(src, k + 1)
+        h, v, b = host[lo:hi], virt[lo:hi], bidx[lo:hi]
         m = 0
         if ws is not None:
-            order = workingset.clusters_first(ws.entries, img.blocks, h, v, img.cluster_size,
+            order = workingset.clusters_first(ws, img.blocks, h, v, img.cluster_size,
                                               img.target_page_size)
-            h, v, b = h[order], v[order], b[order]
-            m = int(np.count_nonzero(np.isin(v, _working_set_clusters(img, ws))))
+            h, v, b = take(h, order), take(v, order), take(b, order)
+            m = sum(1 for x in v if x in wanted)
         first.append((k, h[:m], v[:m], b[:m]))
         rest.append((k, h[m:], v[m:], b[m:]))
     return [p for p in first + rest if len(p[1])]
-
-
-def _working_set_clusters(img, ws):
-    """Virtual offsets of the clusters that hold a page of the working set."""
-    import numpy as np
-
-    offs = np.array([b.offset for b in img.blocks], np.uint64)
-    e = ws.entries
-    v = offs[e["block"].astype(np.int64)] + e["page"].astype(np.uint64) * np.uint64(img.target_page_size)
-    return np.unique(v - v % np.uint64(img.cluster_size))
 
 
 def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads, prefetch):
@@ -184,6 +178,8 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
     t_pages = time.monotonic()
     parts, direct = 0, False
     for k, h, v, b in passes:
+        if not len(h):      # nothing stored: no data file to open (nor its O_DIRECT probe read)
+            continue
         fd, direct_k = open_data(chain_of(img)[k].path, cache, log, lambda fd: _direct_read_works(fd))
         direct = direct or direct_k
         try:
@@ -211,8 +207,8 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
         "pages": em.pages,
         "zero_pages": em.zero_pages,
         "sections": parts + 1 + (1 if info.get("ram_end", True) else 0),
-        "clusters": int(host.shape[0]),
-        "data_bytes_read": int(host.shape[0]) * cs,
+        "clusters": len(host),
+        "data_bytes_read": len(host) * cs,
         "direct_io": direct,
         "seconds": elapsed,
         "page_seconds": t_pages,
@@ -243,7 +239,7 @@ def _send_zero_pages(em, blocks, framing):
                 open_ = True
             before = em.zero_pages
             end = min(first + ZERO_PAGES_PER_CALL, n_pages)
-            em.zero_range(i, first, end, bitmap=b.bits(first, end - first))
+            em.zero_range(i, first, end, bitmap=b.bit_bytes(first, end - first))
             in_part += em.zero_pages - before
             if in_part >= ZERO_PAGES_PER_PART:
                 em.bytes(framing.section_close)

@@ -399,7 +399,7 @@ class _Postcopy:
         self.rp.start()
         # every file of the backing chain: its data clusters in one pass each (chain_plan
         # sorts them by file), on-demand reads through the chain (read_target_pages)
-        src, host, virt, bidx = chain_plan(self.img, self.blocks)
+        src, host, virt, bidx = (np.asarray(a) for a in chain_plan(self.img, self.blocks))
         self.req_fds = open_chain(self.img)
         fds = []
         try:

@@ -12,9 +12,10 @@ file in host order with its own descriptor, the exporters and `qsnap check`
 the same way.
 """
 import os
+from array import array
+from bisect import bisect_left
 
-import numpy as np
-
+from qsnap._core import argsort_u64, in_sorted, indexes_where, take
 from qsnap.errors import ImageError, QsnapError
 from qsnap.image import layout
 
@@ -117,38 +118,33 @@ def _block(blocks, k):
 
 
 def cluster_sources(img):
-    """(virt, src, host): uint64, uint32, uint64 arrays, one row per RAM virtual
+    """(virt, src, host): array('Q'), array('I'), array('Q'), one item per RAM virtual
     cluster (an index) whose bytes are in a file of ``img.chain``: ``src`` indexes
     the chain, ``host`` is the byte offset in that file; sorted by (src, host).
     Clusters not listed read as zeros.  The first file of the chain that
     allocates or zero-flags a cluster decides."""
-    n_ram = np.uint64(img.meta_offset >> img.cluster_bits)
-    decided = np.zeros(0, np.uint64)    # sorted, duplicates allowed
-    virt, src, host = [], [], []
+    n_ram = img.meta_offset >> img.cluster_bits
+    decided = array("Q")    # ascending, repeats allowed
+    virt, src, host = array("Q"), array("I"), array("Q")
     for k, im in enumerate(img.chain):
-        sel = im._mapped_virt < n_ram
-        v, h = im._mapped_virt[sel], im._mapped_host[sel]
+        v, h = _below(im._mapped_virt, n_ram), _below(im._mapped_virt, n_ram, im._mapped_host)
         if k:
-            new = ~_in_sorted(v, decided)
-            v, h = v[new], h[new]
-        order = np.argsort(h, kind="stable")
-        virt.append(v[order])
-        host.append(h[order])
-        src.append(np.full(len(v), k, np.uint32))
-        zero = im._zero_virt[im._zero_virt < n_ram]
+            new = indexes_where(in_sorted(v, decided), False)
+            v, h = take(v, new), take(h, new)
+        order = argsort_u64(h)
+        virt += take(v, order)
+        host += take(h, order)
+        src += array("I", [k]) * len(v)
         if k + 1 < len(img.chain):
-            decided = np.sort(np.concatenate([decided, v, zero]))
-    return (np.concatenate(virt).astype(np.uint64), np.concatenate(src).astype(np.uint32),
-            np.concatenate(host).astype(np.uint64))
+            every = decided + v + _below(im._zero_virt, n_ram)
+            decided = take(every, argsort_u64(every))
+    return virt, src, host
 
 
-def _in_sorted(values, sorted_arr):
-    """Which of ``values`` are in the sorted array ``sorted_arr``.  By binary search,
-    not np.isin / np.union1d: those import numpy.ma (~20 ms of a load's start)."""
-    if not len(sorted_arr):
-        return np.zeros(len(values), bool)
-    at = np.minimum(np.searchsorted(sorted_arr, values), len(sorted_arr) - 1)
-    return sorted_arr[at] == values
+def _below(clusters, n, values=None):
+    """array('Q') of the ascending virtual ``clusters`` below ``n`` (or of the items of
+    ``values`` beside them)."""
+    return array("Q", (clusters if values is None else values)[:bisect_left(clusters, n)])
 
 
 def chain_info(img):

@@ -2,14 +2,15 @@
 
 Which data clusters hold RAM and in what order to read them (host order, so the
 disk reads sequentially), how to open the image for those reads (O_DIRECT where
-the filesystem allows it), and reading a run of target pages by pread.
+the filesystem allows it), and reading a run of target pages by pread.  Plans are
+array.array ("Q" offsets, "I" chain and block indexes); no NumPy.
 """
 import errno
 import mmap
 import os
+from array import array
 
-import numpy as np
-
+from qsnap._core import indexes_where, region_of, shifted_left, take
 from qsnap.errors import ImageError, IOFailure, UsageError
 
 
@@ -58,21 +59,9 @@ def direct_read_works_probe(fd):
 
 def cluster_plan(img, blocks):
     """(host, virtual, block index) of every data cluster inside a RAM region, host order."""
-    dc = np.asarray(img.data_clusters())
-    if dc.size == 0:
-        z = np.zeros(0, np.uint64)
-        return z, z, np.zeros(0, np.uint32)
-    if dc.dtype.names:
-        host = np.asarray(dc[dc.dtype.names[0]], np.uint64)
-        virt = np.asarray(dc[dc.dtype.names[1]], np.uint64)
-    else:
-        dc = dc.reshape(-1, 2)
-        host = dc[:, 0].astype(np.uint64)
-        virt = dc[:, 1].astype(np.uint64)
-    order = np.argsort(host, kind="stable")
-    host, virt = host[order], virt[order]
-    inside, idx = _block_of(virt, blocks, img.cluster_size)
-    return host[inside], virt[inside], idx[inside].astype(np.uint32)
+    host, virt = img.ram_clusters()
+    keep, idx = _block_of(virt, blocks, img.cluster_size)
+    return take(host, keep), take(virt, keep), take(idx, keep)
 
 
 def chain_plan(img, blocks):
@@ -81,13 +70,13 @@ def chain_plan(img, blocks):
     (file, host): each file is read in host order (chain.cluster_sources)."""
     if len(chain_of(img)) == 1:    # a stand-alone image: its own data clusters
         host, virt, bidx = cluster_plan(img, blocks)
-        return np.zeros(len(host), np.uint32), host, virt, bidx
+        return array("I", bytes(4 * len(host))), host, virt, bidx
     from qsnap.image.chain import cluster_sources
 
     virt, src, host = cluster_sources(img)
-    virt = virt << np.uint64(img.cluster_bits)
-    inside, idx = _block_of(virt, blocks, img.cluster_size)
-    return src[inside], host[inside], virt[inside], idx[inside].astype(np.uint32)
+    virt = shifted_left(virt, img.cluster_bits)
+    keep, idx = _block_of(virt, blocks, img.cluster_size)
+    return take(src, keep), take(host, keep), take(virt, keep), take(idx, keep)
 
 
 def chain_of(img):
@@ -96,23 +85,24 @@ def chain_of(img):
 
 
 def _block_of(virt, blocks, cs):
-    """(mask of the virtual offsets ``virt`` inside a block's region, block index of each)."""
-    starts = np.array([b.offset for b in blocks], np.uint64)
-    ends = np.array([b.offset + -(-b.length // cs) * cs for b in blocks], np.uint64)
-    by_start = np.argsort(starts, kind="stable")
-    pos = np.searchsorted(starts[by_start], virt, side="right") - 1
-    inside = pos >= 0
-    idx = np.where(inside, by_start[np.maximum(pos, 0)], 0)
-    inside &= virt < ends[idx]                 # metadata-region clusters are not pages
-    return inside, idx
+    """(indexes of the virtual offsets ``virt`` inside a block's region, array('Q');
+    the block index of each offset, array('I'))."""
+    if not blocks:
+        return array("Q"), array("I", bytes(4 * len(virt)))
+    by_start = sorted(range(len(blocks)), key=lambda i: blocks[i].offset)
+    starts = array("Q", [blocks[i].offset for i in by_start])
+    ends = array("Q", [blocks[i].offset + -(-blocks[i].length // cs) * cs for i in by_start])
+    inside, pos = region_of(virt, starts, ends)   # metadata-region clusters are not pages
+    return indexes_where(inside), take(array("I", by_start), pos)
 
 
 class ClusterState:
     """The page state (stored bits, checksums) of the clusters of a cluster plan,
     read from the image a batch of clusters at a time: the callable that
     PageEmitter.send_clusters(state=...) asks for the next batch.  Row k - k0 of
-    each array covers ``window`` pages from cluster k's first page rounded down
-    to a multiple of 8; pages past the block's end are 0."""
+    each buffer (flat: a bytearray of stored-bit rows, an array('I') of checksum
+    rows) covers ``window`` pages from cluster k's first page rounded down to a
+    multiple of 8; pages past the block's end are 0."""
 
     STATE_PAGES = 1 << 18   # pages of state per batch (1 MiB of checksums)
 
@@ -120,30 +110,32 @@ class ClusterState:
         self.img, self.blocks, self.window = img, blocks, window
         self.virt, self.bidx = virt, bidx
         self.batch = max(1, self.STATE_PAGES // window)
-        cs = img.cluster_size
-        ppc = cs // img.target_page_size
         # clusters that continue the previous one's pages: one read for a run of them
-        follows = np.zeros(len(virt), bool)
-        if len(virt) > 1 and ppc == window:
-            follows[1:] = (bidx[1:] == bidx[:-1]) & (virt[1:] == virt[:-1] + np.uint64(cs))
-        self.follows = follows
+        self.runs = img.cluster_size // img.target_page_size == window
+
+    def _follows(self, r):
+        """Cluster r holds the pages right after cluster r - 1's, in the same block."""
+        return (self.runs and int(self.bidx[r]) == int(self.bidx[r - 1])
+                and int(self.virt[r]) == int(self.virt[r - 1]) + self.img.cluster_size)
 
     def __call__(self, k0):
         k1 = min(k0 + self.batch, len(self.virt))
         w, tps = self.window, self.img.target_page_size
-        bits = np.zeros((k1 - k0, w // 8), np.uint8)
-        crcs = np.zeros((k1 - k0, w), np.uint32)
+        bits = bytearray((k1 - k0) * w // 8)
+        crcs = array("I", bytes(4 * (k1 - k0) * w))
         j = k0
         while j < k1:
             r = j + 1
-            while r < k1 and self.follows[r]:
+            while r < k1 and self._follows(r):
                 r += 1
             b = self.blocks[int(self.bidx[j])]
             first = ((int(self.virt[j]) - b.offset) // tps) & ~7
-            got = b.bits(first, (r - j) * w)
-            bits[j - k0:r - k0].reshape(-1)[:len(got)] = got
-            got = b.crcs(first, (r - j) * w)
-            crcs[j - k0:r - k0].reshape(-1)[:len(got)] = got
+            got = b.bit_bytes(first, (r - j) * w)
+            at = (j - k0) * w // 8
+            bits[at:at + len(got)] = got
+            got = b.crc_array(first, (r - j) * w)
+            at = (j - k0) * w
+            crcs[at:at + len(got)] = got
             j = r
         return k1, bits, crcs
 

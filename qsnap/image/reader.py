@@ -4,14 +4,21 @@ Image.open() checks the qcow2 container, the qsnap extension and the metadata
 region before anything is used; every offset read from the file is bounds
 checked. Errors are ImageError / ChecksumError naming the image offset and
 the bad value.
+
+Opening an image and reading its page state needs no NumPy (`qsnap load` starts
+faster without it): the cluster maps are array.array, their loops are in
+qsnap._core (_maps.pxi).  Only `qsnap check`'s verify_all and the NumPy views
+kept for the other engines (BlockInfo.bits/crcs/stored_bits, data_clusters)
+import it, when called.
 """
 
 import os
-from dataclasses import dataclass, field
+import sys
+from array import array
+from bisect import bisect_left
 
-import numpy as np
-
-from qsnap._core import crc32c, is_zero, page_crcs
+from qsnap._core import (argsort_u64, be64_nonzero, crc32c, first_repeat, in_sorted, is_zero, l2_scan,
+                         page_crcs, region_of, shifted_left, take)
 from qsnap.errors import ChecksumError, ImageError, IOFailure
 from qsnap.image import layout, qcow2, workingset
 from qsnap.image.layout import pages_of
@@ -25,49 +32,66 @@ SCAN_READ = 8 << 20     # bytes per read while the metadata region's checksums a
 META_HEAD_READ = 64 << 10  # bytes first read for the metadata document
 
 
-@dataclass
 class BlockInfo:
     """A RAM block of the image.  Its stored-page bitmap and page checksums stay in
     the image (1 bit and 4 bytes per target page: a GiB per TiB of guest) and are
-    read window by window: bits() and crcs().  ``bitmap`` and ``checksums`` read
-    them whole, for small images and tests only."""
+    read window by window: bit_bytes() and crc_array().  ``bitmap`` and
+    ``checksums`` read them whole, for small images and tests only.  (A plain
+    class: the dataclasses module imports inspect, ~15 ms of a load's start.)"""
 
-    idstr: str
-    length: int
-    page_size: int
-    offset: int
-    nonzero_pages: int
-    migrated: bool
-    page_size_on_wire: bool
-    gpa: object
-    _img: object = field(repr=False)
-    _bitmap_at: int = field(repr=False)     # virtual offsets of the blobs
-    _checksums_at: int = field(repr=False)
+    FIELDS = ("idstr", "length", "page_size", "offset", "nonzero_pages", "migrated", "page_size_on_wire",
+              "gpa")
+
+    def __init__(self, idstr, length, page_size, offset, nonzero_pages, migrated, page_size_on_wire, gpa,
+                 img, bitmap_at, checksums_at):
+        self.idstr, self.length, self.page_size, self.offset = idstr, length, page_size, offset
+        self.nonzero_pages, self.migrated, self.page_size_on_wire = nonzero_pages, migrated, page_size_on_wire
+        self.gpa = gpa
+        self._img = img
+        self._bitmap_at, self._checksums_at = bitmap_at, checksums_at   # virtual offsets of the blobs
+
+    def __repr__(self):
+        return f"BlockInfo({', '.join(f'{k}={getattr(self, k)!r}' for k in self.FIELDS)})"
 
     @property
     def n_pages(self):
         return pages_of(self.length, self._img.target_page_size)
 
-    def bits(self, first, n):
-        """uint8 stored-bit bytes of pages first..first+n-1 (``first`` a multiple of 8;
-        bits past the block's last page are 0)."""
+    def bit_bytes(self, first, n):
+        """The stored-bit bytes (bytes) of pages first..first+n-1 (``first`` a multiple
+        of 8; bits past the block's last page are 0)."""
         if first % 8 or first < 0 or n < 0:
             raise ValueError(f"bitmap window {first}+{n} does not start at a multiple of 8")
         n = max(0, min(n, self.n_pages - first))
-        data = self._img._read_virtual(self._bitmap_at + first // 8, (n + 7) // 8)
-        return np.frombuffer(data, dtype=np.uint8)
+        return self._img._read_virtual(self._bitmap_at + first // 8, (n + 7) // 8)
+
+    def crc_array(self, first, n):
+        """array('I') of the checksums of pages first..first+n-1 (clipped to the block)."""
+        n = max(0, min(n, self.n_pages - first))
+        return le_u32(self._img._read_virtual(self._checksums_at + 4 * first, 4 * n))
+
+    # NumPy views of the same, for check, export and postcopy
+
+    def bits(self, first, n):
+        """uint8 array of bit_bytes(first, n)."""
+        import numpy as np
+
+        return np.frombuffer(self.bit_bytes(first, n), dtype=np.uint8)
 
     def stored_bits(self, first, n):
         """bool array: which of pages first..first+n-1 are stored (clipped to the block)."""
+        import numpy as np
+
         lead = first % 8
         bits = np.unpackbits(self.bits(first - lead, n + lead), bitorder="little")
         return bits[lead:lead + max(0, min(n, self.n_pages - first))].astype(bool)
 
     def crcs(self, first, n):
-        """'<u4' checksums of pages first..first+n-1 (clipped to the block)."""
+        """'<u4' array of the checksums of pages first..first+n-1 (clipped to the block)."""
+        import numpy as np
+
         n = max(0, min(n, self.n_pages - first))
-        data = self._img._read_virtual(self._checksums_at + 4 * first, 4 * n)
-        return np.frombuffer(data, dtype="<u4")
+        return np.frombuffer(self._img._read_virtual(self._checksums_at + 4 * first, 4 * n), dtype="<u4")
 
     @property
     def bitmap(self):
@@ -78,7 +102,16 @@ class BlockInfo:
         return self.crcs(0, self.n_pages)
 
     def stored(self, page_index):
-        return bool((int(self.bits(page_index & ~7, 8)[0]) >> (page_index & 7)) & 1)
+        return bool((self.bit_bytes(page_index & ~7, 8)[0] >> (page_index & 7)) & 1)
+
+
+def le_u32(data):
+    """array('I') of the little-endian uint32 items of ``data`` (the image's order)."""
+    a = array("I")
+    a.frombytes(data)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
 
 
 def pread_exact(fd, length, offset, path):
@@ -300,12 +333,10 @@ class Image:
             return
         cb = self.cluster_bits
         # each virtual cluster has one L2 entry: the mapped and zero-flagged sets are
-        # disjoint and each free of repeats, so their sizes add up (no np.union1d,
-        # which imports numpy.ma)
-        first, last = np.uint64(self.meta_offset >> cb), np.uint64(self.virtual_size >> cb)
-        n_own = sum(int(np.count_nonzero((own >= first) & (own < last)))
+        # disjoint, ascending and each free of repeats, so their sizes add up
+        first, last = self.meta_offset >> cb, self.virtual_size >> cb
+        n_own = sum(bisect_left(own, last) - bisect_left(own, first)
                     for own in (self._mapped_virt, self._zero_virt))
-        first, last = int(first), int(last)
         if n_own != last - first:
             raise ImageError(f"{self.path}: the metadata region of a child image is not all its own "
                              f"({n_own} of {last - first} clusters from virtual offset 0x{first << cb:x} "
@@ -335,94 +366,85 @@ class Image:
         self._claim_table("L1 table", hdr["l1_table_offset"], l1_size * 8, 0x28)
         rt_off, rt_clusters = hdr["refcount_table_offset"], hdr["refcount_table_clusters"]
         self._claim_table("refcount table", rt_off, rt_clusters * cs, 0x30)
-        rt = np.frombuffer(pread_exact(self._fd, rt_clusters * cs, rt_off, self.path),
-                           dtype=">u8").astype(np.uint64)
-        for i in np.flatnonzero(rt):
-            self._claim_table("refcount block", int(rt[i]) & REFT_OFFSET_MASK, cs, rt_off + 8 * int(i))
+        rt = pread_exact(self._fd, rt_clusters * cs, rt_off, self.path)
+        for i, e in zip(*be64_nonzero(rt)):
+            self._claim_table("refcount block", e & REFT_OFFSET_MASK, cs, rt_off + 8 * i)
         self.virtual_size = vsize
 
     def _map_clusters(self, hdr):
         """Read every L2 table: the sparse virtual -> host cluster map."""
         cs = self.cluster_size
         l1_off = hdr["l1_table_offset"]
-        l1 = np.frombuffer(pread_exact(self._fd, hdr["l1_size"] * 8, l1_off, self.path),
-                           dtype=">u8").astype(np.uint64)
+        l1 = pread_exact(self._fd, hdr["l1_size"] * 8, l1_off, self.path)
         l2_entries = cs // 8
         n_clusters = self.virtual_size // cs
         # Sparse map: only the L2 tables present in the file are kept (each one a distinct
         # host cluster), so memory is bounded by the file size whatever l1_size says.
         l2_tables = {}
-        virt_parts, host_parts, zero_parts = [], [], []
-        for i in np.flatnonzero(l1):
-            i = int(i)
-            offs = self._read_l2(int(l1[i]), l1_off + 8 * i)
-            used = np.flatnonzero(offs)
-            if not len(used):
+        mapped, hosts, zeros = array("Q"), array("Q"), array("Q")
+        for i, e in zip(*be64_nonzero(l1)):
+            raw, m_virt, m_host, z_virt = self._read_l2(e, l1_off + 8 * i, i * l2_entries)
+            if not len(m_virt) and not len(z_virt):
                 continue
-            first = i * l2_entries
-            if first + int(used[-1]) >= n_clusters:
-                v = first + int(used[used >= n_clusters - first][0])
-                raise ImageError(f"cluster mapped past the virtual size at virtual offset 0x{v * cs:x}")
-            l2_tables[i] = offs
-            zero = offs[used] == np.uint64(ZERO_CLUSTER)
-            virt_parts.append(used[~zero].astype(np.uint64) + np.uint64(first))
-            host_parts.append(offs[used[~zero]])
-            zero_parts.append(used[zero].astype(np.uint64) + np.uint64(first))
-        mapped = np.concatenate(virt_parts) if virt_parts else np.zeros(0, np.uint64)
-        offs = np.concatenate(host_parts) if host_parts else np.zeros(0, np.uint64)
-        self._check_mapping(mapped, offs)
+            over = [a[bisect_left(a, n_clusters)] for a in (m_virt, z_virt) if len(a) and a[-1] >= n_clusters]
+            if over:
+                raise ImageError(f"cluster mapped past the virtual size at virtual offset 0x{min(over) * cs:x}")
+            l2_tables[i] = raw
+            mapped += m_virt
+            hosts += m_host
+            zeros += z_virt
+        self._check_mapping(mapped, hosts)
         self._l2_tables = l2_tables
         self._l2_bits = self.cluster_bits - 3
+        # array('Q'), ascending (L1 and L2 order):
         self._mapped_virt = mapped      # virtual cluster index of every mapped cluster
-        self._mapped_host = offs        # its host offset
+        self._mapped_host = hosts       # its host offset
         # virtual clusters with the bare zero flag (format 2): zeros, whatever a parent holds
-        self._zero_virt = np.concatenate(zero_parts) if zero_parts else np.zeros(0, np.uint64)
+        self._zero_virt = zeros
 
-    def _read_l2(self, e, at):
-        """Host offsets of the L2 table of L1 entry ``e`` (read at image offset ``at``)."""
+    def _read_l2(self, e, at, first):
+        """The L2 table of L1 entry ``e`` (read at image offset ``at``), its first entry
+        virtual cluster ``first``: (the table's bytes, and array('Q') of the mapped
+        virtual clusters, their host offsets and the zero-flagged virtual clusters)."""
         cs, size = self.cluster_size, self.file_bytes
         if e & L1E_RESERVED_MASK:
             raise ImageError(f"L1 entry 0x{e:016x} has reserved bits set at image offset 0x{at:x}")
         l2_off = e & L1E_OFFSET_MASK
         self._claim_table("L2 table", l2_off, cs, at)
-        l2 = np.frombuffer(pread_exact(self._fd, cs, l2_off, self.path), dtype=">u8").astype(np.uint64)
-        bad = np.flatnonzero(l2 & np.uint64(QCOW_OFLAG_COMPRESSED))
-        if len(bad):
-            raise ImageError(f"compressed L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
-                             f"0x{l2_off + 8 * int(bad[0]):x}")
+        raw = pread_exact(self._fd, cs, l2_off, self.path)
         # format 2 knows one zero-flag entry: exactly QCOW_OFLAG_ZERO (no host offset)
-        zero = (l2 == np.uint64(QCOW_OFLAG_ZERO)) if self.ext["format_version"] >= 2 \
-            else np.zeros(len(l2), bool)
-        bad = np.flatnonzero((l2 & np.uint64(L2E_STD_RESERVED_MASK | QCOW_OFLAG_ZERO) != 0) & ~zero)
-        if len(bad):
-            raise ImageError(f"L2 entry 0x{int(l2[bad[0]]):016x} has reserved or zero-flag bits "
-                             f"at image offset 0x{l2_off + 8 * int(bad[0]):x}")
-        offs = l2 & np.uint64(L2E_OFFSET_MASK)
-        bad = np.flatnonzero((l2 != 0) & ~zero & ((offs == 0) | (offs % np.uint64(cs) != 0)
-                                                  | (offs > np.uint64(size - cs))))
-        if len(bad):
-            raise ImageError(f"L2 entry 0x{int(l2[bad[0]]):016x} at image offset "
-                             f"0x{l2_off + 8 * int(bad[0]):x} points outside the file "
+        m_virt, m_host, z_virt, (compressed, bits, outside) = l2_scan(
+            raw, QCOW_OFLAG_COMPRESSED, L2E_STD_RESERVED_MASK, QCOW_OFLAG_ZERO, L2E_OFFSET_MASK,
+            self.ext["format_version"] >= 2, cs, size, first)
+
+        def entry(k):
+            return int.from_bytes(raw[8 * k:8 * k + 8], "big")
+        if compressed >= 0:
+            raise ImageError(f"compressed L2 entry 0x{entry(compressed):016x} at image offset "
+                             f"0x{l2_off + 8 * compressed:x}")
+        if bits >= 0:
+            raise ImageError(f"L2 entry 0x{entry(bits):016x} has reserved or zero-flag bits "
+                             f"at image offset 0x{l2_off + 8 * bits:x}")
+        if outside >= 0:
+            raise ImageError(f"L2 entry 0x{entry(outside):016x} at image offset "
+                             f"0x{l2_off + 8 * outside:x} points outside the file "
                              f"(0x{size:x} bytes) or is unaligned")
-        offs[zero] = ZERO_CLUSTER
-        return offs
+        return raw, m_virt, m_host, z_virt
 
     def _check_mapping(self, mapped, offs):
         """No host cluster mapped twice, none inside qcow2 metadata."""
         cs = self.cluster_size
-        order = np.argsort(offs, kind="stable")
-        srt = offs[order]
-        dup = np.flatnonzero(srt[1:] == srt[:-1])
-        if len(dup):
-            h = int(srt[dup[0]])
-            v1, v2 = int(mapped[order[dup[0]]]), int(mapped[order[dup[0] + 1]])
+        order = argsort_u64(offs)
+        d = first_repeat(take(offs, order))
+        if d >= 0:
+            h = offs[order[d]]
+            v1, v2 = mapped[order[d - 1]], mapped[order[d]]
             raise ImageError(f"host cluster 0x{h:x} is mapped twice (virtual offsets 0x{v1 * cs:x} "
                              f"and 0x{v2 * cs:x})")
-        meta_arr = np.array(sorted(self.meta_clusters), dtype=np.uint64) * np.uint64(cs)
-        clash = np.flatnonzero(np.isin(offs, meta_arr))
-        if len(clash):
-            v = int(mapped[clash[0]])
-            raise ImageError(f"data cluster at image offset 0x{int(offs[clash[0]]):x} (virtual "
+        clash = in_sorted(offs, array("Q", sorted(c * cs for c in self.meta_clusters))).find(1)
+        if clash >= 0:
+            v = mapped[clash]
+            raise ImageError(f"data cluster at image offset 0x{offs[clash]:x} (virtual "
                              f"offset 0x{v * cs:x}) overlaps qcow2 metadata")
 
     def _read_metadata(self, ext, ext_off):
@@ -439,12 +461,14 @@ class Image:
                              f"the file size 0x{size:x}")
         self.meta_offset = mo
         self.meta_length = ml
+        head = b""
         try:
-            doc, regions_end = layout.parse_meta_region(self._meta_head(mo, ml), ml, mo)
+            head = self._meta_head(mo, ml)
+            doc, regions_end = layout.parse_meta_region(head, ml, mo)
         except ImageError:
-            self._scan_region(mo, ml, ext["meta_crc32c"], None)   # a damaged region says so first
+            self._scan_region(mo, ml, ext["meta_crc32c"], None, head)   # a damaged region says so first
             raise
-        blobs = self._scan_region(mo, ml, ext["meta_crc32c"], doc)
+        blobs = self._scan_region(mo, ml, ext["meta_crc32c"], doc, head)
         if doc["cluster_size"] != cs:
             raise ImageError(f"metadata cluster_size {doc['cluster_size']} differs from the header's {cs}")
         if doc["format_version"] != ext["format_version"]:
@@ -464,7 +488,8 @@ class Image:
     def _meta_head(self, mo, ml):
         """The metadata region's head and JSON document (all of it, however long).
         A first read of META_HEAD_READ bytes holds a usual document whole; the
-        region's blobs after it are read once, by _scan_region."""
+        region's blobs after it are read once, by _scan_region, which takes the head
+        from here rather than read it again."""
         head = self._read_virtual(mo, min(ml, META_HEAD_READ))
         if len(head) >= layout.META_HEAD.size:
             want = layout.META_HEAD.size + layout.META_HEAD.unpack(head)["json_length"]
@@ -472,12 +497,14 @@ class Image:
                 head = self._read_virtual(mo, want)
         return head
 
-    def _scan_region(self, mo, ml, want_crc, doc):
-        """Read the region once: check its crc32c, compute each blob's crc32c and
-        each bitmap's population count, keep the small blobs' bytes."""
+    def _scan_region(self, mo, ml, want_crc, doc, head=b""):
+        """Read the region once (after ``head``, its first bytes, read already): check
+        its crc32c, compute each blob's crc32c and each bitmap's population count,
+        keep the small blobs' bytes."""
         blobs = _Blobs(doc, doc["target_page_size"] if doc is not None else 0)
-        crc = 0
-        for pos in range(0, ml, SCAN_READ):
+        crc = crc32c(head)
+        blobs.feed(0, head)
+        for pos in range(len(head), ml, SCAN_READ):
             buf = self._read_virtual(mo + pos, min(SCAN_READ, ml - pos))
             crc = crc32c(buf, crc)
             blobs.feed(pos, buf)
@@ -513,14 +540,15 @@ class Image:
     def _check_ram_clusters(self):
         """Every data cluster below the metadata region belongs to a block's region."""
         cb, cs, blocks = self.cluster_bits, self.cluster_size, self.blocks
-        starts = np.array([b.offset >> cb for b in blocks], dtype=np.uint64)
-        ends = np.array([(b.offset + b.length + cs - 1) >> cb for b in blocks], dtype=np.uint64)
-        every = np.concatenate([self._mapped_virt, self._zero_virt])
-        ram = every[every < np.uint64(self.meta_offset >> cb)]
-        k = np.searchsorted(starts, ram, side="right").astype(np.int64) - 1
-        outside = (k < 0) | (ram >= ends[np.maximum(k, 0)] if len(ends) else True)
-        if np.any(outside):
-            v = int(ram[np.flatnonzero(outside)[0]])
+        starts = array("Q", [b.offset >> cb for b in blocks])
+        ends = array("Q", [(b.offset + b.length + cs - 1) >> cb for b in blocks])
+        n_ram = self.meta_offset >> cb
+        ram = array("Q")
+        for own in (self._mapped_virt, self._zero_virt):     # each ascending
+            ram += own[:bisect_left(own, n_ram)]
+        outside = region_of(ram, starts, ends)[0].find(0)
+        if outside >= 0:
+            v = ram[outside]
             raise ImageError(f"data or zero cluster (L2 entry 0x{self._cluster_host(v):x}) maps virtual "
                              f"offset 0x{v << cb:x}, outside every RAM block")
 
@@ -535,9 +563,14 @@ class Image:
         return h + (voff & (self.cluster_size - 1)) if h > ZERO_CLUSTER else 0
 
     def _cluster_host(self, vc):
-        """L2 value of virtual cluster ``vc``: 0 unallocated, ZERO_CLUSTER, else its host offset."""
+        """L2 value of virtual cluster ``vc``: 0 unallocated, ZERO_CLUSTER, else its host offset
+        (from the L2 table's bytes, checked by _read_l2)."""
         t = self._l2_tables.get(vc >> self._l2_bits)
-        return 0 if t is None else int(t[vc & ((1 << self._l2_bits) - 1)])
+        if t is None:
+            return 0
+        at = 8 * (vc & ((1 << self._l2_bits) - 1))
+        e = int.from_bytes(t[at:at + 8], "big")
+        return ZERO_CLUSTER if e == QCOW_OFLAG_ZERO else e & L2E_OFFSET_MASK
 
     def locate(self, voff):
         """(image of the chain, host offset) holding the byte at virtual offset ``voff``,
@@ -555,7 +588,12 @@ class Image:
         return None, 0
 
     def _read_virtual(self, voff, length):
-        """``length`` bytes of the virtual disk at ``voff``, read through the chain."""
+        """``length`` bytes of the virtual disk at ``voff``, read through the chain:
+        one pread where they lie in one run of host clusters of one file (the
+        metadata region, page-state windows), else cluster by cluster."""
+        img, h = self.locate(voff) if length else (None, 0)
+        if img is not None and self._contiguous(img, voff, h, length):
+            return pread_exact(img._fd, length, h, img.path)
         out = bytearray(length)
         view = memoryview(out)
         cs = self.cluster_size
@@ -570,14 +608,37 @@ class Image:
         view.release()
         return bytes(out)
 
+    def ram_clusters(self):
+        """(host, virt): array('Q') of the RAM data clusters' host offsets and virtual
+        offsets (bytes), by host offset."""
+        cb = self.cluster_bits
+        k = bisect_left(self._mapped_virt, self.meta_offset >> cb)
+        host = array("Q", self._mapped_host[:k])
+        virt = shifted_left(self._mapped_virt[:k], cb)
+        order = argsort_u64(host)
+        return take(host, order), take(virt, order)
+
+    def _contiguous(self, img, voff, h, length):
+        """The clusters of [voff, voff + length) lie in ``img`` one after the other from
+        host offset ``h`` (of voff)."""
+        cs = self.cluster_size
+        v = voff - (voff & (cs - 1)) + cs
+        while v < voff + length:
+            if self.locate(v) != (img, h + (v - voff)):
+                return False
+            v += cs
+        return True
+
     def data_clusters(self):
-        """(host_offset, virtual_offset) uint64 pairs of the RAM data clusters, by host offset."""
-        n_ram = self.meta_offset >> self.cluster_bits
-        sel = self._mapped_virt < np.uint64(n_ram)
-        pairs = np.empty((int(np.count_nonzero(sel)), 2), dtype=np.uint64)
-        pairs[:, 0] = self._mapped_host[sel]
-        pairs[:, 1] = self._mapped_virt[sel] << np.uint64(self.cluster_bits)
-        return pairs[np.argsort(pairs[:, 0], kind="stable")]
+        """(host_offset, virtual_offset) uint64 pairs of the RAM data clusters, by host
+        offset: ram_clusters() as an N x 2 NumPy array."""
+        import numpy as np
+
+        host, virt = self.ram_clusters()
+        pairs = np.empty((len(host), 2), dtype=np.uint64)
+        pairs[:, 0] = np.frombuffer(host, np.uint64)
+        pairs[:, 1] = np.frombuffer(virt, np.uint64)
+        return pairs
 
     def block_index(self, idstr):
         for i, b in enumerate(self.blocks):
@@ -613,9 +674,11 @@ class Image:
         pages read as zeros and that every stored page lies in a data cluster.
 
         Returns a list of problem strings (empty when the image is intact)."""
+        import numpy as np
+
         from qsnap.image.chain import cluster_sources
 
-        virt, src, host = cluster_sources(self)
+        virt, src, host = (np.frombuffer(a, a.typecode) for a in cluster_sources(self))
         cb = self.cluster_bits
         # virtual cluster -> block: regions are sorted and disjoint (validate_meta)
         self._starts = np.array([b.offset >> cb for b in self.blocks], dtype=np.uint64)
@@ -640,12 +703,16 @@ class Image:
         return problems
 
     def _owner(self, vc):
+        import numpy as np
+
         k = int(np.searchsorted(self._starts, np.uint64(vc), side="right")) - 1
         return k if k >= 0 and vc < int(self._ends[k]) else None
 
     def _verify_file(self, img, pairs, problems, covered):
         """Verify the clusters ``pairs`` ((host offset in ``img``, virtual offset), by host
         offset) against this image's bitmaps and checksums; yields clusters done."""
+        import numpy as np
+
         cs, tps, cb = self.cluster_size, self.target_page_size, self.cluster_bits
         ppc = cs // tps
         where = "" if img is self else f" of {img.path}"
@@ -735,11 +802,11 @@ class _BlobScan:
         if self.data is not None:
             self.data += piece
         if self.n_pages is not None:
-            bits = np.frombuffer(piece, dtype=np.uint8)
             if last and self.n_pages % 8:   # bits past the block's last page do not count
-                bits = bits.copy()
-                bits[-1] &= (1 << (self.n_pages % 8)) - 1
-            self.popcount += int(np.bitwise_count(bits).sum())
+                tail = piece[-1] & ((1 << (self.n_pages % 8)) - 1)
+                piece = piece[:-1]
+                self.popcount += tail.bit_count()
+            self.popcount += int.from_bytes(piece, "little").bit_count()
 
 
 class _Blobs:

@@ -105,13 +105,13 @@ def _plan_clusters(src, base):
     """(virt, chain index, host, base file or None, base host) of every RAM cluster
     with data in ``src``'s chain, in (file, host) order, and the base's clusters
     that ``src`` reads as zeros (they get the zero flag)."""
-    virt, srcidx, host = cluster_sources(src)
+    virt, srcidx, host = (np.asarray(a) for a in cluster_sources(src))
     n = len(virt)
     b_img = np.full(n, -1, np.int64)
     b_host = np.zeros(n, np.uint64)
     zero_virt = np.zeros(0, np.uint64)
     if base is not None:
-        bv, bs, bh = cluster_sources(base)
+        bv, bs, bh = (np.asarray(a) for a in cluster_sources(base))
         order = np.argsort(bv, kind="stable")
         bv, bs, bh = bv[order], bs[order], bh[order]
         pos = np.searchsorted(bv, virt)

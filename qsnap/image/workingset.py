@@ -5,32 +5,77 @@ since the switch to postcopy); the record is stored in the image and later
 restores send those pages first (docs/image-format.md, section 5).  A working
 set is only a hint for ordering: a damaged one is reported and ignored, never
 served as pages, and it never makes the rest of the image unusable.
+
+Reading, checking and ordering by a working set (what `qsnap load` does) needs
+no NumPy: entries are read as array.array; the NumPy record array ``ENTRY``
+(``WorkingSet.entries``, made on first use) is for recording and storing them.
 """
-import numpy as np
+import functools
+from array import array
 
 from qsnap.errors import ImageError
 from qsnap.image import layout
 from qsnap.image.layout import pages_of
 
-# One entry per host page, little-endian like the per-page checksum arrays.
-ENTRY = np.dtype([("block", "<u4"), ("page", "<u4"), ("t_us", "<u4")])
+# One entry per host page: block, page, t_us, each a little-endian uint32 like the
+# per-page checksum arrays.
+ENTRY_FIELDS = ("block", "page", "t_us")
+ENTRY_SIZE = 4 * len(ENTRY_FIELDS)
 T_US_MAX = (1 << 32) - 1
 # meta.working_set: the blob fields plus these
 WS_SCHEMA = {"offset": "uint", "length": "uint", "crc32c": "u32", "pages": "uint",
              "recorded": str, "first_recorded": str, "restores": "uint"}
 
 
+@functools.cache
+def _entry_dtype():
+    import numpy as np
+
+    return np.dtype([(name, "<u4") for name in ENTRY_FIELDS])
+
+
+def __getattr__(name):
+    """ENTRY, the NumPy dtype of an entry, made when first asked for (PEP 562)."""
+    if name == "ENTRY":
+        return _entry_dtype()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class WorkingSet:
-    """Entries in first-seen order plus when and how often they were recorded."""
+    """Entries in first-seen order plus when and how often they were recorded.
+
+    ``entries``: an ENTRY array (or anything np.asarray makes one of), or the
+    stored bytes (bytes, as read from an image: converted on first use of
+    ``entries``)."""
 
     def __init__(self, entries, recorded=None, first_recorded=None, restores=0):
-        self.entries = np.asarray(entries, dtype=ENTRY)
+        if isinstance(entries, bytes):
+            self._data, self._entries = entries, None
+        else:
+            import numpy as np
+
+            self._entries = np.asarray(entries, dtype=_entry_dtype())
+            self._data = None
         self.recorded = recorded
         self.first_recorded = first_recorded
         self.restores = restores
 
+    @property
+    def entries(self):
+        """The entries as an ENTRY array."""
+        if self._entries is None:
+            import numpy as np
+
+            self._entries = np.frombuffer(self._data, dtype=_entry_dtype()).copy()
+        return self._entries
+
+    @property
+    def data(self):
+        """The entries as stored (bytes)."""
+        return self._data if self._data is not None else self._entries.tobytes()
+
     def __len__(self):
-        return len(self.entries)
+        return len(self.data) // ENTRY_SIZE
 
     def info(self):
         return {"pages": len(self), "recorded": self.recorded,
@@ -39,7 +84,19 @@ class WorkingSet:
 
 def entries(items):
     """An ENTRY array from (block, page, t_us) tuples."""
-    return np.array([tuple(int(v) for v in it) for it in items], dtype=ENTRY)
+    import numpy as np
+
+    return np.array([tuple(int(v) for v in it) for it in items], dtype=_entry_dtype())
+
+
+def columns(ents):
+    """(block, page): array('I') each, of an ENTRY array, its stored bytes or a WorkingSet."""
+    from qsnap.image.reader import le_u32
+
+    data = ents.data if isinstance(ents, WorkingSet) else \
+        ents.tobytes() if hasattr(ents, "tobytes") else bytes(ents)
+    words = le_u32(data[:len(data) // ENTRY_SIZE * ENTRY_SIZE])
+    return words[0::3], words[1::3]
 
 
 def from_requests(requests, host_sizes, tps, t_switch):
@@ -56,6 +113,8 @@ def from_requests(requests, host_sizes, tps, t_switch):
 
 def dedup(ents):
     """The first occurrence of every (block, page), order kept."""
+    import numpy as np
+
     if not len(ents):
         return ents
     key = (ents["block"].astype(np.uint64) << np.uint64(32)) | ents["page"].astype(np.uint64)
@@ -66,38 +125,42 @@ def dedup(ents):
 def merge(old, new):
     """Union of two entry arrays keeping first-seen order: ``old`` first, then what
     ``new`` adds (a page already in ``old`` keeps its earlier time)."""
-    return dedup(np.concatenate([np.asarray(old, ENTRY), np.asarray(new, ENTRY)]))
+    import numpy as np
+
+    return dedup(np.concatenate([np.asarray(old, _entry_dtype()), np.asarray(new, _entry_dtype())]))
 
 
 def validate(ents, blocks, tps):
-    """Raise ImageError unless every entry names a host page inside a migrated block."""
-    if not len(ents):
+    """Raise ImageError unless every entry (of an ENTRY array or stored bytes) names a
+    host page inside a migrated block."""
+    bi, pg = columns(ents)
+    if not len(bi):
         return
-    bi = ents["block"]
-    if int(bi.max()) >= len(blocks):
-        k = int(np.flatnonzero(bi >= len(blocks))[0])
-        raise ImageError(f"working-set entry {k} names block {int(bi[k])}, the image has "
+    if max(bi) >= len(blocks):
+        k = next(k for k, x in enumerate(bi) if x >= len(blocks))
+        raise ImageError(f"working-set entry {k} names block {bi[k]}, the image has "
                          f"{len(blocks)}")
     for i, b in enumerate(blocks):
-        pages = ents["page"][bi == i]
-        if not len(pages):
+        pages = [p for x, p in zip(bi, pg) if x == i]
+        if not pages:
             continue
         hp = max(b.page_size, tps) // tps
-        bad = np.flatnonzero((pages >= pages_of(b.length, tps)) | (pages % hp != 0))
-        if not b.migrated or len(bad):
-            p = int(pages[bad[0]]) if len(bad) else int(pages[0])
+        n = pages_of(b.length, tps)
+        bad = [p for p in pages if p >= n or p % hp]
+        if not b.migrated or bad:
+            p = bad[0] if bad else pages[0]
             raise ImageError(f"working-set page 0x{p * tps:x} of block '{b.idstr}' is outside "
                              f"the block (length 0x{b.length:x}), not host-page aligned or the "
                              f"block was not migrated")
 
 
 def decode(data, blocks, tps):
-    """Checked entries from the stored bytes."""
-    if len(data) % ENTRY.itemsize:
-        raise ImageError(f"working-set length {len(data)} is not a multiple of {ENTRY.itemsize}")
-    ents = np.frombuffer(data, dtype=ENTRY).copy()
-    validate(ents, blocks, tps)
-    return ents
+    """The stored bytes (bytes), checked."""
+    if len(data) % ENTRY_SIZE:
+        raise ImageError(f"working-set length {len(data)} is not a multiple of {ENTRY_SIZE}")
+    data = bytes(data)
+    validate(data, blocks, tps)
+    return data
 
 
 def read(img):
@@ -132,11 +195,12 @@ def _read(img, ref):
     if crc != ref["crc32c"]:
         raise ImageError(f"working-set checksum mismatch: stored 0x{ref['crc32c']:08x}, "
                          f"computed 0x{crc:08x}")
-    ents = decode(data, img.blocks, img.target_page_size)
-    if len(ents) != ref["pages"]:
-        raise ImageError(f"working set holds {len(ents)} pages, meta.working_set.pages says "
+    ws = WorkingSet(decode(data, img.blocks, img.target_page_size), ref["recorded"],
+                    ref["first_recorded"], ref["restores"])
+    if len(ws) != ref["pages"]:
+        raise ImageError(f"working set holds {len(ws)} pages, meta.working_set.pages says "
                          f"{ref['pages']}")
-    return WorkingSet(ents, ref["recorded"], ref["first_recorded"], ref["restores"])
+    return ws
 
 
 def usable(img, log):
@@ -149,24 +213,34 @@ def usable(img, log):
     return getattr(img, "working_set", None)
 
 
+def cluster_offsets(entries, blocks, cluster_size, tps):
+    """Virtual offsets of the data clusters holding the pages of ``entries`` (an
+    ENTRY array, stored bytes or a WorkingSet), each once, in the order their first
+    page was recorded."""
+    offs = [b.offset for b in blocks]
+    seen = {}
+    for bi, p in zip(*columns(entries)):
+        v = offs[bi] + p * tps
+        seen.setdefault(v - v % cluster_size, None)
+    return list(seen)
+
+
 def clusters_first(entries, blocks, host, virt, cluster_size, tps):
-    """A permutation of a cluster plan (``host``/``virt`` arrays, host order) that
-    puts the data clusters holding working-set pages first, in the order their
+    """A permutation (array('Q')) of a cluster plan (``host``/``virt``, host order)
+    that puts the data clusters holding working-set pages first, in the order their
     first page was recorded; the others keep their order."""
-    if not len(entries) or not len(virt):
-        return np.arange(len(virt))
-    offs = np.array([b.offset for b in blocks], np.uint64)
-    v = offs[entries["block"].astype(np.int64)] + entries["page"].astype(np.uint64) * np.uint64(tps)
-    v -= v % np.uint64(cluster_size)
-    _, first = np.unique(v, return_index=True)
-    wanted = v[np.sort(first)]
-    rank = np.full(len(virt), len(wanted), np.int64)
-    by_virt = np.argsort(virt, kind="stable")
-    pos = np.searchsorted(virt[by_virt], wanted)
-    ok = pos < len(virt)
-    ok[ok] &= virt[by_virt[pos[ok]]] == wanted[ok]        # an all-zero cluster is not in the plan
-    rank[by_virt[pos[ok]]] = np.flatnonzero(ok)
-    return np.argsort(rank, kind="stable")
+    if not len(virt):
+        return array("Q")
+    wanted = cluster_offsets(entries, blocks, cluster_size, tps)
+    at = {}
+    for k, v in enumerate(virt):
+        at.setdefault(int(v), k)
+    rank = [len(wanted)] * len(virt)
+    for r, v in enumerate(wanted):
+        k = at.get(v)      # an all-zero cluster is not in the plan
+        if k is not None:
+            rank[k] = r
+    return array("Q", sorted(range(len(virt)), key=rank.__getitem__))
 
 
 # --- storing --------------------------------------------------------------------------
@@ -209,6 +283,8 @@ def store(path, new_entries, log=None, now=None):
     """Merge ``new_entries`` into the working set of the image at ``path`` (crash
     safe: a complete new image replaces the old one by rename).  Returns the
     stored WorkingSet."""
+    import numpy as np
+
     from qsnap.image.reader import Image
     from qsnap.image.writer import replace_metadata
 
@@ -217,9 +293,9 @@ def store(path, new_entries, log=None, now=None):
         old, problem = read(img)
         if problem and log is not None:
             log.write(f"qsnap: warning: replacing the damaged working set of {path}: {problem}\n")
-        validate(np.asarray(new_entries, ENTRY), img.blocks, img.target_page_size)
+        validate(np.asarray(new_entries, _entry_dtype()), img.blocks, img.target_page_size)
         if old is None:
-            ws = WorkingSet(dedup(np.asarray(new_entries, ENTRY)), now, now, 1)
+            ws = WorkingSet(dedup(np.asarray(new_entries, _entry_dtype())), now, now, 1)
         else:
             ws = WorkingSet(merge(old.entries, new_entries), now, old.first_recorded,
                             old.restores + 1)
@@ -229,7 +305,7 @@ def store(path, new_entries, log=None, now=None):
             from qsnap.image.rewrite import rewrite
             rewrite(img, img.path, img.parent, working_set=ws, compare_own=False)
             return ws
-        data = ws.entries.tobytes()
+        data = ws.data
         doc, off, _ = metadata_with(_rebuild_doc(img), ws, data, img.cluster_size)
         replace_metadata(img, doc, off, data)
     return ws

@@ -203,7 +203,7 @@ class ImageWriter:
 
     def _attach_parent(self):
         """Give the sink the chain's RAM clusters and files (parent mode)."""
-        virt, src, host = cluster_sources(self.parent)
+        virt, src, host = (np.asarray(a) for a in cluster_sources(self.parent))
         ram = virt < np.uint64(self.meta_offset // self.cluster_size)
         chain = self.parent.chain
         self.sink.set_parent([img.fd for img in chain], virt[ram], src[ram], host[ram],
@@ -482,9 +482,10 @@ def _data_clusters(img):
     qsnap appends data clusters from cluster 1 on, before any metadata: anything
     else is a layout this rewrite would not preserve, so it is refused."""
     cs, cb = img.cluster_size, img.cluster_bits
-    sel = img._mapped_virt < np.uint64(img.meta_offset >> cb)
-    virt = img._mapped_virt[sel].astype(np.int64)
-    hosts = img._mapped_host[sel]
+    mapped_virt, mapped_host = np.asarray(img._mapped_virt), np.asarray(img._mapped_host)
+    sel = mapped_virt < np.uint64(img.meta_offset >> cb)
+    virt = mapped_virt[sel].astype(np.int64)
+    hosts = mapped_host[sel]
     data_end = int(hosts.max()) + cs if len(hosts) else cs
     if len(hosts) != data_end // cs - 1:
         raise ImageError(f"{img.path}: data clusters are not contiguous from cluster 1 "

@@ -66,7 +66,7 @@ def test_child_stores_only_what_differs(chain):
         assert im.image_id == full.image_id and im.parent.image_id != im.image_id
         assert im.meta["parent"]["image_id"] == im.parent.image_id
         assert list(im._zero_virt) == [2]
-        virt, src, host = cluster_sources(im)
+        virt, src, host = (np.asarray(a) for a in cluster_sources(im))
         assert virt.dtype == np.uint64 and src.dtype == np.uint32 and host.dtype == np.uint64
         rows = sorted(zip(src.tolist(), host.tolist()))
         assert rows == list(zip(src.tolist(), host.tolist()))

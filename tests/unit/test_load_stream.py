@@ -2,6 +2,7 @@
 import io
 import os
 import struct
+from array import array
 from types import SimpleNamespace
 
 import numpy as np
@@ -79,18 +80,18 @@ def fake_image(tmp_path, *, caps=(), ram_end=True, switchover=False, footers=Tru
                           stream_info=info, header_bytes=header_bytes(caps), pre_ram=b"",
                           device_state=DEVICE_STATE if footers else DEVICE_STATE.replace(
                               b"\x7e" + be32(7), b""),
-                          data_clusters=lambda: pairs)
+                          ram_clusters=lambda: (array("Q", pairs[:, 0]), array("Q", pairs[:, 1])))
     return img, data.tobytes(), stored
 
 
 class FakeBlock(SimpleNamespace):
-    """A block as the engines read it: page state by window (BlockInfo.bits/crcs)."""
+    """A block as the engines read it: page state by window (BlockInfo.bit_bytes/crc_array)."""
 
-    def bits(self, first, n):
-        return self.bitmap[first // 8:(first + n + 7) // 8]
+    def bit_bytes(self, first, n):
+        return self.bitmap[first // 8:(first + n + 7) // 8].tobytes()
 
-    def crcs(self, first, n):
-        return self.checksums[first:first + n]
+    def crc_array(self, first, n):
+        return array("I", self.checksums[first:first + n].astype(np.uint32))
 
 
 def run(img, tmp_path, **kw):
