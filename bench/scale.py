@@ -286,8 +286,9 @@ def run_qemu_case(name, tree, workdir):
 
 PLAN_PROBE = """
 import resource, sys
-import numpy as np
+from array import array
 from qsnap.image.pages import ClusterState, chain_plan
+from qsnap.image.reader import Image
 from qsnap.load import file_passes
 
 n, cs = int(sys.argv[1]), 1 << 20
@@ -298,18 +299,13 @@ class Block:
 
 
 class FakeImage:
-    # an all-data image of n clusters as the reader holds it: L2 entries (8 B per
-    # cluster) and the mapped (host, virtual) cluster arrays (16 B per cluster)
+    # an all-data image of n clusters as the reader holds it: the mapped (virtual,
+    # host) cluster arrays, array('Q'), 16 B per cluster; the reader's own ram_clusters
     cluster_size, cluster_bits, target_page_size, chain, blocks = cs, 20, 4096, None, [Block()]
-    l2 = np.arange(n, dtype=np.uint64) * np.uint64(cs) + np.uint64(cs)
-    mapped_host, mapped_virt = l2.copy(), np.arange(n, dtype=np.uint64)
-
-    def data_clusters(self):   # as reader.Image.data_clusters builds them
-        sel = self.mapped_virt < np.uint64(n)
-        pairs = np.empty((int(np.count_nonzero(sel)), 2), dtype=np.uint64)
-        pairs[:, 0] = self.mapped_host[sel]
-        pairs[:, 1] = self.mapped_virt[sel] << np.uint64(20)
-        return pairs[np.argsort(pairs[:, 0], kind="stable")]
+    meta_offset = n * cs
+    _mapped_virt = array("Q", range(n))
+    _mapped_host = array("Q", range(cs, (n + 1) * cs, cs))
+    ram_clusters = Image.ram_clusters
 
 
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -324,6 +320,7 @@ print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 # check's plan: verify_all's cluster_sources and its per-file (host, virtual) pairs
 CHECK_PROBE = """
 import resource, sys
+from array import array
 import numpy as np
 from qsnap.image.chain import cluster_sources
 
@@ -331,16 +328,17 @@ n = int(sys.argv[1])
 
 
 class FakeImage:
+    # as the reader holds it: array('Q') of the mapped clusters, no zero-flagged ones
     cluster_bits, cluster_size, meta_offset = 20, 1 << 20, n << 20
-    _mapped_host = np.arange(n, dtype=np.uint64) * np.uint64(1 << 20) + np.uint64(4 << 20)
-    _mapped_virt, _zero_virt = np.arange(n, dtype=np.uint64), np.zeros(0, np.uint64)
-    l2 = np.zeros(n, np.uint64)
+    _mapped_virt = array("Q", range(n))
+    _mapped_host = array("Q", range(4 << 20, (n + 4) << 20, 1 << 20))
+    _zero_virt = array("Q")
 
 
 img = FakeImage()
 img.chain = [img]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-virt, src, host = cluster_sources(img)
+virt, src, host = (np.asarray(a) for a in cluster_sources(img))
 rows = np.flatnonzero(src == 0)
 pairs = np.empty((len(rows), 2), dtype=np.uint64)
 pairs[:, 0] = host[rows]
