@@ -71,3 +71,23 @@ def assert_same(got, want, what="value"):
     if isinstance(got, (list, tuple)) and isinstance(want, (list, tuple)):
         raise AssertionError(f"{what} differs: {_sequence_difference(got, want)}")
     raise AssertionError(f"{what} differs: {_short.repr(got)}, expected {_short.repr(want)}")
+
+
+def assert_same_files(got, want, what="files", window=64 << 20):
+    """assert_same over two files' contents, ``window`` bytes at a time, so that
+    comparing two multi-GiB sparse exports costs a window of memory, not the files.
+    The first differing window is explained as assert_same would (offsets within it
+    are shifted to the file's)."""
+    with open(got, "rb") as g, open(want, "rb") as w:
+        at = 0
+        while True:
+            a, b = g.read(window), w.read(window)
+            if a != b:
+                try:
+                    assert_same(a, b, what)
+                except AssertionError as e:
+                    raise AssertionError(f"{e} (in the window at byte {at:#x})") from None
+                raise AssertionError(f"{what} differ in the window at byte {at:#x}")
+            if not a:
+                return
+            at += len(a)

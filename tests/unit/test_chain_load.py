@@ -10,7 +10,7 @@ from qsnap.save import save
 from qsnap.stream.synth import synth_stream
 
 from _chainutil import rebase
-from bigcmp import assert_same
+from bigcmp import assert_same, assert_same_files
 from test_load_roundtrip import check_restored
 from test_postcopy import BLOCKS, FakeDest, check_pages, req_id
 
@@ -70,7 +70,7 @@ def test_export_raw_of_a_child(generations, tmp_path):
     d = generations[0]
     export(str(d / "child.qsnap"), str(tmp_path / "child.raw"), "raw", quiet=True)
     export(str(d / "full.qsnap"), str(tmp_path / "full.raw"), "raw", quiet=True)
-    assert_same((tmp_path / "child.raw").read_bytes(), (tmp_path / "full.raw").read_bytes(), "raw exports")
+    assert_same_files(tmp_path / "child.raw", tmp_path / "full.raw", "raw exports")
 
 
 def test_working_set_recorded_into_a_child(generations, tmp_path):
