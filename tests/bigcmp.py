@@ -76,8 +76,8 @@ def assert_same(got, want, what="value"):
 def assert_same_files(got, want, what="files", window=64 << 20):
     """assert_same over two files' contents, ``window`` bytes at a time, so that
     comparing two multi-GiB sparse exports costs a window of memory, not the files.
-    The first differing window is explained as assert_same would (offsets within it
-    are shifted to the file's)."""
+    The first differing window is explained as assert_same would, with its offsets
+    counted from the window's start, which the message gives."""
     with open(got, "rb") as g, open(want, "rb") as w:
         at = 0
         while True:
