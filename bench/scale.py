@@ -207,7 +207,19 @@ def put(row, what, measured):
     row[f"{what}_mib"], row[f"{what}_s"], row[f"{what}_cpu"] = measured
 
 
-def run_case(gen, name, tree, workdir, postcopy=False, export=False):
+def evict(path):
+    """Write ``path`` back and drop it from the page cache, so that the next command
+    reads it from the disk whatever the image's size (a 4 GiB image stays partly
+    cached after its save on this host, a 64 GiB one does not)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def run_case(gen, name, tree, workdir, postcopy=False, export=False, cold=False):
     size, every = CASES[name]
     with tempfile.TemporaryDirectory(dir=workdir, prefix="qsnap-scale-") as tmp:
         pre, suf = stream_ends(tmp, size)
@@ -224,10 +236,11 @@ def run_case(gen, name, tree, workdir, postcopy=False, export=False):
                "stream_gib": stream_bytes(pre, suf, size, every) / GiB,
                "image_gib": img.stat().st_size / GiB, "load_avg": os.getloadavg()[0]}
         put(row, "save", save)
-        with open(os.devnull, "wb") as null:
-            put(row, "load", timed([*py, "load", "-q", str(img)], tree, stdout=null))
-        put(row, "check", timed([*py, "check", str(img)], tree))
-        put(row, "info", timed([*py, "info", str(img)], tree))
+        row["evicted"] = cold
+        for what, args in (("load", ["-q"]), ("check", []), ("info", [])):
+            if cold:
+                evict(img)
+            put(row, what, timed([*py, what, *args, str(img)], tree))
         if postcopy:
             put(row, "postcopy", timed_postcopy(py, img, tree, size))
         for fmt in EXPORT_FORMATS if export else ():
@@ -461,6 +474,8 @@ def main(argv=None):
                    help="also a postcopy load of each synthetic image (simulated destination)")
     p.add_argument("--export", action="store_true",
                    help="also export each synthetic image as raw and as elf (each file deleted at once)")
+    p.add_argument("--evict", action="store_true",
+                   help="drop each synthetic image from the page cache before load, check and info")
     p.add_argument("--plan", action="store_true",
                    help="only the peak RSS of load's cluster plan of all-data guests (PLAN_SIZES), no image")
     a = p.parse_args(argv)
@@ -481,7 +496,7 @@ def main(argv=None):
             for tree in trees:
                 try:
                     run = run_qemu_case if CASES[name][1] is None else \
-                        partial(run_case, gen, postcopy=a.postcopy, export=a.export)
+                        partial(run_case, gen, postcopy=a.postcopy, export=a.export, cold=a.evict)
                     rows.append(run(name, tree, a.dir))
                 except RuntimeError as e:   # e.g. out of memory on an old tree: a row saying so
                     rows.append({"case": name, "tree": str(tree), "error": str(e)[-500:]})
