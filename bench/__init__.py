@@ -17,3 +17,17 @@ def compile_qsnap_once(cache_dir, modules):
     os.environ["PYTHONPYCACHEPREFIX"] = str(cache_dir)
     subprocess.run([sys.executable, "-m", "qsnap", "--help"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([sys.executable, "-c", "import " + ", ".join(modules)], check=True)
+
+
+def evict_file(path):
+    """Write ``path`` back and drop it from the page cache (posix_fadvise DONTNEED), so
+    that the next reader takes it from the disk; a file that cannot be opened is left."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

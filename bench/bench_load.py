@@ -20,6 +20,7 @@ import sys
 
 import pytest
 
+from bench import evict_file
 from bench.conftest import record
 from qsnap.load import load
 from qsnap.save import save
@@ -53,15 +54,6 @@ def image(tmp_path_factory):
     return ip
 
 
-def drop_cache(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _report(benchmark, nbytes, what, ref=None):
     record(benchmark, what, nbytes, ref=ref)
 
@@ -72,7 +64,7 @@ def test_cat_to_devnull(benchmark, image):
     def run():
         subprocess.run(f"cat '{image}' > /dev/null", shell=True, check=True)
 
-    benchmark.pedantic(run, setup=lambda: drop_cache(image), rounds=ROUNDS, iterations=1)
+    benchmark.pedantic(run, setup=lambda: evict_file(image), rounds=ROUNDS, iterations=1)
     _report(benchmark, size, "cat IMG > /dev/null (cold)")
 
 
@@ -85,7 +77,7 @@ def test_load_to_devnull(benchmark, image, cache):
         with open(os.devnull, "wb") as f:
             out.update(load(image, out_fd=f.fileno(), cache=cache, quiet=True))
 
-    benchmark.pedantic(run, setup=lambda: drop_cache(image), rounds=ROUNDS, iterations=1)
+    benchmark.pedantic(run, setup=lambda: evict_file(image), rounds=ROUNDS, iterations=1)
     _report(benchmark, size, f"load IMG -> /dev/null (cold, cache={cache})",
             ref="cat IMG > /dev/null (cold)")
     benchmark.extra_info["stream_bytes"] = out["stream_bytes"]
@@ -94,7 +86,7 @@ def test_load_to_devnull(benchmark, image, cache):
 
 def test_load_peak_rss(image):
     """Peak RSS (VmHWM) of a fresh process running load(): ring + bitmaps/checksums + interpreter."""
-    drop_cache(image)
+    evict_file(image)
     code = ("import os, sys; from qsnap.load import load; "
             "load(sys.argv[1], out_fd=os.open(os.devnull, os.O_WRONLY), quiet=True); "
             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")

@@ -72,7 +72,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import compile_qsnap_once
+from bench import compile_qsnap_once, evict_file
 from qsnaptest import builds, guests
 from qsnaptest.qemu import BlobGuest, QemuError, ram_ranges, use_build
 
@@ -131,15 +131,7 @@ def drop_caches(paths=()):
         except OSError:
             pass
     for p in paths:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_file(p)
     return "fadvise"
 
 

@@ -55,6 +55,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import evict_file
+
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1 << 30
 PS = 4096
@@ -207,18 +209,6 @@ def put(row, what, measured):
     row[f"{what}_mib"], row[f"{what}_s"], row[f"{what}_cpu"] = measured
 
 
-def evict(path):
-    """Write ``path`` back and drop it from the page cache, so that the next command
-    reads it from the disk whatever the image's size (a 4 GiB image stays partly
-    cached after its save on this host, a 64 GiB one does not)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def run_case(gen, name, tree, workdir, postcopy=False, export=False, cold=False):
     size, every = CASES[name]
     with tempfile.TemporaryDirectory(dir=workdir, prefix="qsnap-scale-") as tmp:
@@ -239,7 +229,7 @@ def run_case(gen, name, tree, workdir, postcopy=False, export=False, cold=False)
         row["evicted"] = cold
         for what, args in (("load", ["-q"]), ("check", []), ("info", [])):
             if cold:
-                evict(img)
+                evict_file(img)   # small and large images alike from the disk
             put(row, what, timed([*py, what, *args, str(img)], tree))
         if postcopy:
             put(row, "postcopy", timed_postcopy(py, img, tree, size))
