@@ -317,17 +317,23 @@ def test_mapped_ram_import_round_trip(image, tmp_path):
 
 # --- crash safety and errors ------------------------------------------------------------------
 
+def corrupt_ram_byte(image, ram_offset, value):
+    """Overwrite the stored byte at ``ram_offset`` of pc.ram in ``image`` (its page's
+    checksum then fails)."""
+    with Image.open(image) as img:
+        bi = img.block_index("pc.ram")
+        h = img.host_offset(img.blocks[bi].offset + ram_offset)
+    with open(image, "r+b") as f:
+        f.seek(h)
+        f.write(value)
+
+
 @pytest.mark.parametrize("fmt", ["elf", "raw", "mapped-ram"])
 def test_failed_export_keeps_the_older_output(image, tmp_path, fmt):
     """A corrupt page stops the export: no temporary file stays, the old OUT is intact."""
     out = tmp_path / "out"
     out.write_bytes(b"older export")
-    with Image.open(image) as img:
-        bi = img.block_index("pc.ram")
-        h = img.host_offset(img.blocks[bi].offset + 5 * MIB)
-    with open(image, "r+b") as f:
-        f.seek(h + 100)
-        f.write(b"\xff")
+    corrupt_ram_byte(image, 5 * MIB + 100, b"\xff")
     with pytest.raises(ChecksumError, match="pc.ram' page 0x500000"):
         export(image, out, fmt, quiet=True)
     assert out.read_bytes() == b"older export"
@@ -488,12 +494,7 @@ def test_corrupt_page_in_a_later_window_is_found(windowed_image, tmp_path, monke
     from qsnap.export import pages
 
     monkeypatch.setattr(pages, "WINDOW_PAGES", 1)
-    with Image.open(windowed_image) as img:
-        bi = img.block_index("pc.ram")
-        h = img.host_offset(img.blocks[bi].offset + 6 * MIB)
-    with open(windowed_image, "r+b") as f:
-        f.seek(h + 7)
-        f.write(b"\xee")
+    corrupt_ram_byte(windowed_image, 6 * MIB + 7, b"\xee")
     with pytest.raises(ChecksumError, match="pc.ram' page 0x600000"):
         export(windowed_image, tmp_path / "out", fmt, quiet=True)
     assert not (tmp_path / "out").exists()
