@@ -227,6 +227,9 @@ def run_case(gen, name, tree, workdir, postcopy=False, export=False, cold=False)
                "image_gib": img.stat().st_size / GiB, "load_avg": os.getloadavg()[0]}
         put(row, "save", save)
         row["evicted"] = cold
+        if cold:   # the disk's own rate, the baseline of this image's reads
+            evict_file(img)
+            put(row, "read", timed(["dd", f"if={img}", "of=/dev/null", "bs=8M", "iflag=direct"], tree))
         for what, args in (("load", ["-q"]), ("check", []), ("info", [])):
             if cold:
                 evict_file(img)   # small and large images alike from the disk
@@ -424,7 +427,8 @@ LINEAR_PAIRS = (("all-4G", "all-64G"), ("sparse-64G", "sparse-1T"))
 
 def linearity_table(rows):
     """Per op: median seconds per GiB of stream (wall and CPU) of each pair's cases
-    and their ratio (large / small; the target is <= 1.1)."""
+    and their ratio (large / small; the target is <= 1.1).  ``read`` (--evict) is
+    dd reading the image with O_DIRECT: the disk's own ratio, for comparison."""
     out = ["| pair | op | runs | small s/GiB wall (CPU) | large s/GiB wall (CPU) | ratio wall | ratio CPU |",
            "|---|---|---:|---:|---:|---:|---:|"]
     for small, large in LINEAR_PAIRS:
@@ -432,7 +436,9 @@ def linearity_table(rows):
         b = [r for r in rows if r["case"] == large]
         if not a or not b:
             continue
-        for op in ("save", "load", "check"):
+        for op in ("save", "load", "check", "read"):
+            if not all(f"{op}_s" in r for r in a + b):   # read: only with --evict
+                continue
             med = lambda rs, k: statistics.median(r[f"{op}_{k}"] / r["stream_gib"] for r in rs)  # noqa: E731
             sw, sc, lw, lc = med(a, "s"), med(a, "cpu"), med(b, "s"), med(b, "cpu")
             out.append(f"| {small} / {large} | {op} | {len(a)} / {len(b)} | {sw:.3f} ({sc:.3f}) "
