@@ -51,6 +51,16 @@ def fsync_dir(directory):
         os.close(dfd)
 
 
+def publish(tmp_path, path, directory, what):
+    """Rename the complete, synced ``tmp_path`` over ``path`` and make the rename durable:
+    the last step of every crash-safe output.  ``what`` names the output in the error."""
+    try:
+        os.rename(tmp_path, path)
+    except OSError as e:
+        raise io_error(e, f"renaming {what} to", path) from None
+    fsync_dir(directory)
+
+
 def write_json(path, doc, **dump_kw):
     """Write ``doc`` as JSON to ``path`` through a temporary file and a rename.
 
@@ -117,12 +127,8 @@ class AtomicOutput:
             raise io_error(e, "syncing", self.tmp_path) from None
         os.close(self.fd)
         self.fd = -1
-        try:
-            os.rename(self.tmp_path, self.path)
-        except OSError as e:
-            raise io_error(e, "renaming the output to", self.path) from None
+        publish(self.tmp_path, self.path, self.dir, "the output")
         self._committed = True
-        fsync_dir(self.dir)
 
     def abort(self):
         if self.fd >= 0:

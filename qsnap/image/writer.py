@@ -14,7 +14,7 @@ import numpy as np
 
 import qsnap
 from qsnap._core import HOST_ZERO, ClusterSink, crc32c
-from qsnap.atomic import datasync, fsync_dir, io_error, pwrite_all
+from qsnap.atomic import datasync, io_error, publish, pwrite_all
 from qsnap.errors import ImageError, IOFailure, UsageError
 from qsnap.image import layout, qcow2
 from qsnap.image.chain import cluster_sources
@@ -417,12 +417,8 @@ class ImageWriter:
     def _put_in_place(self):
         """The complete, synced image replaces whatever was at ``path``."""
         self._close_fds()
-        try:
-            os.rename(self.tmp_path, self.path)
-        except OSError as e:
-            raise io_error(e, "renaming the image to", self.path) from None
+        publish(self.tmp_path, self.path, self.dir, "the image")
         self._done = True
-        fsync_dir(self.dir)
 
     def _close_fds(self):
         if self._dfd >= 0 and self._dfd != self._fd:
