@@ -37,6 +37,7 @@ class EngineChild:
 
     def __init__(self, command, args, stderr_path, *, stdin, stdout):
         self.command = command
+        self.qemu_fd = None   # the stream's end QEMU gets (getfd), ours until close_qemu_end()
         self.stderr_path = stderr_path
         self.started = time.monotonic()
         self.ended = None     # time.monotonic() when wait() saw it exit
@@ -84,10 +85,18 @@ class EngineChild:
         self.ended = time.monotonic()
         self.cpu = process_cpu(self.proc.pid)
 
+    def close_qemu_end(self):
+        """Once QEMU holds its copy (or will not get one): the child sees the stream end
+        when QEMU closes it, or at once if QEMU never took it."""
+        if self.qemu_fd is not None:
+            os.close(self.qemu_fd)
+            self.qemu_fd = None
+
     def stop(self, grace=STOP_GRACE):
         """Make sure the child is gone: it has ``grace`` s to end on its own (its stream
         is closed by now), then SIGTERM (a save removes its temporary file), then SIGKILL.
         Always reaped: no zombie is left."""
+        self.close_qemu_end()
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if sig is not None:
                 try:
@@ -119,8 +128,8 @@ class EngineChild:
 
 
 class SaveChild(EngineChild):
-    """``qsnap save ARGS`` reading a pipe whose write end is ``write_fd`` until
-    ``close_write_end()``."""
+    """``qsnap save ARGS`` reading a pipe whose write end is ``qemu_fd`` until
+    ``close_qemu_end()``."""
 
     def __init__(self, args, stderr_path):
         r, w = os.pipe()
@@ -131,17 +140,7 @@ class SaveChild(EngineChild):
             raise
         finally:
             os.close(r)
-        self.write_fd = w
-
-    def close_write_end(self):
-        """Once QEMU holds its copy: the save sees the end of the stream when QEMU closes it."""
-        if self.write_fd is not None:
-            os.close(self.write_fd)
-            self.write_fd = None
-
-    def stop(self, grace=STOP_GRACE):
-        self.close_write_end()
-        super().stop(grace)
+        self.qemu_fd = w
 
 
 class LoadChild(EngineChild):
@@ -184,15 +183,7 @@ class LoadChild(EngineChild):
             self.relay = ReturnPathRelay(child_out, relay_w, self.proc)
         self.qemu_fd = qemu_fd
 
-    def close_qemu_end(self):
-        """Once QEMU holds its copy (or will not get one): the child sees QEMU's end
-        close when QEMU closes it, or at once if QEMU never took it."""
-        if self.qemu_fd is not None:
-            os.close(self.qemu_fd)
-            self.qemu_fd = None
-
     def stop(self, grace=STOP_GRACE):
-        self.close_qemu_end()
         super().stop(grace)
         if self.relay is not None:
             self.relay.join()

@@ -272,9 +272,9 @@ class _Snapshot:
                                self._path("save.stderr"))
         self.fd_named = True  # first: an interrupt during getfd must still close it
         try:
-            self.q.pass_fd(self.fd_name, self.child.write_fd)
+            self.q.pass_fd(self.fd_name, self.child.qemu_fd)
         finally:
-            self.child.close_write_end()  # QEMU's copy is the only writer now
+            self.child.close_qemu_end()  # QEMU's copy is the only writer now
 
     def _migrate(self):
         # set first: an interrupt while QEMU's reply is on its way must still find the

@@ -104,7 +104,7 @@ def test_save_child_runs_this_qsnap(tmp_path):
 def test_save_child_that_fails_says_how(tmp_path):
     """A save whose stream is empty ends with its error, which describe_end() carries."""
     child = savechild.SaveChild([str(tmp_path / "x.qsnap")], str(tmp_path / "err"))
-    child.close_write_end()  # no writer left: the stream is empty
+    child.close_qemu_end()  # no writer left: the stream is empty
     assert child.wait(60)
     end = child.describe_end()
     assert end.startswith("exited with status ") and "qsnap: error:" not in end
