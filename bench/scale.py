@@ -317,7 +317,7 @@ class FakeImage:
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 img = FakeImage()
 src, host, virt, bidx = chain_plan(img, img.blocks)
-passes = file_passes(img, src, host, virt, bidx, False, sys.stderr)
+ws_passes, passes = file_passes(img, src, host, virt, bidx, False, sys.stderr)
 state = ClusterState(img, img.blocks, virt, bidx, 256)
 print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

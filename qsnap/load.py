@@ -111,33 +111,21 @@ def load(image_path, out_fd=1, *, cache="none", quiet=False, log=sys.stderr,
                  prefetch)
 
 
-def working_set_plan(img, host, virt, bidx, log):
-    """The cluster plan with the working set's clusters first (a damaged working
-    set: one warning line, plan unchanged)."""
-    from qsnap.image import workingset
-
-    ws = workingset.usable(img, log)
-    if ws is None:
-        return host, virt, bidx
-    order = workingset.clusters_first(ws, img.blocks, host, virt, img.cluster_size,
-                                      img.target_page_size)
-    return take(host, order), take(virt, order), take(bidx, order)
-
-
 def file_passes(img, src, host, virt, bidx, prefetch, log):
-    """[(chain index, host, virt, bidx)]: one cluster pass per file of the chain, each
-    with its own descriptor (QEMU takes a stream's pages in any order).  With
-    ``prefetch`` the working set's clusters go first: in a stand-alone image by
-    reordering its one pass, in a chain in one pass per file before the others.
-    ``src`` is ascending (chain_plan)."""
+    """(the working set's passes, the other passes), each [(chain index, host, virt,
+    bidx)]: one cluster pass per file of the chain, each with its own descriptor (QEMU
+    takes a stream's pages in any order).  With ``prefetch`` and a usable working set
+    (a damaged one: one warning line, and none), its clusters are in the first list,
+    file by file.  ``src`` is ascending (chain_plan)."""
     chain = chain_of(img)
-    if len(chain) == 1:
-        if prefetch:
-            host, virt, bidx = working_set_plan(img, host, virt, bidx, log)
-        return [(0, host, virt, bidx)]
-    from qsnap.image import workingset
+    ws = None
+    if prefetch:
+        from qsnap.image import workingset
 
-    ws = workingset.usable(img, log) if prefetch else None
+        ws = workingset.usable(img, log)
+    if ws is None and len(chain) == 1:
+        # nothing stored: no data file to open (nor its O_DIRECT probe read)
+        return [], [(0, host, virt, bidx)] if len(host) else []
     wanted = set(workingset.cluster_offsets(ws, img.blocks, img.cluster_size, img.target_page_size)) \
         if ws is not None else set()
     first, rest = [], []
@@ -152,7 +140,7 @@ def file_passes(img, src, host, virt, bidx, prefetch, log):
             m = sum(1 for x in v if x in wanted)
         first.append((k, h[:m], v[:m], b[:m]))
         rest.append((k, h[m:], v[m:], b[m:]))
-    return [p for p in first + rest if len(p[1])]
+    return [p for p in first if len(p[1])], [p for p in rest if len(p[1])]
 
 
 def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_threads, prefetch):
@@ -169,29 +157,22 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
     # page state (stored bits, checksums) goes to the emitter a window at a time
     em.set_blocks([(b.idstr, b.offset, b.length, None, None) for b in blocks])
     src, host, virt, bidx = chain_plan(img, blocks)
-    passes = file_passes(img, src, host, virt, bidx, prefetch, log)
+    ws_passes, passes = file_passes(img, src, host, virt, bidx, prefetch, log)
 
     em.bytes(img.header_bytes)
     em.bytes(img.pre_ram)
     em.bytes(framing.start(mem_size_record(blocks, info)))
     em.flush()
     t_pages = time.monotonic()
-    parts, direct = 0, False
-    for k, h, v, b in passes:
-        if not len(h):      # nothing stored: no data file to open (nor its O_DIRECT probe read)
-            continue
-        fd, direct_k = open_data(chain_of(img)[k].path, cache, log, lambda fd: _direct_read_works(fd))
-        direct = direct or direct_k
-        try:
-            parts += em.send_clusters(fd, h, v, b, cs, framing.part_start,
-                                      framing.section_close, part_bytes=part_bytes,
-                                      buf_size=buf_size, n_bufs=n_bufs, n_threads=n_threads,
-                                      state=ClusterState(img, blocks, v, b,
-                                                         em.state_window_pages(cs // page_size)))
-        finally:
-            os.close(fd)
-    t_pages = time.monotonic() - t_pages
+    send = _ClusterSender(em, img, blocks, framing, cache, log, part_bytes, buf_size, n_bufs, n_threads)
+    parts = send(ws_passes)
+    # then the unstored pages: QEMU's work on each ZERO record (it reads the page to see
+    # whether it must clear it) overlaps the reads of the data clusters that follow
+    # instead of coming after them; QEMU takes a precopy stream's pages in any order
     parts += _send_zero_pages(em, blocks, framing)
+    em.flush()
+    parts += send(passes)
+    t_pages = time.monotonic() - t_pages
     if info.get("switchover_start"):
         em.bytes(encode.switchover_start())
     if info.get("ram_end", True):
@@ -209,7 +190,7 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
         "sections": parts + 1 + (1 if info.get("ram_end", True) else 0),
         "clusters": len(host),
         "data_bytes_read": len(host) * cs,
-        "direct_io": direct,
+        "direct_io": send.direct,
         "seconds": elapsed,
         "page_seconds": t_pages,
         "writes": em.writes,
@@ -219,9 +200,39 @@ def _load(img, out_fd, t0, cache, quiet, log, part_bytes, buf_size, n_bufs, n_th
         log.write(
             f"qsnap: loaded {img.path}: {em.pages} pages and {em.zero_pages} zero pages, "
             f"{mb:.1f} MB stream in {elapsed:.2f} s ({mb / max(elapsed, 1e-9):.0f} MB/s"
-            f"{', O_DIRECT' if direct else ''})\n")
+            f"{', O_DIRECT' if send.direct else ''})\n")
         log.flush()
     return stats
+
+
+class _ClusterSender:
+    """Sends cluster passes through the emitter, each file opened for its pass
+    (O_DIRECT where it works: ``direct`` says whether any was)."""
+
+    def __init__(self, em, img, blocks, framing, cache, log, part_bytes, buf_size, n_bufs, n_threads):
+        self.em, self.img, self.blocks, self.framing = em, img, blocks, framing
+        self.cache, self.log = cache, log
+        self.opts = {"part_bytes": part_bytes, "buf_size": buf_size, "n_bufs": n_bufs,
+                     "n_threads": n_threads}
+        self.direct = False
+
+    def __call__(self, passes):
+        """The section parts the passes took."""
+        img, cs = self.img, self.img.cluster_size
+        parts = 0
+        for k, h, v, b in passes:
+            fd, direct = open_data(chain_of(img)[k].path, self.cache, self.log,
+                                   lambda fd: _direct_read_works(fd))
+            self.direct = self.direct or direct
+            try:
+                window = self.em.state_window_pages(cs // img.target_page_size)
+                parts += self.em.send_clusters(fd, h, v, b, cs, self.framing.part_start,
+                                               self.framing.section_close,
+                                               state=ClusterState(img, self.blocks, v, b, window),
+                                               **self.opts)
+            finally:
+                os.close(fd)
+        return parts
 
 
 def _send_zero_pages(em, blocks, framing):
