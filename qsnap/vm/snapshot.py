@@ -247,7 +247,12 @@ class _Snapshot:
             if time.monotonic() > deadline:
                 raise VmError(f"QEMU sent no RAM page within {RESUME_TIMEOUT:g} s of the "
                               "background snapshot's start")
-            time.sleep(migration.POLL)
+            if info.get("status") != "active":
+                time.sleep(migration.POLL)
+            # else no sleep: QEMU's thread has set `active` and takes the BQL next, for
+            # the device state and the write protection; the next query waits for it in
+            # QEMU's main loop and is answered as soon as the thread lets go, which is
+            # when the guest may run (a timer here would only add to the pause)
         if run["status"] != "running":
             self.q.cmd("cont")
 
