@@ -28,6 +28,12 @@ and NumPy's part of it, and the engine's own time (open + emission).  Medians go
 to stdout and ``bench/results/<--name>.json``.  Needs root, KVM, qemu-system-x86_64.
 ``--drop files`` evicts only the image and the raw stream (posix_fadvise DONTNEED)
 before each load: the start-up of a host that has run Python and qsnap before.
+The qsnap measured is the one ``pip install .`` leaves (``--install wheel``, the
+default): a wheel built from this tree, installed into a fresh venv under the work
+directory and run as ``VENV/bin/python -I -m qsnap``, so that the development
+venv's editable-install finder (``site`` imports pathlib, importlib.util and
+fnmatch for it, ~25 ms) is not counted; ``--install tree`` runs this checkout
+through PYTHONPATH instead.
 """
 import argparse
 import json
@@ -44,11 +50,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def imports(tree, args, stdin_path=None):
+def imports(tree, args, stdin_path=None, python=(sys.executable,)):
     """(total ms, numpy ms, qsnap modules) of one run's -X importtime report."""
     stdin = open(stdin_path or "/dev/null", "rb")
     with stdin:
-        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "qsnap", *args], cwd=tree,
+        r = subprocess.run([*python, "-X", "importtime", "-m", "qsnap", *args], cwd=tree,
                            stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     rows = [ln[len("import time:"):].split("|") for ln in r.stderr.splitlines()
             if ln.startswith("import time:") and "self [us]" not in ln]
@@ -72,6 +78,9 @@ def main(argv=None):
                         "stream (files: a host that has run Python and qsnap before)")
     p.add_argument("--dir", default="/var/tmp", help="--cold: work directory on the disk to measure")
     p.add_argument("--name", default="startup-cold", help="--cold: results file name")
+    p.add_argument("--install", choices=("wheel", "tree"), default="wheel",
+                   help="--cold: run qsnap installed from a wheel of this tree into a fresh venv "
+                        "(wheel: what `pip install .` leaves) or from this checkout (tree)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--image", help="the image the CPU-time runs load (default: the demo's)")
     a = p.parse_args(argv)
@@ -137,23 +146,45 @@ def cold(a):
     e2e.DROP_ALL = a.drop == "all"
     e2e.BUILD = e2e.find_qemu(a.qemu)
     use_build(e2e.BUILD)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     work = Path(tempfile.mkdtemp(prefix="qsnap-startup-", dir=a.dir))
     mem = e2e.parse_size(a.size)
     out = {"time": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:], "drop": a.drop,
-           "qemu": e2e.BUILD.version,
+           "install": a.install, "qemu": e2e.BUILD.version,
            "machine_type": e2e.BUILD.machine("pc"), "cases": []}
     try:
-        compile_qsnap_once(work / "pycache", ["qsnap.cli", "qsnap.load", "qsnap.image.reader"])
+        if a.install == "wheel":
+            python = install_wheel(work)
+        else:
+            python = (sys.executable,)
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+            compile_qsnap_once(work / "pycache", ["qsnap.cli", "qsnap.load", "qsnap.image.reader"])
         for data in (e2e.parse_size(d) for d in a.data.split(",") if d):
-            out["cases"].append(_cold_case(mem, data, a.rounds or 3, work, a.timeout))
+            out["cases"].append(_cold_case(mem, data, a.rounds or 3, work, a.timeout, python))
             _report_cold(out, a.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def _cold_case(mem, data, rounds, work, timeout):
+def install_wheel(work):
+    """A wheel of this tree installed into a fresh venv under ``work``, as ``pip install .``
+    leaves it (bytecode compiled by pip): the command that runs its Python, isolated (-I:
+    neither the current directory nor PYTHON* variables reach its sys.path)."""
+    wheels, venv = work / "wheel", work / "venv"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(wheels), str(ROOT)], check=True, cwd=work)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = (str(venv / "bin" / "python"), "-I")
+    purelib = subprocess.run([*python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--target", purelib, *map(str, wheels.glob("qsnap-*.whl"))], check=True)
+    subprocess.run([*python, "-c", "import qsnap.cli, qsnap.load, qsnap.image.reader"], check=True)
+    return python
+
+
+def _cold_case(mem, data, rounds, work, timeout, python):
     from bench import e2e
 
     d = work / f"{e2e.human(mem)}-{data >> 20}M"
@@ -163,7 +194,8 @@ def _cold_case(mem, data, rounds, work, timeout):
         vm.wait_bios_done(timeout=120)
         vm.stop()
         vm.set_parameters(max_bandwidth=64 << 30)
-        vm.migrate(f"exec:tee {raw} | {sys.executable} -m qsnap save -q {img}")
+        # the save is not measured: this tree's (a wheel's venv has no NumPy)
+        vm.migrate(f"exec:tee {raw} | env PYTHONPATH={ROOT} {sys.executable} -m qsnap save -q {img}")
         e2e.wait_status(vm, ("completed",), time.monotonic(), timeout)
         vm.wait_no_descendants(timeout)
     case = {"mem": mem, "data": data, "stream_bytes": raw.stat().st_size, "image_bytes": img.stat().st_size,
@@ -174,10 +206,10 @@ def _cold_case(mem, data, rounds, work, timeout):
         for who in (("cat", "qsnap") if r % 2 == 0 else ("qsnap", "cat")):
             tf = d / f"time-{who}.txt"
             tf.unlink(missing_ok=True)
-            case[who].append(e2e.load_once(who, None, mem, [], img, raw, tf, d / "stats.json", blobs, sys.executable,
+            case[who].append(e2e.load_once(who, None, mem, [], img, raw, tf, d / "stats.json", blobs, " ".join(python),
                                            timeout, [img, raw]))
         e2e.drop_caches([img, raw])
-        ph = load_phases(img, d / "load-stats.json")
+        ph = load_phases(img, d / "load-stats.json", python)
         case["imports"].append(ph)
         e2e.log(f"  qsnap load > /dev/null {ph['wall_s']:.3f} s: {'cold' if e2e.DROP_ALL else 'warm'} "
                 f"imports {ph['total_ms']:.0f} ms (numpy {ph['numpy_ms']:.0f} ms), open + emission "
@@ -186,14 +218,15 @@ def _cold_case(mem, data, rounds, work, timeout):
     return case
 
 
-def load_phases(img, stats_path):
+def load_phases(img, stats_path, python):
     """Where one ``qsnap load IMG > /dev/null`` spends its time (-X importtime and
     --stats): wall s, summed imports and NumPy's part ms, the engine's own time
     from the image's open to the last byte s (load_s) and of it the page clusters
     (page_s); the rest of the wall time is the interpreter's start (site) and exit."""
     stats_path.unlink(missing_ok=True)
     t0 = time.monotonic()
-    total, numpy, _ = imports(str(ROOT), ["load", "-q", "--stats", str(stats_path), str(img)])
+    total, numpy, _ = imports(str(ROOT), ["load", "-q", "--stats", str(stats_path), str(img)],
+                              python=python)
     wall = time.monotonic() - t0
     st = json.loads(stats_path.read_text())
     return {"wall_s": wall, "total_ms": total, "numpy_ms": numpy, "load_s": st["seconds"],
