@@ -16,9 +16,10 @@ limiter that sleeps per chunk would make every requested page wait for it).  The
     postcopy+ws    exec:qsnap load --postcopy=0 IMG   (working set right after the switch)
     postcopy+ws-before  ... --prefetch=before         (working set before the switch)
 
-For each: seconds from ``migrate_incoming`` to the first ``ws-mark`` on the
-destination's console (the guest finished checksumming its file), and to the
-migration's completion.  With ``--throttle MB/s`` every stream (cat's too)
+For each: seconds from ``migrate_incoming`` to the guest running (query-status),
+to the first ``ws-mark`` on the destination's console (the guest finished
+checksumming its file), and to the migration's completion.  The variants take
+turns, the order reversed every other round.  With ``--throttle MB/s`` every stream (cat's too)
 passes through a rate limiter: a slow disk or link, where the background pass
 cannot outrun the guest and the order of the pages matters.  Prints JSON (and
 writes it to --out).
@@ -106,20 +107,22 @@ def save(kernel, initrd, memory, img, raw):
 
 
 def restore(kernel, initrd, memory, uri, postcopy, timeout=900):
-    """(seconds to the first mark, seconds to completion, the mark) of one restore;
-    console and migration status are polled together."""
+    """(seconds to the first mark, seconds to completion, the mark, seconds to the guest
+    running) of one restore; console, run state and migration status are polled together."""
     with LinuxGuest(kernel, initrd, memory=memory, incoming=True, env=qsnap_env(),
                     name="dst", qmp_timeout=120) as d:
         if postcopy:
             d.set_capabilities(postcopy_ram=True)
         t0 = time.monotonic()
         d.migrate_incoming(uri)
-        t_mark = t_done = None
+        t_mark = t_done = t_run = None
         while t_mark is None or t_done is None:
             t = time.monotonic() - t0
             if t > timeout or not d.is_running():
                 raise SystemExit(f"restore stuck or failed; console:\n{d.console()[-2000:]}\n"
                                  f"{d.log_tail()}")
+            if t_run is None and d.status() == "running":
+                t_run = t
             if t_mark is None and marks(d):
                 t_mark = t
             if t_done is None:
@@ -131,7 +134,7 @@ def restore(kernel, initrd, memory, uri, postcopy, timeout=900):
             time.sleep(0.01)
         mark = marks(d)[0]
         d.wait_no_descendants(timeout=120)
-    return t_mark, t_done, mark
+    return t_mark, t_done, mark, t_run
 
 
 def run(args):
@@ -151,12 +154,15 @@ def run(args):
                   True)
     info = json.loads(os.popen(qsnap("info", "--output=json", img)).read())
     results = {k: [] for k in VARIANTS}
-    for _ in range(args.rounds):
-        for name, opts in VARIANTS.items():
+    for r in range(args.rounds):
+        for name, opts in list(VARIANTS.items())[::(-1 if r % 2 else 1)]:
             uri = (f"exec:cat {shlex.quote(str(raw))}" if opts is None
                    else "exec:" + qsnap(*opts, img)) + pipe
-            t_mark, t_done, mark = restore(kernel, initrd, args.memory, uri, "--postcopy" in str(opts))
-            results[name].append({"to_mark": t_mark, "to_completed": t_done, "mark": mark})
+            t_mark, t_done, mark, t_run = restore(kernel, initrd, args.memory, uri, "--postcopy" in str(opts))
+            results[name].append({"to_mark": t_mark, "to_completed": t_done, "mark": mark,
+                                  "to_running": t_run})
+            print(f"round {r + 1} {name:20s} running {t_run:.3f} s, mark {t_mark:.2f} s, "
+                  f"completed {t_done:.2f} s", file=sys.stderr, flush=True)
     med = {k: statistics.median(r["to_mark"] for r in v) for k, v in results.items()}
     out = {
         "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
@@ -167,7 +173,10 @@ def run(args):
         "recording_restore": {"to_mark": rec[0], "to_completed": rec[1]},
         "rounds": args.rounds, "results": results,
         "median_to_mark": med,
+        "median_to_running": {k: statistics.median(r["to_running"] for r in v) for k, v in results.items()},
         "ratio_to_cat": {k: v / med["cat"] for k, v in med.items()},
+        "ratio_to_postcopy": {k: v / med["postcopy"] for k, v in med.items()},
+        "ratio_to_precopy": {k: v / med["precopy"] for k, v in med.items()},
     }
     return out
 
