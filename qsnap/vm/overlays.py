@@ -59,23 +59,38 @@ def writable_disks(qmp, cwd=None):
     return out
 
 
+def file_names(qmp):
+    """Every filename query-block gives for the VM's disks and their backing chains, as
+    _plain_name makes it (relative ones as QEMU's command line gave them)."""
+    names = []
+    for b in qmp.cmd("query-block"):
+        ins = b.get("inserted") or {}
+        names += [_plain_name(n) for n in [ins.get("file")] + chain(ins.get("image") or {})]
+    return [n for n in names if n]
+
+
 def _local_file(name, cwd):
     """The file a query-block filename stands for, or the name as it is.  QEMU keeps a
-    relative name as its command line gave it: it is QEMU's working directory's
-    (``cwd``, when known).  It writes a ``json:`` pseudo-filename when a plain one cannot
+    relative name as its command line gave it: relative to the directory QEMU started
+    in (``cwd``, when known: vmrecord.start_dir).  It writes a ``json:`` pseudo-filename when a plain one cannot
     describe the node (bdrv_refresh_filename, block.c), e.g. for an overlay on a backing
     opened by a relative name: its protocol node's ``file`` filename is the file."""
+    name = _plain_name(name)
+    if name and cwd and not os.path.isabs(name) and ":" not in name:  # not a protocol URI
+        return os.path.normpath(os.path.join(cwd, name))
+    return name
+
+
+def _plain_name(name):
+    """A ``json:`` pseudo-filename's protocol file name; any other name as it is."""
     if name and name.startswith("json:"):
         try:
             proto = json.loads(name[len("json:"):]).get("file")
         except (ValueError, AttributeError):
             return name
-        if not (isinstance(proto, dict) and proto.get("driver") == "file"
-                and isinstance(proto.get("filename"), str)):
-            return name
-        name = proto["filename"]
-    if name and cwd and not os.path.isabs(name) and ":" not in name:  # not a protocol URI
-        return os.path.normpath(os.path.join(cwd, name))
+        if isinstance(proto, dict) and proto.get("driver") == "file" \
+                and isinstance(proto.get("filename"), str):
+            return proto["filename"]
     return name
 
 

@@ -136,7 +136,8 @@ class _Snapshot:
             self.mode = "stopped"  # its RAM cannot change: the plain stopped save is exact
         if self.mode == "background":
             migration.probe_capability(q, "background-snapshot")
-        self.cwd = vmrecord.read_cwd(q.pid)
+        # where QEMU's relative paths point (a daemonized QEMU's cwd is /)
+        self.cwd = vmrecord.start_dir(q.pid, overlays.file_names(q))
         if self.with_disks:
             self.disks = overlays.plan(overlays.writable_disks(q, self.cwd), self.image)
         self.identity = vmrecord.qemu_identity(q)

@@ -41,6 +41,40 @@ def read_cwd(pid):
         return None
 
 
+def open_files(pid):
+    """The paths of the files the process ``pid`` holds open (/proc/PID/fd), or []."""
+    out = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("/"):
+            out.append(target)
+    return out
+
+
+def start_dir(pid, names):
+    """The directory QEMU resolved the relative ``names`` of its files against when it
+    opened them, or None: its working directory, unless that holds none of them open
+    and the files QEMU holds open name one other directory for them.  ``-daemonize``
+    makes QEMU chdir to / once its files are open (os_setup_post, os-posix.c), so a
+    daemonized QEMU's cwd says nothing about its command line's relative paths."""
+    cwd = read_cwd(pid)
+    rel = [os.path.normpath(n) for n in names if n and not os.path.isabs(n) and ":" not in n]
+    if not rel:
+        return cwd
+    held = set(open_files(pid))
+    if cwd and any(os.path.join(cwd, n) in held for n in rel):
+        return cwd
+    bases = {t[:-len(n) - 1] or "/" for t in held for n in rel if t.endswith(os.sep + n)}
+    return bases.pop() if len(bases) == 1 else cwd
+
+
 def cmdline_file(disk, cmdline, cwd=None):
     """The file of the disk's chain that the command line names (its base as QEMU was
     started), as an absolute path, or None.  The command line may name it relative to

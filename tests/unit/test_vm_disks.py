@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -91,3 +92,27 @@ def test_create_overlay_records_its_backing_and_refuses_an_existing_file(tmp_pat
         overlays.create_overlay(missing, str(frozen), "qcow2", 32 << 20, "disk d0")
     assert not os.path.lexists(missing)
     assert (frozen.read_bytes(), os.stat(frozen).st_mtime_ns) == before
+
+
+def test_start_dir_finds_a_daemonized_qemus_relative_files(tmp_path):
+    """-daemonize makes QEMU chdir to / after opening its files: the directory its relative
+    disk names stand for is found from the files it holds open, not from its cwd."""
+    from qsnap.vm import vmrecord
+
+    vm_dir = tmp_path / "vm"
+    (vm_dir / "img").mkdir(parents=True)
+    (vm_dir / "img" / "disk.qcow2").write_bytes(b"x")
+    code = ("import os, sys, time; os.chdir(sys.argv[1]); f = open('img/disk.qcow2', 'rb'); "
+            "os.chdir(sys.argv[2]); print('ready', flush=True); time.sleep(60)")
+    for cwd_after in ("/", str(vm_dir)):
+        p = subprocess.Popen([sys.executable, "-c", code, str(vm_dir), cwd_after],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "ready"
+            assert vmrecord.start_dir(p.pid, ["img/disk.qcow2", str(tmp_path / "abs.qcow2")]) == str(vm_dir)
+            # a name it does not hold open says nothing: the cwd stands
+            assert vmrecord.start_dir(p.pid, ["other.qcow2"]) == cwd_after
+            assert vmrecord.start_dir(p.pid, []) == cwd_after
+        finally:
+            p.kill()
+            p.wait()
