@@ -72,9 +72,10 @@ def file_names(qmp):
 def _local_file(name, cwd):
     """The file a query-block filename stands for, or the name as it is.  QEMU keeps a
     relative name as its command line gave it: relative to the directory QEMU started
-    in (``cwd``, when known: vmrecord.start_dir).  It writes a ``json:`` pseudo-filename when a plain one cannot
-    describe the node (bdrv_refresh_filename, block.c), e.g. for an overlay on a backing
-    opened by a relative name: its protocol node's ``file`` filename is the file."""
+    in (``cwd``, when known: vmrecord.start_dir).  It writes a ``json:`` pseudo-filename
+    when a plain one cannot describe the node (bdrv_refresh_filename, block.c), e.g. for
+    an overlay on a backing opened by a relative name: its protocol node's ``file``
+    filename is the file."""
     name = _plain_name(name)
     if name and cwd and not os.path.isabs(name) and ":" not in name:  # not a protocol URI
         return os.path.normpath(os.path.join(cwd, name))
