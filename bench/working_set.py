@@ -3,12 +3,14 @@
     python -m bench.working_set [--rounds 3] [--data-mb 64] [--memory 256M] [--dir DIR]
 
 A live Linux guest (busybox initramfs, TCG) keeps DATA_MB of random bytes in
-tmpfs and loops "md5sum the file; print ``ws-mark N`` on ttyS0; sleep 0.2".  It
-is saved once (background snapshot, raw stream teed to a file) right after a
-mark.  One postcopy restore with ``--record-working-set --record-window=S`` records the
-pages the guest touches in its first S seconds (never throttled: a rate
-limiter that sleeps per chunk would make every requested page wait for it).  Then, in each round and in the same run, fresh destinations
-(running, not paused) restore the snapshot:
+tmpfs (and, with ``--cold-mb``, that much more that it never reads again) and
+loops "md5sum the file; print ``ws-mark N`` on ttyS0; sleep 0.2".  It is saved
+once (background snapshot, raw stream teed to a file) right after a mark.  One
+postcopy restore with ``--record-working-set --record-window=S`` records the pages
+the guest touches in its first S seconds (never throttled: a rate limiter that
+sleeps per chunk would make every requested page wait for it).  Then, in each
+round and in the same run, fresh destinations (running, not paused) restore the
+snapshot:
 
     cat            exec:cat RAW                       (QEMU's own stream, baseline)
     precopy        exec:qsnap load IMG
@@ -48,6 +50,7 @@ MARK = "ws-mark"
 # whole file (a task touching a known amount of memory) and prints a mark.
 INIT = guests.INIT_PREAMBLE + r"""mount -t tmpfs -o size={tmpfs_mb}m tmp /tmp
 dd if=/dev/urandom of=/tmp/data bs=1M count={data_mb} 2>/dev/null
+[ {cold_mb} -gt 0 ] && dd if=/dev/urandom of=/tmp/cold bs=1M count={cold_mb} 2>/dev/null
 echo "qsnap-guest ready" > /dev/ttyS0
 n=0
 while :; do
@@ -71,12 +74,13 @@ def qsnap(*a):
     return f"{PY} -m qsnap " + " ".join(shlex.quote(str(x)) for x in a)
 
 
-def build_initrd(dest, data_mb):
-    """The benchmark guest's initramfs (busybox-static + the /init above)."""
+def build_initrd(dest, data_mb, cold_mb=0):
+    """The benchmark guest's initramfs (busybox-static + the /init above); ``cold_mb``
+    of random data it keeps in tmpfs beside the task's file and never reads again."""
     busybox = shutil.which("busybox")
     if not busybox:
         raise SystemExit("busybox not found (install busybox-static)")
-    init = INIT.format(data_mb=data_mb, tmpfs_mb=data_mb + 8, mark=MARK)
+    init = INIT.format(data_mb=data_mb, cold_mb=cold_mb, tmpfs_mb=data_mb + cold_mb + 8, mark=MARK)
     d, f = 0o040755, 0o100755
     entries = [("bin", d, None), ("dev", d, None), ("proc", d, None), ("sys", d, None),
                ("tmp", d, None), ("bin/busybox", f, Path(busybox).read_bytes()),
@@ -141,7 +145,7 @@ def run(args):
     work = Path(args.dir or tempfile.mkdtemp(prefix="qsnap-ws-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     kernel = guests.kernel_path()
-    initrd = build_initrd(work / "ws-initrd.cpio.gz", args.data_mb)
+    initrd = build_initrd(work / "ws-initrd.cpio.gz", args.data_mb, args.cold_mb)
     img, raw = work / "ws.qsnap", work / "ws.stream"
     src_mark = save(kernel, initrd, args.memory, img, raw)
     pipe = ""
@@ -167,7 +171,7 @@ def run(args):
     out = {
         "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
                     "load_avg_at_end": os.getloadavg()},
-        "guest": {"memory": args.memory, "data_mb": args.data_mb, "accel": "tcg"},
+        "guest": {"memory": args.memory, "data_mb": args.data_mb, "cold_mb": args.cold_mb, "accel": "tcg"},
         "throttle_mb_s": args.throttle, "record_window": args.record_window,
         "source_mark": src_mark, "working_set": info["working_set"],
         "recording_restore": {"to_mark": rec[0], "to_completed": rec[1]},
@@ -185,6 +189,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--data-mb", type=int, default=64)
+    p.add_argument("--cold-mb", type=int, default=0,
+                   help="MiB of random data the guest also keeps in tmpfs and never reads "
+                        "during its task: the cold memory any long-running VM has (default 0)")
     p.add_argument("--memory", default="256M")
     p.add_argument("--throttle", type=float, default=0.0, metavar="MB/s",
                    help="pass every stream through a rate limiter (0: none)")
