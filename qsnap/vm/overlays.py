@@ -43,11 +43,11 @@ class Disk:
         return {"device": self.device} if self.device else {"node-name": self.node_name}
 
 
-def writable_disks(qmp, cwd=None):
-    """The VM's disks with a medium that the guest can write (query-block), their files
-    as plain absolute paths where QEMU's names stand for one (see _local_file)."""
+def writable_disks(blocks, cwd=None):
+    """The disks of query-block's ``blocks`` with a medium the guest can write, their
+    files as plain absolute paths where QEMU's names stand for one (see _local_file)."""
     out = []
-    for b in qmp.cmd("query-block"):
+    for b in blocks:
         ins = b.get("inserted")
         if not ins or ins.get("ro"):
             continue
@@ -59,11 +59,11 @@ def writable_disks(qmp, cwd=None):
     return out
 
 
-def file_names(qmp):
-    """Every filename query-block gives for the VM's disks and their backing chains, as
-    _plain_name makes it (relative ones as QEMU's command line gave them)."""
+def file_names(blocks):
+    """Every filename query-block's ``blocks`` give for the disks and their backing
+    chains, as _plain_name makes it (relative ones as QEMU's command line gave them)."""
     names = []
-    for b in qmp.cmd("query-block"):
+    for b in blocks:
         ins = b.get("inserted") or {}
         names += [_plain_name(n) for n in [ins.get("file")] + chain(ins.get("image") or {})]
     return [n for n in names if n]

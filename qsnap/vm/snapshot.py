@@ -136,14 +136,16 @@ class _Snapshot:
             self.mode = "stopped"  # its RAM cannot change: the plain stopped save is exact
         if self.mode == "background":
             migration.probe_capability(q, "background-snapshot")
+        blocks = q.cmd("query-block")
         # where QEMU's relative paths point (a daemonized QEMU's cwd is /)
-        self.cwd = vmrecord.start_dir(q.pid, overlays.file_names(q))
+        self.cwd = vmrecord.start_dir(q.pid, overlays.file_names(blocks))
+        writable = overlays.writable_disks(blocks, self.cwd)
         if self.with_disks:
-            self.disks = overlays.plan(overlays.writable_disks(q, self.cwd), self.image)
+            self.disks = overlays.plan(writable, self.image)
         self.identity = vmrecord.qemu_identity(q)
         self.cmdline = vmrecord.read_cmdline(q.pid)
         if self.incremental:
-            self.parent = last_snapshot(q.pid, overlays.writable_disks(q, self.cwd), q.path)
+            self.parent = last_snapshot(q.pid, writable, q.path)
         if self.parent and not os.path.isfile(self.parent):
             raise VmError(f"parent image {self.parent} does not exist")
 
