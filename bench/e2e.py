@@ -135,6 +135,37 @@ def drop_caches(paths=()):
     return "fadvise"
 
 
+# Where a Linux guest's free page reporting (virtio-balloon) counts what it handed back
+REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+
+
+def settle_memory(quiet=2.5, limit=30.0):
+    """Wait until the memory the eviction freed has settled, so that the load after it
+    finds the host's memory as every other load does; returns the seconds waited.
+
+    On a VM whose balloon reports free pages to its hypervisor, pages freed a moment
+    ago are still backed and fault in 3-4 times faster than reported ones (2 GiB of
+    huge pages: 0.4-0.5 s right after evicting 2 GiB of page cache, 1.2-1.5 s once
+    it was reported). A load that starts at once would get the just-evicted page
+    cache cheaply, one that starts QEMU first (``restore --launch``) only in part.
+    The kernel reports 2 s after a free, then a few hundred MiB every 2 s (2 GiB in
+    about 15 s here): so, until the reporting counter has stood still for ``quiet``
+    s (at most ``limit``), or ``quiet`` s where there is no counter."""
+    t0 = time.monotonic()
+    if not REPORTED_KIB.exists():
+        time.sleep(quiet)
+        return time.monotonic() - t0
+    last, still_since = REPORTED_KIB.read_text(), t0
+    while time.monotonic() - t0 < limit:
+        time.sleep(0.1)
+        now = REPORTED_KIB.read_text()
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= quiet:
+            break
+    return time.monotonic() - t0
+
+
 # --- machine ---------------------------------------------------------------------
 
 def _sh_time(cmd):
@@ -358,6 +389,7 @@ def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout,
             cmd = f"{py} -m qsnap load -q --postcopy={pct} --stats={stats} {img}"
         start_cpu = process_cpu_s(dst.proc.pid)  # its start-up, apart from the load's
         how = drop_caches(evict)
+        settled = settle_memory()
         t0 = time.monotonic()
         dst.migrate_incoming(f"exec:/usr/bin/time -f '{TIME_FMT}' -o {tf} {cmd}")
         running = None
@@ -376,7 +408,7 @@ def load_once(who, pct, mem, dst_disks, img, raw, tf, stats, blobs, py, timeout,
         qemu_threads = threads_cpu_s(dst.proc.pid)
         tm = read_time_file(tf) if who != "cat" else {}
         check_blobs(dst, blobs)
-        row = {"s": done, "cache": how, "qemu_start_s": qemu_start, "qemu_cpu_s": qemu_cpu,
+        row = {"s": done, "cache": how, "settled_s": settled, "qemu_start_s": qemu_start, "qemu_cpu_s": qemu_cpu,
                "qemu_threads_cpu_s": qemu_threads, "qemu_start_cpu_s": start_cpu,
                "load_cpu_s": tm.get("cpu_s"), **tm}
         if pct is not None:
@@ -481,6 +513,7 @@ def launch_once(pct, img, blobs, work, py, timeout, evict):
     cmd = [py, "-m", "qsnap", "restore", "--launch", "--output=json", "--dir", str(d),
            "--drop-arg=-device"] + ([f"--postcopy={pct}"] if pct is not None else []) + [str(img)]
     how = drop_caches(evict)
+    settled = settle_memory()
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     wall = time.monotonic() - t0
@@ -504,7 +537,7 @@ def launch_once(pct, img, blobs, work, py, timeout, evict):
         shutil.rmtree(d, ignore_errors=True)
     if status != "running":
         raise QemuError(f"the launched guest is {status}, not running")
-    row = {"s": wall, "cache": how, "restore_s": out["seconds"], "running_s": out.get("seconds_to_run"),
+    row = {"s": wall, "cache": how, "settled_s": settled, "restore_s": out["seconds"], "running_s": out.get("seconds_to_run"),
            "overlays": len(out["overlays"]), "changes": out.get("changes"),
            "timeline": out.get("timeline"), "launch": out.get("launch"), "qemu_cpu_s": qemu_cpu,
            "qemu_threads_cpu_s": qemu_threads,
