@@ -18,6 +18,8 @@ same wall clock as QMP's event timestamps):
                   next command; qsnap sends both at once)
     transaction   the overlay transaction (drain, flush, the overlays' open)
     to migrate    -> QEMU starts ``migrate`` (its reply, qsnap's turn, the request)
+                  (>= 9.0: ``stop`` and ``migrate`` go at once and the transaction
+                  follows, beside the setup: its own line)
     thread start+populate  ``migrate`` -> ``savevm_state_setup``: the migration thread
                   starts and reads a byte of every host page of guest RAM
                   (ram_write_tracking_prepare, migration/migration.c bg_migration_thread)
@@ -25,8 +27,10 @@ same wall clock as QMP's event timestamps):
     device state  -> the last device section saved
     write-protect -> ram_write_tracking_ramblock_start of the last RAM block (UFFDIO_REGISTER
                   and UFFDIO_WRITEPROTECT over all of it, ram_write_tracking_start)
-    to resume     -> RESUME (7.2: QEMU's bottom half; >= 9.0 qsnap's ``cont`` after the
-                  first RAM page, snapshot._resume_background)
+    to resume     -> RESUME (7.2: QEMU's bottom half)
+    to cont       >= 9.0: -> QEMU starts qsnap's ``cont``, sent after the first RAM page
+                  (snapshot._resume_background)
+    cont          -> RESUME
 
 Prints one JSON document (also written to --out).
 """
@@ -71,20 +75,34 @@ def _last_before(trace, event, before, after):
 
 
 def decompose(trace, stop_t, resume_t):
-    """{step: ms} of one pause, STOP at ``stop_t`` and RESUME at ``resume_t`` (seconds)."""
-    marks = [("stop", _first(trace, "qmp_exit_stop", stop_t)),
-             ("to transaction", _first(trace, "qmp_enter_transaction", stop_t)),
-             ("transaction", _first(trace, "qmp_exit_transaction", stop_t)),
-             ("to migrate", _first(trace, "qmp_enter_migrate", stop_t)),
-             ("thread start+populate", _first(trace, "savevm_state_setup", stop_t)),
-             ("setup", _first(trace, "migration_thread_setup_complete", stop_t))]
+    """{step: ms} of one pause, STOP at ``stop_t`` and RESUME at ``resume_t`` (seconds):
+    the steps of its critical path in the order they ran.  The transaction is one of
+    them when it runs before ``migrate`` (QEMU < 9.0); after it (>= 9.0) it runs in
+    QEMU's main loop beside the migration thread's setup and is given apart, as
+    "transaction beside the setup"."""
+    tx = (_first(trace, "qmp_enter_transaction", stop_t), _first(trace, "qmp_exit_transaction", stop_t))
+    migrate = _first(trace, "qmp_enter_migrate", stop_t)
+    before = tx[0] is not None and migrate is not None and tx[0] < migrate
+    marks = [("stop", _first(trace, "qmp_exit_stop", stop_t))]
+    if before:
+        marks += [("to transaction", tx[0]), ("transaction", tx[1])]
+    marks += [("to migrate", migrate),
+              ("thread start+populate", _first(trace, "savevm_state_setup", stop_t)),
+              ("setup", _first(trace, "migration_thread_setup_complete", stop_t))]
     wp = _last_before(trace, "ram_write_tracking_ramblock_start", resume_t, stop_t)
     marks += [("device state", _last_before(trace, "savevm_section_end", wp or resume_t, stop_t)),
-              ("write-protect", wp), ("to resume", resume_t)]
+              ("write-protect", wp)]
+    cont = _last_before(trace, "qmp_enter_cont", resume_t, wp or stop_t)
+    if cont is not None:  # >= 9.0: qsnap's cont
+        marks += [("to cont", cont), ("cont", resume_t)]
+    else:
+        marks += [("to resume", resume_t)]
     out, prev = {}, stop_t
     for what, t in marks:
         out[what] = None if t is None else round((t - prev) * 1000, 2)
         prev = t if t is not None else prev
+    if not before and None not in tx:
+        out["transaction beside the setup"] = round((tx[1] - tx[0]) * 1000, 2)
     out["downtime"] = round((resume_t - stop_t) * 1000, 2)
     return out
 
@@ -123,7 +141,17 @@ def run(args):
             finally:
                 calls.append([name, t0, time.time()])
 
+        real_chain = qmpmod.Qmp.cmd_chain
+
+        def timed_chain(self, groups, **kw):
+            t0 = time.time()
+            try:
+                return real_chain(self, groups, **kw)
+            finally:
+                calls.append([" then ".join(n for g in groups for n, _ in g), t0, time.time()])
+
         qmpmod.Qmp.cmd = timed_cmd
+        qmpmod.Qmp.cmd_chain = timed_chain
         with e2e.guest(args.size, disks, "src", extra, blobs=blobs) as vm:
             vm.wait_bios_done(timeout=120)
             vm.set_capabilities(events=True, background_snapshot=True)

@@ -125,6 +125,10 @@ def _add_save(sub):
     s.add_argument("--report", metavar="FILE",
                    help="when the save ends, write FILE atomically: "
                    '{"ok": true, "summary": ...} or {"ok": false, "error": ...}')
+    s.add_argument("--notify-fd", type=int, metavar="FD",
+                   help="write a byte to the open file descriptor FD, then close it, when the "
+                   "first RAM section after the setup arrives: the source of a background "
+                   "snapshot has then saved its device state and write-protected its RAM")
     s.add_argument("--early-exit", action="store_true",
                    help="exit (and let QEMU go on) once the whole stream is read, finishing "
                    "the image in a child process; how it ends is only in --report")
@@ -288,13 +292,32 @@ def _cmd_save(args):
         from qsnap.detach import fork_early_exit
 
         on_stream_end = fork_early_exit()  # before qsnap.save starts any thread
+    on_ram_pages = _notifier(args.notify_fd) if args.notify_fd is not None else None
     from qsnap.save import save
 
     stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet,
                  vm_info=args.vm_info, report=args.report, on_stream_end=on_stream_end,
-                 parent=args.parent)
+                 parent=args.parent, on_ram_pages=on_ram_pages)
     _write_stats(args.stats, stats)
     return 0
+
+
+def _notifier(fd):
+    """save --notify-fd: a call that writes one byte to ``fd`` and closes it."""
+    try:
+        os.fstat(fd)
+    except (OSError, OverflowError):
+        raise UsageError(f"--notify-fd {fd}: not an open file descriptor") from None
+
+    def notify():
+        try:
+            os.write(fd, b"\n")
+        except OSError:
+            pass  # nobody listens any more: the save goes on regardless
+        finally:
+            os.close(fd)
+
+    return notify
 
 
 def _write_stats(path, stats):

@@ -35,7 +35,7 @@ class EngineChild:
     process group (a terminal's ^C goes to the VM command alone, which ends the
     migration in order; the child then sees its stream end)."""
 
-    def __init__(self, command, args, stderr_path, *, stdin, stdout):
+    def __init__(self, command, args, stderr_path, *, stdin, stdout, pass_fds=()):
         self.command = command
         self.qemu_fd = None   # the stream's end QEMU gets (getfd), ours until close_qemu_end()
         self.stderr_path = stderr_path
@@ -45,7 +45,8 @@ class EngineChild:
         try:
             with open(stderr_path, "ab") as err:
                 self.proc = subprocess.Popen(engine_argv(command, args), stdin=stdin, stdout=stdout,
-                                             stderr=err, env=engine_env(), process_group=0)
+                                             stderr=err, env=engine_env(), process_group=0,
+                                             pass_fds=pass_fds)
         except OSError as e:
             raise VmError(f"cannot start qsnap {command} ({sys.executable}): {e.strerror}") from None
 
@@ -129,18 +130,45 @@ class EngineChild:
 
 class SaveChild(EngineChild):
     """``qsnap save ARGS`` reading a pipe whose write end is ``qemu_fd`` until
-    ``close_qemu_end()``."""
+    ``close_qemu_end()``.  With ``notify``, ``ram_fd`` becomes readable when the save
+    reads the stream's first RAM section after the setup (``save --notify-fd``), or
+    at its end if it exits before that (``ram_pages_flowing`` tells which)."""
 
-    def __init__(self, args, stderr_path):
+    def __init__(self, args, stderr_path, *, notify=False):
         r, w = os.pipe()
+        sig_r, sig_w = os.pipe() if notify else (None, None)
+        extra = [f"--notify-fd={sig_w}"] if notify else []
         try:
-            super().__init__("save", args, stderr_path, stdin=r, stdout=subprocess.DEVNULL)
+            super().__init__("save", extra + list(args), stderr_path, stdin=r,
+                             stdout=subprocess.DEVNULL, pass_fds=(sig_w,) if notify else ())
         except VmError:
             os.close(w)
+            if notify:
+                os.close(sig_r)
             raise
         finally:
             os.close(r)
+            if notify:
+                os.close(sig_w)
         self.qemu_fd = w
+        self.ram_fd = sig_r
+
+    def ram_pages_flowing(self, timeout):
+        """True once the save has read the first RAM section (within ``timeout`` s);
+        False while it has not, or when it never will (it exited first)."""
+        if self.ram_fd is None or not _readable(self.ram_fd, timeout):
+            return False
+        if os.read(self.ram_fd, 1):
+            return True
+        os.close(self.ram_fd)  # the save ended without it: no more to wait for here
+        self.ram_fd = None
+        return False
+
+    def stop(self, grace=STOP_GRACE):
+        super().stop(grace)
+        if self.ram_fd is not None:
+            os.close(self.ram_fd)
+            self.ram_fd = None
 
 
 class LoadChild(EngineChild):
@@ -230,6 +258,13 @@ class ReturnPathRelay:
 
     def join(self):
         self.thread.join(STOP_GRACE)
+
+
+def _readable(fd, timeout):
+    """True when ``fd`` has data or its end (within ``timeout`` s)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
 def process_cpu(pid):

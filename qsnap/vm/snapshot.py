@@ -11,7 +11,9 @@ for (libvirt does the same):
               stopped the guest) -> overlays -> migrate-continue -> report -> cont
 - background: stop -> overlays -> migrate (background-snapshot) -> the guest resumes
               once QEMU saved the device state and write-protected RAM (see
-              _resume_background) -> report
+              _resume_background) -> report; on QEMU >= 9.0, which keeps the guest
+              paused until qsnap's cont, stop -> migrate -> overlays (during QEMU's
+              setup) -> cont when the save reads the first RAM page -> report
 
 A paused VM is saved as stopped and stays paused.  Every migration capability and
 parameter changed is put back on every path; a failure after the overlays commits
@@ -47,6 +49,9 @@ BG_KEEPS_RUNSTATE = (9, 0)
 MAX_BANDWIDTH = 16 << 30       # bytes/s: no rate limit for the snapshot's stream
 SWITCHOVER_TIMEOUT = 3600.0    # live mode: precopy converging to the switch-over
 RESUME_TIMEOUT = 60.0
+# s between QMP looks while waiting for the save to see the first RAM page: a query
+# sent while QEMU holds the BQL is answered only when it lets go, after the signal
+RAM_SIGNAL_WAIT = 0.1
 END_TIMEOUT = 600.0
 POLL = 0.02
 SETTLE_TIMEOUT = 60.0          # s for QEMU to leave finish-migrate after `completed`
@@ -196,7 +201,10 @@ class _Snapshot:
             self._write_record()
             self._migrate()  # QEMU stops and resumes the guest itself
             return
-        self._stop_take_migrate()
+        if self._qemu_keeps_paused():
+            self._stop_migrate_take()
+        else:
+            self._stop_take_migrate()
         # fingerprinting the frozen images takes milliseconds: do it while QEMU sets
         # up the stream rather than while the guest waits (qsnap save waits for it)
         self._write_record()
@@ -223,6 +231,34 @@ class _Snapshot:
             raise migrate
         self.fd_named = False  # migrate took it (monitor_get_fd, monitor/fds.c)
 
+    def _stop_migrate_take(self):
+        """QEMU >= 9.0: ``stop`` and ``migrate`` back to back, then the overlay
+        transaction.  Such a QEMU keeps the VM paused through the background snapshot
+        until our ``cont`` (_resume_background), so the guest is paused from ``stop`` on
+        and disks and RAM stand for that instant whatever the order; the transaction
+        then runs in QEMU's main loop while the migration thread reads every page of
+        guest RAM (14-24 ms of a 3 GiB guest), not before it.  A refused transaction
+        cancels the migration (_undo: such a QEMU cancels a background snapshot cleanly)."""
+        self.migrating = True  # as in _migrate: an interrupt must still find it to end
+        stop, migrate, take = self.q.cmd_chain(
+            [[("stop", None), ("migrate", {"uri": "fd:" + self.fd_name})],
+             [("transaction", {"actions": overlays.actions(self.disks)})]])
+        if not isinstance(migrate, VmError):
+            self.fd_named = False  # migrate took it (monitor_get_fd, monitor/fds.c)
+        for reply in (stop, migrate, take):
+            if isinstance(reply, VmError):
+                raise reply
+        overlays.mark_made(self.disks)
+
+    def _resumes_on_first_page(self):
+        """True when our ``cont`` ends the pause: a background snapshot with disks (which
+        pauses the guest itself) on a QEMU that keeps a paused VM paused."""
+        return self.mode == "background" and bool(self.disks) and self._qemu_keeps_paused()
+
+    def _qemu_keeps_paused(self):
+        """True for a QEMU whose background snapshot leaves a paused VM paused."""
+        return tuple(int(x) for x in self.identity[0].split(".")[:2]) >= BG_KEEPS_RUNSTATE
+
     def _resume_background(self):
         """Let the guest run again once QEMU has saved the device state.
 
@@ -230,34 +266,32 @@ class _Snapshot:
         run state it found, paused, so we ``cont``, but only after its bg thread has
         saved the device state and write-protected RAM under the BQL: it sends RAM
         pages only after that (bg_migration_thread, migration/migration.c), so the
-        first page counted in query-migrate is the signal."""
-        version = tuple(int(x) for x in self.identity[0].split(".")[:2])
-        if version < BG_KEEPS_RUNSTATE:
+        first RAM section the save reads is the signal (_wait_first_ram_page)."""
+        if not self._qemu_keeps_paused():
             self.q.wait_event("RESUME", RESUME_TIMEOUT, since=self.events_before["RESUME"])
             return
+        if self._wait_first_ram_page():
+            # the VM is paused (`stop`, and QEMU keeps it so); were it resumed by
+            # someone else meanwhile, `cont` would only send a STOP/RESUME pair
+            self.q.cmd("cont")
+
+    def _wait_first_ram_page(self):
+        """Wait until QEMU sends RAM pages: True, or False when the migration failed (and
+        _undo resumes the VM).  The save tells at once (save --notify-fd), without a
+        QMP round trip; query-migrate now and then covers a save that cannot tell (it
+        failed and only drains the stream, or exited) and a migration that failed.  A
+        query sent while QEMU's thread holds the BQL is answered once it lets go."""
         deadline = time.monotonic() + RESUME_TIMEOUT
-        while True:
-            # the run state asked in the same round trip: `cont` follows the first page
-            # without another one (each is 1-6 ms of the pause on a loaded host)
-            info, run = self.q.cmd_chain([[("query-migrate", None), ("query-status", None)]])
-            for reply in (info, run):
-                if isinstance(reply, VmError):
-                    raise reply
-            if migration.ram_pages_sent(info) > 0 or info.get("status") == "completed":
-                break
+        while not self.child.ram_pages_flowing(RAM_SIGNAL_WAIT):
+            info = self.q.cmd("query-migrate")
             if info.get("status") in ("failed", "cancelled"):
-                break  # the VM is resumed by _undo
+                return False
+            if migration.ram_pages_sent(info) > 0 or info.get("status") == "completed":
+                return True
             if time.monotonic() > deadline:
                 raise VmError(f"QEMU sent no RAM page within {RESUME_TIMEOUT:g} s of the "
                               "background snapshot's start")
-            if info.get("status") != "active":
-                time.sleep(migration.POLL)
-            # else no sleep: QEMU's thread has set `active` and takes the BQL next, for
-            # the device state and the write protection; the next query waits for it in
-            # QEMU's main loop and is answered as soon as the thread lets go, which is
-            # when the guest may run (a timer here would only add to the pause)
-        if run["status"] != "running":
-            self.q.cmd("cont")
+        return True
 
     def _write_record(self):
         """Write (again) the VM record the save stores, with the downtime known so far.
@@ -277,7 +311,7 @@ class _Snapshot:
         parent = ["--parent", self.parent] if self.parent else []
         self.child = SaveChild(["--quiet", "--vm-info", self._path("vm.json"),
                                 "--report", self._path("report.json"), *parent, self.image],
-                               self._path("save.stderr"))
+                               self._path("save.stderr"), notify=self._resumes_on_first_page())
         self.fd_named = True  # first: an interrupt during getfd must still close it
         try:
             self.q.pass_fd(self.fd_name, self.child.qemu_fd)
@@ -396,15 +430,18 @@ class _Snapshot:
         """End our migration, and make sure no image of it appears afterwards."""
         if not self.migrating:
             return
-        if self.mode == "background":
+        if self.mode == "background" and not self._qemu_keeps_paused():
             # QEMU 7.2 wedges (QMP `quit` never answers) after migrate_cancel of a
             # background snapshot: let it finish the stream; the save (failed or not)
             # reads it to the end.  Its completion leaves the disks active
-            # (bg_migration_completion, migration/migration.c).
+            # (bg_migration_completion, migration/migration.c).  QEMU >= 9.0 cancels
+            # one cleanly, in setup or active, and must: it keeps the VM paused
+            # until the `cont` that follows.
             migration.wait_ended(self.q, END_TIMEOUT)
         elif migration.status(self.q) not in migration.IDLE_STATUSES:
             # cancel before QEMU completes: a completed precopy inactivates the disks,
-            # and no overlay can be committed back then
+            # and no overlay can be committed back then (and a background snapshot on
+            # QEMU >= 9.0 keeps the VM paused while its setup lasts)
             self.q.cmd("migrate_cancel")
             migration.wait_ended(self.q, END_TIMEOUT)
         self.migrating = False

@@ -211,3 +211,53 @@ def test_early_exit_fails_when_the_stream_is_bad(tmp_path):
 def test_early_exit_needs_a_report(stream, tmp_path):
     r = qsnap("save", "--early-exit", tmp_path / "vm.qsnap", input=b"")
     assert r.returncode == 2 and b"needs --report" in r.stderr
+
+
+def first_ram_part_offset(path):
+    """The stream offset of the first RAM SECTION_PART of the stream file ``path``."""
+    from qsnap.stream import constants as C
+    from qsnap.stream import events as ev
+    from qsnap.stream.reader import StreamReader
+
+    with open(path, "rb") as f:
+        for e in StreamReader(f, stop_at_logical_end=True):
+            if isinstance(e, ev.SectionHeader) and e.type == C.QEMU_VM_SECTION_PART:
+                return e.offset
+    raise AssertionError("no SECTION_PART in the stream")
+
+
+def test_notify_fd_tells_of_the_first_ram_section(stream, tmp_path):
+    """--notify-fd: one byte as soon as the first RAM section after the setup is read (the
+    rest of the stream is not written until it came), then the end of the descriptor."""
+    import os
+    import select
+
+    data = stream.read_bytes()
+    cut = first_ram_part_offset(stream) + 5  # the section's type and id
+    sig_r, sig_w = os.pipe()
+    img = tmp_path / "n.qsnap"
+    p = subprocess.Popen([sys.executable, "-m", "qsnap", "save", "-q", f"--notify-fd={sig_w}", str(img)],
+                         stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(sig_w,))
+    os.close(sig_w)
+    try:
+        p.stdin.write(data[:cut])
+        p.stdin.flush()
+        assert select.select([sig_r], [], [], 30)[0], "no notification with the first RAM section in"
+        assert os.read(sig_r, 16) == b"\n"
+        p.stdin.write(data[cut:])
+        p.stdin.close()
+        assert p.wait(60) == 0, p.stderr.read()
+        assert os.read(sig_r, 16) == b""  # closed after the one byte
+    finally:
+        os.close(sig_r)
+        if p.poll() is None:
+            p.kill()
+    assert qsnap("check", img).returncode == 0
+
+
+def test_notify_fd_that_is_not_open(stream, tmp_path):
+    r = save_cli(stream, tmp_path / "n.qsnap", "--notify-fd", "987")
+    assert r.returncode != 0
+    assert r.stderr.decode().strip().splitlines() == [
+        "qsnap: error: --notify-fd 987: not an open file descriptor"]
+    assert not (tmp_path / "n.qsnap").exists()
