@@ -83,7 +83,8 @@ GiB = 1 << 30
 TIME_FMT = "%e %M %U %S"
 TARGETS = {"save_over_cat": 1.05, "load_over_cat": 1.0, "postcopy_running_s": 0.5,
            "postcopy_completion_over_precopy": 1.2, "postcopy_p99_ms": 2.0, "rss_MiB": 150,
-           "snapshot_over_save": 1.05, "launch_over_load": 1.05, "snapshot_downtime_ms": 50}
+           "snapshot_over_save": 1.05, "launch_over_start_plus_load": 1.05,
+           "snapshot_downtime_ms": 50}
 # The QEMU build every guest of the run uses (--qemu; see find_qemu)
 BUILD = None
 # Where QEMU 10.0 was unpacked by hand when qsnaptest.builds has not prepared its own
@@ -997,8 +998,11 @@ def targets(summaries):
           TARGETS["snapshot_over_save"])
     check(f"background snapshot downtime ms ({DISKS} disks)", [s.get("snapshot_downtime_ms") for s in summaries],
           TARGETS["snapshot_downtime_ms"], "{:.1f}")
-    check("qsnap restore --launch / exec:qsnap load", [s.get("launch_over_load") for s in summaries],
-          TARGETS["launch_over_load"])
+    # what the orchestration adds to the restore a user makes by hand: a QEMU started with
+    # -incoming defer, then migrate-incoming "exec:qsnap load IMG" (the exec: rows time
+    # the load alone; restore --launch starts its QEMU itself)
+    check("qsnap restore --launch / (QEMU start + exec:qsnap load)",
+          [s.get("launch_over_start_plus_load") for s in summaries], TARGETS["launch_over_start_plus_load"])
     return out
 
 

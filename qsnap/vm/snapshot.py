@@ -212,24 +212,25 @@ class _Snapshot:
         self._write_record()  # with the downtime, if the save has not finished yet
 
     def _stop_take_migrate(self):
-        """``stop``, the overlay transaction and ``migrate``, all inside the pause, with
-        no wait for QEMU's replies between ``stop`` and the transaction (QEMU runs them
-        in order; each reply costs 2-4 ms on a loaded host) and none through this
-        thread before ``migrate``, which is sent only once both succeeded: a failed
-        ``stop`` or transaction means no migration ran, and _undo resumes the VM (and
-        commits back overlays a transaction put under a VM that did not stop)."""
+        """QEMU < 9.0: ``stop``, the overlay transaction and ``migrate`` sent at once:
+        QEMU runs a monitor's commands in the order sent, each as soon as it answered
+        the one before, with no round trip through us in the pause.  Such a QEMU
+        resumes the guest itself at the end of the migration's setup, so the
+        transaction comes before ``migrate``.  Were it refused, the migration runs all
+        the same, of a guest QEMU resumes on its old disks: _undo waits for the end of
+        the stream (cancelling a background snapshot wedges QEMU 7.2) and drops the
+        image."""
         self.migrating = True  # as in _migrate: an interrupt must still find it to end
         stop, take, migrate = self.q.cmd_chain(
-            [[("stop", None), ("transaction", {"actions": overlays.actions(self.disks)})],
-             [("migrate", {"uri": "fd:" + self.fd_name})]])
+            [[("stop", None), ("transaction", {"actions": overlays.actions(self.disks)}),
+              ("migrate", {"uri": "fd:" + self.fd_name})]])
         if not isinstance(take, VmError):
             overlays.mark_made(self.disks)
-        if migrate is None:
-            self.migrating = False
-            raise stop if isinstance(stop, VmError) else take
-        if isinstance(migrate, VmError):
-            raise migrate
-        self.fd_named = False  # migrate took it (monitor_get_fd, monitor/fds.c)
+        if not isinstance(migrate, VmError):
+            self.fd_named = False  # migrate took it (monitor_get_fd, monitor/fds.c)
+        for reply in (stop, take, migrate):
+            if isinstance(reply, VmError):
+                raise reply
 
     def _stop_migrate_take(self):
         """QEMU >= 9.0: ``stop`` and ``migrate`` back to back, then the overlay
