@@ -404,6 +404,8 @@ def _cmd_snapshot(args):
     out = snapshot.snapshot(args.qmp, args.image, mode=args.mode, disks=args.disks,
                             progress=sys.stderr.isatty(), parent=args.parent,
                             incremental=args.incremental)
+    for warning in out["warnings"]:
+        print(f"qsnap: warning: {warning}", file=sys.stderr)
     if args.output == "json":
         print(json.dumps(out, indent=2))
     else:

@@ -6,13 +6,20 @@ snapshot instant).  It must never be written again, so a restored VM always runs
 on a fresh qcow2 overlay whose backing file is the frozen image; the same
 snapshot can then be restored again and again, and as several clones at once.
 """
+import fcntl
 import hashlib
 import os
+import struct
 import time
 
 from qsnap.errors import VmError
 
 FINGERPRINT_HEAD = 4 << 20  # bytes hashed at the start of a frozen image
+# QEMU's image locking (raw_apply_lock_bytes, block/file-posix.c): a process allowed to
+# write an image holds a shared lock on byte RAW_LOCK_PERM_BASE (100) + bit number of
+# BLK_PERM_WRITE (1) of its file, as an open file description lock
+QEMU_WRITE_LOCK_BYTE = 101
+_FLOCK = "hhqqi4x"  # struct flock on x86-64: type, whence, start, len, pid
 
 
 def fingerprint(path):
@@ -59,6 +66,34 @@ def check_frozen(disk):
         what = "; ".join(changed)
         raise VmError(f"frozen image {path} of disk {disk_name(disk)} changed after the snapshot "
                       f"({what}): restoring it would give the guest a disk that does not match its RAM")
+
+
+def write_locked(path):
+    """True when some process holds QEMU's write lock on ``path``; False when none does,
+    or when the file or its filesystem cannot tell (no OFD locks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, QEMU_WRITE_LOCK_BYTE, 1, 0)
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+    except (OSError, AttributeError):
+        return False
+    finally:
+        os.close(fd)
+    return struct.unpack(_FLOCK, got)[0] != fcntl.F_UNLCK
+
+
+def check_not_written(disk):
+    """VmError when a process (a QEMU) may still write the disk's frozen image: a VM started
+    on it could not take it as a read-only backing file ("Failed to get shared 'write'
+    lock"), and the image would not stay the snapshot's disk."""
+    if write_locked(disk["frozen"]):
+        raise VmError(f"frozen image {disk['frozen']} of disk {disk_name(disk)} is open for writing "
+                      "in another process: is a QEMU still running on it? (a QEMU started with "
+                      "-daemonize that named its disks by relative paths keeps its snapshots' "
+                      "frozen images open for writing: see README)")
 
 
 def chain(image):

@@ -74,8 +74,12 @@ class ImageFacts:
 
 
 def check_frozen_disks(facts):
+    """Every frozen image is there, unchanged, and written by no process: a destination
+    opens it read-only, as the backing file of its overlay (an incoming QEMU takes its
+    image locks only when the migration completes)."""
     for d in facts.disks:
         vmdisks.check_frozen(d)
+        vmdisks.check_not_written(d)
 
 
 # --- checks on the destination --------------------------------------------------------

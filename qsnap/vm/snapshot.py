@@ -36,6 +36,7 @@ import tempfile
 import time
 
 from qsnap.errors import QsnapError, VmError
+from qsnap.vm import disks as vmdisks
 from qsnap.vm import hugepages, migration, overlays, vmrecord
 from qsnap.vm.progress import Progress
 from qsnap.vm.qmp import Qmp
@@ -126,6 +127,16 @@ class _Snapshot:
                 shutil.rmtree(self.workdir, ignore_errors=True)
             remember_snapshot(q.pid, self.image, self.disks)
         return self._summary(report, time.monotonic() - t0)
+
+    def _warnings(self):
+        """What the operator should know of a snapshot that succeeded: frozen images the
+        VM's QEMU still holds open for writing.  QEMU reopens the old top read-only after
+        the overlay (external_snapshot_commit, blockdev.c) and ignores a failed reopen;
+        one opened by a relative name before -daemonize moved QEMU to / fails it."""
+        return [f"QEMU still holds disk {d.name}'s frozen image {d.image} open for writing "
+                "(it could not reopen it read-only: a relative disk path and -daemonize?); "
+                "VMs restored from this snapshot start only once that QEMU has stopped"
+                for d in self.disks if vmdisks.write_locked(d.image)]
 
     # -- before touching the VM ---------------------------------------------------------
 
@@ -496,7 +507,7 @@ class _Snapshot:
                 "disks": [{"device": d.device, "qdev": d.qdev, "frozen": d.image, "overlay": d.overlay}
                           for d in self.disks],
                 "image_bytes": report.get("summary", {}).get("file_bytes"),
-                "hugepages": self.hugepages}
+                "hugepages": self.hugepages, "warnings": self._warnings()}
 
     def _path(self, name):
         return os.path.join(self.workdir, name)

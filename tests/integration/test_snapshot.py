@@ -292,6 +292,47 @@ def test_launch_finds_disks_named_relative_to_qemus_directory(tmp_path):
         wait_for(lambda: not alive(pid), 30, "the clone's end")
 
 
+@pytest.mark.all_qemu
+def test_daemonized_qemu_with_a_relative_disk_path(tmp_path):
+    """A QEMU started with -daemonize and a relative disk path (it moves to / once its
+    files are open, as users start them by hand): the snapshot finds the disk, but QEMU
+    cannot reopen the frozen image read-only and keeps its write lock: the snapshot
+    says so, and restore --launch refuses before starting a clone that could not run."""
+    build = current_build()
+    vmdir = tmp_path / "vm"
+    vmdir.mkdir()
+    diskguest.create_disk(vmdir / "disk.qcow2")
+    sock, pidfile = tmp_path / "d.qmp", tmp_path / "d.pid"
+    cmd = [build.binary, *build.firmware_args(), "-name", "daemon", "-machine", build.machine(),
+           "-m", "64M", "-accel", "kvm", "-accel", "tcg", "-nodefaults", "-display", "none",
+           *diskguest.drive_args(["disk.qcow2"]), "-qmp", f"unix:{sock},server=on,wait=off",
+           "-daemonize", "-pidfile", str(pidfile)]
+    subprocess.run(cmd, cwd=vmdir, check=True, timeout=60, capture_output=True, env=qsnap_env())
+    pid = int(pidfile.read_text())
+    try:
+        r = snapshot(sock, tmp_path / "snap.qsnap")
+        assert r.returncode == 0, r.stderr.decode()
+        assert error_lines(r.stderr) == []
+        warnings = [ln for ln in r.stderr.decode().splitlines() if ln.startswith("qsnap: warning:")]
+        assert len(warnings) == 1 and str(vmdir / "disk.qcow2") in warnings[0], r.stderr.decode()
+        assert "open for writing" in warnings[0]
+        assert qsnap_info(tmp_path / "snap.qsnap")["vm"]["disks"][0]["frozen"] == str(vmdir / "disk.qcow2")
+        r = run_qsnap("restore", "--launch", "--dir", tmp_path / "clone", tmp_path / "snap.qsnap", timeout=300)
+        (line,) = error_lines(r.stderr)
+        assert r.returncode != 0 and str(vmdir / "disk.qcow2") in line and "open for writing" in line, line
+        assert not (tmp_path / "clone").exists()
+        with Qmp(str(sock)) as q:
+            assert q.cmd("query-status")["status"] == "running"
+            q.cmd("quit")
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGTERM)  # a failed assertion left it running
+        try:
+            wait_for(lambda: not alive(pid), 30, "the daemonized QEMU's end")
+        except QemuError:
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_ram_only_snapshot_holds_the_blobs(tmp_path):
     layout = [(16 << 20, 1 << 20), (24 << 20, 256 << 10)]
     vm = blob_vm(tmp_path, layout=layout)

@@ -44,6 +44,37 @@ def test_check_frozen_names_the_image_and_what_changed(tmp_path):
         disks.check_frozen(d)
 
 
+def qemu_lock(path, byte):
+    """A shared open-file-description lock on ``byte`` of ``path``, as QEMU takes one on
+    byte 100 + bit of each permission it holds (block/file-posix.c); the open fd."""
+    import fcntl
+    import struct
+
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
+    return fd
+
+
+def test_write_locked_sees_qemus_write_permission_lock_only(tmp_path):
+    d = recorded(tmp_path)
+    assert not disks.write_locked(d["frozen"])
+    reader = qemu_lock(d["frozen"], 100)  # consistent read: a VM running on it as a backing file
+    try:
+        assert not disks.write_locked(d["frozen"])
+        disks.check_not_written(d)
+        writer = qemu_lock(d["frozen"], 101)
+        try:
+            assert disks.write_locked(d["frozen"])
+            with pytest.raises(VmError, match=r"frozen\.qcow2 of disk d0 is open for writing in another process"):
+                disks.check_not_written(d)
+        finally:
+            os.close(writer)
+        assert not disks.write_locked(d["frozen"])
+    finally:
+        os.close(reader)
+    assert not disks.write_locked(tmp_path / "missing.qcow2")  # nothing to tell: check_frozen's
+
+
 def block(*files, qdev="/machine/peripheral/vd0/virtio-backend"):
     image = None
     for f in reversed(files):
