@@ -155,8 +155,12 @@ class SaveChild(EngineChild):
 
     def ram_pages_flowing(self, timeout):
         """True once the save has read the first RAM section (within ``timeout`` s);
-        False while it has not, or when it never will (it exited first)."""
-        if self.ram_fd is None or not _readable(self.ram_fd, timeout):
+        False while it has not, or when it never will (it exited first: then after
+        ``timeout`` s, so that a caller polling something else meanwhile does not spin)."""
+        if self.ram_fd is None:
+            time.sleep(timeout)
+            return False
+        if not _readable(self.ram_fd, timeout):
             return False
         if os.read(self.ram_fd, 1):
             return True
