@@ -126,9 +126,10 @@ def _add_save(sub):
                    help="when the save ends, write FILE atomically: "
                    '{"ok": true, "summary": ...} or {"ok": false, "error": ...}')
     s.add_argument("--notify-fd", type=int, metavar="FD",
-                   help="write a byte to the open file descriptor FD, then close it, when the "
-                   "first RAM section after the setup arrives: the source of a background "
-                   "snapshot has then saved its device state and write-protected its RAM")
+                   help="tell the open file descriptor FD how the save goes: 'r' when it "
+                   "starts reading its stream, 'p' when the first RAM section after the "
+                   "setup arrives (the source of a background snapshot has then saved its "
+                   "device state and write-protected its RAM), then FD is closed")
     s.add_argument("--early-exit", action="store_true",
                    help="exit (and let QEMU go on) once the whole stream is read, finishing "
                    "the image in a child process; how it ends is only in --report")
@@ -292,29 +293,30 @@ def _cmd_save(args):
         from qsnap.detach import fork_early_exit
 
         on_stream_end = fork_early_exit()  # before qsnap.save starts any thread
-    on_ram_pages = _notifier(args.notify_fd) if args.notify_fd is not None else None
+    notify = _notifier(args.notify_fd) if args.notify_fd is not None else None
     from qsnap.save import save
 
     stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet,
                  vm_info=args.vm_info, report=args.report, on_stream_end=on_stream_end,
-                 parent=args.parent, on_ram_pages=on_ram_pages)
+                 parent=args.parent, notify=notify)
     _write_stats(args.stats, stats)
     return 0
 
 
 def _notifier(fd):
-    """save --notify-fd: a call that writes one byte to ``fd`` and closes it."""
+    """save --notify-fd: a call that writes an event's byte to ``fd`` ("reading": r,
+    "ram pages": p, after which it closes ``fd``)."""
     try:
         os.fstat(fd)
     except (OSError, OverflowError):
         raise UsageError(f"--notify-fd {fd}: not an open file descriptor") from None
 
-    def notify():
+    def notify(event):
         try:
-            os.write(fd, b"\n")
+            os.write(fd, {"reading": b"r", "ram pages": b"p"}[event])
         except OSError:
             pass  # nobody listens any more: the save goes on regardless
-        finally:
+        if event == "ram pages":
             os.close(fd)
 
     return notify

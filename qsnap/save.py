@@ -90,7 +90,7 @@ class _StreamFacts:
 
 def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=None, quiet=False,
          log=sys.stderr, vm_info=None, report=None, on_stream_end=None, parent=None,
-         on_ram_pages=None):
+         notify=None):
     """Save the migration stream read from ``in_fd`` as the image ``path``.
 
     Returns a summary dict.  Raises a QsnapError (and leaves nothing at ``path``
@@ -101,15 +101,16 @@ def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=None, quiet=Fals
     when the save ends, ``{"ok": true, "summary": ...}`` or ``{"ok": false,
     "error": "..."}``.  A failed save drains ``in_fd`` to its end before it
     raises, so that QEMU never blocks writing into a pipe nobody reads.
-    ``on_stream_end()`` is called once the whole stream has been read,
-    ``on_ram_pages()`` when the first RAM iteration section (SECTION_PART) begins.
+    ``on_stream_end()`` is called once the whole stream has been read;
+    ``notify("reading")`` when the image is open and the stream is read next,
+    ``notify("ram pages")`` when the first RAM iteration section (SECTION_PART) begins.
     ``parent``: the path of an image this one is incremental to (stores only
     what differs from it; its chain stays needed).  ``cluster_size``: None for
     1 MiB, or the parent's.
     """
     try:
         summary = _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info,
-                        (on_stream_end, on_ram_pages), parent)
+                        (on_stream_end, notify), parent)
     except BaseException as e:
         if report:
             write_report(report, {"ok": False, "error": error_line(e)})
@@ -230,7 +231,7 @@ def _save(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info, hooks, 
 
 def _save_stream(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info, hooks,
                  parent_img):
-    on_stream_end, on_ram_pages = hooks
+    on_stream_end, notify = hooks
     t0 = time.monotonic()
     rp = ReturnPath(out_fd)
     facts = _StreamFacts()
@@ -242,7 +243,9 @@ def _save_stream(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info, 
     gc.disable()
     try:
         with ImageWriter(path, cluster_size=cluster_size, cache=cache, parent=parent_img) as img:
-            _consume(reader, img, facts, rp, on_ram_pages)
+            if notify:
+                notify("reading")
+            _consume(reader, img, facts, rp, notify)
             t_end = time.monotonic()  # the last byte of the stream is in
             if on_stream_end:
                 on_stream_end()
@@ -282,7 +285,7 @@ def _save_stream(path, in_fd, out_fd, cache, cluster_size, quiet, log, vm_info, 
     return summary
 
 
-def _consume(reader, img, facts, rp, on_ram_pages=None):
+def _consume(reader, img, facts, rp, notify=None):
     sink = None
     ram_id = None
     for e in reader:
@@ -303,9 +306,9 @@ def _consume(reader, img, facts, rp, on_ram_pages=None):
                                      "version_id": e.version_id}
             elif e.type == C.QEMU_VM_SECTION_END:
                 facts.ram_end = True
-            if e.type == C.QEMU_VM_SECTION_PART and on_ram_pages is not None:
-                on_ram_pages()
-                on_ram_pages = None
+            if e.type == C.QEMU_VM_SECTION_PART and notify is not None:
+                notify("ram pages")
+                notify = None
         elif isinstance(e, ev.MemSize):
             if facts.mem_size is not None:
                 raise StreamError(f"second RAM block list at stream offset 0x{e.offset:x}")

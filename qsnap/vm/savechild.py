@@ -130,9 +130,9 @@ class EngineChild:
 
 class SaveChild(EngineChild):
     """``qsnap save ARGS`` reading a pipe whose write end is ``qemu_fd`` until
-    ``close_qemu_end()``.  With ``notify``, ``ram_fd`` becomes readable when the save
-    reads the stream's first RAM section after the setup (``save --notify-fd``), or
-    at its end if it exits before that (``ram_pages_flowing`` tells which)."""
+    ``close_qemu_end()``.  With ``notify`` it tells over ``ram_fd`` (``save
+    --notify-fd``) when it reads its stream (``wait_reading``) and when the stream's
+    first RAM section after the setup is in (``ram_pages_flowing``)."""
 
     def __init__(self, args, stderr_path, *, notify=False):
         r, w = os.pipe()
@@ -153,6 +153,11 @@ class SaveChild(EngineChild):
         self.qemu_fd = w
         self.ram_fd = sig_r
 
+    def wait_reading(self, timeout):
+        """Until the save reads its stream (its interpreter started, its image open):
+        True, or False when it exited first or ``timeout`` s passed."""
+        return self._next_event(timeout) == b"r"
+
     def ram_pages_flowing(self, timeout):
         """True once the save has read the first RAM section (within ``timeout`` s);
         False while it has not, or when it never will (it exited first: then after
@@ -160,13 +165,17 @@ class SaveChild(EngineChild):
         if self.ram_fd is None:
             time.sleep(timeout)
             return False
-        if not _readable(self.ram_fd, timeout):
-            return False
-        if os.read(self.ram_fd, 1):
-            return True
-        os.close(self.ram_fd)  # the save ended without it: no more to wait for here
-        self.ram_fd = None
-        return False
+        return self._next_event(timeout) == b"p"
+
+    def _next_event(self, timeout):
+        """The save's next --notify-fd byte, or None after ``timeout`` s or at its end."""
+        if self.ram_fd is None or not _readable(self.ram_fd, timeout):
+            return None
+        event = os.read(self.ram_fd, 1)
+        if not event:
+            os.close(self.ram_fd)  # the save ended: no more to wait for here
+            self.ram_fd = None
+        return event or None
 
     def stop(self, grace=STOP_GRACE):
         super().stop(grace)

@@ -54,6 +54,7 @@ RESUME_TIMEOUT = 60.0
 # sent while QEMU holds the BQL is answered only when it lets go, after the signal
 RAM_SIGNAL_WAIT = 0.1
 END_TIMEOUT = 600.0
+SAVE_START_TIMEOUT = 60.0      # s for the save child to start reading its stream
 POLL = 0.02
 SETTLE_TIMEOUT = 60.0          # s for QEMU to leave finish-migrate after `completed`
 # query-status run states a snapshot can start from; the others (inmigrate,
@@ -329,6 +330,11 @@ class _Snapshot:
             self.q.pass_fd(self.fd_name, self.child.qemu_fd)
         finally:
             self.child.close_qemu_end()  # QEMU's copy is the only writer now
+        # the pause ends when the save reads the first RAM section: its interpreter
+        # and imports (0.1-0.3 s) must be behind it before the pause begins
+        if self.child.ram_fd is not None and not self.child.wait_reading(SAVE_START_TIMEOUT):
+            raise VmError(f"qsnap save did not start reading within {SAVE_START_TIMEOUT:g} s: "
+                          f"it {self.child.describe_end()}")
 
     def _migrate(self):
         # set first: an interrupt while QEMU's reply is on its way must still find the

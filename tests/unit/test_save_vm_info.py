@@ -226,9 +226,10 @@ def first_ram_part_offset(path):
     raise AssertionError("no SECTION_PART in the stream")
 
 
-def test_notify_fd_tells_of_the_first_ram_section(stream, tmp_path):
-    """--notify-fd: one byte as soon as the first RAM section after the setup is read (the
-    rest of the stream is not written until it came), then the end of the descriptor."""
+def test_notify_fd_tells_of_reading_and_of_the_first_ram_section(stream, tmp_path):
+    """--notify-fd: "r" before the save reads its stream (none of which is written until it
+    came), "p" as soon as the first RAM section after the setup is read (the rest of the
+    stream is not written until it came), then the end of the descriptor."""
     import os
     import select
 
@@ -240,10 +241,12 @@ def test_notify_fd_tells_of_the_first_ram_section(stream, tmp_path):
                          stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(sig_w,))
     os.close(sig_w)
     try:
+        assert select.select([sig_r], [], [], 30)[0], "no notification that the save reads"
+        assert os.read(sig_r, 16) == b"r"
         p.stdin.write(data[:cut])
         p.stdin.flush()
         assert select.select([sig_r], [], [], 30)[0], "no notification with the first RAM section in"
-        assert os.read(sig_r, 16) == b"\n"
+        assert os.read(sig_r, 16) == b"p"
         p.stdin.write(data[cut:])
         p.stdin.close()
         assert p.wait(60) == 0, p.stderr.read()
