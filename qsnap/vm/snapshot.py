@@ -213,55 +213,41 @@ class _Snapshot:
             self._write_record()
             self._migrate()  # QEMU stops and resumes the guest itself
             return
-        if self._qemu_keeps_paused():
-            self._stop_migrate_take()
-        else:
-            self._stop_take_migrate()
+        self._stop_and_migrate()
         # fingerprinting the frozen images takes milliseconds: do it while QEMU sets
         # up the stream rather than while the guest waits (qsnap save waits for it)
         self._write_record()
         self._resume_background()
         self._write_record()  # with the downtime, if the save has not finished yet
 
-    def _stop_take_migrate(self):
-        """QEMU < 9.0: ``stop``, the overlay transaction and ``migrate`` sent at once:
-        QEMU runs a monitor's commands in the order sent, each as soon as it answered
-        the one before, with no round trip through us in the pause.  Such a QEMU
-        resumes the guest itself at the end of the migration's setup, so the
-        transaction comes before ``migrate``.  Were it refused, the migration runs all
-        the same, of a guest QEMU resumes on its old disks: _undo waits for the end of
-        the stream (cancelling a background snapshot wedges QEMU 7.2) and drops the
-        image."""
-        self.migrating = True  # as in _migrate: an interrupt must still find it to end
-        stop, take, migrate = self.q.cmd_chain(
-            [[("stop", None), ("transaction", {"actions": overlays.actions(self.disks)}),
-              ("migrate", {"uri": "fd:" + self.fd_name})]])
-        if not isinstance(take, VmError):
-            overlays.mark_made(self.disks)
-        if not isinstance(migrate, VmError):
-            self.fd_named = False  # migrate took it (monitor_get_fd, monitor/fds.c)
-        for reply in (stop, take, migrate):
-            if isinstance(reply, VmError):
-                raise reply
+    def _stop_and_migrate(self):
+        """``stop``, the overlay transaction and ``migrate``, with no round trip through us
+        between them: QEMU runs a monitor's commands in the order sent, each as soon as it
+        answered the one before.
 
-    def _stop_migrate_take(self):
-        """QEMU >= 9.0: ``stop`` and ``migrate`` back to back, then the overlay
-        transaction.  Such a QEMU keeps the VM paused through the background snapshot
-        until our ``cont`` (_resume_background), so the guest is paused from ``stop`` on
-        and disks and RAM stand for that instant whatever the order; the transaction
-        then runs in QEMU's main loop while the migration thread reads every page of
-        guest RAM (14-24 ms of a 3 GiB guest), not before it.  A refused transaction
-        cancels the migration (_undo: such a QEMU cancels a background snapshot cleanly)."""
+        QEMU < 9.0 resumes the guest itself at the end of the migration's setup, so the
+        transaction goes before ``migrate``; were it refused, the migration runs all the
+        same, of a guest QEMU resumes on its old disks: _undo waits for the end of the
+        stream (cancelling a background snapshot wedges QEMU 7.2) and drops the image.
+        QEMU >= 9.0 keeps the VM paused until our ``cont`` (_resume_background), so the
+        guest is paused from ``stop`` on and disks and RAM stand for that instant
+        whatever the order: the transaction follows ``migrate`` (once it succeeded) and
+        runs in QEMU's main loop while the migration thread reads every page of guest
+        RAM (14-24 ms of a 3 GiB guest), not before it; a refused one cancels the
+        migration (_undo: such a QEMU cancels a background snapshot cleanly)."""
+        stop = ("stop", None)
+        take = ("transaction", {"actions": overlays.actions(self.disks)})
+        migrate = ("migrate", {"uri": "fd:" + self.fd_name})
+        groups = [[stop, migrate], [take]] if self._qemu_keeps_paused() else [[stop, take, migrate]]
         self.migrating = True  # as in _migrate: an interrupt must still find it to end
-        stop, migrate, take = self.q.cmd_chain(
-            [[("stop", None), ("migrate", {"uri": "fd:" + self.fd_name})],
-             [("transaction", {"actions": overlays.actions(self.disks)})]])
-        if not isinstance(migrate, VmError):
+        replies = dict(zip([name for group in groups for name, _ in group], self.q.cmd_chain(groups)))
+        if replies["transaction"] is not None and not isinstance(replies["transaction"], VmError):
+            overlays.mark_made(self.disks)
+        if not isinstance(replies["migrate"], VmError):
             self.fd_named = False  # migrate took it (monitor_get_fd, monitor/fds.c)
-        for reply in (stop, migrate, take):
+        for reply in replies.values():  # the first failure in the order sent
             if isinstance(reply, VmError):
                 raise reply
-        overlays.mark_made(self.disks)
 
     def _resumes_on_first_page(self):
         """True when our ``cont`` ends the pause: a background snapshot with disks (which
