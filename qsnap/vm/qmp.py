@@ -192,6 +192,30 @@ class Qmp:
                               f"{_describe(r)}")
         return out
 
+    def cmd_when_readable(self, fd, ready, name, wait):
+        """Run ``name`` as soon as ``fd`` turns readable and ``ready()``, which reads it,
+        says True: the wait is on this session's own thread, so the command goes out
+        from the thread that wakes, where a ``cmd`` after waiting in the caller's thread
+        would first wake that one and then hand over to this one (each hop up to ms on a
+        busy host, while a paused guest waits for the command).  True once it ran; False
+        when ``wait`` s passed or ready() said False, and it was not sent."""
+        async def call(client):
+            loop = asyncio.get_running_loop()
+            woke = loop.create_future()
+            loop.add_reader(fd, lambda: woke.done() or woke.set_result(None))
+            try:
+                await asyncio.wait_for(woke, wait)
+            except asyncio.TimeoutError:
+                return False
+            finally:
+                loop.remove_reader(fd)
+            if not ready():
+                return False
+            await client.execute(name)
+            return True
+
+        return self._run(name, call, wait + self.timeout)
+
     def pass_fd(self, fdname, fd, *, timeout=None):
         """Give QEMU a copy of ``fd`` under ``fdname`` (``getfd``): the descriptor travels as
         SCM_RIGHTS ancillary data just before the command, which picks it up

@@ -132,7 +132,8 @@ class SaveChild(EngineChild):
     """``qsnap save ARGS`` reading a pipe whose write end is ``qemu_fd`` until
     ``close_qemu_end()``.  With ``notify`` it tells over ``ram_fd`` (``save
     --notify-fd``) when it reads its stream (``wait_reading``) and when the stream's
-    first RAM section after the setup is in (``ram_pages_flowing``)."""
+    first RAM section after the setup is in (``ram_pages_flowing``, once ``ram_fd`` is
+    readable)."""
 
     def __init__(self, args, stderr_path, *, notify=False):
         r, w = os.pipe()
@@ -158,14 +159,11 @@ class SaveChild(EngineChild):
         True, or False when it exited first or ``timeout`` s passed."""
         return self._next_event(timeout) == b"r"
 
-    def ram_pages_flowing(self, timeout):
-        """True once the save has read the first RAM section (within ``timeout`` s);
-        False while it has not, or when it never will (it exited first: then after
-        ``timeout`` s, so that a caller polling something else meanwhile does not spin)."""
-        if self.ram_fd is None:
-            time.sleep(timeout)
-            return False
-        return self._next_event(timeout) == b"p"
+    def ram_pages_flowing(self):
+        """True when the save's next --notify-fd byte, already there to read, says it
+        has read the first RAM section; False for anything else, its end included (call
+        it once ``ram_fd`` is readable)."""
+        return self._next_event(0) == b"p"
 
     def _next_event(self, timeout):
         """The save's next --notify-fd byte, or None after ``timeout`` s or at its end."""

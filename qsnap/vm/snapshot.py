@@ -265,32 +265,37 @@ class _Snapshot:
         run state it found, paused, so we ``cont``, but only after its bg thread has
         saved the device state and write-protected RAM under the BQL: it sends RAM
         pages only after that (bg_migration_thread, migration/migration.c), so the
-        first RAM section the save reads is the signal (_wait_first_ram_page)."""
+        first RAM section the save reads is the signal (_cont_on_first_ram_page)."""
         if not self._qemu_keeps_paused():
             self.q.wait_event("RESUME", RESUME_TIMEOUT, since=self.events_before["RESUME"])
             return
-        if self._wait_first_ram_page():
-            # the VM is paused (`stop`, and QEMU keeps it so); were it resumed by
-            # someone else meanwhile, `cont` would only send a STOP/RESUME pair
-            self.q.cmd("cont")
+        self._cont_on_first_ram_page()
 
-    def _wait_first_ram_page(self):
-        """Wait until QEMU sends RAM pages: True, or False when the migration failed (and
-        _undo resumes the VM).  The save tells at once (save --notify-fd), without a
-        QMP round trip; query-migrate now and then covers a save that cannot tell (it
-        failed and only drains the stream, or exited) and a migration that failed.  A
-        query sent while QEMU's thread holds the BQL is answered once it lets go."""
+    def _cont_on_first_ram_page(self):
+        """``cont`` as soon as QEMU sends RAM pages; nothing when the migration failed
+        (_undo resumes the VM).  The save tells at once (save --notify-fd), and the
+        ``cont`` leaves from the QMP session's thread as it wakes on that byte, without a
+        round trip through this one.  query-migrate now and then covers a save that
+        cannot tell (it failed and only drains the stream, or exited) and a migration
+        that failed.  A query sent while QEMU's thread holds the BQL is answered once
+        it lets go.  The VM is paused (`stop`, and QEMU keeps it so); were it resumed
+        by someone else meanwhile, `cont` would only send a STOP/RESUME pair."""
         deadline = time.monotonic() + RESUME_TIMEOUT
-        while not self.child.ram_pages_flowing(RAM_SIGNAL_WAIT):
+        while True:
+            fd = self.child.ram_fd
+            if fd is None:  # the save ended: it can no longer tell
+                time.sleep(RAM_SIGNAL_WAIT)
+            elif self.q.cmd_when_readable(fd, self.child.ram_pages_flowing, "cont", RAM_SIGNAL_WAIT):
+                return
             info = self.q.cmd("query-migrate")
             if info.get("status") in ("failed", "cancelled"):
-                return False
+                return
             if migration.ram_pages_sent(info) > 0 or info.get("status") == "completed":
-                return True
+                self.q.cmd("cont")
+                return
             if time.monotonic() > deadline:
                 raise VmError(f"QEMU sent no RAM page within {RESUME_TIMEOUT:g} s of the "
                               "background snapshot's start")
-        return True
 
     def _write_record(self):
         """Write (again) the VM record the save stores, with the downtime known so far.
