@@ -74,3 +74,16 @@ def test_the_zero_page_holes_and_half_written_ranges_are_left_out():
 def test_an_exhausted_budget_stops_early(anon_mapping):
     done, error = hugepages.collapse_ranges(os.getpid(), [anon_mapping], budget=-1)
     assert done == 0 and "stopped after" in error
+
+
+def test_a_single_page_not_own_leaves_its_huge_page_out():
+    """Every entry of a huge page counts, the last as much as the first, and both bits."""
+    from array import array
+    per_huge = hugepages.HUGE_PAGE // hugepages.PAGE
+    own = hugepages.PM_OWN_PAGE | 0x1234  # a frame number does not matter
+    entries = array("Q", [own] * (5 * per_huge))
+    entries[2 * per_huge - 1] = hugepages.PM_PRESENT           # huge page 1: last page shared
+    entries[2 * per_huge] = hugepages.PM_MMAP_EXCLUSIVE        # huge page 2: first page not present
+    entries[4 * per_huge + 7] = 0                              # huge page 4: a hole
+    assert hugepages._own_huge_pages(entries.tobytes()) == [0, 3]
+    assert hugepages._own_huge_pages(entries.tobytes()[:8 * (per_huge + 3)]) == [0]  # a partial tail
