@@ -20,6 +20,10 @@ same wall clock as QMP's event timestamps):
     to migrate    -> QEMU starts ``migrate`` (its reply, qsnap's turn, the request)
                   (>= 9.0: ``stop`` and ``migrate`` go at once and the transaction
                   follows, beside the setup: its own line)
+                  (QEMU < 8.0: ``migrate`` goes first, and the pause begins once QEMU
+                  waits in its setup, snapshot._stop_in_setup: then "release+setup"
+                  -> migration_thread_setup_complete, and the thread's start and
+                  read of guest RAM, before the pause, are given apart)
     thread start+populate  ``migrate`` -> ``savevm_state_setup``: the migration thread
                   starts and reads a byte of every host page of guest RAM
                   (ram_write_tracking_prepare, migration/migration.c bg_migration_thread)
@@ -82,13 +86,17 @@ def decompose(trace, stop_t, resume_t):
     "transaction beside the setup"."""
     tx = (_first(trace, "qmp_enter_transaction", stop_t), _first(trace, "qmp_exit_transaction", stop_t))
     migrate = _first(trace, "qmp_enter_migrate", stop_t)
-    before = tx[0] is not None and migrate is not None and tx[0] < migrate
+    held = migrate is None  # QEMU < 8.0: migrate went first, QEMU waits in its setup
+    before = tx[0] is not None and (held or migrate is not None and tx[0] < migrate)
     marks = [("stop", _first(trace, "qmp_exit_stop", stop_t))]
     if before:
         marks += [("to transaction", tx[0]), ("transaction", tx[1])]
-    marks += [("to migrate", migrate),
-              ("thread start+populate", _first(trace, "savevm_state_setup", stop_t)),
-              ("setup", _first(trace, "migration_thread_setup_complete", stop_t))]
+    if held:
+        marks += [("release+setup", _first(trace, "migration_thread_setup_complete", stop_t))]
+    else:
+        marks += [("to migrate", migrate),
+                  ("thread start+populate", _first(trace, "savevm_state_setup", stop_t)),
+                  ("setup", _first(trace, "migration_thread_setup_complete", stop_t))]
     wp = _last_before(trace, "ram_write_tracking_ramblock_start", resume_t, stop_t)
     marks += [("device state", _last_before(trace, "savevm_section_end", wp or resume_t, stop_t)),
               ("write-protect", wp)]
@@ -103,6 +111,11 @@ def decompose(trace, stop_t, resume_t):
         prev = t if t is not None else prev
     if not before and None not in tx:
         out["transaction beside the setup"] = round((tx[1] - tx[0]) * 1000, 2)
+    if held:  # what QEMU did before the pause: start its thread, read guest RAM
+        start = _last_before(trace, "qmp_exit_migrate", stop_t, stop_t - 600)
+        setup = _last_before(trace, "savevm_state_setup", stop_t, start or stop_t)
+        out["before the pause: thread start+populate"] = \
+            None if None in (start, setup) else round((setup - start) * 1000, 2)
     out["downtime"] = round((resume_t - stop_t) * 1000, 2)
     return out
 

@@ -130,6 +130,9 @@ def _add_save(sub):
                    "starts reading its stream, 'p' when the first RAM section after the "
                    "setup arrives (the source of a background snapshot has then saved its "
                    "device state and write-protected its RAM), then FD is closed")
+    s.add_argument("--hold-fd", type=int, metavar="FD",
+                   help="with --notify-fd: after 'r', read nothing of the stream until a byte "
+                   "or the end arrives on the open file descriptor FD")
     s.add_argument("--early-exit", action="store_true",
                    help="exit (and let QEMU go on) once the whole stream is read, finishing "
                    "the image in a child process; how it ends is only in --report")
@@ -293,7 +296,9 @@ def _cmd_save(args):
         from qsnap.detach import fork_early_exit
 
         on_stream_end = fork_early_exit()  # before qsnap.save starts any thread
-    notify = _notifier(args.notify_fd) if args.notify_fd is not None else None
+    if args.hold_fd is not None and args.notify_fd is None:
+        raise UsageError("save --hold-fd needs --notify-fd (whoever holds the save learns there when to let go)")
+    notify = _notifier(args.notify_fd, args.hold_fd) if args.notify_fd is not None else None
     from qsnap.save import save
 
     stats = save(args.image, cache=args.cache, cluster_size=args.cluster_size, quiet=args.quiet,
@@ -303,13 +308,17 @@ def _cmd_save(args):
     return 0
 
 
-def _notifier(fd):
+def _notifier(fd, hold_fd=None):
     """save --notify-fd: a call that writes an event's byte to ``fd`` ("reading": r,
-    "ram pages": p, after which it closes ``fd``)."""
-    try:
-        os.fstat(fd)
-    except (OSError, OverflowError):
-        raise UsageError(f"--notify-fd {fd}: not an open file descriptor") from None
+    "ram pages": p, after which it closes ``fd``); with --hold-fd it then waits, after
+    "reading", for a byte or the end on ``hold_fd``."""
+    for n, what in ((fd, "--notify-fd"), (hold_fd, "--hold-fd")):
+        if n is None:
+            continue
+        try:
+            os.fstat(n)
+        except (OSError, OverflowError):
+            raise UsageError(f"{what} {n}: not an open file descriptor") from None
 
     def notify(event):
         try:
@@ -318,8 +327,19 @@ def _notifier(fd):
             pass  # nobody listens any more: the save goes on regardless
         if event == "ram pages":
             os.close(fd)
+        elif hold_fd is not None:
+            _wait_let_go(hold_fd)
 
     return notify
+
+
+def _wait_let_go(fd):
+    """Block until a byte or the end arrives on ``fd`` (its holder let go, or is gone)."""
+    try:
+        os.read(fd, 1)
+    except OSError:
+        pass  # not readable: nothing to wait for
+    os.close(fd)
 
 
 def _write_stats(path, stats):

@@ -12,6 +12,7 @@ way (``getfd``, then ``migrate-incoming fd:NAME``): it starts while QEMU starts 
 checked, so its own start-up (interpreter, imports, opening the image) is off the
 clock, and no shell runs between them.
 """
+import fcntl
 import os
 import select
 import signal
@@ -27,6 +28,8 @@ from qsnap.errors import VmError
 STOP_GRACE = 10.0  # s for a child whose stream has ended to exit before it is stopped
 RELAY_POLL = 0.2   # s between the return-path relay's looks at whether the load still runs
 RELAY_CHUNK = 65536
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 class EngineChild:
@@ -133,26 +136,39 @@ class SaveChild(EngineChild):
     ``close_qemu_end()``.  With ``notify`` it tells over ``ram_fd`` (``save
     --notify-fd``) when it reads its stream (``wait_reading``) and when the stream's
     first RAM section after the setup is in (``ram_pages_flowing``, once ``ram_fd`` is
-    readable)."""
+    readable).
 
-    def __init__(self, args, stderr_path, *, notify=False):
+    With ``hold`` (and ``notify``) the save, once it said it reads, reads nothing until
+    ``release()``; ``fill_pipe()`` meanwhile fills the pipe with filler of our own, so
+    that QEMU's first write blocks until ``release()`` has taken that filler out again
+    (snapshot._hold_setup)."""
+
+    def __init__(self, args, stderr_path, *, notify=False, hold=False):
         r, w = os.pipe()
         sig_r, sig_w = os.pipe() if notify else (None, None)
+        hold_r, hold_w = os.pipe() if hold else (None, None)
         extra = [f"--notify-fd={sig_w}"] if notify else []
+        extra += [f"--hold-fd={hold_r}"] if hold else []
+        ours = [fd for fd in (sig_w, hold_r) if fd is not None]
         try:
             super().__init__("save", extra + list(args), stderr_path, stdin=r,
-                             stdout=subprocess.DEVNULL, pass_fds=(sig_w,) if notify else ())
+                             stdout=subprocess.DEVNULL, pass_fds=ours)
         except VmError:
-            os.close(w)
-            if notify:
-                os.close(sig_r)
+            for fd in (w, sig_r, hold_w):
+                if fd is not None:
+                    os.close(fd)
             raise
         finally:
+            for fd in ours:
+                os.close(fd)
+        self.stream_fd = r if hold else None  # where release() takes the filler out
+        if not hold:
             os.close(r)
-            if notify:
-                os.close(sig_w)
         self.qemu_fd = w
         self.ram_fd = sig_r
+        self.hold_fd = hold_w
+        self.filler = 0  # bytes of filler in the pipe
+        self.pipe_size = None  # the size fill_pipe() found, given back by release()
 
     def wait_reading(self, timeout):
         """Until the save reads its stream (its interpreter started, its image open):
@@ -175,7 +191,44 @@ class SaveChild(EngineChild):
             self.ram_fd = None
         return event or None
 
+    def fill_pipe(self):
+        """Shrink the held save's pipe to its least and fill it (while we still hold its
+        write end and the save, which made it larger, reads nothing), so that QEMU's
+        first write waits for release(): True, or False when the pipe could not be made
+        full (release() then lets the save go as if never held)."""
+        try:
+            self.pipe_size = fcntl.fcntl(self.qemu_fd, F_GETPIPE_SZ)
+            size = fcntl.fcntl(self.qemu_fd, F_SETPIPE_SZ, 0)  # the kernel's least: a page
+            self.filler = os.write(self.qemu_fd, bytes(size))
+        except OSError:
+            return False
+        return self.filler == size
+
+    def release(self):
+        """Take the filler out of the pipe (QEMU's first write goes through), give the
+        pipe its size back and let the save read: at once, and once only."""
+        if self.stream_fd is not None:
+            while self.filler:  # counted down as read: an interrupted release resumes
+                self.filler -= len(os.read(self.stream_fd, self.filler))
+            if self.pipe_size is not None:
+                try:
+                    fcntl.fcntl(self.stream_fd, F_SETPIPE_SZ, self.pipe_size)
+                except OSError:
+                    pass  # a smaller pipe: slower, not wrong
+            os.close(self.stream_fd)
+            self.stream_fd = None
+        if self.hold_fd is not None:
+            os.write(self.hold_fd, b"g")
+            os.close(self.hold_fd)
+            self.hold_fd = None
+
     def stop(self, grace=STOP_GRACE):
+        if self.hold_fd is not None:
+            os.close(self.hold_fd)  # a held save must not wait for us any more
+            self.hold_fd = None
+        if self.stream_fd is not None:
+            os.close(self.stream_fd)
+            self.stream_fd = None
         super().stop(grace)
         if self.ram_fd is not None:
             os.close(self.ram_fd)

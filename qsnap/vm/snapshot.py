@@ -37,7 +37,7 @@ import time
 
 from qsnap.errors import QsnapError, VmError
 from qsnap.vm import disks as vmdisks
-from qsnap.vm import hugepages, migration, overlays, vmrecord
+from qsnap.vm import hugepages, migration, overlays, qemuthreads, vmrecord
 from qsnap.vm.progress import Progress
 from qsnap.vm.qmp import Qmp
 from qsnap.vm.savechild import SaveChild
@@ -47,6 +47,15 @@ MODES = ("background", "live", "stopped")
 # (vm_resume(s->vm_old_state) in bg_migration_vm_start_bh, migration/migration.c);
 # before, it always started it (vm_start()).
 BG_KEEPS_RUNSTATE = (9, 0)
+# QEMU before 8.0 writes a background snapshot's header and setup into its stream
+# without the BQL, after it read every page of guest RAM and before it stops the
+# guest (bg_migration_thread; 8.1 holds the BQL there, "migration: hold the BQL during
+# setup"): a full pipe keeps it there while QMP answers (_stop_in_setup; seen on 7.2).
+BG_SETUP_UNLOCKED_BEFORE = (8, 0)
+SETUP_WAIT = 600.0             # s for QEMU to read guest RAM before its setup (1 TiB: ~5 s)
+SETUP_POLL = 0.0005            # s between looks at QEMU's migration thread
+SETUP_ASLEEP = 0.05            # s it sleeps before that counts as waiting in its setup
+QMP_FREE_TIMEOUT = 5.0         # s for QMP to answer while QEMU waits in its setup
 MAX_BANDWIDTH = 16 << 30       # bytes/s: no rate limit for the snapshot's stream
 SWITCHOVER_TIMEOUT = 3600.0    # live mode: precopy converging to the switch-over
 RESUME_TIMEOUT = 60.0
@@ -104,6 +113,7 @@ class _Snapshot:
         self.incremental = False  # parent = the VM's last snapshot
         self.hugepages = None  # background: guest RAM collapsed into huge pages first
         self.collapsing = None  # ... by this hugepages.Collapse, while the rest gets ready
+        self.holding = False   # QEMU < 8.0: the save's pipe holds QEMU in its setup
 
     # -- the whole operation ------------------------------------------------------------
 
@@ -213,7 +223,10 @@ class _Snapshot:
             self._write_record()
             self._migrate()  # QEMU stops and resumes the guest itself
             return
-        self._stop_and_migrate()
+        if self.holding:
+            self._stop_in_setup()
+        else:
+            self._stop_and_migrate()
         # fingerprinting the frozen images takes milliseconds: do it while QEMU sets
         # up the stream rather than while the guest waits (qsnap save waits for it)
         self._write_record()
@@ -249,6 +262,67 @@ class _Snapshot:
             if isinstance(reply, VmError):
                 raise reply
 
+    def _stop_in_setup(self):
+        """QEMU < 8.0: ``migrate`` first, then ``stop`` and the transaction once QEMU's
+        migration thread has read every page of guest RAM (ram_write_tracking_prepare,
+        14-24 ms of a 3 GiB guest) while the guest still ran, as in QEMU's own pause.
+
+        Before it stops the guest itself, that thread writes the stream's setup into the
+        save's pipe, without the BQL (BG_SETUP_UNLOCKED_BEFORE), and the pipe is full of
+        our filler (SaveChild.fill_pipe): it waits there, in the setup state, with QMP
+        still answering, until release() takes the filler out, after our ``stop`` and
+        the transaction.  So QEMU stops the guest (and takes RAM's instant) after us,
+        whenever its thread gets there; the wait for it to sleep in the pipe only
+        keeps its reading of guest RAM out of the pause.  query-migrate after the
+        transaction checks that QEMU was still in its setup (were it not, _undo would
+        commit the overlays back)."""
+        pid = self.q.pid
+        before = qemuthreads.tasks(pid)
+        self._migrate()
+        self._wait_in_setup(pid, before)
+        self.q.cmd("query-status", timeout=QMP_FREE_TIMEOUT)  # QEMU holds no lock while it waits
+        take = ("transaction", {"actions": overlays.actions(self.disks)})
+        stop, took, status = self.q.cmd_chain([[("stop", None), take, ("query-migrate", None)]])
+        if took is not None and not isinstance(took, VmError):
+            overlays.mark_made(self.disks)
+        for reply in (stop, took, status):
+            if isinstance(reply, VmError):
+                raise reply
+        if status.get("status") != "setup":
+            raise VmError(f"QEMU left its migration setup ({status.get('status')!r}) before the "
+                          "pause: the disks would not match the RAM; nothing was saved")
+        self.child.release()
+
+    def _wait_in_setup(self, pid, before):
+        """Until a thread ``migrate`` started sleeps writing to the save's pipe (QEMU read
+        guest RAM and wrote its setup) or, where the kernel does not say where threads
+        sleep, has slept for SETUP_ASLEEP s; or the migration failed, or SETUP_WAIT s
+        passed.  An early end only lets the pause begin sooner: QEMU cannot get past
+        its setup before release()."""
+        deadline = time.monotonic() + SETUP_WAIT
+        next_look = asleep_since = 0.0
+        while True:
+            new = qemuthreads.tasks(pid) - before
+            if qemuthreads.writing_pipe(pid, new):
+                return
+            now = time.monotonic()
+            asleep_since = (asleep_since or now) if qemuthreads.sleeping(pid, new) else 0.0
+            if asleep_since and now - asleep_since > SETUP_ASLEEP or now > deadline:
+                return
+            if now > next_look:  # now and then: a failed migration ends the wait
+                if migration.status(self.q) != "setup":
+                    return
+                next_look = now + RAM_SIGNAL_WAIT
+            time.sleep(SETUP_POLL)
+
+    def _holds_setup(self):
+        """True when _stop_in_setup can keep QEMU's reading of guest RAM out of the pause:
+        a background snapshot with disks, a QEMU that writes its setup without the BQL,
+        and QEMU's threads in sight (/proc/PID/task)."""
+        return (self.mode == "background" and bool(self.disks)
+                and self._qemu_version() < BG_SETUP_UNLOCKED_BEFORE
+                and self.q.pid is not None and bool(qemuthreads.tasks(self.q.pid)))
+
     def _resumes_on_first_page(self):
         """True when our ``cont`` ends the pause: a background snapshot with disks (which
         pauses the guest itself) on a QEMU that keeps a paused VM paused."""
@@ -256,7 +330,10 @@ class _Snapshot:
 
     def _qemu_keeps_paused(self):
         """True for a QEMU whose background snapshot leaves a paused VM paused."""
-        return tuple(int(x) for x in self.identity[0].split(".")[:2]) >= BG_KEEPS_RUNSTATE
+        return self._qemu_version() >= BG_KEEPS_RUNSTATE
+
+    def _qemu_version(self):
+        return tuple(int(x) for x in self.identity[0].split(".")[:2])
 
     def _resume_background(self):
         """Let the guest run again once QEMU has saved the device state.
@@ -313,19 +390,26 @@ class _Snapshot:
     def _start_save(self):
         """Start the save and give QEMU its stdin pipe, before the guest is paused."""
         parent = ["--parent", self.parent] if self.parent else []
+        self.holding = self._holds_setup()
         self.child = SaveChild(["--quiet", "--vm-info", self._path("vm.json"),
                                 "--report", self._path("report.json"), *parent, self.image],
-                               self._path("save.stderr"), notify=self._resumes_on_first_page())
+                               self._path("save.stderr"),
+                               notify=self._resumes_on_first_page() or self.holding,
+                               hold=self.holding)
         self.fd_named = True  # first: an interrupt during getfd must still close it
         try:
             self.q.pass_fd(self.fd_name, self.child.qemu_fd)
+            # the pause ends when the save reads the first RAM section, or begins once
+            # it holds QEMU: its interpreter and imports (0.1-0.3 s) must be behind it
+            if self.child.ram_fd is not None and not self.child.wait_reading(SAVE_START_TIMEOUT):
+                raise VmError(f"qsnap save did not start reading within {SAVE_START_TIMEOUT:g} s: "
+                              f"it {self.child.describe_end()}")
+            # after the save made its pipe larger, before QEMU writes
+            if self.holding and not self.child.fill_pipe():
+                self.child.release()
+                self.holding = False
         finally:
             self.child.close_qemu_end()  # QEMU's copy is the only writer now
-        # the pause ends when the save reads the first RAM section: its interpreter
-        # and imports (0.1-0.3 s) must be behind it before the pause begins
-        if self.child.ram_fd is not None and not self.child.wait_reading(SAVE_START_TIMEOUT):
-            raise VmError(f"qsnap save did not start reading within {SAVE_START_TIMEOUT:g} s: "
-                          f"it {self.child.describe_end()}")
 
     def _migrate(self):
         # set first: an interrupt while QEMU's reply is on its way must still find the
@@ -437,6 +521,8 @@ class _Snapshot:
 
     def _cancel_migration(self):
         """End our migration, and make sure no image of it appears afterwards."""
+        if self.child:
+            self.child.release()  # a QEMU held in its setup goes on, and the save reads
         if not self.migrating:
             return
         if self.mode == "background" and not self._qemu_keeps_paused():

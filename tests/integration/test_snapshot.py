@@ -233,6 +233,34 @@ def test_background_with_disks_resumes_the_guest(tmp_path):
 
 
 @pytest.mark.all_qemu
+def test_background_pause_begins_after_qemu_read_guest_ram_where_it_can(tmp_path):
+    """QEMU < 8.0 reads every page of guest RAM before its setup, with the guest running,
+    and then waits in the save's pipe: qsnap pauses the guest there, after the
+    migration began (MIGRATION "setup" before STOP).  A later QEMU writes its setup
+    holding the BQL, so the guest is paused first.  Either way the disks switch in
+    the pause and the guest runs again on its overlays."""
+    vm = blob_vm(tmp_path, memory="256M")
+    try:
+        vm.set_capabilities(events=True)  # MIGRATION events on the harness's monitor
+        seen = len(vm.events())
+        r = snapshot(vm.sock, tmp_path / "snap.qsnap", "--output=json")
+        assert r.returncode == 0, r.stderr.decode()
+        new = vm.events()[seen:]
+        order = [e["event"] if e["event"] != "MIGRATION" else e["data"]["status"] for e in new]
+        order = [what for what in order if what in ("setup", "STOP", "RESUME", "completed")]
+        held = current_build().version_tuple < (8, 0)
+        assert order == (["setup", "STOP", "RESUME", "completed"] if held
+                         else ["STOP", "setup", "RESUME", "completed"]), order
+        assert vm.status() == "running"
+        assert sorted(block_files(vm).values()) == [str(tmp_path / "d0.snap.qcow2"),
+                                                   str(tmp_path / "d1.snap.qcow2")]
+        vm.verify_blobs()
+        assert_quits(vm)
+    finally:
+        vm.shutdown()
+
+
+@pytest.mark.all_qemu
 @pytest.mark.parametrize("mode", ["background", "live", "stopped"])
 def test_record_has_downtime_and_qemus_directory(tmp_path, mode):
     """QEMU runs in a directory of its own and names its disks relative to it: the

@@ -264,3 +264,15 @@ def test_notify_fd_that_is_not_open(stream, tmp_path):
     assert r.stderr.decode().strip().splitlines() == [
         "qsnap: error: --notify-fd 987: not an open file descriptor"]
     assert not (tmp_path / "n.qsnap").exists()
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--hold-fd", "0"], "qsnap: error: save --hold-fd needs --notify-fd (whoever holds the save "
+                         "learns there when to let go)"),
+    (["--notify-fd", "2", "--hold-fd", "987"], "qsnap: error: --hold-fd 987: not an open file descriptor"),
+])
+def test_hold_fd_without_notify_or_not_open(stream, tmp_path, args, error):
+    r = save_cli(stream, tmp_path / "h.qsnap", *args)
+    assert r.returncode != 0
+    assert r.stderr.decode().strip().splitlines() == [error]
+    assert not (tmp_path / "h.qsnap").exists()

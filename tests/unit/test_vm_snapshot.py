@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -291,3 +292,49 @@ def test_last_snapshot_is_recorded_per_qemu_process_and_checked(tmp_path, monkey
 def test_parent_and_incremental_exclude_each_other():
     with pytest.raises(VmError, match="exclude each other"):
         snapshot.snapshot("/nonexistent.qmp", "/tmp/x.qsnap", parent="/tmp/p.qsnap", incremental=True)
+
+
+def test_a_held_save_keeps_the_writer_waiting_until_released(tmp_path):
+    """The pipe a held save reads is full of filler: the stream's first write sleeps
+    (as QEMU's thread in its setup) until release() takes the filler out; the save
+    then reads the stream alone, from its first byte, and the image is whole."""
+    import threading
+    from qsnap.stream.synth import synth_stream
+    from qsnap.vm import qemuthreads
+
+    stream = tmp_path / "s.stream"
+    with open(stream, "wb") as f:
+        synth_stream(f, blocks=(("pc.ram", 4 << 20),), seed=7)
+    img = tmp_path / "x.qsnap"
+    child = savechild.SaveChild(["--report", str(tmp_path / "r.json"), str(img)],
+                                str(tmp_path / "err"), notify=True, hold=True)
+    writer_fd = os.dup(child.qemu_fd)  # "QEMU"'s copy of the write end
+    try:
+        assert child.wait_reading(60)
+        assert child.fill_pipe() and child.filler > 0
+        child.close_qemu_end()
+        data = stream.read_bytes()
+        first_written = threading.Event()
+
+        def write():  # a first write smaller than the pipe, as QEMU's setup
+            os.write(writer_fd, data[:512])
+            first_written.set()
+            os.write(writer_fd, data[512:])
+            os.close(writer_fd)
+
+        tids = qemuthreads.tasks(os.getpid())
+        writer = threading.Thread(target=write)
+        writer.start()
+        new = qemuthreads.tasks(os.getpid()) - tids
+        deadline = time.monotonic() + 10
+        while not qemuthreads.writing_pipe(os.getpid(), new) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert qemuthreads.writing_pipe(os.getpid(), new) or qemuthreads.sleeping(os.getpid(), new)
+        assert not first_written.wait(0.2)  # not even 512 bytes went through
+        child.release()
+        writer.join(30)
+        assert not writer.is_alive()
+        assert child.wait(60) and child.proc.returncode == 0, child.describe_end()
+        assert json.loads((tmp_path / "r.json").read_text())["ok"]
+    finally:
+        child.stop()
