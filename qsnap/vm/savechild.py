@@ -141,7 +141,7 @@ class SaveChild(EngineChild):
     With ``hold`` (and ``notify``) the save, once it said it reads, reads nothing until
     ``release()``; ``fill_pipe()`` meanwhile fills the pipe with filler of our own, so
     that QEMU's first write blocks until ``release()`` has taken that filler out again
-    (snapshot._hold_setup)."""
+    (snapshot._stop_in_setup)."""
 
     def __init__(self, args, stderr_path, *, notify=False, hold=False):
         r, w = os.pipe()
@@ -154,7 +154,7 @@ class SaveChild(EngineChild):
             super().__init__("save", extra + list(args), stderr_path, stdin=r,
                              stdout=subprocess.DEVNULL, pass_fds=ours)
         except VmError:
-            for fd in (w, sig_r, hold_w):
+            for fd in (r, w, sig_r, hold_w):
                 if fd is not None:
                     os.close(fd)
             raise

@@ -49,8 +49,9 @@ MODES = ("background", "live", "stopped")
 BG_KEEPS_RUNSTATE = (9, 0)
 # QEMU before 8.0 writes a background snapshot's header and setup into its stream
 # without the BQL, after it read every page of guest RAM and before it stops the
-# guest (bg_migration_thread; 8.1 holds the BQL there, "migration: hold the BQL during
-# setup"): a full pipe keeps it there while QMP answers (_stop_in_setup; seen on 7.2).
+# guest (bg_migration_thread): a full pipe keeps it there while QMP answers
+# (_stop_in_setup; seen on 7.2).  8.1 holds the BQL there ("migration: hold the BQL
+# during setup"); 8.0 is left out lest one of its stable releases took that fix.
 BG_SETUP_UNLOCKED_BEFORE = (8, 0)
 SETUP_WAIT = 600.0             # s for QEMU to read guest RAM before its setup (1 TiB: ~5 s)
 SETUP_POLL = 0.0005            # s between looks at QEMU's migration thread
@@ -265,7 +266,8 @@ class _Snapshot:
     def _stop_in_setup(self):
         """QEMU < 8.0: ``migrate`` first, then ``stop`` and the transaction once QEMU's
         migration thread has read every page of guest RAM (ram_write_tracking_prepare,
-        14-24 ms of a 3 GiB guest) while the guest still ran, as in QEMU's own pause.
+        12-22 ms of a 3 GiB guest) with the guest still running, as QEMU's own background
+        snapshot does.
 
         Before it stops the guest itself, that thread writes the stream's setup into the
         save's pipe, without the BQL (BG_SETUP_UNLOCKED_BEFORE), and the pipe is full of
