@@ -310,8 +310,8 @@ def _cmd_save(args):
 
 def _notifier(fd, hold_fd=None):
     """save --notify-fd: a call that writes an event's byte to ``fd`` ("reading": r,
-    "ram pages": p, after which it closes ``fd``); with --hold-fd it then waits, after
-    "reading", for a byte or the end on ``hold_fd``."""
+    "ram pages": p, after which it closes ``fd``; "failed": it only closes ``fd``); with
+    --hold-fd it then waits, after "reading", for a byte or the end on ``hold_fd``."""
     for n, what in ((fd, "--notify-fd"), (hold_fd, "--hold-fd")):
         if n is None:
             continue
@@ -319,14 +319,19 @@ def _notifier(fd, hold_fd=None):
             os.fstat(n)
         except (OSError, OverflowError):
             raise UsageError(f"{what} {n}: not an open file descriptor") from None
+    open_fd = [fd]
 
     def notify(event):
-        try:
-            os.write(fd, {"reading": b"r", "ram pages": b"p"}[event])
-        except OSError:
-            pass  # nobody listens any more: the save goes on regardless
-        if event == "ram pages":
+        if open_fd[0] is None:
+            return
+        if event != "failed":
+            try:
+                os.write(fd, {"reading": b"r", "ram pages": b"p"}[event])
+            except OSError:
+                pass  # nobody listens any more: the save goes on regardless
+        if event != "reading":
             os.close(fd)
+            open_fd[0] = None
         elif hold_fd is not None:
             _wait_let_go(hold_fd)
 

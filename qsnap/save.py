@@ -103,7 +103,8 @@ def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=None, quiet=Fals
     raises, so that QEMU never blocks writing into a pipe nobody reads.
     ``on_stream_end()`` is called once the whole stream has been read;
     ``notify("reading")`` when the image is open and the stream is read next,
-    ``notify("ram pages")`` when the first RAM iteration section (SECTION_PART) begins.
+    ``notify("ram pages")`` when the first RAM iteration section (SECTION_PART) begins,
+    ``notify("failed")`` when the save failed (before it drains its input).
     ``parent``: the path of an image this one is incremental to (stores only
     what differs from it; its chain stays needed).  ``cluster_size``: None for
     1 MiB, or the parent's.
@@ -114,6 +115,8 @@ def save(path, *, in_fd=0, out_fd=1, cache="auto", cluster_size=None, quiet=Fals
     except BaseException as e:
         if report:
             write_report(report, {"ok": False, "error": error_line(e)})
+        if notify:
+            notify("failed")  # whoever waits for an event learns now, not at the drain's end
         if not isinstance(e, (Interrupted, KeyboardInterrupt)):  # a signal means stop now
             drain(in_fd)
         raise

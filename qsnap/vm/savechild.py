@@ -218,7 +218,10 @@ class SaveChild(EngineChild):
             os.close(self.stream_fd)
             self.stream_fd = None
         if self.hold_fd is not None:
-            os.write(self.hold_fd, b"g")
+            try:
+                os.write(self.hold_fd, b"g")
+            except OSError:
+                pass  # the save is gone: nobody to let go
             os.close(self.hold_fd)
             self.hold_fd = None
 

@@ -404,6 +404,9 @@ class _Snapshot:
             # the pause ends when the save reads the first RAM section, or begins once
             # it holds QEMU: its interpreter and imports (0.1-0.3 s) must be behind it
             if self.child.ram_fd is not None and not self.child.wait_reading(SAVE_START_TIMEOUT):
+                if self.child.ram_fd is None:  # it told us it ended
+                    raise VmError(f"qsnap save failed before it read its stream: "
+                                  f"{self.child.last_error() or self.child.describe_status()}")
                 raise VmError(f"qsnap save did not start reading within {SAVE_START_TIMEOUT:g} s: "
                               f"it {self.child.describe_end()}")
             # after the save made its pipe larger, before QEMU writes

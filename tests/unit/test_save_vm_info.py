@@ -258,6 +258,31 @@ def test_notify_fd_tells_of_reading_and_of_the_first_ram_section(stream, tmp_pat
     assert qsnap("check", img).returncode == 0
 
 
+def test_notify_fd_ends_at_once_when_the_save_fails(stream, tmp_path):
+    """A save that fails before it reads (its image directory is missing) closes the
+    descriptor at once, without "r", though it then drains its stream to the end."""
+    import os
+    import select
+
+    sig_r, sig_w = os.pipe()
+    p = subprocess.Popen([sys.executable, "-m", "qsnap", "save", "-q", f"--notify-fd={sig_w}",
+                          str(tmp_path / "no" / "n.qsnap")],
+                         stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(sig_w,))
+    os.close(sig_w)
+    try:
+        assert select.select([sig_r], [], [], 30)[0], "no word from a failed save"
+        assert os.read(sig_r, 16) == b""
+        assert p.poll() is None  # still draining: the writer holds the stream open
+        p.stdin.write(stream.read_bytes())
+        p.stdin.close()
+        assert p.wait(60) != 0
+        assert b"qsnap: error:" in p.stderr.read()
+    finally:
+        os.close(sig_r)
+        if p.poll() is None:
+            p.kill()
+
+
 def test_notify_fd_that_is_not_open(stream, tmp_path):
     r = save_cli(stream, tmp_path / "n.qsnap", "--notify-fd", "987")
     assert r.returncode != 0

@@ -338,3 +338,20 @@ def test_a_held_save_keeps_the_writer_waiting_until_released(tmp_path):
         assert json.loads((tmp_path / "r.json").read_text())["ok"]
     finally:
         child.stop()
+
+
+def test_releasing_a_save_that_is_gone_is_quiet(tmp_path):
+    """An undo releases the save whatever became of it: a save that exited first (its
+    image directory is missing) leaves nothing to let go, and no error."""
+    child = savechild.SaveChild([str(tmp_path / "no" / "x.qsnap")], str(tmp_path / "err"), notify=True, hold=True)
+    try:
+        t0 = time.monotonic()
+        assert not child.wait_reading(60)  # it failed without reading ...
+        assert child.ram_fd is None and time.monotonic() - t0 < 30  # ... and said so at once
+        child.close_qemu_end()  # the failed save drains its stream to the end
+        assert child.wait(60)
+        child.release()
+        child.release()  # once only: the second does nothing
+        assert child.hold_fd is None and child.stream_fd is None
+    finally:
+        child.stop()
