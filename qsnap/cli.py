@@ -319,10 +319,10 @@ def _notifier(fd, hold_fd=None):
             os.fstat(n)
         except (OSError, OverflowError):
             raise UsageError(f"{what} {n}: not an open file descriptor") from None
-    open_fd = [fd]
 
     def notify(event):
-        if open_fd[0] is None:
+        nonlocal fd
+        if fd is None:
             return
         if event != "failed":
             try:
@@ -331,7 +331,7 @@ def _notifier(fd, hold_fd=None):
                 pass  # nobody listens any more: the save goes on regardless
         if event != "reading":
             os.close(fd)
-            open_fd[0] = None
+            fd = None
         elif hold_fd is not None:
             _wait_let_go(hold_fd)
 

@@ -254,14 +254,22 @@ class _Snapshot:
         migrate = ("migrate", {"uri": "fd:" + self.fd_name})
         groups = [[stop, migrate], [take]] if self._qemu_keeps_paused() else [[stop, take, migrate]]
         self.migrating = True  # as in _migrate: an interrupt must still find it to end
+        self._chain_in_pause(groups)
+
+    def _chain_in_pause(self, groups):
+        """Run ``groups`` of commands (Qmp.cmd_chain) around the pause: {name: reply},
+        once the overlays are noted as made if the transaction went through and the
+        pipe's name as taken if ``migrate`` did; VmError, the first failure in the
+        order sent."""
         replies = dict(zip([name for group in groups for name, _ in group], self.q.cmd_chain(groups)))
-        if replies["transaction"] is not None and not isinstance(replies["transaction"], VmError):
+        if _went_through(replies.get("transaction")):
             overlays.mark_made(self.disks)
-        if not isinstance(replies["migrate"], VmError):
+        if _went_through(replies.get("migrate")):
             self.fd_named = False  # migrate took it (monitor_get_fd, monitor/fds.c)
-        for reply in replies.values():  # the first failure in the order sent
+        for reply in replies.values():
             if isinstance(reply, VmError):
                 raise reply
+        return replies
 
     def _stop_in_setup(self):
         """QEMU < 8.0: ``migrate`` first, then ``stop`` and the transaction once QEMU's
@@ -284,12 +292,7 @@ class _Snapshot:
         self._wait_in_setup(pid, before)
         self.q.cmd("query-status", timeout=QMP_FREE_TIMEOUT)  # QEMU holds no lock while it waits
         take = ("transaction", {"actions": overlays.actions(self.disks)})
-        stop, took, status = self.q.cmd_chain([[("stop", None), take, ("query-migrate", None)]])
-        if took is not None and not isinstance(took, VmError):
-            overlays.mark_made(self.disks)
-        for reply in (stop, took, status):
-            if isinstance(reply, VmError):
-                raise reply
+        status = self._chain_in_pause([[("stop", None), take, ("query-migrate", None)]])["query-migrate"]
         if status.get("status") != "setup":
             raise VmError(f"QEMU left its migration setup ({status.get('status')!r}) before the "
                           "pause: the disks would not match the RAM; nothing was saved")
@@ -309,7 +312,7 @@ class _Snapshot:
                 return
             now = time.monotonic()
             asleep_since = (asleep_since or now) if qemuthreads.sleeping(pid, new) else 0.0
-            if asleep_since and now - asleep_since > SETUP_ASLEEP or now > deadline:
+            if (asleep_since and now - asleep_since > SETUP_ASLEEP) or now > deadline:
                 return
             if now > next_look:  # now and then: a failed migration ends the wait
                 if migration.status(self.q) != "setup":
@@ -691,6 +694,11 @@ def _check_image_dir(image):
         raise VmError(f"cannot save {image}: cannot create files in {d}: {e.strerror}") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def _went_through(reply):
+    """True for the reply of a command QEMU ran (not refused, and sent at all)."""
+    return reply is not None and not isinstance(reply, VmError)
 
 
 def _stamp(event):
